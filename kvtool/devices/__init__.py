@@ -1,0 +1,1 @@
+"""kvtool.devices (see DESIGN.md)."""

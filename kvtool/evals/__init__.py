@@ -1,0 +1,1 @@
+"""kvtool.evals (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""kvtool.export (see DESIGN.md)."""

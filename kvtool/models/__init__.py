@@ -1,0 +1,1 @@
+"""kvtool.models (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""kvtool.quant_ops (see DESIGN.md)."""

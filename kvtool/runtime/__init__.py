@@ -1,0 +1,1 @@
+"""kvtool.runtime (see DESIGN.md)."""
