@@ -63,6 +63,54 @@ def ls_group() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@main.group(name="models", cls=KvtoolGroup)
+def models_group() -> None:
+    """Build checkpoints offline: tiny random ones for tests and benchmarks, the trained demo model."""
+
+
+@models_group.command(name="make")
+@click.argument("name", type=click.Choice(["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Weight initialisation seed.")
+@click.option("--hidden", type=int, help="Text hidden size (default 128).")
+@click.option("--layers", type=int, help="Text decoder layers (default 2).")
+@click.option("--heads", type=int, help="Attention heads (default 4).")
+@click.option("--kv-heads", type=int, help="KV heads (default 4; 2 for Qwen2-VL).")
+@click.option("--intermediate", type=int, help="MLP intermediate size (default 256).")
+@click.option("--vision-hidden", type=int, help="Vision tower hidden size (default 64).")
+@click.option("--vision-layers", type=int, help="Vision tower layers (default 2).")
+@click.option("--image-size", type=int, help="Vision input side in pixels (default 48).")
+@click.option("--json", "as_json", is_flag=True, help="Print the sizes as JSON.")
+def models_make(name, out_dir, seed, as_json, **sizes) -> None:
+    """Build the tiny random checkpoint NAME into OUT_DIR (no hub access)."""
+    from dataclasses import asdict
+
+    from kvtool.models import make_tiny_model, tiny_size
+
+    size = tiny_size(name, **sizes)  # validates before any heavy import
+    path = make_tiny_model(name, out_dir, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
+    info = {"name": name, "path": str(path), "seed": seed, "sizes": asdict(size)}
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"{name} -> {path}")
+        click.echo("  " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()))
+
+
+@ls_group.command(name="models")
+@click.option("--json", "as_json", is_flag=True)
+def ls_models(as_json) -> None:
+    """List the tiny model architectures `kvtool models make` builds."""
+    from kvtool.models.tiny import TINY_MODELS
+
+    if as_json:
+        echo_json(TINY_MODELS)
+        return
+    width = max(map(len, TINY_MODELS))
+    for name, what in TINY_MODELS.items():
+        click.echo(f"{name:<{width}}  {what}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # export commands
 # ---------------------------------------------------------------------------------------------------------
