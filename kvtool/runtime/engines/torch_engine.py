@@ -1,0 +1,85 @@
+"""The PyTorch reference engine: the HF checkpoint itself, with the KV quantization applied through a
+transformers ``Cache`` (``kvtool.runtime.kv_cache.make_quant_cache``), on CPU or CUDA.
+
+It feeds the HF model input ids and the processor's vision inputs, so image features, LLaVA-NeXT packing and
+Qwen2-VL's 3-D rope positions are the model's own. It does not sample or decode text (the pipeline does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.kv_cache import make_quant_cache, torch_cache_nbytes
+from kvtool.runtime.kvspec import KVSpec
+
+
+class TorchEngine:
+    backend = "torch"
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str = "cpu", dtype: str | None = None):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        if spec.is_ov:
+            raise InputError(f"kv: {spec.scheme} is OpenVINO's own KV compression; use backend='openvino'")
+        self.spec = spec
+        self.device = device
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}[dtype]
+        if torch_dtype is None:
+            torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.dtype = torch_dtype
+        self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
+        tc = self.model.config.get_text_config(decoder=True)
+        self.num_layers = tc.num_hidden_layers
+        self.num_kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.cache = None
+
+    def start(self, prepared) -> None:
+        self.prepared = prepared
+        self.cache = make_quant_cache(self.spec, self.num_layers)
+        self.n = 0
+
+    def set_quantize(self, enabled: bool) -> None:
+        if hasattr(self.cache, "set_quantize"):
+            self.cache.set_quantize(enabled)
+
+    def _forward(self, ids: np.ndarray, extra: dict) -> np.ndarray:
+        import torch
+
+        t = ids.shape[1]
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.from_numpy(ids).to(self.device),
+                attention_mask=torch.ones((1, self.n + t), dtype=torch.long, device=self.device),
+                past_key_values=self.cache,
+                cache_position=torch.arange(self.n, self.n + t, device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+        self.n += t
+        # logits: [1, 1, V]
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def run_prompt(self, start: int, end: int) -> np.ndarray:
+        import torch
+
+        extra = {}
+        if start == 0:
+            for k, v in self.prepared.vision.items():
+                tv = torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
+                extra[k] = tv.to(self.dtype) if tv.is_floating_point() else tv
+        return self._forward(self.prepared.input_ids[:, start:end], extra)
+
+    def run_token(self, token_id: int) -> np.ndarray:
+        return self._forward(np.array([[token_id]], dtype=np.int64), {})
+
+    def kv_nbytes(self) -> tuple[int, int]:
+        return torch_cache_nbytes(self.cache, self.spec, self.num_layers, self.num_kv_heads, self.head_dim)
+
+    def info(self) -> dict:
+        return {"dtype": str(self.dtype).replace("torch.", "")}

@@ -1,0 +1,106 @@
+"""What KV compression a pipeline applies, checked once at load time: ``KVSpec``.
+
+``KVSpec`` names the scheme (a quant_ops scheme, ``fp16`` for none, or OpenVINO's own ``ov-u8`` / ``ov-u4``),
+K and V bits, the mode (``packed`` deployment storage or the study's ``simulate``) and where the first
+generated token comes from (``compressed`` context, as in the study, or KIVI's ``fp`` prefill). It validates
+these against the model's KV geometry (a group must divide D_model for per-token schemes), and computes the
+theoretical bytes of OpenVINO's KV compression. It holds no tensors and runs nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from kvtool.errors import InputError
+
+KV_MODES = ("packed", "simulate")
+FIRST_TOKEN = ("compressed", "fp")
+OV_SCHEMES = ("ov-u8", "ov-u4")
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    scheme: str = "fp16"
+    k_bits: int = 4
+    v_bits: int = 4
+    mode: str = "packed"
+    first_token: str = "compressed"
+    ov_group_size: int | None = None  # OpenVINO KV compression: group size along head_dim (None = its default)
+    ov_key_by_channel: bool = False
+
+    @property
+    def is_fp(self) -> bool:
+        return self.scheme == "fp16"
+
+    @property
+    def is_ov(self) -> bool:
+        return self.scheme in OV_SCHEMES
+
+    @property
+    def quantizes(self) -> bool:
+        """True when kvtool's own runtime quantizes the KV (a quant_ops scheme)."""
+        return not (self.is_fp or self.is_ov)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_kv_spec(kv: str = "fp16", k_bits: int | None = 4, v_bits: int | None = 4, kv_mode: str = "packed",
+                 first_token: str = "compressed", ov_group_size: int | None = None,
+                 ov_key_by_channel: bool = False) -> KVSpec:
+    """Normalise and check the KV options; raise ``InputError`` naming the bad one."""
+    if not isinstance(kv, str) or not kv.strip():
+        raise InputError(f"kv: expected a scheme name such as fp16, g-KC128VT128 or ov-u8, got {kv!r}")
+    scheme = kv.strip().lower()
+    if kv_mode not in KV_MODES:
+        raise InputError(f"kv_mode: expected one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    if first_token not in FIRST_TOKEN:
+        raise InputError(f"first_token: expected one of {', '.join(FIRST_TOKEN)}, got {first_token!r}")
+    if scheme in OV_SCHEMES:
+        if ov_group_size is not None and ov_group_size <= 0:
+            raise InputError(f"ov_group_size: expected a positive integer, got {ov_group_size}")
+        bits = 8 if scheme == "ov-u8" else 4
+        return KVSpec(scheme, bits, bits, "packed", "compressed", ov_group_size, ov_key_by_channel)
+    if scheme == "fp16":
+        return KVSpec("fp16", 16, 16, kv_mode, first_token)
+    for name, b in (("k_bits", k_bits), ("v_bits", v_bits)):
+        if b not in BITS:
+            raise InputError(f"{name}: expected one of {', '.join(map(str, BITS))}, got {b!r}")
+    from kvtool.quant_ops import parse_scheme
+
+    try:
+        parse_scheme(scheme)
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"kv: {exc}") from None
+    return KVSpec(scheme, int(k_bits), int(v_bits), kv_mode, first_token)
+
+
+def check_scheme_fits(spec: KVSpec, num_kv_heads: int, head_dim: int) -> None:
+    """Refuse a per-token scheme whose channel group does not divide D_model = kv_heads * head_dim."""
+    if not spec.quantizes:
+        return
+    d_model = num_kv_heads * head_dim
+    # per-token group sizes are the numbers after a T in the scheme name (g-T128, g-KC128VT64, g-KT64VC128)
+    for g in re.findall(r"t(\d+)", spec.scheme.split("-", 1)[-1]):
+        if d_model % int(g):
+            raise InputError(f"kv: scheme {spec.scheme} groups {g} channels per token, which does not divide the "
+                             f"model's D_model = {num_kv_heads} kv heads x {head_dim} = {d_model}")
+
+
+def ov_kv_nbytes(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int, n_tokens: int) -> int:
+    """Bytes OpenVINO's compressed KV cache holds: codes plus an f32 scale and zero point per group
+    (groups along head_dim, or along tokens for by-channel keys). Computed from the precision, as OpenVINO
+    does not report it."""
+    bits = 8 if spec.scheme == "ov-u8" else 4
+    g = spec.ov_group_size or head_dim
+    codes = n_tokens * num_kv_heads * head_dim * bits / 8
+    v_params = n_tokens * num_kv_heads * -(-head_dim // g) * 2 * 4
+    if spec.ov_key_by_channel:
+        k_params = -(-n_tokens // g) * num_kv_heads * head_dim * 2 * 4
+    else:
+        k_params = v_params
+    return int(num_layers * (2 * codes + k_params + v_params))

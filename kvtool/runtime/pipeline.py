@@ -1,0 +1,222 @@
+"""``VLMPipeline``: load a model (an exported dir by its manifest, or an HF checkpoint for the torch
+reference), turn image + question into a prompt, and run the generate loop with the KV cache held outside
+the graph.
+
+The loop applies DESIGN.md's "where and when quantization acts": with a quantizing scheme and
+``first_token="compressed"`` the prompt minus its last token is prefilled first and the last prompt token then
+runs against the stored (compressed) cache, so every generated token sees compressed context; the torch
+engine in ``simulate`` mode instead prefills in one pass with its ``Cache`` quantizing inside it, as the
+study's code does. ``first_token="fp"`` takes the first token from a full-precision prefill.
+It does not know about datasets or metrics, and it generates one sequence at a time (batch 1).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.kvspec import KVSpec, check_scheme_fits, make_kv_spec, ov_kv_nbytes
+from kvtool.runtime.preprocess import CONVERSATIONS, load_images, prepare_inputs
+from kvtool.runtime.sampling import check_sampling, next_token
+
+BACKENDS = ("auto", "openvino", "onnxruntime", "torch")
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    token_ids: list[int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb if platform.system() == "Darwin" else kb * 1024)
+
+
+def _resolve_backend(path: Path, backend: str):
+    from kvtool.export.manifest import Manifest, is_export_dir
+
+    if backend not in BACKENDS:
+        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not path.exists():
+        raise InputError(f"{path}: no such directory (expected a kvtool export or an HF checkpoint)")
+    if backend == "torch":
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: no config.json (backend torch expects an HF checkpoint directory)")
+        return "torch", None
+    if backend == "auto" and not is_export_dir(path) and (path / "config.json").is_file() and any(
+            path.glob("*.safetensors")):
+        return "torch", None
+    manifest = Manifest.load(path)  # InputError when there is no manifest
+    want = {"openvino": "openvino", "onnx": "onnxruntime"}[manifest.backend]
+    if backend not in ("auto", want):
+        raise InputError(f"backend: {path} holds {manifest.backend} graphs, which backend {backend!r} cannot run "
+                         f"(use {want!r})")
+    return want, manifest
+
+
+class VLMPipeline:
+    """One loaded model plus its processor and KV settings. Build it with ``VLMPipeline.load``."""
+
+    def __init__(self, engine, processor, spec: KVSpec, path: Path, manifest, conversation: str,
+                 requested_device: str):
+        self.engine = engine
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.spec = spec
+        self.path = path
+        self.manifest = manifest
+        self.conversation = conversation
+        self.requested_device = requested_device
+        self.eos_ids = self._eos_ids()
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", device: str = "auto", kv: str = "fp16",
+             k_bits: int | None = 4, v_bits: int | None = 4, kv_mode: str = "packed",
+             first_token: str = "compressed", conversation: str = "chat_template",
+             ov_group_size: int | None = None, ov_key_by_channel: bool = False, **engine_kwargs) -> VLMPipeline:
+        """Load ``path`` (an exported dir, or an HF checkpoint dir for ``backend="torch"``)."""
+        from kvtool.devices import resolve_device
+
+        path = Path(path)
+        if conversation not in CONVERSATIONS:
+            raise InputError(f"conversation: expected one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
+        spec = make_kv_spec(kv, k_bits, v_bits, kv_mode, first_token, ov_group_size, ov_key_by_channel)
+        backend, manifest = _resolve_backend(path, backend)
+        if spec.is_ov and backend != "openvino":
+            raise InputError(f"kv: {spec.scheme} is OpenVINO's own KV compression and needs an OpenVINO export, "
+                             f"not backend {backend}")
+        dev = resolve_device(backend, device)
+        from kvtool.runtime.engines import load_engine
+
+        if manifest is not None:
+            check_scheme_fits(spec, manifest.lm.num_kv_heads, manifest.lm.head_dim)
+            engine = load_engine(backend, path, spec, dev, manifest=manifest, **engine_kwargs)
+        else:
+            engine = load_engine(backend, path, spec, dev, **engine_kwargs)
+            check_scheme_fits(spec, engine.num_kv_heads, engine.head_dim)
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(path))
+        return cls(engine, processor, spec, path, manifest, conversation, device)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = self.path / "generation_config.json"
+        if gen.is_file():
+            import json
+
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if not ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # ------------------------------------------------------------------------------------------------
+    def generate(self, image, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, text_only: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+        """Answer ``prompt`` about ``image`` (a PIL image, a path, or a list of them).
+
+        ``on_text`` receives the answer's text as it grows (each call gets the new suffix)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+        check_sampling(do_sample, temperature, top_p)
+        images = load_images(image)
+        if not images and not text_only:
+            raise InputError("image: this is an image model and no image was given (pass text_only=True for a "
+                             "text-only question)")
+        if text_only and images:
+            raise InputError("image: text_only=True takes no image")
+        prepared = prepare_inputs(self.processor, images, prompt, self.conversation)
+        rng = np.random.default_rng(seed)
+        eng, spec = self.engine, self.spec
+
+        t0 = time.perf_counter()
+        eng.start(prepared)
+        T = prepared.n_tokens
+        split = (spec.quantizes and spec.first_token == "compressed" and T > 1
+                 and not (eng.backend == "torch" and spec.mode == "simulate"))
+        if split:
+            eng.run_prompt(0, T - 1)
+            logits = eng.run_prompt(T - 1, T)
+        else:
+            if spec.first_token == "fp":
+                eng.set_quantize(False)
+            logits = eng.run_prompt(0, T)
+            eng.set_quantize(True)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        first_logits = logits
+
+        ids: list[int] = []
+        shown = ""
+        t1 = time.perf_counter()
+        n_steps = 0
+        while True:
+            tok = next_token(logits, do_sample, temperature, top_p, rng)
+            ids.append(tok)
+            if on_text is not None:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if text.startswith(shown) and len(text) > len(shown):
+                    on_text(text[len(shown):])
+                shown = text
+            if tok in self.eos_ids or len(ids) >= max_new_tokens:
+                break
+            logits = eng.run_token(tok)
+            n_steps += 1
+        decode_s = time.perf_counter() - t1
+        kv_bytes, kv_fp16 = eng.kv_nbytes()
+        if spec.is_ov:
+            lm = self.manifest.lm
+            kv_bytes = ov_kv_nbytes(spec, lm.num_layers, lm.num_kv_heads, lm.head_dim, T + n_steps)
+        stats = {
+            "prompt_tokens": T,
+            "new_tokens": len(ids),
+            "prefill_ms": prefill_ms,
+            "decode_ms_per_token": decode_s * 1e3 / n_steps if n_steps else 0.0,
+            "tokens_per_s": n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
+            "kv_bytes": int(kv_bytes),
+            "kv_fp16_bytes": int(kv_fp16),
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "kv": spec.scheme, "kv_mode": spec.mode, "first_token": spec.first_token,
+        }
+        self.last_first_logits = first_logits
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return GenerateOutput(text=text.strip(), token_ids=ids, stats=stats)
+
+    # ------------------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """A JSON-serialisable description of this pipeline, for results files."""
+        import importlib.metadata as md
+
+        versions = {}
+        for lib in ("kvtool", "openvino", "onnxruntime", "torch", "transformers", "optimum-intel", "nncf"):
+            try:
+                versions[lib] = md.version(lib)
+            except md.PackageNotFoundError:
+                pass
+        return {
+            "backend": self.engine.backend,
+            "device": self.engine.device,
+            "requested_device": self.requested_device,
+            "kv": self.spec.scheme,
+            "k_bits": self.spec.k_bits,
+            "v_bits": self.spec.v_bits,
+            "kv_mode": self.spec.mode,
+            "first_token": self.spec.first_token,
+            "kv_spec": self.spec.to_dict(),
+            "conversation": self.conversation,
+            "model_path": str(self.path.resolve()),
+            "manifest": self.manifest.to_dict() if self.manifest is not None else None,
+            "engine": self.engine.info(),
+            "versions": versions,
+        }
