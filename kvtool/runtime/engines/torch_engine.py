@@ -37,11 +37,18 @@ class TorchEngine:
         self.num_kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.cache = None
+        self.mrope = self.model.config.model_type in ("qwen2_vl",)
 
     def start(self, prepared) -> None:
         self.prepared = prepared
         self.cache = make_quant_cache(self.spec, self.num_layers)
         self.n = 0
+        if self.mrope:
+            from kvtool.runtime.positions import mrope_positions
+
+            v = prepared.vision
+            self.positions, self.delta = mrope_positions(self.model.config, prepared.input_ids,
+                                                         v.get("mm_token_type_ids"), v.get("image_grid_thw"))
 
     def set_quantize(self, enabled: bool) -> None:
         if hasattr(self.cache, "set_quantize"):
@@ -51,6 +58,12 @@ class TorchEngine:
         import torch
 
         t = ids.shape[1]
+        if self.mrope:  # 3-D rope positions [3, 1, t]: the prompt's own, then n + delta
+            if self.n + t <= self.positions.shape[-1]:
+                pos = self.positions[:, :, self.n:self.n + t]
+            else:
+                pos = np.broadcast_to(np.arange(self.n, self.n + t) + self.delta, (3, 1, t))
+            extra = {**extra, "position_ids": torch.from_numpy(np.ascontiguousarray(pos)).to(self.device)}
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.from_numpy(ids).to(self.device),

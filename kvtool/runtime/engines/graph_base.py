@@ -1,0 +1,177 @@
+"""What the OpenVINO and ONNX Runtime engines share: building the prompt's ``inputs_embeds`` from the
+text-embeddings and vision graphs, the language-model positions, and the step that hands the past K/V held by
+``GraphKVCache`` to the stateless LM graph and stores the new K/V it returns.
+
+Vision post-processing that the exported graphs leave to the caller is done here with transformers' own
+functions on stand-ins holding only the config (no weights): LLaVA-NeXT's anyres packing with the image
+newline (read from ``config.image_newline``, which the OpenVINO exporter writes), Qwen2-VL's vision rotary
+embedding and block attention mask for the merger graph. Subclasses only run graphs (``_run``).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from pathlib import Path
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.kv_cache import GraphKVCache
+from kvtool.runtime.kvspec import KVSpec
+
+
+class GraphEngine:
+    backend = "graph"
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str, manifest):
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        self.spec = spec
+        self.device = device
+        self.manifest = manifest
+        self.config = AutoConfig.from_pretrained(str(self.path))
+        lm = manifest.lm
+        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+        self.arch = manifest.architecture
+        self.image_token_id = getattr(self.config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(self.config, "image_token_index", None)
+        self._load_graphs()
+        self.kv = GraphKVCache(spec, self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.kv_dtype)
+
+    # -- subclass hooks ------------------------------------------------------------------------------
+    kv_dtype = np.float32
+
+    def _load_graphs(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run graph ``role`` (manifest role name) on named inputs; outputs in the manifest's order."""
+        raise NotImplementedError
+
+    def _run_lm(self, embeds, mask, pos) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """One LM call with the past from ``self.kv``: (logits of the last position [V], new (K, V) per layer)."""
+        raise NotImplementedError
+
+    # -- the engine interface ------------------------------------------------------------------------
+    def start(self, prepared) -> None:
+        self.kv.reset()
+        ids = prepared.input_ids
+        embeds = self._text_embeddings(ids)
+        if prepared.vision:
+            feats = self._image_features(prepared)
+            mask = ids[0] == self.image_token_id
+            if int(mask.sum()) != feats.shape[0]:
+                raise InputError(f"image: the prompt holds {int(mask.sum())} image tokens but the vision graph gave "
+                                 f"{feats.shape[0]} features")
+            embeds = embeds.copy()
+            embeds[0, mask] = feats.astype(embeds.dtype, copy=False)
+        self.embeds = np.ascontiguousarray(embeds)  # [1, T, hidden]
+        if self.arch == "qwen2_vl":
+            from kvtool.runtime.positions import mrope_positions
+
+            v = prepared.vision
+            self.positions, self.delta = mrope_positions(self.config, ids, v.get("mm_token_type_ids"),
+                                                         v.get("image_grid_thw"))
+        else:
+            self.positions, self.delta = np.arange(ids.shape[1], dtype=np.int64)[None], 0
+
+    def set_quantize(self, enabled: bool) -> None:  # the graph engines' cache quantizes between calls only
+        pass
+
+    def run_prompt(self, start: int, end: int) -> np.ndarray:
+        pos = self.positions[..., start:end]
+        return self._step(self.embeds[:, start:end], np.ascontiguousarray(pos))
+
+    def run_token(self, token_id: int) -> np.ndarray:
+        embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))
+        n = self.kv.n_tokens
+        if self.arch == "qwen2_vl":
+            pos = np.full((3, 1, 1), n + self.delta, dtype=np.int64)
+        else:
+            pos = np.array([[n]], dtype=np.int64)
+        return self._step(embeds, pos)
+
+    def kv_nbytes(self) -> tuple[int, int]:
+        return self.kv.nbytes, self.kv.fp16_nbytes
+
+    def info(self) -> dict:
+        return {"kv_dtype": np.dtype(self.kv_dtype).name}
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        t = embeds.shape[1]
+        mask = np.ones((1, self.kv.n_tokens + t), dtype=np.int64)
+        logits, new_kv = self._run_lm(embeds, mask, pos)
+        for i, (k, v) in enumerate(new_kv):
+            self.kv.append(i, k, v)
+        self.kv.advance(t)
+        return logits
+
+    def _text_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        g = self.manifest.graphs["text_embeddings"]
+        return self._run("text_embeddings", {g.inputs[0]: ids})[0]
+
+    def _image_features(self, prepared) -> np.ndarray:
+        """[n_image_tokens, hidden] in prompt order."""
+        v = prepared.vision
+        if self.arch == "llava":
+            feats = self._vision(v["pixel_values"])
+            return feats.reshape(-1, feats.shape[-1])
+        if self.arch == "llava_next":
+            return self._llava_next_features(v["pixel_values"], v["image_sizes"])
+        if self.arch == "qwen2_vl":
+            return self._qwen2_vl_features(v["pixel_values"], v["image_grid_thw"])
+        raise InputError(f"architecture {self.arch!r} is not supported by the graph engines")
+
+    def _vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        g = self.manifest.graphs["vision_embeddings"]
+        return self._run("vision_embeddings", {g.inputs[0]: pixel_values.astype(np.float32)})[0]
+
+    def _llava_next_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
+        import torch
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+
+        cfg = self.config
+        if getattr(cfg, "image_newline", None) is None:
+            raise InputError(f"{self.path}: config.json has no image_newline (LLaVA-NeXT exports must record it)")
+        n_patches = [image_size_to_num_patches(tuple(int(x) for x in s), cfg.image_grid_pinpoints,
+                                               cfg.vision_config.image_size) for s in image_sizes]
+        # pixel_values: [n_images, max_patches, 3, H, W] -> the real patches of each image, stacked
+        flat = np.concatenate([pv[:n] for pv, n in zip(pixel_values, n_patches)], axis=0)
+        feats = torch.from_numpy(self._vision(flat))
+        stand_in = types.SimpleNamespace(config=cfg)
+        packed, _ = LlavaNextModel.pack_image_features(
+            stand_in, list(torch.split(feats, n_patches, dim=0)), torch.from_numpy(np.asarray(image_sizes)),
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            image_newline=torch.tensor(cfg.image_newline, dtype=feats.dtype))
+        return torch.cat(packed, dim=0).numpy() if isinstance(packed, (list, tuple)) else packed.numpy()
+
+    def _qwen2_vl_features(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+        import torch
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel,
+            VisionRotaryEmbedding,
+        )
+
+        vc = self.config.vision_config
+        hidden = self._vision(pixel_values)
+        stand_in = types.SimpleNamespace(spatial_merge_size=vc.spatial_merge_size,
+                                         rotary_pos_emb=VisionRotaryEmbedding(vc.embed_dim // vc.num_heads // 2))
+        grid = torch.from_numpy(np.asarray(grid_thw, dtype=np.int64))
+        rot = functools.partial(Qwen2VisionTransformerPretrainedModel.rot_pos_emb, stand_in)(grid).numpy()
+        # block-diagonal attention: patches attend within their own image (frame)
+        n = hidden.shape[0]
+        cu = np.concatenate([[0], np.cumsum(np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]).numpy())])
+        mask = np.full((1, n, n), -np.inf, dtype=np.float32)
+        for a, b in zip(cu[:-1], cu[1:]):
+            mask[0, a:b, a:b] = 0.0
+        g = self.manifest.graphs["vision_embeddings_merger"]
+        by_name = {"hidden_states": hidden, "attention_mask": mask, "rotary_pos_emb": rot.astype(np.float32)}
+        inputs = {name: by_name[name] if name in by_name else None for name in g.inputs}
+        if any(v is None for v in inputs.values()):
+            raise InputError(f"{self.path}: merger graph inputs {g.inputs} are not the expected "
+                             f"{sorted(by_name)}")
+        return self._run("vision_embeddings_merger", inputs)[0]

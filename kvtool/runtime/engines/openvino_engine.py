@@ -1,0 +1,124 @@
+"""The OpenVINO engine: runs an export's stateless graphs with the KV cache held by kvtool (``GraphKVCache``),
+or — for ``kv="ov-u8"|"ov-u4"`` — the stateful language model with OpenVINO's own KV-cache compression.
+
+At load time the stateless LM graph is edited (a graph edit written here, as no library offers it): each
+``present.{i}.key|value`` output that is ``Concat(past, new)`` is replaced by ``new`` alone, and ``logits`` by
+its last position, so a step returns only what the caller stores. Inputs go in with ``share_inputs=True``
+in the graph's KV element type. It does not export or compress weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.engines.graph_base import GraphEngine
+from kvtool.runtime.kvspec import KVSpec
+
+_NP_OF_OV = {"f32": np.float32, "f16": np.float16}
+
+
+def _lm_only_new(model, manifest):
+    """Edit ``model`` in place so each present output that is Concat(past, new) along the token axis returns
+    only ``new``, and ``logits`` only the last position. Returns whether every present output was rewired."""
+    import openvino.opset13 as ops
+
+    g = manifest.graphs["language_model"]
+    kv_is_new = True
+    for name in g.outputs:
+        result = model.output(name).get_node()  # the Result node
+        src = result.input_value(0)
+        if name == "logits":
+            last = ops.gather(src, ops.constant(np.array([-1], dtype=np.int64)), ops.constant(np.int64(1)))
+            result.input(0).replace_source_output(last.output(0))
+            continue
+        node = src.get_node()
+        if node.get_type_name() == "Concat" and len(node.input_values()) == 2 and \
+                node.input_value(0).get_node().get_type_name() in ("Parameter", "Convert"):
+            result.input(0).replace_source_output(node.input_value(1))
+        else:
+            kv_is_new = False
+    model.validate_nodes_and_infer_types()
+    return model, kv_is_new
+
+
+class OpenVINOEngine(GraphEngine):
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
+                 inference_precision: str | None = None, kv_precision: str | None = None):
+        self.inference_precision = inference_precision
+        self.kv_precision = kv_precision
+        super().__init__(path, spec, device, manifest)
+
+    def _config(self) -> dict:
+        cfg: dict = {"PERFORMANCE_HINT": "LATENCY"}
+        prec = self.inference_precision or ("f32" if self.manifest.dtype == "fp32" else None)
+        if prec:
+            cfg["INFERENCE_PRECISION_HINT"] = prec
+        return cfg
+
+    def _load_graphs(self) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.core = core
+        cfg = self._config()
+        self.requests = {}
+        for role, g in self.manifest.graphs.items():
+            f = self.path / g.file
+            if not f.is_file():
+                raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
+            if role == "language_model":
+                continue
+            self.requests[role] = core.compile_model(str(f), self.device, cfg).create_infer_request()
+        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
+        if self.spec.is_ov:
+            raise InputError("kv: ov-u8/ov-u4 need the stateful engine (OpenVINOStatefulEngine)")
+        g = self.manifest.graphs["language_model"]
+        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+                           for i in range(self.num_layers)]
+        missing = [n for pair in self.past_names for n in pair if n not in g.inputs]
+        if missing:
+            raise InputError(f"{self.path}: the language model is not a stateless export (no input {missing[0]}); "
+                             f"export with stateful=False or use kv='ov-u8'")
+        model, self.kv_is_new = _lm_only_new(model, self.manifest)
+        if self.kv_precision:  # lever: KV inputs/outputs in a narrower element type than the graph's
+            from openvino.preprocess import PrePostProcessor
+
+            ppp = PrePostProcessor(model)
+            t = ov.Type(self.kv_precision)
+            for k, v in self.past_names:
+                ppp.input(k).tensor().set_element_type(t)
+                ppp.input(v).tensor().set_element_type(t)
+            for i in range(self.num_layers):
+                ppp.output(1 + 2 * i).tensor().set_element_type(t)
+                ppp.output(2 + 2 * i).tensor().set_element_type(t)
+            model = ppp.build()
+        self.kv_dtype = _NP_OF_OV.get(model.input(self.past_names[0][0]).get_element_type().to_string(), np.float32)
+        self.lm_names = list(g.inputs)
+        self.lm = core.compile_model(model, self.device, cfg)
+        self.lm_req = self.lm.create_infer_request()
+
+    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
+        return [res[o] for o in self.requests[role].model_outputs]
+
+    def _run_lm(self, embeds, mask, pos):
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        for i, (kn, vn) in enumerate(self.past_names):
+            feeds[kn], feeds[vn] = self.kv.past(i)
+        feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
+        res = self.lm_req.infer(feeds, share_inputs=True, share_outputs=False)
+        outs = list(res.values())
+        n = self.kv.n_tokens
+        new = []
+        for i in range(self.num_layers):
+            k, v = outs[1 + 2 * i], outs[2 + 2 * i]
+            new.append((k, v) if self.kv_is_new else (k[:, :, n:], v[:, :, n:]))
+        return outs[0][0, -1], new
+
+    def info(self) -> dict:
+        return {**super().info(), "config": self._config(), "new_kv_outputs": self.kv_is_new}
