@@ -1,0 +1,189 @@
+"""Dataset loading for the eval tasks: from a hub id (both ``lmms-lab/`` and ``lmms-lab-encoder/``), from a
+local copy in the hub's own format (a folder of parquet / arrow / jsonl files, or a ``save_to_disk`` folder),
+from the PAIRS image folder layout, or — for ``shapes`` — from its seeded generator.
+
+Rows are returned as an indexable, sized source (``datasets.Dataset`` or a thin wrapper) so images decode
+lazily, one row at a time. A dataset without a task's required columns fails with an ``InputError`` naming
+them. It does not build prompts or score anything (``tasks``), and never downloads at test time: hub ids are
+only tried when no local copy is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import InputError
+from kvtool.evals.tasks import TaskSpec
+
+_DATA_EXTS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+class ConcatRows:
+    """Several row sources read as one, each row tagged with the name of the split it came from."""
+
+    def __init__(self, parts: Sequence[tuple[str, Any]]):
+        self.parts = list(parts)
+        self.column_names = sorted(set().union(*[set(_columns(p)) for _, p in self.parts])) if parts else []
+
+    def __len__(self) -> int:
+        return sum(len(p) for _, p in self.parts)
+
+    def __getitem__(self, i: int) -> dict:
+        for name, part in self.parts:
+            if i < len(part):
+                return {**part[i], "split": name}
+            i -= len(part)
+        raise IndexError(i)
+
+
+class JoinedImages:
+    """GQA: question rows whose ``imageId`` refers to a row of a separate images table (``id``, ``image``)."""
+
+    def __init__(self, questions: Any, images: Any):
+        self.questions, self.images = questions, images
+        self.index = {str(k): i for i, k in enumerate(images["id"])}
+        self.column_names = list(_columns(questions))
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, i: int) -> dict:
+        row = dict(self.questions[i])
+        j = self.index.get(str(row["imageId"]))
+        if j is None:
+            raise InputError(f"gqa: image {row['imageId']!r} of question {row.get('id')!r} is not in the images table")
+        row["image"] = self.images[j]["image"]
+        return row
+
+
+def _columns(source: Any) -> list[str]:
+    if hasattr(source, "column_names"):
+        return list(source.column_names)
+    return list(source[0].keys()) if len(source) else []
+
+
+def check_columns(spec: TaskSpec, source: Any, where: str) -> None:
+    have = set(_columns(source))
+    missing = [c for c in spec.columns if c not in have]
+    if missing:
+        raise InputError(f"{spec.name}: data at {where} lacks column(s) {', '.join(missing)}; "
+                         f"expected {', '.join(spec.columns)} (has {', '.join(sorted(have)) or 'none'})")
+
+
+def _split_files(files: list[Path], split: str) -> list[Path]:
+    def matches(p: Path) -> bool:
+        stem = p.name
+        return any(stem.startswith(split + sep) for sep in "-._") or split in p.parent.parts[-1:]
+    return [p for p in files if matches(p)]
+
+
+def load_local(path: str | Path, split: str, config: str | None = None) -> Any:
+    """One split of a local dataset copy: a ``save_to_disk`` folder or a folder/file of parquet/arrow/json."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset path {p} does not exist")
+    if p.is_dir() and config and (p / config).is_dir():
+        p = p / config
+    if p.is_dir() and (p / "dataset_dict.json").exists():
+        dd = datasets.load_from_disk(str(p))
+        if split not in dd:
+            raise InputError(f"dataset at {p} has splits {', '.join(dd)}; expected {split!r}")
+        return dd[split]
+    if p.is_dir() and (p / "state.json").exists():
+        return datasets.load_from_disk(str(p))
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in _DATA_EXTS and
+                                           not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files:
+        raise InputError(f"no dataset files (.parquet, .arrow, .jsonl, .json, .csv) under {p}")
+    chosen = _split_files(files, split) or files
+    kinds = {_DATA_EXTS[f.suffix] for f in chosen}
+    if len(kinds) > 1:
+        raise InputError(f"dataset at {p} mixes file types {sorted(kinds)}; expected one format")
+    return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in chosen], split="train")
+
+
+def _load_hub(spec: TaskSpec, hub_ids: Sequence[str], split: str, config: str | None) -> tuple[Any, str]:
+    import datasets
+
+    errors = []
+    for hub_id in hub_ids:
+        try:
+            return datasets.load_dataset(hub_id, config, split=split), hub_id
+        except Exception as exc:  # noqa: BLE001 - try the next id, report all at the end
+            errors.append(f"{hub_id}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    raise InputError(f"{spec.name}: could not load {' or '.join(hub_ids)} ({'; '.join(errors)}); "
+                     f"give a local copy with --data-dir or --data")
+
+
+def load_pairs(path: str | Path) -> list[dict]:
+    """PAIRS' repository layout: ``data/{occupations,status,potential_crime}/<scenario>/<race>_<gender>.png``."""
+    from kvtool.evals.tasks import PAIRS_QUESTIONS
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"PAIRS folder {root} does not exist")
+    if (root / "data").is_dir():
+        root = root / "data"
+    rows = []
+    for group in PAIRS_QUESTIONS:
+        gdir = root / group
+        if not gdir.is_dir():
+            continue
+        for img in sorted(f for f in gdir.rglob("*") if f.suffix.lower() in _IMAGE_EXTS):
+            parts = img.stem.lower().split("_")
+            if len(parts) != 2 or parts[0] not in ("black", "white") or parts[1] not in ("man", "woman"):
+                raise InputError(f"PAIRS image {img} is not named <black|white>_<man|woman>{img.suffix}")
+            rows.append({"group": group, "scenario": img.parent.name, "race": parts[0], "gender": parts[1],
+                         "image": str(img)})
+    if not rows:
+        raise InputError(f"no PAIRS images under {root}; expected data/{{occupations,status,potential_crime}}/"
+                         "<scenario>/<race>_<gender>.png")
+    return rows
+
+
+def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | None = None,
+                   n_rows: int | None = None) -> tuple[Any, str]:
+    """Rows of a task and a description of where they came from.
+
+    ``source``: a local path or a hub id; else ``data_dir/<task>`` when it exists; else the spec's hub ids
+    (``shapes``: its generator, ``n_rows`` samples, default 500)."""
+    if source is None and data_dir is not None:
+        cand = Path(data_dir) / spec.name
+        if cand.exists():
+            source = str(cand)
+    if spec.name == "pairs":
+        if source is None:
+            raise InputError("pairs: give the PAIRS folder (katiefraser/PAIRS checkout) with --data or --data-dir")
+        rows: Any = load_pairs(source)
+        where = str(source)
+    elif spec.name == "shapes" and source is None:
+        from kvtool.evals.shapes import make_shapes_split
+
+        rows, where = make_shapes_split("test", n_rows or 500), "kvtool.evals.shapes generator (test split)"
+    else:
+        splits = spec.split if isinstance(spec.split, tuple) else (spec.split,)
+        local = source is not None and (os.path.exists(source) or source.startswith((".", "/", "~")))
+        parts = []
+        for split in splits:
+            if local:
+                part, where = load_local(os.path.expanduser(source), split, spec.config), str(source)
+            else:
+                part, where = _load_hub(spec, (source,) if source else spec.hub_ids, split, spec.config)
+            if spec.image_config:
+                if local:
+                    images = load_local(os.path.expanduser(source), split, spec.image_config)
+                else:
+                    images, _ = _load_hub(spec, (where,), split, spec.image_config)
+                if "id" not in _columns(images) or "image" not in _columns(images):
+                    raise InputError(f"{spec.name}: images table at {where} lacks column(s) id, image")
+                part = JoinedImages(part, images)
+            parts.append((split, part))
+        rows = parts[0][1] if len(parts) == 1 else ConcatRows(parts)
+    check_columns(spec, rows, where)
+    return rows, where
