@@ -1,0 +1,111 @@
+"""``QuantizedBlock``: one quantized ``[B, H, T, D]`` block of K or V — the named container of quant_ops.
+
+Fields (``b`` = bits; the "view" is the tensor itself, or ``[B, 1, T, H*D]`` when ``flat``):
+
+    qdata      uint8, view shape with the last dim packed to L*b/8 (planar, see ``packing``); or the raw
+               uint8 codes when built with ``pack=False``
+    delta, mn  per-block step and min, shape view_shape // block_size, float16 for float16 input
+    block_size per-dim block of the view (see ``affine.block_for``)
+    idx, vals  or<s> only: flat int32 outlier positions (into the [B, H*T*D] rows) and their exact values
+    shape      the original [B, H, T, D]; dtype the input dtype
+
+``from_float`` quantizes every token it is given (residual handling belongs to the caller), ``dequantize``
+returns or fills a ``[B, H, T, D]`` array. It knows nothing about streams, residuals or K versus V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvtool.quant_ops.affine import (
+    Array,
+    block_for,
+    choose_qparams_affine,
+    dequantize_affine,
+    empty,
+    from_flat,
+    is_torch,
+    nbytes,
+    param_dtype,
+    qparams_from_minmax,
+    quantize_affine,
+    to_flat,
+    view_as,
+)
+from kvtool.quant_ops.outliers import scatter_outliers, split_outliers
+from kvtool.quant_ops.packing import dequantize_packed, pack_codes
+
+
+@dataclass
+class QuantizedBlock:
+    qdata: Array
+    delta: Array
+    mn: Array
+    block_size: tuple[int, ...]
+    bits: int
+    shape: tuple[int, ...]
+    dtype: Any
+    flat: bool = False
+    packed: bool = True
+    idx: Array | None = None
+    vals: Array | None = None
+
+    @classmethod
+    def from_float(cls, x: Array, axis: str, group: int | None, bits: int, outlier_pct: float = 0.0,
+                   pack: bool = True) -> QuantizedBlock:
+        """Quantize all of ``x`` [B, H, T, D] with grouping ``(axis, group)`` (or<s>: axis "tensor" and
+        ``outlier_pct`` > 0) at ``bits`` in 2, 3, 4, 8."""
+        shape = tuple(x.shape)
+        block, flat = block_for(axis, group, shape)
+        v = to_flat(x) if flat else x
+        idx = vals = None
+        if outlier_pct > 0:
+            b = shape[0]
+            rows = view_as(v, (b, -1)) if _contig(v) else v.reshape(b, -1)
+            idx, vals, lo, hi = split_outliers(rows, outlier_pct)
+            if rows.shape[0] * rows.shape[1] < 2**31:  # stored as int32 (the cost model's 32 bits)
+                idx = idx.to(torch_int32()) if is_torch(idx) else idx.astype("int32")
+            pshape = (b, 1, 1, 1)
+            delta, mn = qparams_from_minmax(lo, hi, bits, param_dtype(x))
+            delta, mn = delta.reshape(pshape), mn.reshape(pshape)
+        else:
+            delta, mn = choose_qparams_affine(v, block, bits)
+        codes = quantize_affine(v, block, delta, mn, bits)
+        qdata = pack_codes(codes, bits) if pack else codes
+        return cls(qdata, delta, mn, block, bits, shape, x.dtype, flat, pack, idx, vals)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes + delta + min (+ outlier indices and values)."""
+        return sum(nbytes(a) for a in (self.qdata, self.delta, self.mn, self.idx, self.vals))
+
+    def dequantize(self, out: Array | None = None) -> Array:
+        """The block as ``[B, H, T, D]`` in the input dtype; written into ``out`` when given (any strided
+        view of that shape and dtype)."""
+        b, h, t, d = self.shape
+        vshape = (b, 1, t, h * d) if self.flat else self.shape
+        direct = out is not None and not self.flat and self.idx is None
+        target = out if direct else empty(vshape, self.dtype, self.qdata)
+        if self.packed:
+            dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)
+        else:
+            dequantize_affine(self.qdata, self.block_size, self.delta, self.mn, out=target)
+        if self.idx is not None:
+            scatter_outliers(view_as(target, (b, -1)), self.idx, self.vals)
+        res = from_flat(target, h) if self.flat else target
+        if out is None:
+            return res
+        if not direct:
+            out[...] = res
+        return out
+
+
+def torch_int32():
+    import torch
+
+    return torch.int32
+
+
+def _contig(x: Array) -> bool:
+    return x.is_contiguous() if is_torch(x) else x.flags.c_contiguous

@@ -1,0 +1,99 @@
+"""``fake_quant_kv``: quantize-dequantize one block of K and V under a scheme (DESIGN.md's contract).
+
+numpy in -> numpy out, torch in -> torch out on the same device and dtype. Per-channel groups of g tokens
+leave the last ``N mod g`` tokens untouched (they would wait in fp16 in a real cache); ``g-CN`` groups all N
+tokens. Bits 16 on a side leaves it untouched. The returned arrays are new, except for an untouched side
+(fp16 scheme, bits 16, N = 0), which is returned as given.
+
+It does not keep state across calls (``QuantizedKVStore`` does) and refuses OpenVINO-internal schemes
+(``ov-u8`` / ``ov-u4``), which only exist inside a stateful OpenVINO graph.
+"""
+
+from __future__ import annotations
+
+from kvtool.errors import InputError
+from kvtool.quant_ops.affine import Array, block_for, empty, is_torch
+from kvtool.quant_ops.block import QuantizedBlock
+from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_kv(x: Array, what: str) -> None:
+    """Raise ``InputError`` unless x is a float numpy array / torch tensor of rank 4 [B, H, N, D]."""
+    mod = type(x).__module__
+    if not (mod.startswith("numpy") or mod.startswith("torch")) or not hasattr(x, "shape"):
+        raise InputError(f"{what}: expected a numpy array or torch tensor [B, H, N, D], got {type(x).__name__}")
+    if len(x.shape) != 4:
+        raise InputError(f"{what} shape {tuple(x.shape)}: expected rank 4 [B, H, N, D]")
+    if str(x.dtype).replace("torch.", "") not in _FLOAT_DTYPES:
+        raise InputError(f"{what} dtype {x.dtype}: expected float16, bfloat16, float32 or float64")
+
+
+def side_groups(spec: KVQuantSpec, which: str) -> tuple[str, int | None, float]:
+    """``(axis, group, outlier_pct)`` of one side of a quantizing spec."""
+    axis, group = spec.side(which)
+    return axis, group, spec.outlier_pct if spec.kind == "outlier" else 0.0
+
+
+def quantized_tokens(axis: str, group: int | None, n: int) -> int:
+    """How many of n tokens a block quantizes now (per-channel g: whole groups only)."""
+    if axis == "channel" and group is not None:
+        return (n // group) * group
+    return n
+
+
+def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int) -> Array:
+    """Quantize-dequantize one side ([B, H, N, D]) as ``fake_quant_kv`` does."""
+    axis, group, pct = side_groups(spec, which)
+    n = x.shape[2]
+    if bits == 16 or not spec.is_quantized or n == 0:
+        return x
+    nq = quantized_tokens(axis, group, n)
+    if nq == 0:
+        return _copy(x)
+    out = empty(tuple(x.shape), x.dtype, x)
+    QuantizedBlock.from_float(x[:, :, :nq], axis, group, bits, pct, pack=False).dequantize(out[:, :, :nq])
+    if nq < n:
+        out[:, :, nq:] = x[:, :, nq:]
+    return out
+
+
+def fake_quant_kv(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int = 4,
+                  v_bits: int = 4) -> tuple[Array, Array]:
+    """Quantize-dequantize K and V ([B, H, N, D], numpy or torch) under ``scheme`` at ``k_bits`` / ``v_bits``
+    (2, 3, 4, 8; 16 = leave the side alone). Returns ``(k_hat, v_hat)`` of the same shape, type, device and
+    dtype. Raises ``InputError`` (a ``ValueError``) for a bad scheme, bits or shape."""
+    spec = check_args(k, v, scheme, k_bits, v_bits)
+    return fake_quant_side(k, spec, "k", k_bits), fake_quant_side(v, spec, "v", v_bits)
+
+
+def check_args(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int, v_bits: int) -> KVQuantSpec:
+    spec = parse_scheme(scheme)
+    if spec.kind == "ov":
+        raise InputError(f"KV scheme {str(spec)!r} is OpenVINO's in-graph KV compression, not a quant_ops "
+                         f"scheme; use it as a runtime option")
+    check_bits(k_bits, "k_bits")
+    check_bits(v_bits, "v_bits")
+    check_kv(k, "k")
+    check_kv(v, "v")
+    if is_torch(k) != is_torch(v):
+        raise InputError("k and v: expected both numpy arrays or both torch tensors")
+    if tuple(k.shape[:3]) != tuple(v.shape[:3]):
+        raise InputError(f"k {tuple(k.shape)} and v {tuple(v.shape)}: expected the same B, H, N")
+    for which, x, bits in (("k", k, k_bits), ("v", v, v_bits)):
+        if bits != 16 and spec.is_quantized:
+            _check_side_shape(spec, which, tuple(x.shape), bits)
+    return spec
+
+
+def _check_side_shape(spec: KVQuantSpec, which: str, shape: tuple[int, ...], bits: int) -> None:
+    """Raise ``InputError`` when a side's grouping cannot tile ``shape`` (e.g. D_model % g != 0)."""
+    axis, group, _ = side_groups(spec, which)
+    b, h, n, d = shape
+    block_for(axis, group, (b, h, group if (axis == "channel" and group) else max(n, 1), d))
+
+
+def _copy(x: Array) -> Array:
+    return x.clone() if is_torch(x) else x.copy()
+

@@ -1,0 +1,372 @@
+"""``QuantizedKVStore``: the streaming K/V store a runtime holds per layer (DESIGN.md, "Where and when").
+
+``mode="packed"`` (deployment) holds bit-packed codes + float16/32 ``delta``/``min`` (+ outliers) + a
+full-precision residual; each group is quantized once:
+
+- per-token groups (g-T, the V of g-KC·VT·): every token is quantized when it arrives;
+- per-channel groups of g tokens: new tokens wait in the residual until g have gathered, then the group is
+  quantized (so appending token by token gives bit for bit what ``fake_quant_kv`` gives on the whole block);
+- statistics spanning the growing axis (uniform, or<s>, g-CN): the first append (the prefill) is one block;
+  later tokens wait in the residual and are quantized in blocks of ``stream_block`` tokens (default 128),
+  each with its own statistics.
+
+``mode="simulate"`` (the study's semantics) holds the cache densely in the input dtype and, after each
+append, replaces every token but the newest by its quantize-dequantize over the current cache (statistics
+re-taken each time, so error accumulates). Its ``nbytes`` is the dense cache; ``bits_per_value`` gives the
+theory.
+
+Cost model of ``dequantize``. Without ``out`` it allocates and fills the whole ``[B, H, N, D]`` pair:
+O(N) work, done by one fused unpack+``addcmul`` per bit-plane (see ``packing``). With ``out=(k_buf, v_buf)``
+(caller-owned arrays ``[B, H, >=N, D]``, e.g. the runtime's graph-input buffers) the store remembers the
+pair it last filled and, when called again with the *same* objects, rewrites only tokens whose values changed
+since: the new tokens and any group just flushed from the residual — O(1) tokens per decode step amortised
+(a per-channel-g flush rewrites g tokens once every g steps). The codes stay the only long-lived storage of
+the store; the dequantized copy lives in the caller's buffers and is counted there, not in ``nbytes``. The
+caller must not write into those buffers between calls. Simulate mode rewrites everything every time.
+
+``nbytes`` is what the store holds for the tokens it has (codes + params + outliers + residual);
+``capacity_nbytes`` adds the pre-allocated slack of the growable buffers (none if ``max_tokens`` is given).
+This module does not run attention or know about models; it holds one layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvtool.errors import InputError
+from kvtool.quant_ops.affine import Array, block_for, empty, is_torch, nbytes
+from kvtool.quant_ops.block import QuantizedBlock
+from kvtool.quant_ops.fake import check_kv, fake_quant_side, side_groups
+from kvtool.quant_ops.packing import check_packable
+from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
+
+MODES = ("packed", "simulate")
+
+
+class _Grow:
+    """An array growing along axis 2 with amortised O(1) appends."""
+
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.buf: Array | None = None
+        self.n = 0
+        self.max_tokens = max_tokens
+
+    def append(self, x: Array) -> None:
+        t = x.shape[2]
+        if self.buf is None or self.n + t > self.buf.shape[2]:
+            cap = max(self.n + t, int(1.5 * self.n), 16)
+            if self.max_tokens is not None:
+                cap = max(self.n + t, self.max_tokens)
+            shape = tuple(x.shape[:2]) + (cap,) + tuple(x.shape[3:])
+            new = empty(shape, x.dtype, x)
+            if self.n:
+                new[:, :, :self.n] = self.buf[:, :, :self.n]
+            self.buf = new
+        self.buf[:, :, self.n:self.n + t] = x
+        self.n += t
+
+    def view(self) -> Array | None:
+        return None if self.buf is None else self.buf[:, :, :self.n]
+
+    def take_all(self) -> None:
+        self.n = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buf is None else nbytes(self.buf) * self.n // max(self.buf.shape[2], 1)
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return nbytes(self.buf)
+
+
+class _DenseSide:
+    """Unquantized side (fp16 scheme, bits 16) and the simulate mode's cache."""
+
+    def __init__(self, spec: KVQuantSpec, which: str, bits: int, simulate: bool, max_tokens: int | None):
+        self.spec, self.which, self.bits, self.simulate = spec, which, bits, simulate
+        self.data = _Grow(max_tokens)
+        self.dirty_from = 0
+
+    @property
+    def n(self) -> int:
+        return self.data.n
+
+    def append(self, x: Array) -> None:
+        n0 = self.n
+        self.data.append(x)
+        if self.simulate and self.n > 1:
+            past = self.data.buf[:, :, :self.n - 1]
+            past[...] = fake_quant_side(past, self.spec, self.which, self.bits)
+            n0 = 0
+        self.dirty_from = min(self.dirty_from, n0)
+
+    def write(self, out: Array, start: int) -> None:
+        out[:, :, start:self.n] = self.data.buf[:, :, start:self.n]
+
+    nbytes = property(lambda self: self.data.nbytes)
+    capacity_nbytes = property(lambda self: self.data.capacity_nbytes)
+
+
+class _GridSide:
+    """Per-token groups or per-channel groups of g tokens: fixed token granularity ``tb`` (1 or g), so
+    codes and params live in growable buffers; up to tb-1 tokens wait in the residual."""
+
+    def __init__(self, spec: KVQuantSpec, which: str, bits: int, max_tokens: int | None):
+        self.axis, self.group, _ = side_groups(spec, which)
+        self.bits = bits
+        self.tb = self.group if self.axis == "channel" else 1
+        grid_max = None if max_tokens is None else -(-max_tokens // self.tb)
+        self.codes, self.delta, self.mn = _Grow(max_tokens), _Grow(grid_max), _Grow(grid_max)
+        self.resid = _Grow(self.tb)
+        self.nq = 0
+        self.dirty_from = 0
+        self.meta: tuple | None = None  # (block_size, flat, shape B,H,D, dtype)
+
+    @property
+    def n(self) -> int:
+        return self.nq + self.resid.n
+
+    def append(self, x: Array) -> None:
+        n0 = self.nq
+        whole = x
+        if self.resid.n:
+            from kvtool.quant_ops.affine import concat
+
+            whole = concat([self.resid.view(), x], axis=2)
+            self.resid.take_all()
+        nq = (whole.shape[2] // self.tb) * self.tb
+        if nq:
+            blk = QuantizedBlock.from_float(whole[:, :, :nq], self.axis, self.group, self.bits)
+            self.codes.append(blk.qdata)
+            self.delta.append(blk.delta)
+            self.mn.append(blk.mn)
+            b, h, _, d = blk.shape
+            self.meta = (blk.block_size, blk.flat, (b, h, d), blk.dtype)
+            self.nq += nq
+        if nq < whole.shape[2]:
+            self.resid.append(whole[:, :, nq:])
+        self.dirty_from = min(self.dirty_from, n0)
+
+    def write(self, out: Array, start: int) -> None:
+        g0 = start // self.tb
+        a = g0 * self.tb
+        if a < self.nq:
+            block_size, flat, (b, h, d), dtype = self.meta
+            blk = QuantizedBlock(self.codes.buf[:, :, a:self.nq], self.delta.buf[:, :, g0:self.nq // self.tb],
+                                 self.mn.buf[:, :, g0:self.nq // self.tb], block_size, self.bits,
+                                 (b, h, self.nq - a, d), dtype, flat)
+            blk.dequantize(out[:, :, a:self.nq])
+        if self.resid.n:
+            s = max(start, self.nq)
+            out[:, :, s:self.n] = self.resid.buf[:, :, s - self.nq:self.resid.n]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in (self.codes, self.delta, self.mn, self.resid))
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return sum(g.capacity_nbytes for g in (self.codes, self.delta, self.mn, self.resid))
+
+
+class _BlockSide:
+    """Statistics spanning the token axis (uniform, or<s>, g-CN): the first append is one block, later
+    tokens are quantized in blocks of ``stream_block`` tokens."""
+
+    def __init__(self, spec: KVQuantSpec, which: str, bits: int, stream_block: int):
+        self.axis, self.group, self.pct = side_groups(spec, which)
+        self.bits, self.stream_block = bits, stream_block
+        self.blocks: list[tuple[int, QuantizedBlock]] = []
+        self.resid = _Grow(stream_block)
+        self.nq = 0
+        self.dirty_from = 0
+
+    @property
+    def n(self) -> int:
+        return self.nq + self.resid.n
+
+    def _quantize(self, x: Array) -> None:
+        self.blocks.append((self.nq, QuantizedBlock.from_float(x, self.axis, None, self.bits, self.pct)))
+        self.dirty_from = min(self.dirty_from, self.nq)
+        self.nq += x.shape[2]
+
+    def append(self, x: Array) -> None:
+        self.dirty_from = min(self.dirty_from, self.n)
+        if not self.blocks and not self.resid.n:
+            self._quantize(x)
+            return
+        t, i = x.shape[2], 0
+        while i < t:  # fill the residual; flush each full stream block
+            take = min(t - i, self.stream_block - self.resid.n)
+            self.resid.append(x[:, :, i:i + take])
+            i += take
+            if self.resid.n == self.stream_block:
+                self._quantize(self.resid.view())
+                self.resid.take_all()
+
+    def write(self, out: Array, start: int) -> None:
+        for s, blk in self.blocks:
+            e = s + blk.shape[2]
+            if e > start:
+                blk.dequantize(out[:, :, s:e])
+        if self.resid.n:
+            s = max(start, self.nq)
+            out[:, :, s:self.n] = self.resid.buf[:, :, s - self.nq:self.resid.n]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for _, b in self.blocks) + self.resid.nbytes
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return sum(b.nbytes for _, b in self.blocks) + self.resid.capacity_nbytes
+
+
+class QuantizedKVStore:
+    """One layer's K/V cache, quantized under ``scheme`` at ``k_bits`` / ``v_bits`` (16 = keep that side).
+
+    ``append(k, v)`` takes ``[B, H, T, D]`` numpy arrays or torch tensors (CPU or CUDA); ``dequantize()``
+    returns the full ``(k, v)`` ``[B, H, N, D]`` of the same type, device and dtype. See the module
+    docstring for the modes and the cost model."""
+
+    def __init__(self, scheme: str | KVQuantSpec, k_bits: int = 4, v_bits: int = 4, mode: str = "packed",
+                 stream_block: int = 128, max_tokens: int | None = None) -> None:
+        self.spec = parse_scheme(scheme)
+        if self.spec.kind == "ov":
+            raise InputError(f"KV scheme {str(self.spec)!r} is OpenVINO's in-graph KV compression; "
+                             f"QuantizedKVStore holds quant_ops schemes only")
+        self.k_bits, self.v_bits = check_bits(k_bits, "k_bits"), check_bits(v_bits, "v_bits")
+        if mode not in MODES:
+            raise InputError(f"store mode {mode!r}: expected one of {MODES}")
+        if not isinstance(stream_block, int) or stream_block < 1:
+            raise InputError(f"stream_block={stream_block!r}: expected a positive integer")
+        self.mode, self.stream_block, self.max_tokens = mode, stream_block, max_tokens
+        self.reset()
+
+    def _make_side(self, which: str, bits: int):
+        quant = bits != 16 and self.spec.is_quantized
+        if self.mode == "simulate" or not quant:
+            return _DenseSide(self.spec, which, bits, self.mode == "simulate" and quant, self.max_tokens)
+        axis, group, pct = side_groups(self.spec, which)
+        if axis == "token" or (axis == "channel" and group is not None):
+            return _GridSide(self.spec, which, bits, self.max_tokens)
+        return _BlockSide(self.spec, which, bits, self.stream_block)
+
+    def reset(self) -> None:
+        """Forget every token (and the remembered ``out`` buffers)."""
+        self._k = self._make_side("k", self.k_bits)
+        self._v = self._make_side("v", self.v_bits)
+        self._proto: dict[str, Any] | None = None
+        self._last_out: tuple | None = None
+
+    # -- input checks -------------------------------------------------------------------------------------
+    def _check(self, k: Array, v: Array) -> None:
+        check_kv(k, "k")
+        check_kv(v, "v")
+        if is_torch(k) != is_torch(v) or k.dtype != v.dtype or tuple(k.shape[:3]) != tuple(v.shape[:3]):
+            raise InputError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype}: expected the "
+                             f"same array type, dtype and B, H, T")
+        proto = {"torch": is_torch(k), "dtype": k.dtype, "device": str(getattr(k, "device", "cpu")),
+                 "k": (k.shape[0], k.shape[1], k.shape[3]), "v": (v.shape[0], v.shape[1], v.shape[3])}
+        if self._proto is None:
+            if self.mode == "packed":
+                for which, x, bits in (("k", k, self.k_bits), ("v", v, self.v_bits)):
+                    self._check_side(which, tuple(x.shape), bits)
+            self._proto = proto
+        elif proto != self._proto:
+            raise InputError(f"appended k/v {proto}: expected the same type, dtype, device, B, H and D as "
+                             f"the first append {self._proto}")
+
+    def _check_side(self, which: str, shape: tuple[int, ...], bits: int) -> None:
+        if bits == 16 or not self.spec.is_quantized:
+            return
+        axis, group, _ = side_groups(self.spec, which)
+        b, h, _, d = shape
+        _, flat = block_for(axis, group, (b, h, group if (axis == "channel" and group) else 1, d))
+        check_packable(h * d if flat else d, bits)
+
+    # -- API ----------------------------------------------------------------------------------------------
+    def append(self, k: Array, v: Array) -> None:
+        """Add ``T`` new tokens: k, v ``[B, H, T, D]`` (T = prefill length or 1)."""
+        self._check(k, v)
+        if k.shape[2] == 0:
+            return
+        self._k.append(k)
+        self._v.append(v)
+
+    def dequantize(self, out: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+        """The full cache ``(k, v)``, ``[B, H, N, D]`` each. With ``out=(k_buf, v_buf)`` (``[B, H, >=N, D]``,
+        same type/dtype/device) fills them — incrementally when they are the pair filled last time — and
+        returns views of their first N tokens."""
+        if self._proto is None:
+            raise InputError("dequantize: the store is empty; append tokens first")
+        n = self.n_tokens
+        p = self._proto
+        if out is None:
+            bufs = tuple(empty((p[w][0], p[w][1], n, p[w][2]), p["dtype"], self._like())
+                         for w in ("k", "v"))
+            starts = (0, 0)
+        else:
+            bufs = tuple(out)
+            if len(bufs) != 2:
+                raise InputError(f"dequantize out: expected a pair (k_buf, v_buf), got {len(bufs)} items")
+            for w, buf in zip(("k", "v"), bufs, strict=True):
+                ok = (len(buf.shape) == 4 and (buf.shape[0], buf.shape[1], buf.shape[3]) == p[w]
+                      and buf.shape[2] >= n and buf.dtype == p["dtype"] and is_torch(buf) == p["torch"])
+                if not ok:
+                    raise InputError(f"dequantize out {w} buffer {tuple(buf.shape)} {buf.dtype}: expected "
+                                     f"[{p[w][0]}, {p[w][1]}, >={n}, {p[w][2]}] {p['dtype']}")
+            same = self._last_out is not None and all(
+                a is b for a, b in zip(self._last_out, bufs, strict=True))
+            starts = (self._k.dirty_from, self._v.dirty_from) if same else (0, 0)
+        for side, buf, start in zip((self._k, self._v), bufs, starts, strict=True):
+            if start < n:
+                side.write(buf, start)
+        if out is not None:
+            self._last_out = bufs
+            self._k.dirty_from = self._v.dirty_from = n
+        return bufs[0][:, :, :n], bufs[1][:, :, :n]
+
+    def _like(self) -> Array:
+        for side in (self._k, self._v):
+            for attr in ("data", "codes", "resid"):
+                g = getattr(side, attr, None)
+                if g is not None and g.buf is not None:
+                    return g.buf
+            if getattr(side, "blocks", None):
+                return side.blocks[0][1].qdata
+        raise AssertionError("store has tokens but no buffers")
+
+    @property
+    def n_tokens(self) -> int:
+        return self._k.n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the stored tokens: codes + delta/min + outliers + residual (dense in simulate)."""
+        return self._k.nbytes + self._v.nbytes
+
+    @property
+    def capacity_nbytes(self) -> int:
+        """``nbytes`` plus the unused capacity of the growable buffers."""
+        return self._k.capacity_nbytes + self._v.capacity_nbytes
+
+    @property
+    def fp16_nbytes(self) -> int:
+        """What an fp16 cache of the same tokens takes (2 bytes per value, K and V)."""
+        if self._proto is None:
+            return 0
+        (bk, hk, dk), (bv, hv, dv) = self._proto["k"], self._proto["v"]
+        return 2 * self.n_tokens * (bk * hk * dk + bv * hv * dv)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Theoretical storage cost (mean of K and V) for the current cache size; see ``KVQuantSpec``."""
+        n = max(self.n_tokens, 1)
+        d_model = 4096 if self._proto is None else self._proto["k"][1] * self._proto["k"][2]
+        return self.spec.bits_per_value(self.k_bits, self.v_bits, n_tokens=n, d_model=d_model)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedKVStore({str(self.spec)!r}, k_bits={self.k_bits}, v_bits={self.v_bits}, "
+                f"mode={self.mode!r}, n_tokens={self.n_tokens}, nbytes={self.nbytes})")
