@@ -62,7 +62,7 @@ def make_kv_spec(kv: str = "fp16", k_bits: int | None = 4, v_bits: int | None = 
         if ov_group_size is not None and ov_group_size <= 0:
             raise InputError(f"ov_group_size: expected a positive integer, got {ov_group_size}")
         bits = 8 if scheme == "ov-u8" else 4
-        return KVSpec(scheme, bits, bits, "packed", "compressed", ov_group_size, ov_key_by_channel)
+        return KVSpec(scheme, bits, bits, "packed", first_token, ov_group_size, ov_key_by_channel)
     if scheme == "fp16":
         return KVSpec("fp16", 16, 16, kv_mode, first_token)
     for name, b in (("k_bits", k_bits), ("v_bits", v_bits)):

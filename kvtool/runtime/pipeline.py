@@ -144,7 +144,7 @@ class VLMPipeline:
         t0 = time.perf_counter()
         eng.start(prepared)
         T = prepared.n_tokens
-        split = (spec.quantizes and spec.first_token == "compressed" and T > 1
+        split = ((spec.quantizes or spec.is_ov) and spec.first_token == "compressed" and T > 1
                  and not (eng.backend == "torch" and spec.mode == "simulate"))
         if split:
             eng.run_prompt(0, T - 1)

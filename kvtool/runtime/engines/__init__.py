@@ -14,8 +14,11 @@ def load_engine(backend: str, path, spec, device: str, **kwargs):
 
         return TorchEngine(path, spec, device, **kwargs)
     if backend == "openvino":
-        from kvtool.runtime.engines.openvino_engine import OpenVINOEngine
+        from kvtool.runtime.engines.openvino_engine import OpenVINOEngine, OpenVINOStatefulEngine
 
+        manifest = kwargs.get("manifest")
+        if spec.is_ov or (manifest is not None and manifest.stateful):
+            return OpenVINOStatefulEngine(path, spec, device, **kwargs)
         return OpenVINOEngine(path, spec, device, **kwargs)
     if backend == "onnxruntime":
         from kvtool.runtime.engines.onnx_engine import ONNXEngine

@@ -38,12 +38,11 @@ class GraphEngine:
         self.image_token_id = getattr(self.config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(self.config, "image_token_index", None)
+        self.kv_dtype = np.float32
         self._load_graphs()
         self.kv = GraphKVCache(spec, self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.kv_dtype)
 
     # -- subclass hooks ------------------------------------------------------------------------------
-    kv_dtype = np.float32
-
     def _load_graphs(self) -> None:
         raise NotImplementedError
 

@@ -122,3 +122,100 @@ class OpenVINOEngine(GraphEngine):
 
     def info(self) -> dict:
         return {**super().info(), "config": self._config(), "new_kv_outputs": self.kv_is_new}
+
+
+class OpenVINOStatefulEngine(GraphEngine):
+    """The stateful LM export (KV inside the graph as OpenVINO states): the anchor deployments run, and the
+    home of OpenVINO's own KV compression (``kv="ov-u8"|"ov-u4"``). kvtool holds no KV here."""
+
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
+                 inference_precision: str | None = None):
+        self.inference_precision = inference_precision
+        self.n_tokens = 0
+        super().__init__(path, spec, device, manifest)
+
+    def _config(self) -> dict:
+        cfg: dict = {"PERFORMANCE_HINT": "LATENCY"}
+        prec = self.inference_precision or ("f32" if self.manifest.dtype == "fp32" else None)
+        if prec:
+            cfg["INFERENCE_PRECISION_HINT"] = prec
+        s = self.spec
+        if s.scheme == "fp16":
+            cfg["KV_CACHE_PRECISION"] = "f32" if prec == "f32" else "f16"
+        elif s.scheme == "ov-u8":
+            cfg["KV_CACHE_PRECISION"] = "u8"
+        else:
+            cfg["KEY_CACHE_PRECISION"] = "u4"
+            cfg["VALUE_CACHE_PRECISION"] = "u4"
+        if s.is_ov and s.ov_group_size:
+            cfg["KEY_CACHE_GROUP_SIZE"] = s.ov_group_size
+            cfg["VALUE_CACHE_GROUP_SIZE"] = s.ov_group_size
+        if s.is_ov and s.ov_key_by_channel:
+            cfg["KEY_CACHE_QUANT_MODE"] = "BY_CHANNEL"
+        return cfg
+
+    def _load_graphs(self) -> None:
+        import openvino as ov
+
+        if self.spec.quantizes:
+            raise InputError(f"kv: {self.spec.scheme} needs kvtool's own KV cache, i.e. a stateless export "
+                             f"(this one is stateful); stateful exports take kv=fp16, ov-u8 or ov-u4")
+        core = ov.Core()
+        cfg = self._config()
+        self.requests = {}
+        for role, g in self.manifest.graphs.items():
+            f = self.path / g.file
+            if not f.is_file():
+                raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
+            if role != "language_model":
+                self.requests[role] = core.compile_model(str(f), self.device,
+                                                         {k: v for k, v in cfg.items() if "CACHE" not in k}
+                                                         ).create_infer_request()
+        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
+        if not model.get_sinks():
+            raise InputError(f"{self.path}: kv={self.spec.scheme} needs a stateful export (export with stateful=True)")
+        try:
+            self.lm = core.compile_model(model, self.device, cfg)
+        except RuntimeError as exc:
+            raise InputError(f"kv: OpenVINO on {self.device} refused the KV settings {cfg} "
+                             f"({str(exc).strip().splitlines()[-1][:120]})") from None
+        self.lm_req = self.lm.create_infer_request()
+        self.lm_names = [i.get_any_name() for i in model.inputs]
+
+    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
+        return [res[o] for o in self.requests[role].model_outputs]
+
+    def start(self, prepared) -> None:
+        self.lm_req.reset_state()
+        self.n_tokens = 0
+        super().start(prepared)
+
+    def run_token(self, token_id: int) -> np.ndarray:
+        embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))
+        n = self.n_tokens
+        pos = (np.full((3, 1, 1), n + self.delta, dtype=np.int64) if self.arch == "qwen2_vl"
+               else np.array([[n]], dtype=np.int64))
+        return self._step(embeds, pos)
+
+    def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        t = embeds.shape[1]
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, self.n_tokens + t), dtype=np.int64),
+                 "position_ids": pos, "beam_idx": np.zeros(1, dtype=np.int32)}
+        feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
+        self.lm_req.infer(feeds, share_inputs=True)
+        self.n_tokens += t
+        return self.lm_req.get_tensor("logits").data[0, -1].copy()
+
+    def kv_nbytes(self) -> tuple[int, int]:
+        from kvtool.runtime.kvspec import ov_kv_nbytes
+
+        fp16 = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.n_tokens * 2
+        if self.spec.is_ov:
+            return ov_kv_nbytes(self.spec, self.num_layers, self.num_kv_heads, self.head_dim, self.n_tokens), fp16
+        return fp16, fp16
+
+    def info(self) -> dict:
+        return {"config": self._config(), "stateful": True}

@@ -1,0 +1,122 @@
+"""The ONNX Runtime engine: runs an ONNX export's stateless graphs (CPU provider, CUDA when present) with the
+KV cache held by kvtool (``GraphKVCache``).
+
+At load time the language-model graph is edited in memory (written here; onnxruntime has no such tool):
+each ``present.{i}.key|value`` output produced by ``Concat(past, new)`` is re-pointed at ``new`` alone and
+``logits`` at its last position, so a step copies out only what the caller stores. It does not export,
+and it does not support OpenVINO's ``ov-u8``/``ov-u4`` KV compression.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.engines.graph_base import GraphEngine
+from kvtool.runtime.kvspec import KVSpec
+
+_NP_OF_ONNX = {1: np.float32, 10: np.float16}
+
+
+def _lm_only_new(model, outputs: list[str]) -> bool:
+    """Rewire ``model`` (onnx ModelProto, in place); True when every present output now holds only new tokens."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    params = {i.name for i in g.input}
+    all_new = True
+    for name in outputs:
+        node = producers.get(name)
+        if name == "logits":
+            full = "kvtool_logits_full"
+            if node is None:
+                continue
+            node.output[list(node.output).index(name)] = full
+            for n in g.node:
+                n.input[:] = [full if x == name else x for x in n.input]
+            idx = "kvtool_last_index"
+            if idx not in inits:
+                g.initializer.append(helper.make_tensor(idx, TensorProto.INT64, [1], [-1]))
+            g.node.append(helper.make_node("Gather", [full, idx], [name], axis=1))
+            continue
+        if node is not None and node.op_type == "Concat" and len(node.input) == 2 and node.input[0] in params:
+            full = f"kvtool_full_{name}"
+            node.output[0] = full
+            for n in g.node:
+                if n is not node:
+                    n.input[:] = [full if x == name else x for x in n.input]
+            g.node.append(helper.make_node("Identity", [node.input[1]], [name]))
+        else:
+            all_new = False
+    for o in g.output:  # token axis of present outputs is now the new tokens only; leave shapes symbolic
+        if o.name != "logits" and o.type.tensor_type.HasField("shape") and len(o.type.tensor_type.shape.dim) == 4:
+            o.type.tensor_type.shape.dim[2].dim_param = "new_tokens"
+    return all_new
+
+
+class ONNXEngine(GraphEngine):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPUExecutionProvider", manifest=None,
+                 threads: int | None = None):
+        self.threads = threads
+        super().__init__(path, spec, device, manifest)
+
+    def _session(self, model):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        providers = [self.device] + (["CPUExecutionProvider"] if self.device != "CPUExecutionProvider" else [])
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
+
+    def _load_graphs(self) -> None:
+        import onnx
+
+        if self.spec.is_ov:
+            raise InputError(f"kv: {self.spec.scheme} is OpenVINO's own KV compression; it needs backend openvino")
+        self.sessions = {}
+        for role, g in self.manifest.graphs.items():
+            f = self.path / g.file
+            if not f.is_file():
+                raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
+            if role != "language_model":
+                self.sessions[role] = self._session(str(f))
+        g = self.manifest.graphs["language_model"]
+        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+                           for i in range(self.num_layers)]
+        missing = [n for pair in self.past_names for n in pair if n not in g.inputs]
+        if missing:
+            raise InputError(f"{self.path}: the language model has no input {missing[0]} (expected a stateless "
+                             f"export with past_key_values inputs)")
+        model = onnx.load(str(self.path / g.file))  # external data next to the file loads with it
+        self.kv_is_new = _lm_only_new(model, list(g.outputs))
+        elem = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+        self.kv_dtype = _NP_OF_ONNX.get(elem.get(self.past_names[0][0], 1), np.float32)
+        self.lm_inputs = [i.name for i in model.graph.input]
+        self.lm_outputs = list(g.outputs)
+        self.lm = self._session(model.SerializeToString())
+
+    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[role].run(None, inputs)
+
+    def _run_lm(self, embeds, mask, pos):
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        for i, (kn, vn) in enumerate(self.past_names):
+            feeds[kn], feeds[vn] = self.kv.past(i)
+        feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
+        outs = dict(zip(self.lm_outputs, self.lm.run(self.lm_outputs, feeds)))
+        n = self.kv.n_tokens
+        new = []
+        for i in range(self.num_layers):
+            k, v = outs[f"present.{i}.key"], outs[f"present.{i}.value"]
+            new.append((k, v) if self.kv_is_new else (k[:, :, n:], v[:, :, n:]))
+        return outs["logits"][0, -1], new
+
+    def info(self) -> dict:
+        return {**super().info(), "provider": self.device, "new_kv_outputs": self.kv_is_new}
