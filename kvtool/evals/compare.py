@@ -1,0 +1,119 @@
+"""Parity of two eval runs (a compressed run against its reference): per task, the delta of every headline
+number with a paired bootstrap 95% interval, per-sample answer agreement, and flips right->wrong / wrong->right.
+
+Samples are matched by id (the dataset row, question and seed), so two runs over the same data and
+selection pair up exactly; samples present in only one run are counted and left out. A sample is "right"
+when its per-sample score is at least 0.5 (for VQA soft accuracy: at least two annotators agree). The
+bootstrap resamples the paired samples and recomputes the task's own aggregate on both runs, so MME, POPE
+and the other non-mean metrics get intervals too. It does not run models or judges: metrics that need a
+judge compare only when both runs carry the judge's fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import InputError
+from kvtool.evals.runner import load_results, task_rows
+from kvtool.evals.tasks import get_task, score_rows
+
+
+def bootstrap_ci(statistic: Callable[[list[int]], float], n: int, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``statistic(indices)`` over ``n_boot`` resamples (with replacement) of range(n)."""
+    import numpy as np
+
+    if n < 1:
+        raise InputError("bootstrap_ci: no samples")
+    if not 0 < level < 1:
+        raise InputError(f"bootstrap_ci: level {level} must lie in (0, 1)")
+    rng = np.random.default_rng(seed)
+    vals = np.asarray([statistic(rng.integers(0, n, size=n).tolist()) for _ in range(n_boot)], dtype=float)
+    if np.isnan(vals).all():
+        return float("nan"), float("nan")
+    # resamples where the statistic is undefined (e.g. no POPE "random" row drawn) are left out
+    lo, hi = np.nanquantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).lower().strip().rstrip(".").split())
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n",)}
+
+
+def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int = 1000, seed: int = 0
+                 ) -> dict[str, Any]:
+    """Compare one task's prediction rows of run A (reference) and run B."""
+    spec = get_task(task)
+    by_a = {r["id"]: r for r in rows_a}
+    by_b = {r["id"]: r for r in rows_b}
+    ids = [i for i in by_a if i in by_b]
+    if not ids:
+        raise InputError(f"{task}: the two runs share no samples (different data, --limit/--offset or shards?)")
+    a = score_rows(spec, [dict(by_a[i]) for i in ids])
+    b = score_rows(spec, [dict(by_b[i]) for i in ids])
+    agree = sum(_norm(x["prediction"]) == _norm(y["prediction"]) for x, y in zip(a, b, strict=True))
+    out: dict[str, Any] = {"n_paired": len(ids), "only_a": len(by_a) - len(ids), "only_b": len(by_b) - len(ids),
+                           "agreement": agree / len(ids)}
+    if all(r["score"] is not None for r in a + b):
+        ra = [r["score"] >= 0.5 for r in a]
+        rb = [r["score"] >= 0.5 for r in b]
+        out["right_to_wrong"] = sum(x and not y for x, y in zip(ra, rb, strict=True))
+        out["wrong_to_right"] = sum(y and not x for x, y in zip(ra, rb, strict=True))
+        out["flipped_ids"] = {"right_to_wrong": [i for i, x, y in zip(ids, ra, rb, strict=True) if x and not y][:50],
+                              "wrong_to_right": [i for i, x, y in zip(ids, ra, rb, strict=True) if y and not x][:50]}
+    ma, mb = _numeric(spec.aggregate([dict(r) for r in a])), _numeric(spec.aggregate([dict(r) for r in b]))
+    deltas: dict[str, Any] = {}
+    for key in ma:
+        if key in mb:
+            deltas[key] = {"a": ma[key], "b": mb[key], "delta": mb[key] - ma[key]}
+    head = spec.headline
+    if head in deltas and n_boot > 0:
+        def stat(idx: list[int]) -> float:
+            va = spec.aggregate([dict(a[i]) for i in idx]).get(head)
+            vb = spec.aggregate([dict(b[i]) for i in idx]).get(head)
+            return float(vb) - float(va) if va is not None and vb is not None else float("nan")
+
+        lo, hi = bootstrap_ci(stat, len(ids), n_boot=n_boot, seed=seed)
+        deltas[head]["ci95"] = [lo, hi]
+    out["headline"] = head
+    out["metrics"] = deltas
+    return out
+
+
+def compare_runs(a: str | Path, b: str | Path, tasks: Iterable[str] | None = None, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Compare run directory ``b`` against reference ``a`` on their common tasks."""
+    ra, rb = load_results(a), load_results(b)
+    common = [t for t in ra.get("tasks", {}) if t in rb.get("tasks", {})]
+    chosen = list(tasks) if tasks else common
+    missing = [t for t in chosen if t not in common]
+    if missing or not chosen:
+        raise InputError(f"runs {a} and {b} do not both hold task(s) {', '.join(missing) or '(any)'}; "
+                         f"common tasks: {', '.join(common) or 'none'}")
+    out = {"a": str(a), "b": str(b), "a_config": ra.get("config"), "b_config": rb.get("config"), "tasks": {}}
+    for t in chosen:
+        out["tasks"][t] = compare_task(t, task_rows(a, t), task_rows(b, t), n_boot=n_boot, seed=seed)
+    return out
+
+
+def format_comparison(cmp: dict[str, Any]) -> str:
+    """A short human table of a ``compare_runs`` result."""
+    lines = [f"A (reference): {cmp['a']}", f"B: {cmp['b']}", "",
+             f"{'task':<15} {'metric':<14} {'A':>9} {'B':>9} {'delta':>8} {'95% CI':>19} {'agree':>6} {'R->W':>5} {'W->R':>5}"]
+    for task, t in cmp["tasks"].items():
+        m = t["metrics"].get(t["headline"])
+        if m is None:
+            lines.append(f"{task:<15} {t['headline']:<14} {'(missing)':>9}")
+            continue
+        ci = m.get("ci95")
+        ci_s = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-"
+        lines.append(f"{task:<15} {t['headline']:<14} {m['a']:>9.2f} {m['b']:>9.2f} {m['delta']:>+8.2f} {ci_s:>19} "
+                     f"{t['agreement']:>6.1%} {t.get('right_to_wrong', '-'):>5} {t.get('wrong_to_right', '-'):>5}")
+    return "\n".join(lines)
