@@ -126,6 +126,167 @@ def ls_models(as_json) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _judge_config(judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url, competence_words,
+                  stereotype_words):
+    from kvtool.evals.judges import JudgeConfig
+
+    return JudgeConfig.from_env(url=judge_url, model=judge_model, key=judge_key, mmvet_runs=mmvet_runs,
+                                toxicity_model=toxicity_model, toxicity_url=toxicity_url,
+                                competence_words=competence_words, stereotype_words=stereotype_words)
+
+
+def _judge_options(f):
+    for opt in reversed([
+        click.option("--judge-url", default=None, help="OpenAI-compatible base URL (env KVTOOL_JUDGE_URL) for the "
+                     "MM-Vet grader and HallusionBench judge."),
+        click.option("--judge-model", default=None, help="Judge model name (env KVTOOL_JUDGE_MODEL)."),
+        click.option("--judge-key", default=None, help="Judge API key (env KVTOOL_JUDGE_KEY / OPENAI_API_KEY)."),
+        click.option("--mmvet-runs", default=1, show_default=True, type=int,
+                     help="MM-Vet grading runs to average (the study used 5)."),
+        click.option("--toxicity-model", default=None, help="Local text-classification checkpoint for toxicity."),
+        click.option("--toxicity-url", default=None, help="HTTP toxicity scorer: POST {texts} -> {scores}."),
+        click.option("--competence-words", default=None, help="Competence word list (one per line)."),
+        click.option("--stereotype-words", default=None, help="Stereotype words, JSON {group: [words]}."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _print_results(results: dict) -> None:
+    from kvtool.evals.tasks import get_task
+
+    for task, rec in results.get("tasks", {}).items():
+        m = rec.get("metrics", {})
+        head = get_task(task).headline
+        val = m.get(head)
+        shown = f"{val:.2f}" if isinstance(val, (int, float)) else ("missing" if val is None else "see JSON")
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in m.items()
+                          if isinstance(v, float) and k != head and not k.startswith("mean_"))[:150]
+        click.echo(f"{task:<15} {head}={shown:<10} n={rec.get('n_samples', m.get('n'))}  {extra}")
+
+
+@main.command(name="eval")
+@click.argument("model_or_dir", required=False)
+@click.option("--tasks", "tasks", default=None, help="Comma-separated tasks (kvtool ls tasks).")
+@click.option("-o", "--output", default=None, help="Run directory (results.json, <task>/predictions.jsonl).")
+@click.option("--backend", default="auto", show_default=True, help="openvino | onnx | torch | auto.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--kv", default="fp16", show_default=True, help="KV scheme, e.g. g-KC128VT128 (kvtool ls schemes).")
+@click.option("--kv-bits", type=int, default=None, help="Bits for both K and V.")
+@click.option("--k-bits", type=int, default=None)
+@click.option("--v-bits", type=int, default=None)
+@click.option("--kv-mode", default="packed", show_default=True, type=click.Choice(["packed", "simulate"]))
+@click.option("--first-token", default="compressed", show_default=True, type=click.Choice(["compressed", "fp"]))
+@click.option("--conversation", default="auto", show_default=True,
+              help="auto (vicuna_v1 for LLaVA-1.5, as LLaVA's eval scripts) | vicuna_v1 | chat_template.")
+@click.option("--wbits", type=int, default=None, help="Weight-bits label for reports (else from the manifest).")
+@click.option("--limit", type=int, default=None, help="At most N dataset rows per task.")
+@click.option("--offset", type=int, default=0, show_default=True, help="Skip the first N rows.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of greedy tasks.")
+@click.option("--seeds", default=None, help="Seeds of sampled tasks (PAIRS, SocialCF), e.g. 0,1,2.")
+@click.option("--shard", default=None, help="i/n: run the i-th of n interleaved shards.")
+@click.option("--merge", is_flag=True, help="Join the shards in -o into predictions.jsonl + results.json.")
+@click.option("--rescore", default=None, help="Re-score saved predictions of RUN_DIR (judges) without generating.")
+@click.option("--data", "data", multiple=True, help="TASK=PATH_OR_HUB_ID (repeatable).")
+@click.option("--data-dir", default=None, help="Folder holding <task>/ local copies in the hub format.")
+@click.option("--max-new-tokens", type=int, default=None, help="Override every task's default.")
+@_judge_options
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+def eval_cmd(model_or_dir, tasks, output, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
+             conversation, wbits, limit, offset, seed, seeds, shard, merge, rescore, data, data_dir, max_new_tokens,
+             judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url, competence_words,
+             stereotype_words, no_progress, as_json) -> None:
+    """Evaluate MODEL_OR_DIR on the study's benchmarks; resumable (re-run the same command to continue)."""
+    from kvtool.evals.runner import EvalConfig, merge_shards, parse_shard, run_eval
+    from kvtool.evals.runner import rescore as rescore_run
+
+    judge = _judge_config(judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url,
+                          competence_words, stereotype_words)
+    if rescore:
+        results = rescore_run(rescore, judge, tasks.split(",") if tasks else None)
+    elif merge:
+        if not output:
+            raise InputError("--merge: give the run directory with -o")
+        results = merge_shards(output, judge)
+    else:
+        if not model_or_dir:
+            raise InputError("MODEL_OR_DIR: missing; expected an exported dir or an HF checkpoint dir")
+        if not tasks:
+            raise InputError("--tasks: missing; expected e.g. --tasks textvqa,pope (kvtool ls tasks)")
+        if not output:
+            raise InputError("-o/--output: missing; expected a run directory such as runs/NAME")
+        data_map = {}
+        for item in data:
+            if "=" not in item:
+                raise InputError(f"--data {item!r}: expected TASK=PATH_OR_HUB_ID")
+            key, val = item.split("=", 1)
+            data_map[key.strip().lower()] = val.strip()
+        try:
+            seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+        except ValueError:
+            raise InputError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+        cfg = EvalConfig(model=model_or_dir, tasks=tasks.split(","), output=output, backend=backend, device=device,
+                         kv=kv, k_bits=k_bits or kv_bits or 4, v_bits=v_bits or kv_bits or 4, kv_mode=kv_mode,
+                         first_token=first_token, conversation=conversation, wbits=wbits, limit=limit,
+                         offset=offset, seed=seed, shard=parse_shard(shard), data=data_map, data_dir=data_dir,
+                         max_new_tokens=max_new_tokens, seeds=seed_list, judge=judge, progress=not no_progress)
+        results = run_eval(cfg)
+    if as_json:
+        echo_json(results)
+    else:
+        _print_results(results)
+
+
+@main.command(name="compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--tasks", default=None, help="Comma-separated subset of the common tasks.")
+@click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def compare_cmd(run_a, run_b, tasks, n_boot, seed, as_json) -> None:
+    """Parity of RUN_B against reference RUN_A: metric deltas with bootstrap 95% CI, agreement, flips."""
+    from kvtool.evals.compare import compare_runs, format_comparison
+
+    cmp = compare_runs(run_a, run_b, tasks.split(",") if tasks else None, n_boot=n_boot, seed=seed)
+    if as_json:
+        echo_json(cmp)
+    else:
+        click.echo(format_comparison(cmp))
+
+
+@main.command(name="report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("-o", "--output", default="report", show_default=True, help="Output folder.")
+@click.option("--json", "as_json", is_flag=True)
+def report_cmd(runs, output, as_json) -> None:
+    """Table-3-shaped Markdown/CSV table and PNG plots over RUNS (run directories)."""
+    from kvtool.evals.report import write_report
+
+    rep = write_report(list(runs), output)
+    if as_json:
+        echo_json(rep)
+    else:
+        click.echo((open(rep["markdown"], encoding="utf-8").read()).rstrip())
+        click.echo(f"\nwrote {rep['markdown']}, {rep['csv']}, " + ", ".join(rep["plots"]))
+
+
+@ls_group.command(name="tasks")
+@click.option("--json", "as_json", is_flag=True)
+def ls_tasks(as_json) -> None:
+    """List the eval tasks with their data source and metric."""
+    from kvtool.evals.tasks import TASKS
+
+    rows = [{"task": t.name, "data": t.source, "hub_ids": list(t.hub_ids), "metric": t.metric,
+             "judges": list(t.judges), "generation": t.generation()} for t in TASKS.values()]
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['task']:<15} {r['data']}\n{'':<15} metric: {r['metric']}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # demo command
 # ---------------------------------------------------------------------------------------------------------
