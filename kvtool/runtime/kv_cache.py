@@ -23,17 +23,25 @@ from kvtool.runtime.kvspec import KVSpec
 
 
 class GraphKVCache:
-    """Per-layer KV for a stateless LM graph. Tensors are [B, H, N, D]; ``past(i)`` is contiguous."""
+    """Per-layer KV for a stateless LM graph, batch 1.
+
+    K and V of each layer live in caller-owned, preallocated buffers laid out token-major, ``[cap, H, D]``,
+    so the first N tokens are one contiguous block: with ``token_major=True`` (graphs edited to take the past
+    as ``[N, H, D]``) ``past(i)`` hands that block to the graph without a copy; otherwise it returns a
+    contiguous ``[1, H, N, D]`` copy. The packed stores dequantize into the same buffers (through a
+    ``[1, H, cap, D]`` view) and rewrite only the tokens that changed since the previous step."""
 
     def __init__(self, spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int, dtype=np.float32,
-                 capacity: int = 256):
+                 token_major: bool = False):
         self.spec = spec
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = np.dtype(dtype)
-        self._capacity = capacity
+        self.token_major = token_major
+        self._cap = 0
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, capacity: int = 256) -> None:
+        """Forget every token; preallocate room for ``capacity`` tokens (it grows when needed)."""
         self.n_tokens = 0
         if self.spec.mode == "packed" and self.spec.quantizes:
             from kvtool.quant_ops import QuantizedKVStore
@@ -42,43 +50,61 @@ class GraphKVCache:
                                              mode="packed") for _ in range(self.num_layers)]
         else:
             self._stores = None
-        # fp16 / simulate: one contiguous [2, B, H, cap, D] buffer per layer would make past views strided;
-        # instead K and V each live in their own buffer of layout [cap, ...] and are re-laid when handed out
-        self._k: list[np.ndarray] = []
-        self._v: list[np.ndarray] = []
+        if capacity > self._cap:
+            self._alloc(capacity)
+
+    def _alloc(self, cap: int) -> None:
+        shape = (cap, self.num_kv_heads, self.head_dim)
+        old_k, old_v, n = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None), self.n_tokens
+        self._kbuf = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+        self._vbuf = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+        if old_k is not None and n and self._stores is None:
+            for i in range(self.num_layers):
+                self._kbuf[i][:n], self._vbuf[i][:n] = old_k[i][:n], old_v[i][:n]
+        # [1, H, cap, D] views of the same memory, the layout the stores and fake_quant_kv work in
+        self._k4 = [b.transpose(1, 0, 2)[None] for b in self._kbuf]
+        self._v4 = [b.transpose(1, 0, 2)[None] for b in self._vbuf]
+        self._cap = cap
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` tokens in all."""
+        if n > self._cap:
+            self._alloc(max(n, int(1.5 * self._cap)))
 
     # -- what the graph sees -------------------------------------------------------------------------
     def past(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Past K, V of layer ``i`` as the graph takes them: [1, H, N, D] in the graph's KV dtype."""
-        if self.n_tokens == 0:
-            empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.dtype)
-            return empty, empty
-        if self._stores is not None:
-            k, v = self._stores[i].dequantize()
-            return (np.ascontiguousarray(k, dtype=self.dtype), np.ascontiguousarray(v, dtype=self.dtype))
-        k, v = self._k[i], self._v[i]
-        if self.spec.mode == "simulate" and self.spec.quantizes:
+        """Past K, V of layer ``i`` in the graph's KV dtype: ``[N, H, D]`` views (token-major graphs) or
+        contiguous ``[1, H, N, D]`` arrays."""
+        n = self.n_tokens
+        if n and self._stores is not None:
+            self._stores[i].dequantize(out=(self._k4[i], self._v4[i]))  # rewrites only what changed
+        elif n and self.spec.mode == "simulate" and self.spec.quantizes:
             from kvtool.quant_ops import fake_quant_kv
 
             # the study re-quantizes the whole cache before it is attended to (error accumulates)
-            k, v = fake_quant_kv(k, v, self.spec.scheme, k_bits=self.spec.k_bits, v_bits=self.spec.v_bits)
-            self._k[i], self._v[i] = k.astype(self.dtype, copy=False), v.astype(self.dtype, copy=False)
-        return self._k[i], self._v[i]
+            kq, vq = fake_quant_kv(np.ascontiguousarray(self._k4[i][:, :, :n]),
+                                   np.ascontiguousarray(self._v4[i][:, :, :n]), self.spec.scheme,
+                                   k_bits=self.spec.k_bits, v_bits=self.spec.v_bits)
+            self._k4[i][:, :, :n], self._v4[i][:, :, :n] = kq, vq
+        if self.token_major:
+            return self._kbuf[i][:n], self._vbuf[i][:n]
+        return (np.ascontiguousarray(self._k4[i][:, :, :n]), np.ascontiguousarray(self._v4[i][:, :, :n]))
 
     def append(self, i: int, k_new: np.ndarray, v_new: np.ndarray) -> None:
-        """Store the new tokens' K, V ([1, H, t, D]) of layer ``i``; call for every layer, then ``advance``."""
+        """Store the new tokens' K, V (``[1, H, t, D]``) of layer ``i``; call for every layer, then ``advance``."""
+        t = k_new.shape[2]
         if self._stores is not None:
-            self._stores[i].append(k_new, v_new)
+            self._stores[i].append(k_new.astype(self.dtype, copy=False), v_new.astype(self.dtype, copy=False))
             return
-        if len(self._k) <= i:
-            self._k.append(np.ascontiguousarray(k_new, dtype=self.dtype))
-            self._v.append(np.ascontiguousarray(v_new, dtype=self.dtype))
-        else:
-            self._k[i] = np.concatenate([self._k[i], k_new.astype(self.dtype, copy=False)], axis=2)
-            self._v[i] = np.concatenate([self._v[i], v_new.astype(self.dtype, copy=False)], axis=2)
+        self.reserve(self.n_tokens + t)
+        n = self.n_tokens
+        self._k4[i][:, :, n:n + t] = k_new
+        self._v4[i][:, :, n:n + t] = v_new
 
     def advance(self, t: int) -> None:
         self.n_tokens += t
+        if self._stores is not None:
+            self.reserve(self.n_tokens)
 
     # -- accounting ----------------------------------------------------------------------------------
     @property
@@ -87,11 +113,19 @@ class GraphKVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the cache holds: the stores' codes (packed), or the fp16 size (fp16), or what packed storage
+        would hold (simulate). The packed stores' dequantized working copy is not counted (see
+        ``work_nbytes``)."""
         if self._stores is not None:
             return int(sum(s.nbytes for s in self._stores))
-        if self.spec.quantizes:  # simulate: what packed storage would hold for the same tokens
+        if self.spec.quantizes:
             return simulated_nbytes(self.spec, self.num_layers, self.num_kv_heads, self.head_dim, self.n_tokens)
         return self.fp16_nbytes
+
+    @property
+    def work_nbytes(self) -> int:
+        """Bytes of the preallocated graph-input buffers."""
+        return int(sum(b.nbytes for b in self._kbuf) + sum(b.nbytes for b in self._vbuf))
 
 
 def simulated_nbytes(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int, n_tokens: int) -> int:

@@ -142,7 +142,7 @@ class VLMPipeline:
         eng, spec = self.engine, self.spec
 
         t0 = time.perf_counter()
-        eng.start(prepared)
+        eng.start(prepared, max_new_tokens)
         T = prepared.n_tokens
         split = ((spec.quantizes or spec.is_ov) and spec.first_token == "compressed" and T > 1
                  and not (eng.backend == "torch" and spec.mode == "simulate"))

@@ -39,8 +39,10 @@ class GraphEngine:
         if self.image_token_id is None:
             self.image_token_id = getattr(self.config, "image_token_index", None)
         self.kv_dtype = np.float32
+        self.token_major = False  # set by _load_graphs when it edits the LM to take the past as [N, H, D]
         self._load_graphs()
-        self.kv = GraphKVCache(spec, self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.kv_dtype)
+        self.kv = GraphKVCache(spec, self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.kv_dtype,
+                               token_major=self.token_major)
 
     # -- subclass hooks ------------------------------------------------------------------------------
     def _load_graphs(self) -> None:
@@ -55,8 +57,8 @@ class GraphEngine:
         raise NotImplementedError
 
     # -- the engine interface ------------------------------------------------------------------------
-    def start(self, prepared) -> None:
-        self.kv.reset()
+    def start(self, prepared, max_new_tokens: int = 64) -> None:
+        self.kv.reset(capacity=prepared.n_tokens + max_new_tokens)
         ids = prepared.input_ids
         embeds = self._text_embeddings(ids)
         if prepared.vision:

@@ -44,6 +44,25 @@ def _lm_only_new(model, manifest):
     return model, kv_is_new
 
 
+def _token_major_past(model, names: list[str]) -> None:
+    """Edit ``model`` in place so each past input ``[1, H, N, D]`` is taken as ``[N, H, D]`` (transposed back
+    inside the graph): the caller's preallocated token-major buffer then feeds the graph without a copy."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    for name in names:
+        old = model.input(name).get_node()
+        shape = old.get_partial_shape()
+        new = ops.parameter(ov.PartialShape([-1, shape[1], shape[3]]), old.get_element_type(), name)
+        back = ops.unsqueeze(ops.transpose(new, ops.constant(np.array([1, 0, 2], dtype=np.int64))),
+                             ops.constant(np.array([0], dtype=np.int64)))
+        for target in list(old.output(0).get_target_inputs()):
+            target.replace_source_output(back.output(0))
+        model.replace_parameter(model.get_parameters().index(old), new)
+        new.output(0).get_tensor().set_names({name})
+    model.validate_nodes_and_infer_types()
+
+
 class OpenVINOEngine(GraphEngine):
     backend = "openvino"
 
@@ -85,6 +104,8 @@ class OpenVINOEngine(GraphEngine):
             raise InputError(f"{self.path}: the language model is not a stateless export (no input {missing[0]}); "
                              f"export with stateful=False or use kv='ov-u8'")
         model, self.kv_is_new = _lm_only_new(model, self.manifest)
+        _token_major_past(model, [n for pair in self.past_names for n in pair])
+        self.token_major = True
         if self.kv_precision:  # lever: KV inputs/outputs in a narrower element type than the graph's
             from openvino.preprocess import PrePostProcessor
 
@@ -188,10 +209,10 @@ class OpenVINOStatefulEngine(GraphEngine):
         res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
         return [res[o] for o in self.requests[role].model_outputs]
 
-    def start(self, prepared) -> None:
+    def start(self, prepared, max_new_tokens: int = 64) -> None:
         self.lm_req.reset_state()
         self.n_tokens = 0
-        super().start(prepared)
+        super().start(prepared, max_new_tokens)
 
     def run_token(self, token_id: int) -> np.ndarray:
         embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))

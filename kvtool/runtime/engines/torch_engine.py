@@ -39,7 +39,7 @@ class TorchEngine:
         self.cache = None
         self.mrope = self.model.config.model_type in ("qwen2_vl",)
 
-    def start(self, prepared) -> None:
+    def start(self, prepared, max_new_tokens: int = 64) -> None:
         self.prepared = prepared
         self.cache = make_quant_cache(self.spec, self.num_layers)
         self.n = 0
