@@ -1,0 +1,162 @@
+"""OpenVINO backend: optimum-intel's VLM exporter, then NNCF weight compression of each IR.
+
+``export_openvino`` converts a loaded PyTorch VLM with optimum-intel (``export_from_model``, task
+image-text-to-text) into its IRs — ``openvino_language_model.xml`` (stateless by default: explicit
+``past_key_values.{i}.key|value`` inputs and ``present.{i}.key|value`` outputs), ``..._text_embeddings_...``,
+``..._vision_embeddings_...`` and, for Qwen2-VL, ``..._vision_embeddings_merger_...`` — then compresses the
+language model's weights with ``nncf.compress_weights`` (int4 group-wise / int8 per-channel, AWQ and scale
+estimation when given calibration inputs) and the other graphs to int8, and saves each IR in the requested
+dtype. Input/output names are read back from the saved IRs, never assumed. It does not run generation and
+does not prepare calibration data (``kvtool.export.calibration``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import InputError
+from kvtool.export.config import ExportConfig
+from kvtool.export.manifest import GraphInfo, LMInfo
+
+# role -> IR file name optimum-intel writes for image-text-to-text models
+OV_GRAPH_FILES = {
+    "language_model": "openvino_language_model.xml",
+    "text_embeddings": "openvino_text_embeddings_model.xml",
+    "vision_embeddings": "openvino_vision_embeddings_model.xml",
+    "vision_embeddings_merger": "openvino_vision_embeddings_merger_model.xml",
+}
+
+
+def convert_openvino(model: Any, out: Path, stateful: bool) -> dict[str, Path]:
+    """Run optimum-intel's exporter on ``model`` (fp32 weights kept); returns role -> IR path."""
+    from optimum.exporters.openvino.convert import export_from_model
+    from optimum.intel import OVConfig
+    from transformers import __version__ as tf_version
+
+    if model.config.model_type == "qwen2_vl" and tuple(int(x) for x in tf_version.split(".")[:2]) > (5, 0):
+        # optimum-intel 2.2 caps its Qwen2-VL export at transformers 5.0; lifting the cap fails in tracing
+        # the vision patch embedding (checked with transformers 5.5.4), so refuse rather than half-export.
+        raise InputError(f"--backend openvino: optimum-intel cannot export qwen2_vl with transformers {tf_version} "
+                         "(it supports <= 5.0)")
+    export_from_model(model, out, task="image-text-to-text", ov_config=OVConfig(dtype="fp32"), stateful=stateful)
+    found = {role: out / name for role, name in OV_GRAPH_FILES.items() if (out / name).is_file()}
+    if "language_model" not in found:
+        raise RuntimeError(f"optimum-intel wrote no {OV_GRAPH_FILES['language_model']} in {out}")
+    return found
+
+
+def nncf_lm_options(cfg: ExportConfig) -> dict[str, Any]:
+    """Keyword arguments of ``nncf.compress_weights`` for the language model under ``cfg``."""
+    import nncf
+
+    if cfg.wbits == 8:
+        mode = nncf.CompressWeightsMode.INT8_SYM if cfg.sym else nncf.CompressWeightsMode.INT8_ASYM
+        return {"mode": mode}
+    if cfg.wbits == 4:
+        mode = nncf.CompressWeightsMode.INT4_SYM if cfg.sym else nncf.CompressWeightsMode.INT4_ASYM
+        return {"mode": mode, "group_size": cfg.group_size, "ratio": cfg.ratio}
+    raise ValueError(f"no NNCF mode for {cfg.wbits} bits")
+
+
+def check_group_size(ov_model: Any, group_size: int, role: str) -> None:
+    """Refuse a group size that does not divide the input width of every MatMul weight of the graph."""
+    if group_size == -1:
+        return
+    bad = set()
+    for op in ov_model.get_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        for port in (1,):
+            src = op.input_value(port).get_node()
+            while src.get_type_name() == "Convert":
+                src = src.input_value(0).get_node()
+            if src.get_type_name() == "Constant":
+                shape = list(src.get_output_shape(0))
+                transpose_b = op.get_attributes().get("transpose_b", False)
+                width = shape[-1] if transpose_b else shape[-2]
+                if width % group_size:
+                    bad.add(width)
+    if bad:
+        raise InputError(f"--group-size {group_size}: does not divide the {role} layer widths "
+                         f"{sorted(bad)} (choose a power of two dividing them, or -1 for per-channel)")
+
+
+def compress_and_save(path: Path, role: str, cfg: ExportConfig, calibration: list[dict] | None) -> None:
+    """Compress one IR in place per ``cfg`` and re-save it in ``cfg.dtype``."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(path)
+    if role == "language_model" and cfg.wbits in (8, 4):
+        opts = nncf_lm_options(cfg)
+        if cfg.wbits == 4:
+            check_group_size(model, cfg.group_size, role)
+        if cfg.awq:
+            opts.update(awq=True, scale_estimation=cfg.scale_estimation)
+            if calibration:
+                opts.update(dataset=nncf.Dataset(calibration), subset_size=len(calibration))
+        model = nncf.compress_weights(model, **opts)
+    elif role != "language_model" and cfg.wbits < 16:
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    tmp = path.with_name(path.stem + ".tmp.xml")
+    ov.save_model(model, tmp, compress_to_fp16=(cfg.dtype == "fp16"))
+    del model
+    os.replace(tmp, path)
+    os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+
+
+def graph_info(path: Path, out: Path) -> GraphInfo:
+    """File (relative to ``out``) and the exact input/output names of a saved IR."""
+    import openvino as ov
+
+    model = ov.Core().read_model(path)
+    return GraphInfo(file=str(path.relative_to(out)), inputs=[i.get_any_name() for i in model.inputs],
+                     outputs=[o.get_any_name() for o in model.outputs])
+
+
+def weight_format(path: Path) -> str:
+    """Weight element types of an IR, most frequent first by element count (e.g. 'u4+u8+f16')."""
+    import openvino as ov
+
+    counts: dict[str, int] = {}
+    for op in ov.Core().read_model(path).get_ops():
+        if op.get_type_name() == "Constant":
+            n = 1
+            for d in op.get_output_shape(0):
+                n *= d
+            if n >= 256:  # weights, not shape constants
+                et = op.get_element_type().get_type_name()
+                counts[et] = counts.get(et, 0) + n
+    return "+".join(k for k, _ in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def export_openvino(model: Any, cfg: ExportConfig, out: Path, lm: LMInfo, samples: list[dict] | None = None,
+                    progress: Any = None) -> dict[str, GraphInfo]:
+    """Export ``model`` (fp32, possibly with simulated-3-bit weights) to IRs in ``out``; ``samples`` are
+    calibration LM inputs (``calibration.lm_inputs``) for NNCF's data-aware AWQ / scale estimation."""
+    from kvtool.export.calibration import ov_lm_feeds
+
+    paths = convert_openvino(model, out, cfg.stateful)
+    if progress is not None:
+        progress.update(1)
+    feeds = None
+    if samples and cfg.wbits in (8, 4):
+        names = graph_info(paths["language_model"], out).inputs
+        feeds = ov_lm_feeds(samples, names, lm.num_kv_heads, lm.head_dim)
+    for role, path in paths.items():
+        compress_and_save(path, role, cfg, feeds if role == "language_model" else None)
+    if progress is not None:
+        progress.update(1)
+    return {role: graph_info(p, out) for role, p in paths.items()}
+
+
+def remove_stale(out: Path) -> None:
+    """Delete graph files of a previous export in ``out`` so the manifest never lists a stale graph."""
+    for f in list(out.glob("openvino_*_model.*")) + list(out.glob("*.onnx")) + list(out.glob("*.onnx.data")):
+        if f.is_file():
+            f.unlink()
+    for d in out.glob("*.onnx_parts"):
+        shutil.rmtree(d, ignore_errors=True)

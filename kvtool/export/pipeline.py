@@ -1,0 +1,122 @@
+"""``export_model``: one export from checkpoint to a directory the runtime can rebuild from.
+
+Stages (one progress bar): resolve and load the checkpoint (fp32), read the calibration set and turn it
+into language-model inputs, apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch
+weights when asked (``kvtool.export.awq``), convert with the chosen backend (with its weight compression),
+copy the processor/tokenizer files and ``config.json``, and write the manifest ``kvtool.json``.
+It does not run generation or check parity (tests and ``kvtool.runtime`` do).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kvtool.export.config import ExportConfig, ExportResult
+from kvtool.export.manifest import GraphInfo, Manifest, WeightInfo
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "openvino", "nncf", "optimum-intel", "optimum", "onnx", "onnxruntime"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def graph_rows(out: Path, graphs: dict[str, GraphInfo], backend: str) -> list[dict[str, Any]]:
+    """One summary row per graph: role, file, bytes on disk (graph + weights), weight format."""
+    rows = []
+    for role, g in graphs.items():
+        path = out / g.file
+        if backend == "openvino":
+            from kvtool.export.openvino_backend import weight_format
+
+            size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+            fmt = weight_format(path)
+        else:
+            from kvtool.export.onnx_backend import onnx_bytes, onnx_weight_format
+
+            size = onnx_bytes(path)
+            fmt = onnx_weight_format(path)
+        rows.append({"role": role, "file": g.file, "bytes": size, "weights": fmt})
+    return rows
+
+
+def export_model(cfg: ExportConfig) -> ExportResult:
+    """Export ``cfg.model`` to ``cfg.output`` per ``cfg``; see ``ExportConfig`` for the options."""
+    from tqdm.auto import tqdm
+
+    from kvtool import __version__
+    from kvtool.export import source
+    from kvtool.export.calibration import lm_inputs, load_calibration
+
+    t0 = time.perf_counter()
+    cfg.validate()
+    model_dir = source.resolve_model_dir(cfg.model)
+    arch = source.architecture_of(source.read_config(model_dir), cfg.model)
+    calib = load_calibration(cfg.calibration, cfg.num_samples) if cfg.awq and cfg.calibration else None
+    torch_transform = cfg.wbits == 3 or (cfg.awq and cfg.backend == "onnx")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from kvtool.export.openvino_backend import remove_stale
+
+    remove_stale(out)
+    total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
+    with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step") as bar:
+        bar.set_postfix_str("load")
+        model = source.load_torch_model(model_dir, cfg.trust_remote_code)
+        lm = source.lm_info(model.config)
+        bar.update(1)
+        samples = None
+        if calib is not None:
+            from transformers import AutoProcessor
+
+            bar.set_postfix_str("calibration")
+            samples = lm_inputs(model, AutoProcessor.from_pretrained(model_dir), calib, progress=bar)
+        if torch_transform:
+            from kvtool.export.awq import transform_lm_weights
+
+            bar.set_postfix_str("awq/3-bit" if cfg.awq else "3-bit")
+            transform_lm_weights(model, cfg, samples)
+            bar.update(1)
+        bar.set_postfix_str("convert")
+        if cfg.backend == "openvino":
+            from kvtool.export.openvino_backend import export_openvino
+
+            graphs = export_openvino(model, cfg, out, lm, samples if cfg.awq else None, progress=bar)
+        else:
+            from kvtool.export.onnx_backend import export_onnx
+
+            graphs = export_onnx(model, arch, cfg, out, progress=bar)
+        bar.set_postfix_str("processor")
+        source.save_processor_files(model_dir, out, model)
+        bar.update(1)
+        manifest = Manifest(
+            source={"model": cfg.model if not Path(cfg.model).exists() else str(model_dir.resolve()),
+                    "sha256": source.weights_sha256(model_dir)},
+            architecture=arch,
+            model_type=model.config.model_type,
+            backend=cfg.backend,
+            dtype=cfg.dtype,
+            weights=WeightInfo(bits=cfg.wbits, group_size=None if cfg.wbits in (16, 8) else cfg.group_size,
+                               sym=cfg.sym, ratio=cfg.ratio, method=cfg.method, storage=cfg.storage,
+                               calibration=calib.describe() if calib else None),
+            graphs=graphs,
+            lm=lm,
+            stateful=cfg.stateful,
+            versions=library_versions(),
+            kvtool_version=__version__,
+        )
+        manifest.validate(str(out))
+        manifest.save(out)
+        bar.update(1)
+    del model
+    return ExportResult(output_dir=out, manifest=manifest, graphs=graph_rows(out, graphs, cfg.backend),
+                        seconds=time.perf_counter() - t0)
