@@ -300,13 +300,16 @@ def _socialcf_aggregate(rows: list[dict]) -> dict:
 # --- shapes (synthetic, kvtool.evals.shapes) --------------------------------------------------------------
 
 def _shapes_build(row: Mapping[str, Any]) -> list[Sample]:
-    return [Sample(row["image"], str(row["question"]), {"question_id": row["id"], "answer": row["answer"],
+    # the prompt kvtool-shapes was trained on (kvtool.models.shapes_train): LLaVA-1.5's short-answer line
+    return [Sample(row["image"], _short(str(row["question"])), {"question_id": row["id"], "answer": row["answer"],
                                                         "question_type": row["question_type"],
                                                         "pope_split": row.get("pope_split")})]
 
 
 def _shapes_score(r: dict) -> float:
-    return float(r["prediction"].strip().rstrip(".").lower() == str(r["answer"]).lower())
+    # the first word, lower-cased, punctuation stripped (the rule of shapes_train.evaluate_shapes)
+    words = str(r["prediction"]).strip().lower().split()
+    return float(bool(words) and words[0].strip(".,!?;:'\"") == str(r["answer"]).lower())
 
 
 def _shapes_aggregate(rows: list[dict]) -> dict:
@@ -372,7 +375,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("shapes", "shapes", "synthetic (kvtool.evals.shapes, seeded generator) or its parquet files",
              (), "test", ("id", "image", "question", "answer", "question_type", "pope_split"),
              "exact match per question type; POPE metrics on the yes/no questions", "accuracy",
-             _shapes_build, _shapes_aggregate, _shapes_score, max_new_tokens=8),
+             _shapes_build, _shapes_aggregate, _shapes_score, max_new_tokens=4),
 ]}
 
 
