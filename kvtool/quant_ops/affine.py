@@ -200,8 +200,9 @@ def quantize_affine(x: Array, block_size: tuple[int, ...], delta: Array, mn: Arr
         import torch
 
         d32 = torch.where(d32 == 0, torch.ones_like(d32), d32)
-        t = torch.sub(xi, m32)  # float32 (type promotion); x - min
-        t.div_(d32).round_().clamp_(0.0, qmax)
+        # same-dtype in-place float32 ops: torch's mixed-dtype kernels are several times slower on CPU
+        t = xi.to(torch.float32, copy=True)
+        t.sub_(m32).div_(d32).round_().clamp_(0.0, qmax)
         return t.to(torch.uint8).reshape(x.shape)
     d32 = np.where(d32 == 0, np.float32(1.0), d32)
     t = np.subtract(xi, m32, dtype=np.float32)
@@ -228,8 +229,10 @@ def dequantize_affine(codes: Array, block_size: tuple[int, ...], delta: Array, m
         d, m = delta.reshape(bshape), mn.reshape(bshape)
         if d.dtype != torch.float16:
             d, m = d.to(torch.float32), m.to(torch.float32)
-        # one pass: out = min + q * delta; float16 params are computed in float32 (opmath) and rounded once
-        torch.addcmul(m, qi, d, out=oi)
+        # one same-dtype pass: out = min + q * delta. For float16 params the kernel computes in float32
+        # (q * delta is exact there) and rounds once, as the numpy path does; codes are converted first
+        # because torch's mixed uint8/float kernels are several times slower on CPU.
+        torch.addcmul(m, qi.to(d.dtype), d, out=oi)
         return out
     d32 = delta.astype(np.float32, copy=False).reshape(bshape)
     m32 = mn.astype(np.float32, copy=False).reshape(bshape)

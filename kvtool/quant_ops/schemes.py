@@ -124,11 +124,11 @@ class KVQuantSpec:
         """Storage cost of one side in bits per value for a cache of ``n_tokens`` x ``d_model`` (per batch
         row): codes + fp16 scale and min per group (+ 48 bits per outlier for or<s>). Per-channel residual
         tokens (N mod g) are ignored here: they are transient (at most g-1 tokens in fp16)."""
+        if self.kind == "ov":
+            return float(self.ov_bits)  # OpenVINO's own scale/zero-point overhead is not modelled here
         check_bits(bits, f"{which}_bits")
         if bits == 16 or self.kind == "fp16":
             return 16.0
-        if self.kind == "ov":
-            return float(self.ov_bits)  # OpenVINO's own scale/zero-point overhead is not modelled here
         per_tensor = PARAM_BITS / (n_tokens * d_model)
         if self.kind == "uniform":
             return bits + per_tensor
