@@ -171,13 +171,13 @@ def mmvet_prompt(question: str, answer: str, prediction: str) -> str:
 
 def grade_mmvet(judge: ChatJudge, question: str, answer: str, prediction: str, run: int = 0,
                 cache: JudgeCache | None = None, max_tries: int = 5) -> float:
-    """One grading run: retried with temperature +0.5 per unparseable reply; 0.0 after ``max_tries``."""
+    """One grading run: temperature 0, +0.5 per unparseable reply, 0.0 after ``max_tries`` (MM-Vet's rule);
+    runs differ only by the judge's own nondeterminism, each cached under its run number."""
     prompt = mmvet_prompt(question, answer, prediction)
 
     def call() -> float:
         for k in range(max_tries):
-            score = parse_mmvet_score(judge.complete(prompt, temperature=(0.0 if run == 0 else 0.5) + 0.5 * k,
-                                                     max_tokens=8))
+            score = parse_mmvet_score(judge.complete(prompt, temperature=0.5 * k, max_tokens=8))
             if score is not None:
                 return score
         return 0.0

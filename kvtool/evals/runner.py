@@ -237,6 +237,18 @@ def score_task(spec: TaskSpec, rows: list[dict], judge: JudgeConfig | None, task
     return metrics
 
 
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for lib in ("kvtool", "datasets", "transformers", "torch", "openvino", "onnxruntime", "numpy"):
+        try:
+            out[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def _pipeline_info(model) -> dict[str, Any] | None:
     info = getattr(model, "info", None)
     return _jsonable(info()) if callable(info) else None
@@ -261,7 +273,8 @@ def run_eval(cfg: EvalConfig, model=None) -> dict[str, Any]:
         model = load_model(cfg)
     results: dict[str, Any] = {"kvtool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                           time.gmtime()),
-                               "config": cfg.to_json(), "pipeline": _pipeline_info(model), "tasks": {}}
+                               "config": cfg.to_json(), "pipeline": _pipeline_info(model),
+                               "versions": _versions(), "tasks": {}}
     for spec in specs:
         rows, record = generate_task(spec, model, cfg, out / spec.name)
         record["metrics"] = score_task(spec, rows, cfg.judge, out / spec.name)
