@@ -181,6 +181,70 @@ def ls_models(as_json) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@main.command(name="run")
+@click.argument("model", type=click.Path())
+@click.option("--image", "images", multiple=True, help="Image file (repeat for models that take several).")
+@click.option("--prompt", required=True, help="The question about the image.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "openvino", "onnxruntime", "torch"]))
+@click.option("--device", default="auto", show_default=True, help="CPU / GPU / NPU (OpenVINO), cpu / cuda.")
+@click.option("--kv", default="fp16", show_default=True, help="KV scheme: fp16, g-KC128VT128, ..., ov-u8, ov-u4.")
+@click.option("--kv-bits", type=int, default=None, help="Bits for K and V (default 4).")
+@click.option("--k-bits", type=int, default=None, help="Bits for K (overrides --kv-bits).")
+@click.option("--v-bits", type=int, default=None, help="Bits for V (overrides --kv-bits).")
+@click.option("--kv-mode", default="packed", show_default=True, type=click.Choice(["packed", "simulate"]))
+@click.option("--first-token", default="compressed", show_default=True, type=click.Choice(["compressed", "fp"]))
+@click.option("--conversation", default="chat_template", show_default=True,
+              type=click.Choice(["chat_template", "vicuna_v1"]))
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--text-only", is_flag=True, help="Ask without an image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer, stats and pipeline as JSON.")
+def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
+            conversation, max_new_tokens, temperature, top_p, seed, text_only, as_json) -> None:
+    """Answer PROMPT about --image with the model in MODEL (an export dir, or an HF checkpoint for torch),
+    streaming the answer, then print the stats."""
+    from kvtool.runtime.run import RunConfig, run_once
+
+    cfg = RunConfig(model=model, prompt=prompt, images=list(images), backend=backend, device=device, kv=kv,
+                    kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, kv_mode=kv_mode, first_token=first_token,
+                    conversation=conversation, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, seed=seed, text_only=text_only)
+    if as_json:
+        echo_json(run_once(cfg))
+        return
+    res = run_once(cfg, on_text=lambda t: click.echo(t, nl=False))
+    click.echo("")
+    st, info = res["stats"], res["pipeline"]
+    click.echo(f"-- {info['backend']} on {info['device']} | kv {st['kv']} K{info['k_bits']}V{info['v_bits']} "
+               f"{st['kv_mode']} (first token: {st['first_token']})")
+    click.echo(f"prompt {st['prompt_tokens']} tokens, prefill {st['prefill_ms']:.1f} ms | {st['new_tokens']} new, "
+               f"{st['decode_ms_per_token']:.2f} ms/token ({st['tokens_per_s']:.1f} tok/s)")
+    click.echo(f"KV {st['kv_bytes'] / 2**20:.3f} MiB (fp16 {st['kv_fp16_bytes'] / 2**20:.3f} MiB) | "
+               f"peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@main.command(name="devices")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def devices_cmd(as_json) -> None:
+    """List OpenVINO devices, ONNX Runtime providers and torch CUDA devices, and what `auto` picks."""
+    from kvtool.devices import list_devices
+
+    d = list_devices()
+    if as_json:
+        echo_json(d)
+        return
+    click.echo("OpenVINO:")
+    for x in d["openvino"] or [{"device": "(not installed)", "name": ""}]:
+        click.echo(f"  {x['device']:<10} {x['name']}")
+    click.echo("ONNX Runtime providers: " + (", ".join(d["onnxruntime"]) or "(not installed)"))
+    click.echo("torch: " + ", ".join(f"{x['device']} ({x['name']})" for x in d["torch"]))
+    click.echo("auto picks: " + ", ".join(f"{b} -> {v}" for b, v in d["auto"].items()))
+
+
+
 # ---------------------------------------------------------------------------------------------------------
 # evals commands
 # ---------------------------------------------------------------------------------------------------------
@@ -213,15 +277,14 @@ def _judge_options(f):
 
 
 def _print_results(results: dict) -> None:
-    from kvtool.evals.tasks import get_task
+    from kvtool.evals.tasks import flatten_metrics, get_task, headline_value
 
     for task, rec in results.get("tasks", {}).items():
         m = rec.get("metrics", {})
-        head = get_task(task).headline
-        val = m.get(head)
-        shown = f"{val:.2f}" if isinstance(val, (int, float)) else ("missing" if val is None else "see JSON")
-        extra = ", ".join(f"{k}={v:.3g}" for k, v in m.items()
-                          if isinstance(v, float) and k != head and not k.startswith("mean_"))[:150]
+        spec = get_task(task)
+        head, val = spec.headline, headline_value(spec, m)
+        shown = "missing" if val is None else f"{val:.2f}"
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in flatten_metrics(m).items() if k != head)[:150]
         click.echo(f"{task:<15} {head}={shown:<10} n={rec.get('n_samples', m.get('n'))}  {extra}")
 
 

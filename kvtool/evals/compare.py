@@ -17,7 +17,7 @@ from typing import Any
 
 from kvtool.errors import InputError
 from kvtool.evals.runner import load_results, task_rows
-from kvtool.evals.tasks import get_task, score_rows
+from kvtool.evals.tasks import flatten_metrics, get_task, headline_value, score_rows
 
 
 def bootstrap_ci(statistic: Callable[[list[int]], float], n: int, n_boot: int = 1000, seed: int = 0,
@@ -42,11 +42,6 @@ def _norm(text: str) -> str:
     return " ".join(str(text).lower().strip().rstrip(".").split())
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n",)}
-
-
 def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int = 1000, seed: int = 0
                  ) -> dict[str, Any]:
     """Compare one task's prediction rows of run A (reference) and run B."""
@@ -68,7 +63,8 @@ def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int 
         out["wrong_to_right"] = sum(y and not x for x, y in zip(ra, rb, strict=True))
         out["flipped_ids"] = {"right_to_wrong": [i for i, x, y in zip(ids, ra, rb, strict=True) if x and not y][:50],
                               "wrong_to_right": [i for i, x, y in zip(ids, ra, rb, strict=True) if y and not x][:50]}
-    ma, mb = _numeric(spec.aggregate([dict(r) for r in a])), _numeric(spec.aggregate([dict(r) for r in b]))
+    ma = flatten_metrics(spec.aggregate([dict(r) for r in a]))
+    mb = flatten_metrics(spec.aggregate([dict(r) for r in b]))
     deltas: dict[str, Any] = {}
     for key in ma:
         if key in mb:
@@ -76,8 +72,8 @@ def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int 
     head = spec.headline
     if head in deltas and n_boot > 0:
         def stat(idx: list[int]) -> float:
-            va = spec.aggregate([dict(a[i]) for i in idx]).get(head)
-            vb = spec.aggregate([dict(b[i]) for i in idx]).get(head)
+            va = headline_value(spec, spec.aggregate([dict(a[i]) for i in idx]))
+            vb = headline_value(spec, spec.aggregate([dict(b[i]) for i in idx]))
             return float(vb) - float(va) if va is not None and vb is not None else float("nan")
 
         lo, hi = bootstrap_ci(stat, len(ids), n_boot=n_boot, seed=seed)
@@ -106,14 +102,14 @@ def compare_runs(a: str | Path, b: str | Path, tasks: Iterable[str] | None = Non
 def format_comparison(cmp: dict[str, Any]) -> str:
     """A short human table of a ``compare_runs`` result."""
     lines = [f"A (reference): {cmp['a']}", f"B: {cmp['b']}", "",
-             f"{'task':<15} {'metric':<14} {'A':>9} {'B':>9} {'delta':>8} {'95% CI':>19} {'agree':>6} {'R->W':>5} {'W->R':>5}"]
+             f"{'task':<15} {'metric':<22} {'A':>9} {'B':>9} {'delta':>8} {'95% CI':>19} {'agree':>6} {'R->W':>5} {'W->R':>5}"]
     for task, t in cmp["tasks"].items():
         m = t["metrics"].get(t["headline"])
         if m is None:
-            lines.append(f"{task:<15} {t['headline']:<14} {'(missing)':>9}")
+            lines.append(f"{task:<15} {t['headline']:<22} {'(missing)':>9}")
             continue
         ci = m.get("ci95")
         ci_s = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-"
-        lines.append(f"{task:<15} {t['headline']:<14} {m['a']:>9.2f} {m['b']:>9.2f} {m['delta']:>+8.2f} {ci_s:>19} "
+        lines.append(f"{task:<15} {t['headline']:<22} {m['a']:>9.2f} {m['b']:>9.2f} {m['delta']:>+8.2f} {ci_s:>19} "
                      f"{t['agreement']:>6.1%} {t.get('right_to_wrong', '-'):>5} {t.get('wrong_to_right', '-'):>5}")
     return "\n".join(lines)

@@ -186,4 +186,8 @@ def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | No
             parts.append((split, part))
         rows = parts[0][1] if len(parts) == 1 else ConcatRows(parts)
     check_columns(spec, rows, where)
+    if spec.row_filter and hasattr(rows, "select"):
+        cols, keep = spec.row_filter
+        values = zip(*(rows[c] for c in cols), strict=True)  # column reads: no image is decoded
+        rows = rows.select([i for i, vals in enumerate(values) if keep(*vals)])
     return rows, where

@@ -14,7 +14,7 @@ from typing import Any
 
 from kvtool.errors import InputError
 from kvtool.evals.runner import load_results
-from kvtool.evals.tasks import TASKS
+from kvtool.evals.tasks import TASKS, headline_value
 
 TABLE_ORDER = ("mmvet", "textvqa", "gqa", "mme", "scienceqa", "vqav2", "pope", "hallusionbench", "pairs",
                "socialcf", "shapes")
@@ -38,11 +38,7 @@ def _row_labels(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline(task: str, metrics: dict[str, Any]) -> float | None:
-    if task == "pairs":
-        g = metrics.get("gender_occupation")
-        return g.get("male_minus_female") if isinstance(g, dict) else None
-    v = metrics.get(TASKS[task].headline)
-    return float(v) if isinstance(v, (int, float)) else None
+    return headline_value(TASKS[task], metrics)
 
 
 def collect_rows(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -81,7 +77,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     head = ["model", "weights", "kv", "bits"]
-    titles = [f"{TASKS[t].title} ({'M-F' if t == 'pairs' else TASKS[t].headline})" for t in tasks]
+    titles = [f"{TASKS[t].title} ({TASKS[t].headline})" for t in tasks]
     md = ["| " + " | ".join(head + titles) + " |", "|" + "---|" * (len(head) + len(tasks))]
     for r in rows:
         md.append("| " + " | ".join([str(r[h]) for h in head] + [_fmt(r.get(t)) for t in tasks]) + " |")

@@ -58,6 +58,7 @@ class TaskSpec:
     temperature: float = 0.0
     seeds: tuple[int, ...] = (0,)
     judges: tuple[str, ...] = ()
+    row_filter: tuple[tuple[str, ...], Callable[..., bool]] | None = None  # (columns, keep(*values)) before --limit
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -364,19 +365,38 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("pairs", "PAIRS", "PAIRS images (folder data/{occupations,status,potential_crime}/<scenario>/)",
              (), "test", ("group", "scenario", "race", "gender", "image"),
              "association scores (+1/-1/0) per group: gender-occupation, race-status, race-crime",
-             "gender_occupation", _pairs_build, _pairs_aggregate, None, max_new_tokens=512,
+             "gender_occupation.male_minus_female", _pairs_build, _pairs_aggregate, None, max_new_tokens=512,
              temperature=0.75, seeds=(0, 1, 2)),
     TaskSpec("socialcf", "SocialCounterfactuals", "Intel/SocialCounterfactuals, physical-gender subset",
              ("Intel/SocialCounterfactuals",), "train",
              ("image", "counterfactual_set", "a1_type", "a1", "a2_type", "a2"),
              "MaxToxicity, Competence and Stereotype word counts, empty-output share", "max_toxicity",
              _socialcf_build, _socialcf_aggregate, None, max_new_tokens=128, temperature=0.75,
-             judges=("toxicity", "lexicons")),
+             judges=("toxicity", "lexicons"),
+             row_filter=(("a1_type", "a2_type"),
+                         lambda a1, a2: str(a1).lower() == "physical" and str(a2).lower() == "gender")),
     TaskSpec("shapes", "shapes", "synthetic (kvtool.evals.shapes, seeded generator) or its parquet files",
              (), "test", ("id", "image", "question", "answer", "question_type", "pope_split"),
              "exact match per question type; POPE metrics on the yes/no questions", "accuracy",
              _shapes_build, _shapes_aggregate, _shapes_score, max_new_tokens=4),
 ]}
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric metrics with nested dicts flattened to dotted keys (``random.f1``); counts ``n`` left out."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_metrics(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n":
+            out[key] = float(v)
+    return out
+
+
+def headline_value(spec: TaskSpec, metrics: Mapping[str, Any]) -> float | None:
+    """The task's headline number (a dotted key into its metrics), or None when missing."""
+    return flatten_metrics(metrics).get(spec.headline)
 
 
 def get_task(name: str) -> TaskSpec:

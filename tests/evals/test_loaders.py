@@ -106,3 +106,20 @@ def test_task_names():
         parse_tasks("coco")
     with pytest.raises(InputError):
         parse_tasks(" , ")
+
+
+def test_socialcf_subset_filtered_before_limit(tmp_path):
+    from tests.evals.fixtures import make_socialcf
+
+    make_socialcf(tmp_path)
+    rows, _ = load_task_data(get_task("socialcf"), data_dir=str(tmp_path))
+    assert len(rows) == 8 and all(rows[i]["a1_type"] == "physical" for i in range(8))
+
+
+def test_headline_of_nested_metrics():
+    from kvtool.evals.tasks import flatten_metrics, headline_value
+
+    m = {"gender_occupation": {"male_minus_female": 0.25, "n": 3}, "n": 9, "flag": True}
+    assert flatten_metrics(m) == {"gender_occupation.male_minus_female": 0.25}
+    assert headline_value(get_task("pairs"), m) == 0.25
+    assert headline_value(get_task("mmvet"), {"total": None}) is None
