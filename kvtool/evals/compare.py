@@ -2,7 +2,8 @@
 number with a paired bootstrap 95% interval, per-sample answer agreement, and flips right->wrong / wrong->right.
 
 Samples are matched by id (the dataset row, question and seed), so two runs over the same data and
-selection pair up exactly; samples present in only one run are counted and left out. A sample is "right"
+selection pair up exactly; samples present in only one run are counted and left out. When one run has only its results.json (a
+baseline measured elsewhere), the metrics are compared without intervals or per-sample figures. A sample is "right"
 when its per-sample score is at least 0.5 (for VQA soft accuracy: at least two annotators agree). The
 bootstrap resamples the paired samples and recomputes the task's own aggregate on both runs, so MME, POPE
 and the other non-mean metrics get intervals too. It does not run models or judges: metrics that need a
@@ -95,8 +96,20 @@ def compare_runs(a: str | Path, b: str | Path, tasks: Iterable[str] | None = Non
                          f"common tasks: {', '.join(common) or 'none'}")
     out = {"a": str(a), "b": str(b), "a_config": ra.get("config"), "b_config": rb.get("config"), "tasks": {}}
     for t in chosen:
-        out["tasks"][t] = compare_task(t, task_rows(a, t), task_rows(b, t), n_boot=n_boot, seed=seed)
+        try:
+            rows_a, rows_b = task_rows(a, t), task_rows(b, t)
+        except FileNotFoundError as exc:  # e.g. a baseline's results.json brought without its predictions
+            out["tasks"][t] = _compare_metrics_only(t, ra["tasks"][t].get("metrics", {}),
+                                                    rb["tasks"][t].get("metrics", {}), str(exc))
+            continue
+        out["tasks"][t] = compare_task(t, rows_a, rows_b, n_boot=n_boot, seed=seed)
     return out
+
+
+def _compare_metrics_only(task: str, ma: dict, mb: dict, why: str) -> dict[str, Any]:
+    fa, fb = flatten_metrics(ma), flatten_metrics(mb)
+    return {"headline": get_task(task).headline, "agreement": None, "note": f"metrics only: {why}",
+            "metrics": {k: {"a": fa[k], "b": fb[k], "delta": fb[k] - fa[k]} for k in fa if k in fb}}
 
 
 def format_comparison(cmp: dict[str, Any]) -> str:
@@ -111,5 +124,6 @@ def format_comparison(cmp: dict[str, Any]) -> str:
         ci = m.get("ci95")
         ci_s = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-"
         lines.append(f"{task:<15} {t['headline']:<22} {m['a']:>9.2f} {m['b']:>9.2f} {m['delta']:>+8.2f} {ci_s:>19} "
-                     f"{t['agreement']:>6.1%} {t.get('right_to_wrong', '-'):>5} {t.get('wrong_to_right', '-'):>5}")
+                     f"{'-' if t['agreement'] is None else format(t['agreement'], '.1%'):>6} "
+                     f"{t.get('right_to_wrong', '-'):>5} {t.get('wrong_to_right', '-'):>5}")
     return "\n".join(lines)

@@ -129,6 +129,15 @@ def test_compare_and_report(tmp_path, data_dir):
     assert d["delta"] == pytest.approx(d["b"] - d["a"])
     assert -100 <= d["ci95"][0] <= d["ci95"][1] <= 100
     assert a["tasks"]["pope"]["metrics"]["random_f1"] == pytest.approx(d["a"])
+    import shutil
+
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "a" / "results.json", tmp_path / "c" / "results.json")  # a baseline's results only
+    only = compare_runs(tmp_path / "c", tmp_path / "b")["tasks"]["pope"]
+    assert only["agreement"] is None and only["metrics"]["random_f1"]["delta"] == pytest.approx(d["delta"])
+    from kvtool.evals.compare import format_comparison
+
+    assert "pope" in format_comparison(compare_runs(tmp_path / "c", tmp_path / "b"))
     rep = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| model | weights | kv | bits |" in md and "g-KC128VT128 | 2 |" in md
