@@ -72,6 +72,7 @@ def roundtrip(schemes: list[str] | None = None, bits: list[int] | None = None, k
     ``bits`` (default 4 and 2) for both K and V. Default schemes: every study scheme."""
     from tqdm import tqdm
 
+    from kvtool.quant_ops.fake import check_args
     from kvtool.quant_ops.store import QuantizedKVStore
 
     names = [str(parse_scheme(s)) for s in (schemes or list(SCHEMES))]
@@ -87,6 +88,9 @@ def roundtrip(schemes: list[str] | None = None, bits: list[int] | None = None, k
     rows = []
     # fp16 ignores bits: one row for it
     jobs = [(n, s) for i, s in enumerate(settings) for n in names if not (n == "fp16" and i > 0)]
+    for name, (kb, vb) in jobs:  # every bad input is reported before any work starts
+        check_args(k, v, name, kb, vb)
+        QuantizedKVStore(name, k_bits=kb, v_bits=vb).append(k[:, :, :1], v[:, :, :1])
     for name, (kb, vb) in tqdm(jobs, desc="kv-roundtrip", disable=not progress):
         if name == "fp16":
             kb = vb = 16
