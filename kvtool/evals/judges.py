@@ -166,7 +166,8 @@ def parse_mmvet_score(text: str) -> float | None:
 
 def mmvet_prompt(question: str, answer: str, prediction: str) -> str:
     one_line = " ".join(str(prediction).split()).replace("|", "/")
-    return MMVET_INSTRUCTION + f"{question} | {str(answer).replace('<AND>', ' <AND> ')} | {one_line} | "
+    gt = str(answer).replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    return MMVET_INSTRUCTION + f"{question} | {gt} | {one_line} | "
 
 
 def grade_mmvet(judge: ChatJudge, question: str, answer: str, prediction: str, run: int = 0,

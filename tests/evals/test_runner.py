@@ -218,3 +218,21 @@ def test_rescore_with_local_http_judge(tmp_path, data_dir):
         assert len([s for s in seen[n_calls:] if "Correctness" in s or "Verdict" in s]) == 0
     finally:
         srv.shutdown()
+
+
+def test_cli_rescore_and_merge(tmp_path, data_dir):
+    from click.testing import CliRunner
+
+    from kvtool.cli import main
+
+    for i in range(2):
+        run_eval(_cfg(tmp_path, data_dir, ["pope", "mme"], "sh", shard=(i, 2)), model=ScriptedModel())
+    r = CliRunner()
+    res = r.invoke(main, ["eval", "--merge", "-o", str(tmp_path / "sh"), "--json"])
+    assert res.exit_code == 0, res.output
+    merged = json.loads(res.output[res.output.index("{"):])
+    assert merged["tasks"]["mme"]["metrics"]["perception"] == pytest.approx(100.0)
+    res = r.invoke(main, ["eval", "--rescore", str(tmp_path / "sh"), "--tasks", "pope"])
+    assert res.exit_code == 0 and "random_f1" in res.output, res.output
+    res = r.invoke(main, ["eval", "--rescore", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and res.output.startswith("error:")
