@@ -9,7 +9,6 @@ theoretical bytes of OpenVINO's KV compression. It holds no tensors and runs not
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 from kvtool.errors import InputError
@@ -71,24 +70,26 @@ def make_kv_spec(kv: str = "fp16", k_bits: int | None = 4, v_bits: int | None = 
     from kvtool.quant_ops import parse_scheme
 
     try:
-        parse_scheme(scheme)
-    except InputError:
-        raise
+        canonical = str(parse_scheme(scheme))
     except ValueError as exc:
-        raise InputError(f"kv: {exc}") from None
-    return KVSpec(scheme, int(k_bits), int(v_bits), kv_mode, first_token)
+        raise InputError(f"kv: {str(exc).splitlines()[0]}") from None
+    return KVSpec(canonical, int(k_bits), int(v_bits), kv_mode, first_token)
 
 
 def check_scheme_fits(spec: KVSpec, num_kv_heads: int, head_dim: int) -> None:
     """Refuse a per-token scheme whose channel group does not divide D_model = kv_heads * head_dim."""
     if not spec.quantizes:
         return
+    from kvtool.quant_ops import parse_scheme
+    from kvtool.quant_ops.fake import side_groups
+
     d_model = num_kv_heads * head_dim
-    # per-token group sizes are the numbers after a T in the scheme name (g-T128, g-KC128VT64, g-KT64VC128)
-    for g in re.findall(r"t(\d+)", spec.scheme.split("-", 1)[-1]):
-        if d_model % int(g):
-            raise InputError(f"kv: scheme {spec.scheme} groups {g} channels per token, which does not divide the "
-                             f"model's D_model = {num_kv_heads} kv heads x {head_dim} = {d_model}")
+    qspec = parse_scheme(spec.scheme)
+    for which in ("k", "v"):
+        axis, group, _ = side_groups(qspec, which)
+        if axis == "token" and group and d_model % group:
+            raise InputError(f"kv: scheme {spec.scheme} groups {group} channels per token, which does not divide "
+                             f"the model's D_model = {num_kv_heads} kv heads x {head_dim} = {d_model}")
 
 
 def ov_kv_nbytes(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int, n_tokens: int) -> int:

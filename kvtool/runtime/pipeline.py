@@ -164,11 +164,13 @@ class VLMPipeline:
         while True:
             tok = next_token(logits, do_sample, temperature, top_p, rng)
             ids.append(tok)
-            if on_text is not None:
+            if on_text is not None:  # streaming time is not decode time
+                c0 = time.perf_counter()
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 if text.startswith(shown) and len(text) > len(shown):
                     on_text(text[len(shown):])
                 shown = text
+                t1 += time.perf_counter() - c0
             if tok in self.eos_ids or len(ids) >= max_new_tokens:
                 break
             logits = eng.run_token(tok)

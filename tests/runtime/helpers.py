@@ -9,7 +9,7 @@ import numpy as np
 QUESTION = "Describe the image in detail."
 
 
-def test_image(seed: int = 0, size=(60, 90)):
+def random_image(seed: int = 0, size=(60, 90)):
     from PIL import Image
 
     return Image.fromarray((np.random.default_rng(seed).random((*size, 3)) * 255).astype("uint8"))

@@ -8,7 +8,7 @@ import pytest
 
 from kvtool.errors import InputError
 from kvtool.runtime import VLMPipeline
-from tests.runtime.helpers import QUESTION, hf_greedy, test_image
+from tests.runtime.helpers import QUESTION, hf_greedy, random_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -25,12 +25,12 @@ def llava_ov(exported):
 
 @pytest.fixture(scope="module")
 def reference(llava):
-    return hf_greedy(llava, test_image(), QUESTION, max_new_tokens=8)
+    return hf_greedy(llava, random_image(), QUESTION, max_new_tokens=8)
 
 
 def test_torch_engine_matches_hf_generate(llava, reference):
     pipe = VLMPipeline.load(llava, backend="torch")
-    out = pipe.generate(test_image(), QUESTION, max_new_tokens=8)
+    out = pipe.generate(random_image(), QUESTION, max_new_tokens=8)
     assert out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)
     st = out.stats
@@ -40,7 +40,7 @@ def test_torch_engine_matches_hf_generate(llava, reference):
 
 def test_openvino_engine_matches_hf_generate(llava_ov, reference):
     pipe = VLMPipeline.load(llava_ov)
-    out = pipe.generate(test_image(), QUESTION, max_new_tokens=8)
+    out = pipe.generate(random_image(), QUESTION, max_new_tokens=8)
     assert pipe.engine.backend == "openvino" and out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)
     info = pipe.info()
@@ -53,8 +53,8 @@ def test_torch_and_openvino_agree_on_quantized_kv(llava, llava_ov, scheme, bits)
     kw = dict(kv=scheme, k_bits=bits, v_bits=bits, kv_mode="packed")
     t = VLMPipeline.load(llava, backend="torch", **kw)
     o = VLMPipeline.load(llava_ov, **kw)
-    a = t.generate(test_image(), QUESTION, max_new_tokens=6)
-    b = o.generate(test_image(), QUESTION, max_new_tokens=6)
+    a = t.generate(random_image(), QUESTION, max_new_tokens=6)
+    b = o.generate(random_image(), QUESTION, max_new_tokens=6)
     assert a.token_ids == b.token_ids
     # 1e-7 differences between the engines' fp K/V can move a value across a rounding boundary (one code
     # step); the compression itself moves these logits by ~1e-1
@@ -66,7 +66,7 @@ def test_kv_bytes_match_the_scheme_theory_within_the_residual(llava_ov):
     from kvtool.quant_ops import parse_scheme
 
     o = VLMPipeline.load(llava_ov, kv="g-KC128VT128", k_bits=2, v_bits=2)
-    st = o.generate(test_image(), QUESTION, max_new_tokens=4).stats
+    st = o.generate(random_image(), QUESTION, max_new_tokens=4).stats
     lm = o.manifest.lm
     n = st["prompt_tokens"] + st["new_tokens"] - 1  # the last token is never fed back
     d_model = lm.num_kv_heads * lm.head_dim
@@ -78,7 +78,7 @@ def test_kv_bytes_match_the_scheme_theory_within_the_residual(llava_ov):
 
 
 def test_first_token_sees_compressed_context_only_in_compressed_mode(llava_ov):
-    img = test_image()
+    img = random_image()
     fp = VLMPipeline.load(llava_ov)
     fp.generate(img, QUESTION, max_new_tokens=1)
     packed = VLMPipeline.load(llava_ov, kv="uniform", k_bits=2, v_bits=2, kv_mode="packed")
@@ -94,7 +94,7 @@ def test_first_token_sees_compressed_context_only_in_compressed_mode(llava_ov):
 def test_simulate_equals_packed_where_streaming_is_exact(llava_ov, scheme):
     # per-token groups and full per-channel groups are quantized once in packed mode; simulate re-quantizes
     # them every step, which gives the same values (a quantized group maps to itself)
-    img = test_image()
+    img = random_image()
     kw = dict(kv=scheme, k_bits=4, v_bits=4)
     p = VLMPipeline.load(llava_ov, kv_mode="packed", **kw)
     s = VLMPipeline.load(llava_ov, kv_mode="simulate", **kw)
@@ -105,7 +105,7 @@ def test_simulate_equals_packed_where_streaming_is_exact(llava_ov, scheme):
 
 def test_torch_simulate_quantizes_inside_the_prefill(llava):
     # the study's semantics: even the first token's logits move, and differently from packed mode
-    img = test_image()
+    img = random_image()
     fp = VLMPipeline.load(llava, backend="torch")
     fp.generate(img, QUESTION, max_new_tokens=1)
     sim = VLMPipeline.load(llava, backend="torch", kv="g-T128", k_bits=2, v_bits=2, kv_mode="simulate")
@@ -118,7 +118,7 @@ def test_torch_simulate_quantizes_inside_the_prefill(llava):
 
 def test_sampling_is_seeded_and_text_only_works(llava_ov):
     pipe = VLMPipeline.load(llava_ov)
-    img = test_image()
+    img = random_image()
     a = pipe.generate(img, QUESTION, max_new_tokens=6, do_sample=True, temperature=5.0, seed=1)
     b = pipe.generate(img, QUESTION, max_new_tokens=6, do_sample=True, temperature=5.0, seed=1)
     c = pipe.generate(img, QUESTION, max_new_tokens=6, do_sample=True, temperature=5.0, seed=2)
@@ -134,7 +134,7 @@ def test_vicuna_v1_conversation_prompt(llava_ov):
     p = build_prompt(pipe.processor, "Is there a cat?", 1, "vicuna_v1")
     assert p.startswith("A chat between a curious user and an artificial intelligence assistant.")
     assert p.endswith("USER: <image>\nIs there a cat? ASSISTANT:")
-    assert len(pipe.generate(test_image(), "Is there a cat?", max_new_tokens=2).token_ids) >= 1
+    assert len(pipe.generate(random_image(), "Is there a cat?", max_new_tokens=2).token_ids) >= 1
 
 
 def test_bad_input_is_one_line_input_error(llava_ov, tmp_path):
@@ -151,8 +151,8 @@ def test_bad_input_is_one_line_input_error(llava_ov, tmp_path):
         lambda: VLMPipeline.load(llava_ov, kv="g-T128", k_bits=5),
         lambda: VLMPipeline.load(llava_ov, kv_mode="fast"),
         lambda: VLMPipeline.load(llava_ov, backend="onnxruntime"),
-        lambda: pipe.generate(test_image(), QUESTION, max_new_tokens=0),
-        lambda: pipe.generate(test_image(), QUESTION, do_sample=True, temperature=0.0),
+        lambda: pipe.generate(random_image(), QUESTION, max_new_tokens=0),
+        lambda: pipe.generate(random_image(), QUESTION, do_sample=True, temperature=0.0),
     ]
     for case in cases:
         with pytest.raises(InputError) as e:

@@ -133,7 +133,10 @@ class GraphEngine:
 
     def _llava_next_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
         import torch
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import (
+            LlavaNextModel,
+            image_size_to_num_patches,
+        )
 
         cfg = self.config
         if getattr(cfg, "image_newline", None) is None:
@@ -141,7 +144,7 @@ class GraphEngine:
         n_patches = [image_size_to_num_patches(tuple(int(x) for x in s), cfg.image_grid_pinpoints,
                                                cfg.vision_config.image_size) for s in image_sizes]
         # pixel_values: [n_images, max_patches, 3, H, W] -> the real patches of each image, stacked
-        flat = np.concatenate([pv[:n] for pv, n in zip(pixel_values, n_patches)], axis=0)
+        flat = np.concatenate([pv[:n] for pv, n in zip(pixel_values, n_patches, strict=True)], axis=0)
         feats = torch.from_numpy(self._vision(flat))
         stand_in = types.SimpleNamespace(config=cfg)
         packed, _ = LlavaNextModel.pack_image_features(
@@ -167,7 +170,7 @@ class GraphEngine:
         n = hidden.shape[0]
         cu = np.concatenate([[0], np.cumsum(np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]).numpy())])
         mask = np.full((1, n, n), -np.inf, dtype=np.float32)
-        for a, b in zip(cu[:-1], cu[1:]):
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
             mask[0, a:b, a:b] = 0.0
         g = self.manifest.graphs["vision_embeddings_merger"]
         by_name = {"hidden_states": hidden, "attention_mask": mask, "rotary_pos_emb": rot.astype(np.float32)}

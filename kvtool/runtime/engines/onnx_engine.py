@@ -110,7 +110,7 @@ class ONNXEngine(GraphEngine):
         for i, (kn, vn) in enumerate(self.past_names):
             feeds[kn], feeds[vn] = self.kv.past(i)
         feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
-        outs = dict(zip(self.lm_outputs, self.lm.run(self.lm_outputs, feeds)))
+        outs = dict(zip(self.lm_outputs, self.lm.run(self.lm_outputs, feeds), strict=True))
         n = self.kv.n_tokens
         new = []
         for i in range(self.num_layers):

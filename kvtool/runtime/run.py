@@ -1,0 +1,52 @@
+"""``RunConfig`` and ``run_once``: what ``kvtool run`` does — load a pipeline, answer one question about one
+image (or several), return the answer, its stats and the pipeline's description. No printing here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from kvtool.errors import InputError
+
+
+@dataclass
+class RunConfig:
+    model: str
+    prompt: str
+    images: list[str] = field(default_factory=list)
+    backend: str = "auto"
+    device: str = "auto"
+    kv: str = "fp16"
+    kv_bits: int | None = None
+    k_bits: int | None = None
+    v_bits: int | None = None
+    kv_mode: str = "packed"
+    first_token: str = "compressed"
+    conversation: str = "chat_template"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    text_only: bool = False
+
+    def bits(self) -> tuple[int, int]:
+        """K and V bits: ``--k-bits`` / ``--v-bits`` override ``--kv-bits`` (default 4)."""
+        base = 4 if self.kv_bits is None else self.kv_bits
+        return (base if self.k_bits is None else self.k_bits, base if self.v_bits is None else self.v_bits)
+
+
+def run_once(cfg: RunConfig, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from kvtool.runtime import VLMPipeline
+
+    if cfg.temperature < 0:
+        raise InputError(f"--temperature: expected >= 0, got {cfg.temperature}")
+    k_bits, v_bits = cfg.bits()
+    pipe = VLMPipeline.load(cfg.model, backend=cfg.backend, device=cfg.device, kv=cfg.kv, k_bits=k_bits,
+                            v_bits=v_bits, kv_mode=cfg.kv_mode, first_token=cfg.first_token,
+                            conversation=cfg.conversation)
+    images = cfg.images if len(cfg.images) != 1 else cfg.images[0]
+    out = pipe.generate(images or None, cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+                        do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p,
+                        seed=cfg.seed, text_only=cfg.text_only, on_text=on_text)
+    return {"text": out.text, "token_ids": out.token_ids, "stats": out.stats, "pipeline": pipe.info(),
+            "config": asdict(cfg)}
