@@ -402,7 +402,7 @@ def ls_tasks(as_json) -> None:
     from kvtool.evals.tasks import TASKS
 
     rows = [{"task": t.name, "data": t.source, "hub_ids": list(t.hub_ids), "metric": t.metric,
-             "judges": list(t.judges), "generation": t.generation()} for t in TASKS.values()]
+             "judges": list(t.judges), "generation": t.generation(), "notes": t.notes} for t in TASKS.values()]
     if as_json:
         echo_json(rows)
         return

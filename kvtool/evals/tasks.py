@@ -12,7 +12,7 @@ It does not load data (``loaders``), call judges (``judges``) or run models (``r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvtool.errors import InputError
@@ -60,7 +60,6 @@ class TaskSpec:
     judges: tuple[str, ...] = ()
     row_filter: tuple[tuple[str, ...], Callable[..., bool]] | None = None  # (columns, keep(*values)) before --limit
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def do_sample(self) -> bool:
@@ -319,7 +318,7 @@ def _shapes_aggregate(rows: list[dict]) -> dict:
         out[f"accuracy_{qt}"] = 100 * _mean([r["score"] for r in rows if r["question_type"] == qt])
     yn = [r for r in rows if r.get("pope_split")]
     if yn:
-        out["pope"] = _pope_aggregate([{**r, "answer": r["answer"]} for r in yn])
+        out["pope"] = _pope_aggregate(yn)
     return out
 
 
