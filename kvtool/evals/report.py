@@ -1,5 +1,5 @@
 """Reports over many eval runs: a Markdown and a CSV table in the shape of the study's Table 3 (rows model x
-weights x KV scheme x bits, columns the tasks' headline numbers) and PNG plots — headline vs KV bits per
+backend x weights x KV scheme x bits, columns the tasks' headline numbers) and PNG plots — headline vs KV bits per
 scheme (one panel per task), the PAIRS association differences (male - female, white - black; the study's
 Figure 2) and the SocialCounterfactuals metrics with the empty-output share (Figures 3-4).
 
@@ -34,7 +34,9 @@ def _row_labels(res: dict[str, Any]) -> dict[str, Any]:
         bits = str(kb)
     else:
         bits = f"K{kb}V{vb}"
-    return {"model": Path(str(model)).name or str(model), "weights": f"W{wbits}", "kv": kv, "bits": bits}
+    backend = info.get("backend") or cfg.get("backend") or "?"
+    return {"model": Path(str(model)).name or str(model), "backend": str(backend), "weights": f"W{wbits}",
+            "kv": kv, "bits": bits}
 
 
 def _headline(task: str, metrics: dict[str, Any]) -> float | None:
@@ -53,7 +55,8 @@ def collect_rows(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list
                 tasks.append(task)
         rows.append(row)
     tasks.sort(key=lambda t: TABLE_ORDER.index(t) if t in TABLE_ORDER else 99)
-    rows.sort(key=lambda r: (r["model"], r["weights"], r["kv"] != "fp16", r["kv"], -_bits_num(r["bits"])))
+    rows.sort(key=lambda r: (r["model"], r["backend"], r["weights"], r["kv"] != "fp16", r["kv"],
+                             -_bits_num(r["bits"])))
     return rows, tasks
 
 
@@ -76,7 +79,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     rows, tasks = collect_rows(run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    head = ["model", "weights", "kv", "bits"]
+    head = ["model", "backend", "weights", "kv", "bits"]
     titles = [f"{TASKS[t].title} ({TASKS[t].headline})" for t in tasks]
     md = ["| " + " | ".join(head + titles) + " |", "|" + "---|" * (len(head) + len(tasks))]
     for r in rows:
@@ -104,14 +107,20 @@ def _plots(rows: list[dict], tasks: list[str], out: Path) -> list[str]:
     curve_tasks = [t for t in tasks if t not in ("pairs", "socialcf")]
     if curve_tasks:
         fig, axes = plt.subplots(1, len(curve_tasks), figsize=(3.2 * len(curve_tasks), 3), squeeze=False)
+        # one line per (model, backend, weights, kv scheme); the label names only the parts that vary
+        parts = [k for k in ("model", "backend", "weights") if len({r[k] for r in rows}) > 1]
         for ax, t in zip(axes[0], curve_tasks, strict=True):
-            base = [r[t] for r in rows if r["kv"] == "fp16" and r.get(t) is not None]
-            for kv in sorted({r["kv"] for r in rows if r["kv"] != "fp16"}):
-                pts = sorted((_bits_num(r["bits"]), r[t]) for r in rows if r["kv"] == kv and r.get(t) is not None)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kv)
-            if base:
-                ax.axhline(base[0], color="k", linestyle="--", linewidth=1, label="fp16")
+            series: dict[tuple, list[tuple[float, float]]] = {}
+            for r in rows:
+                if r.get(t) is not None:
+                    series.setdefault((*(r[k] for k in parts), r["kv"]), []).append((_bits_num(r["bits"]), r[t]))
+            for key, pts in sorted(series.items()):
+                label = " ".join(str(x) for x in key)
+                if key[-1] == "fp16":
+                    ax.axhline(pts[0][1], linestyle="--", linewidth=1, color="k" if not parts else None, label=label)
+                else:
+                    pts.sort()
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             ax.set_title(TASKS[t].title)
             ax.set_xlabel("KV bits")
             ax.set_ylabel(TASKS[t].headline)

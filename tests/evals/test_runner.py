@@ -140,7 +140,7 @@ def test_compare_and_report(tmp_path, data_dir):
     assert "pope" in format_comparison(compare_runs(tmp_path / "c", tmp_path / "b"))
     rep = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| model | weights | kv | bits |" in md and "g-KC128VT128 | 2 |" in md
+    assert "| model | backend | weights | kv | bits |" in md and "g-KC128VT128 | 2 |" in md
     assert all((tmp_path / "rep" / p).exists() for p in ("report.csv", "accuracy_vs_bits.png"))
     assert len(rep["rows"]) == 2
 
