@@ -77,6 +77,9 @@ class ExportConfig:
             raise InputError("--scale-estimation: supported for --backend openvino --wbits 4 only (NNCF)")
         if self.awq and self.backend == "onnx" and self.wbits == 8:
             raise InputError("--awq with --backend onnx: supported at --wbits 4 and 3 (MatMulNBits / simulated)")
+        if self.group_size == -1 and self.backend == "onnx" and self.wbits in (8, 4):
+            raise InputError("--group-size -1: per-channel weights are not available with --backend onnx "
+                             "(MatMulNBits quantizes in blocks; pass a block size such as 128)")
         if self.stateful and self.backend != "openvino":
             raise InputError("--stateful: only the openvino backend has a stateful export")
         if self.onnx_quant == "hqq" and (self.backend != "onnx" or self.wbits != 4):
@@ -99,6 +102,13 @@ class ExportConfig:
         if self.backend == "onnx" and self.wbits == 4 and self.onnx_quant == "hqq":
             return "hqq"
         return "rtn"
+
+    @property
+    def recorded_group_size(self) -> int | None:
+        """Group size the weights really have (None: per-channel or unquantized)."""
+        if self.wbits == 16 or self.group_size == -1 or (self.wbits == 8 and self.backend == "openvino"):
+            return None
+        return self.group_size
 
     @property
     def storage(self) -> str:

@@ -105,7 +105,7 @@ def export_model(cfg: ExportConfig) -> ExportResult:
             model_type=model.config.model_type,
             backend=cfg.backend,
             dtype=cfg.dtype,
-            weights=WeightInfo(bits=cfg.wbits, group_size=None if cfg.wbits in (16, 8) else cfg.group_size,
+            weights=WeightInfo(bits=cfg.wbits, group_size=cfg.recorded_group_size,
                                sym=cfg.sym, ratio=cfg.ratio, method=cfg.method, storage=cfg.storage,
                                calibration=calib.describe() if calib else None),
             graphs=graphs,

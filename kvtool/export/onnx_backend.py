@@ -1,0 +1,248 @@
+"""ONNX backend: ``torch.onnx.export`` (dynamo) of thin wrapper modules, weights through MatMulNBits.
+
+No public exporter handles LLaVA-family models to ONNX (optimum has no LLaVA ONNX config), so kvtool wraps
+the PyTorch submodules itself — written here by hand, mirroring the graph roles, input/output names and
+``[B, H, N, D]`` KV layout of the OpenVINO export so that one runtime drives both:
+
+* ``language_model``: ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value``
+  -> ``logits``, ``present.{i}.key|value`` (the past fills a transformers ``DynamicCache``; an empty past works);
+* ``text_embeddings``: ``input`` (token ids) -> ``inputs_embeds``;
+* ``vision_embeddings``: ``pixel_values`` [num_images_or_tiles, 3, H, W] -> ``last_hidden_state`` (vision tower
+  feature layer, CLS dropped per the config's select strategy, projector applied; LLaVA-NeXT tile packing and
+  newline tokens are left to the runtime, as with optimum-intel's graph).
+
+Each graph is checked in onnxruntime against the wrapper on the export's example inputs. int4/int8 weights of
+the language model use onnxruntime's ``MatMulNBitsQuantizer`` (block size = group size; RTN by default, HQQ
+as an option). fp16 storage converts initializers with onnxruntime's float16 converter keeping fp32 I/O.
+Qwen2-VL is not exported here (its vision merger needs patching beyond a thin wrapper). This module does not
+run generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import InputError
+from kvtool.export.config import ExportConfig
+from kvtool.export.manifest import GraphInfo
+
+ONNX_GRAPH_FILES = {
+    "language_model": "language_model.onnx",
+    "text_embeddings": "text_embeddings.onnx",
+    "vision_embeddings": "vision_embeddings.onnx",
+}
+
+
+def _wrappers(model: Any):
+    """torch modules for the three graphs (built lazily so torch is imported only when exporting)."""
+    import torch
+    from transformers import DynamicCache
+
+    text_config = model.config.get_text_config()
+
+    class LanguageModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model.model.language_model
+            self.head = model.lm_head
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            # past: k0, v0, k1, v1, ...  each [B, H, P, D]
+            cache = DynamicCache(config=text_config)
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            hidden = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (self.head(hidden), *present)
+
+    class TextEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = model.get_input_embeddings()
+
+        def forward(self, input):  # noqa: A002 - the graph input is named like optimum-intel's
+            return self.embed(input)
+
+    class VisionEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+            self.layer = model.config.vision_feature_layer
+            self.select = model.config.vision_feature_select_strategy
+
+        def forward(self, pixel_values):
+            states = self.tower(pixel_values, output_hidden_states=True).hidden_states
+            if isinstance(self.layer, int):
+                feats = states[self.layer]
+            else:
+                feats = torch.cat([states[i] for i in self.layer], dim=-1)
+            if self.select == "default":
+                feats = feats[:, 1:]
+            return self.projector(feats)
+
+    return LanguageModel(), TextEmbeddings(), VisionEmbeddings()
+
+
+def _export_one(module: Any, args: tuple, names_in: list[str], names_out: list[str], dynamic: dict, path: Path):
+    import torch
+
+    prog = torch.onnx.export(module, args, dynamo=True, input_names=names_in, output_names=names_out,
+                             dynamic_shapes=dynamic, verbose=False)
+    prog.save(str(path), external_data=True)
+    return prog
+
+
+def _check_in_ort(path: Path, module: Any, args: tuple, names_in: list[str], atol: float = 1e-4) -> None:
+    """Run the saved graph in onnxruntime and compare with the wrapper on the example inputs."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: a.numpy() for n, a in zip(names_in, args, strict=True)})
+    with torch.no_grad():
+        ref = module(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for g, r in zip(got, ref, strict=True):
+        err = float(np.abs(g - r.numpy()).max())
+        if err > atol:
+            raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {err:.2e} (> {atol})")
+
+
+def export_graphs_fp32(model: Any, out: Path, progress: Any = None) -> dict[str, Path]:
+    """Export the three fp32 graphs and verify each in onnxruntime; returns role -> path."""
+    import torch
+
+    lm_mod, te_mod, ve_mod = _wrappers(model)
+    tc = model.config.get_text_config()
+    layers = tc.num_hidden_layers
+    kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    B, T, P = 1, 5, 3
+    g = torch.Generator().manual_seed(0)
+    past = [torch.randn(B, kv_heads, P, head_dim, generator=g) for _ in range(2 * layers)]
+    args = (torch.randn(B, T, tc.hidden_size, generator=g), torch.ones(B, T + P, dtype=torch.int64),
+            torch.arange(P, P + T)[None], *past)
+    past_names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    names_in = ["inputs_embeds", "attention_mask", "position_ids", *past_names]
+    names_out = ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
+    batch, seq, past_len, mask_len = (torch.export.Dim(n, max=m) for n, m in
+                                      (("batch", 64), ("seq", 1 << 16), ("past", 1 << 17), ("mask", 1 << 17)))
+    # *past is one varargs entry of the signature: its dynamic shapes are one nested tuple
+    dyn: tuple = ({0: batch, 1: seq}, {0: batch, 1: mask_len}, {0: batch, 1: seq},
+                  tuple({0: batch, 2: past_len} for _ in past))
+    paths = {role: out / name for role, name in ONNX_GRAPH_FILES.items()}
+    _export_one(lm_mod, args, names_in, names_out, dyn, paths["language_model"])
+    _check_in_ort(paths["language_model"], lm_mod, args, names_in)
+    empty = (args[0], torch.ones(B, T, dtype=torch.int64), torch.arange(T)[None],
+             *[torch.zeros(B, kv_heads, 0, head_dim) for _ in past])
+    _check_in_ort(paths["language_model"], lm_mod, empty, names_in)
+    if progress is not None:
+        progress.update(1)
+    ids = torch.randint(0, tc.vocab_size, (B, T), generator=g)
+    _export_one(te_mod, (ids,), ["input"], ["inputs_embeds"], ({0: batch, 1: seq},), paths["text_embeddings"])
+    _check_in_ort(paths["text_embeddings"], te_mod, (ids,), ["input"], atol=1e-6)
+    vc = model.config.vision_config
+    pix = torch.randn(2, 3, vc.image_size, vc.image_size, generator=g)
+    _export_one(ve_mod, (pix,), ["pixel_values"], ["last_hidden_state"], ({0: torch.export.Dim("images", max=1024)},),
+                paths["vision_embeddings"])
+    _check_in_ort(paths["vision_embeddings"], ve_mod, (pix,), ["pixel_values"])
+    return paths
+
+
+def quantize_lm(path: Path, cfg: ExportConfig) -> None:
+    """Replace the language model's MatMuls by MatMulNBits (cfg.wbits 4 or 8) in place."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    # MatMulNBits has no per-channel mode in its QOperator form: int8 uses blocks of group_size too
+    if cfg.wbits == 4 and cfg.onnx_quant == "hqq":
+        algo = HQQWeightOnlyQuantConfig(block_size=cfg.group_size, bits=4)
+    else:
+        algo = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.sym, bits=cfg.wbits)
+    q = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=algo)
+    q.process()
+    _save(q.model.model, path)
+
+
+def to_fp16(path: Path) -> None:
+    """Store float initializers as fp16 (graph inputs/outputs stay fp32)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True)
+    _save(model, path)
+
+
+def _save(model: Any, path: Path) -> None:
+    """Save with weights in ``<name>.data``; drops the exporter's per-node stack-trace metadata (it can
+    outweigh a small model's weights)."""
+    import onnx
+
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:
+    """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``."""
+    if arch not in ("llava", "llava_next"):
+        raise InputError(f"--backend onnx: architecture {arch!r} not supported (supported: llava, llava_next)")
+    if cfg.wbits in (8, 4):
+        from kvtool.export.awq import check_group_size
+
+        check_group_size(model, cfg.group_size)
+    paths = export_graphs_fp32(model, out, progress)
+    import onnx
+
+    if cfg.wbits in (8, 4):
+        quantize_lm(paths["language_model"], cfg)
+    for p in paths.values():
+        if cfg.dtype == "fp16":
+            to_fp16(p)
+        else:
+            _save(onnx.load(str(p)), p)
+    if progress is not None:
+        progress.update(1)
+    return {role: graph_info(p, out) for role, p in paths.items()}
+
+
+def graph_info(path: Path, out: Path) -> GraphInfo:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return GraphInfo(file=str(path.relative_to(out)), inputs=[i.name for i in m.graph.input],
+                     outputs=[o.name for o in m.graph.output])
+
+
+def onnx_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def onnx_weight_format(path: Path) -> str:
+    """'MatMulNBits(int4)x14+f16' style summary of how an ONNX graph stores its weights."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    parts = []
+    if nbits:
+        bits = {a.i for n in nbits for a in n.attribute if a.name == "bits"}
+        parts.append(f"MatMulNBits(int{'/'.join(map(str, sorted(bits)))})x{len(nbits)}")
+    types = {{onnx.TensorProto.FLOAT: "f32", onnx.TensorProto.FLOAT16: "f16"}[t.data_type] for t in m.graph.initializer
+             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    parts.extend(sorted(types))
+    return "+".join(parts) or "-"
