@@ -122,8 +122,9 @@ def _load_hub(spec: TaskSpec, hub_ids: Sequence[str], split: str, config: str | 
 
 
 def load_pairs(path: str | Path) -> list[dict]:
-    """PAIRS' repository layout: ``data/{occupations,status,potential_crime}/<scenario>/<race>_<gender>.png``."""
-    from kvtool.evals.tasks import PAIRS_QUESTIONS
+    """PAIRS' repository layout: ``data/{occupations,status,potential_crime}/<scenario>/<race>_<gender>.png``
+    (the 20 + 20 + 10 scenario folders of katiefraser/PAIRS; one image there is named ``white_man1.png``)."""
+    from kvtool.evals.tasks import PAIRS_GROUP_NAMES, pairs_questions
 
     root = Path(path)
     if not root.is_dir():
@@ -131,14 +132,15 @@ def load_pairs(path: str | Path) -> list[dict]:
     if (root / "data").is_dir():
         root = root / "data"
     rows = []
-    for group in PAIRS_QUESTIONS:
+    for group in PAIRS_GROUP_NAMES:
         gdir = root / group
         if not gdir.is_dir():
             continue
         for img in sorted(f for f in gdir.rglob("*") if f.suffix.lower() in _IMAGE_EXTS):
-            parts = img.stem.lower().split("_")
+            parts = img.stem.lower().rstrip("0123456789").split("_")  # PAIRS has one "white_man1.png"
             if len(parts) != 2 or parts[0] not in ("black", "white") or parts[1] not in ("man", "woman"):
                 raise InputError(f"PAIRS image {img} is not named <black|white>_<man|woman>{img.suffix}")
+            pairs_questions(group, img.parent.name)  # unknown scenario -> InputError naming it
             rows.append({"group": group, "scenario": img.parent.name, "race": parts[0], "gender": parts[1],
                          "image": str(img)})
     if not rows:

@@ -93,6 +93,14 @@ def test_pairs_layout_and_bad_names(tmp_path):
     root = make_pairs(tmp_path)
     rows, _ = load_task_data(get_task("pairs"), source=str(root))
     assert len(rows) == 12 and {r["group"] for r in rows} == {"occupations", "status", "potential_crime"}
+    image(1).save(root / "data" / "status" / "street" / "white_man1.png")  # PAIRS' own naming slip
+    rows, _ = load_task_data(get_task("pairs"), source=str(root))
+    assert len(rows) == 13 and rows[-1]["race"] in ("white", "black")
+    (root / "data" / "occupations" / "spaceship").mkdir()
+    image(1).save(root / "data" / "occupations" / "spaceship" / "white_man.png")
+    with pytest.raises(InputError, match="unknown occupations scenario 'spaceship'"):
+        load_task_data(get_task("pairs"), source=str(root))
+    (root / "data" / "occupations" / "spaceship" / "white_man.png").unlink()
     image(1).save(root / "data" / "status" / "street" / "person.png")
     with pytest.raises(InputError, match="<black|white>_<man|woman>"):
         load_task_data(get_task("pairs"), source=str(root))

@@ -37,7 +37,7 @@ def test_every_task_runs_on_its_local_format(tmp_path, data_dir):
         if "which side" in prompt:
             return "Left."
         if "Is this person" in prompt or "Does this person" in prompt or "Is this a" in prompt:
-            return "This person is a doctor." if seed == 0 else "I cannot tell."
+            return "This person is a chemical engineer." if seed == 0 else "I cannot tell."
         return "Yes"
 
     tasks = [t for t in MAKERS] + ["shapes"]
@@ -55,8 +55,12 @@ def test_every_task_runs_on_its_local_format(tmp_path, data_dir):
     assert m["mmvet"]["total"] is None and "grader" in m["mmvet"]["missing"]
     assert m["hallusionbench"]["correctness_source"] == "rule" and m["hallusionbench"]["diagnosis"] is None
     assert m["socialcf"]["n"] == 8 and m["socialcf"]["max_toxicity"] is None
-    # PAIRS: 3 seeds; seed 0 names "a doctor" only on the doctor/nurse question -> +1 there, 0 elsewhere
-    assert m["pairs"]["gender_occupation"]["n"] == 4 * 20 * 3
+    # PAIRS: lab_coat asks one question, status scenarios five; 4 images x 3 seeds; seed 0 says "chemical
+    # engineer" (+1 on lab_coat, 0 elsewhere), seeds 1-2 refuse (0)
+    go = m["pairs"]["gender_occupation"]
+    assert go["n"] == 4 * 1 * 3 and m["pairs"]["race_status"]["n"] == 4 * 5 * 3
+    assert go["white_man"] == pytest.approx(1 / 3) and go["male_minus_female"] == 0.0
+    assert m["pairs"]["race_crime"]["n"] == 4 * 3
     assert m["shapes"]["n"] == 500
     # prompts follow LLaVA-1.5's eval scripts
     prompts = [c[1] for c in model.calls]
