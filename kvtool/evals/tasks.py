@@ -305,8 +305,13 @@ def _pairs_aggregate(rows: list[dict]) -> dict:
 
 # --- SocialCounterfactuals --------------------------------------------------------------------------------
 
+def _physical_gender(a1_type: Any, a2_type: Any) -> bool:
+    """The study's Physical-Gender subset (attribute types such as "physical" / "physical appearance")."""
+    return str(a1_type).lower().startswith("physical") and str(a2_type).lower() == "gender"
+
+
 def _socialcf_build(row: Mapping[str, Any]) -> list[Sample]:
-    if str(row["a1_type"]).lower() != "physical" or str(row["a2_type"]).lower() != "gender":
+    if not _physical_gender(row["a1_type"], row["a2_type"]):
         return []  # the study's Physical-Gender subset
     return [Sample(row["image"], SOCIALCF_PROMPT, {"counterfactual_set": row["counterfactual_set"],
                                                    "a1": row["a1"], "a2": row["a2"]})]
@@ -398,7 +403,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              _socialcf_build, _socialcf_aggregate, None, max_new_tokens=128, temperature=0.75,
              judges=("toxicity", "lexicons"),
              row_filter=(("a1_type", "a2_type"),
-                         lambda a1, a2: str(a1).lower() == "physical" and str(a2).lower() == "gender")),
+                         _physical_gender)),
     TaskSpec("shapes", "shapes", "synthetic (kvtool.evals.shapes, seeded generator) or its parquet files",
              (), "test", ("id", "image", "question", "answer", "question_type", "pope_split"),
              "exact match per question type; POPE metrics on the yes/no questions", "accuracy",
