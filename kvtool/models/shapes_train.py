@@ -1,0 +1,254 @@
+"""Train ``kvtool-shapes``: a small LLaVA-1.5-architecture model that answers the ``shapes`` benchmark.
+
+``train_shapes(TrainConfig(out_dir=...))`` builds a ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP
+projector, Llama decoder) with the builders of ``kvtool.models.tiny`` (byte-level BPE tokenizer trained offline
+on the task's words, CLIP image processor, LLaVA chat template), trains it from scratch on an endless stream of
+``kvtool.evals.shapes`` training samples (``TRAIN_SEED``; sample ``i`` is always the same), and writes a
+checkpoint directory (safetensors, config, tokenizer, processor) plus ``TRAINING.json`` with the config,
+seed, steps, wall time and test accuracy. Loss is cross-entropy on the answer tokens and ``</s>`` only.
+
+The prompt is LLaVA-1.5's (vicuna_v1 system prompt, ``USER: <image>\\n{question}\\nAnswer the question using a
+single word or phrase. ASSISTANT:``): 81 image tokens (90 px, patch 10) plus 60-75 text tokens, so
+prompts exceed 128 tokens and KV groups of 128 are exercised. D_model = kv heads x head dim = 4 x 32 = 128.
+
+Determinism: same config (seed, threads) on the same torch build gives the same weights; the thread count is
+part of the config because CPU reductions depend on it. ``evaluate_shapes`` scores a model with plain
+transformers greedy ``generate`` at batch 1 (the reference behaviour). This module does not export, quantize
+or run the kvtool runtime; the eval harness does that through the ``shapes`` task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import InputError
+
+SHAPES_MODEL_DIR = Path(__file__).parent / "data" / "kvtool-shapes"
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+CHECK_SAMPLES = 150
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one ``train_shapes`` run (stored in TRAINING.json beside the weights)."""
+
+    out_dir: str = str(SHAPES_MODEL_DIR)
+    steps: int = 1600
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    threads: int = 2
+    eval_samples: int = 500  # test-split questions scored at the end (0: skip)
+    eval_every: int = 0  # also score a quick 100-question sample every N steps (0: never)
+    # model sizes (passed to kvtool.models.tiny.TinySize)
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 384
+    vision_hidden: int = 128
+    vision_layers: int = 3
+    vocab_size: int = 512
+    patch_size: int = 10
+
+
+def shapes_messages(question: str) -> list[dict]:
+    """The chat of one question (system prompt + user turn with the image), for ``apply_chat_template``."""
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{ANSWER_SUFFIX}"}]},
+    ]
+
+
+def shapes_prompt(processor, question: str) -> str:
+    """The prompt text (with one ``<image>`` placeholder) the model was trained on."""
+    return processor.apply_chat_template(shapes_messages(question), add_generation_prompt=True, tokenize=False)
+
+
+def normalize_answer(text: str) -> str:
+    """First word of a generated answer, lower-cased, without punctuation."""
+    words = text.strip().lower().split()
+    return words[0].strip(".,!?;:'\"") if words else ""
+
+
+def _build(cfg: TrainConfig):
+    from kvtool.evals.shapes import ANSWER_WORDS, COLORS, IMAGE_SIZE, QUESTION_WORDS, SHAPES
+    from kvtool.models import tiny
+
+    size = tiny.tiny_size(
+        "tiny-llava", hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+        intermediate=cfg.intermediate, vocab_size=cfg.vocab_size, vision_hidden=cfg.vision_hidden,
+        vision_layers=cfg.vision_layers, vision_heads=4, image_size=IMAGE_SIZE, patch_size=cfg.patch_size,
+        max_positions=1024,
+    )
+    if (size.hidden // size.heads) * size.kv_heads % 128:
+        raise InputError(f"kv_heads x head_dim = {(size.hidden // size.heads) * size.kv_heads}: expected a multiple "
+                         "of 128 so KV groups of 128 channels fit")
+    # The task's language: every question and answer word, with and without a leading space, many times over.
+    words = [*QUESTION_WORDS, *ANSWER_WORDS, *COLORS, *SHAPES, SYSTEM_PROMPT, ANSWER_SUFFIX]
+    extra = [" ".join(words)] * 4
+    from kvtool.models.tokenizer import build_tokenizer
+
+    orig = tiny._llava_tokenizer
+    tiny._llava_tokenizer = lambda s: build_tokenizer(  # noqa: E731 - local swap, restored below
+        ["<unk>", "<s>", "</s>", "<image>"], vocab_size=s.vocab_size, unk_token="<unk>",
+        extra_corpus=extra, extra_attrs={"image_token": "<image>"})
+    try:
+        model, processor = tiny._build_llava(size)
+    finally:
+        tiny._llava_tokenizer = orig
+    # All vision layers feed the projector: a trained-from-scratch tower gains nothing from an unused last layer.
+    model.config.vision_feature_layer = -1
+    return model, processor
+
+
+def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> dict[str, Any]:
+    """Tensors for a batch: prompt ids (+ answer ids and ``</s>`` when ``with_answers``), right-padded.
+
+    ``labels`` are -100 everywhere except the answer tokens and ``</s>``.
+    """
+    import torch
+
+    tok = processor.tokenizer
+    prompts = [shapes_prompt(processor, s["question"]) for s in samples]
+    enc = processor(text=prompts, images=[s["image"] for s in samples], return_tensors=None)
+    rows, labels = [], []
+    for ids, s in zip(enc["input_ids"], samples):
+        ids = list(ids)
+        lab = [-100] * len(ids)
+        if with_answers:
+            ans = tok(" " + s["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids, lab = ids + ans, lab + ans
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    lab_t = torch.tensor([la + [-100] * (width - len(la)) for la in labels])
+    import numpy as np
+
+    pix = torch.from_numpy(np.asarray(enc["pixel_values"], dtype=np.float32))
+    return {"input_ids": input_ids, "attention_mask": attn, "labels": lab_t, "pixel_values": pix}
+
+
+def evaluate_shapes(model, processor, samples: list[dict], progress: bool = False) -> dict[str, Any]:
+    """Exact-match accuracy of greedy ``generate`` (batch 1) on ``samples``, overall and per question type."""
+    import torch
+    from tqdm import tqdm
+
+    model.eval()
+    per: dict[str, list[int]] = {}
+    preds = []
+    with torch.inference_mode():
+        for s in tqdm(samples, desc="eval shapes", disable=not progress):
+            enc = processor(text=shapes_prompt(processor, s["question"]), images=s["image"], return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+            text = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            pred = normalize_answer(text)
+            preds.append(pred)
+            per.setdefault(s["question_type"], []).append(int(pred == s["answer"]))
+    allc = [c for v in per.values() for c in v]
+    return {"accuracy": sum(allc) / max(len(allc), 1), "n": len(allc), "predictions": preds,
+            "per_type": {k: sum(v) / len(v) for k, v in sorted(per.items())}}
+
+
+def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train kvtool-shapes as ``cfg`` says, save it to ``cfg.out_dir``, return the TRAINING.json record."""
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    from kvtool.evals.shapes import TEST_SEED, TRAIN_SEED, make_shapes_sample, make_shapes_split
+
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise InputError(f"steps={cfg.steps}, batch_size={cfg.batch_size}: expected positive integers")
+    if cfg.threads < 1:
+        raise InputError(f"threads={cfg.threads}: expected a positive integer")
+    t0, cpu0 = time.time(), time.process_time()
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        model, processor = _build(cfg)
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+        def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 %
+            if step < cfg.warmup:
+                return cfg.lr * (step + 1) / cfg.warmup
+            t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+        quick = make_shapes_split("test", 100) if cfg.eval_every else []
+        history = []
+        ema = None
+        bar = tqdm(range(cfg.steps), desc="train kvtool-shapes", disable=not progress)
+        for step in bar:
+            batch = [make_shapes_sample(TRAIN_SEED + cfg.seed, step * cfg.batch_size + k)
+                     for k in range(cfg.batch_size)]
+            enc = encode_batch(processor, batch)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = model(**enc).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            bar.set_postfix(loss=f"{ema:.3f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                acc = evaluate_shapes(model, processor, quick)
+                history.append({"step": step + 1, "loss_ema": round(ema, 4), "quick_accuracy": acc["accuracy"],
+                                "per_type": acc["per_type"], "elapsed_s": round(time.time() - t0, 1)})
+                tqdm.write(json.dumps(history[-1]))
+                model.train()
+        train_s, train_cpu_s = time.time() - t0, time.process_time() - cpu0
+        model.eval()
+        model.generation_config.do_sample = False
+        model.generation_config.max_new_tokens = 4
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+        result = None
+        if cfg.eval_samples:
+            result = evaluate_shapes(model, processor, make_shapes_split("test", cfg.eval_samples), progress)
+            # Accuracy on the first CHECK_SAMPLES test questions (a prefix of the same split), which the test
+            # suite re-measures on the shipped checkpoint.
+            rows = make_shapes_split("test", min(CHECK_SAMPLES, cfg.eval_samples))
+            check = sum(p == r["answer"] for p, r in zip(result["predictions"], rows)) / len(rows)
+        record = {
+            "command": f"kvtool models train-shapes --out {cfg.out_dir} --steps {cfg.steps} --batch-size "
+                       f"{cfg.batch_size} --seed {cfg.seed} --threads {cfg.threads}",
+            "config": asdict(cfg),
+            "train_seed": TRAIN_SEED + cfg.seed, "test_seed": TEST_SEED,
+            "steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size,
+            "train_wall_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1), "final_loss_ema": round(ema or 0.0, 4),
+            "test_samples": result["n"] if result else 0,
+            "test_accuracy": result["accuracy"] if result else None,
+            "test_accuracy_per_type": result["per_type"] if result else None,
+            "check_samples": min(CHECK_SAMPLES, cfg.eval_samples), "check_accuracy": check if result else None,
+            "prompt": {"system": SYSTEM_PROMPT, "suffix": ANSWER_SUFFIX, "eval": "greedy generate, batch 1, fp32"},
+            "history": history,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version(), "machine": platform.machine()},
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+        return record
+    finally:
+        torch.set_num_threads(prev_threads)

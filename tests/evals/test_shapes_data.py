@@ -1,0 +1,124 @@
+"""The shapes generator: deterministic, balanced, and its answers agree with what the images show."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from kvtool.errors import InputError
+from kvtool.evals.shapes import (
+    _POPULARITY,
+    ANSWER_WORDS,
+    COLORS,
+    COUNT_WORDS,
+    IMAGE_SIZE,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    SHAPES,
+    TEST_SEED,
+    TRAIN_SEED,
+    make_shapes_sample,
+    make_shapes_split,
+    write_shapes_dataset,
+)
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def test_rows():
+    return make_shapes_split("test", N)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a["question"], a["answer"], a["objects"]) == (b["question"], b["answer"], b["objects"]) and np.array_equal(
+        np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+def test_deterministic_and_prefix_stable(test_rows):
+    again = make_shapes_split("test", 40)
+    assert all(_same(a, b) for a, b in zip(again, test_rows))
+    assert _same(make_shapes_sample(TEST_SEED, 123), test_rows[123])
+    train = make_shapes_split("train", 40)
+    assert train[0]["id"] == f"shapes-{TRAIN_SEED}-0"
+    # different seeds give different images
+    assert sum(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(train, again)) == 0
+
+
+def test_question_types_and_answers_balanced(test_rows):
+    types = Counter(r["question_type"] for r in test_rows)
+    assert set(types) == set(QUESTION_TYPES) and max(types.values()) - min(types.values()) <= 1
+    for qtype, answers in [("count", COUNT_WORDS), ("exists", ("yes", "no")), ("relation", ("left", "right"))]:
+        c = Counter(r["answer"] for r in test_rows if r["question_type"] == qtype)
+        assert set(c) == set(answers) and max(c.values()) - min(c.values()) <= 1, (qtype, c)
+    pope = Counter((r["pope_split"], r["answer"]) for r in test_rows if r["question_type"] == "exists")
+    assert {s for s, _ in pope} == set(POPE_SPLITS) and all(v >= 8 for v in pope.values())
+    assert all(r["pope_split"] is None for r in test_rows if r["question_type"] != "exists")
+    assert all(r["answer"] in ANSWER_WORDS for r in test_rows)
+    assert len({r["answer"] for r in test_rows if r["question_type"] == "color"}) == len(COLORS)
+    assert len({r["answer"] for r in test_rows if r["question_type"] == "shape"}) == len(SHAPES)
+
+
+def test_answers_follow_from_objects(test_rows):
+    """Recompute every answer naively from the ground-truth object list."""
+    for r in test_rows:
+        objs = [(o["color"], o["shape"]) for o in r["objects"]]
+        q, t = r["question"].rstrip("?").split(), r["question_type"]
+        assert 1 <= len(objs) <= 4
+        if t == "count":
+            assert r["answer"] == COUNT_WORDS[len(objs) - 1]
+        elif t == "color":
+            shape = q[-1]
+            assert sum(s == shape for _, s in objs) == 1
+            assert (r["answer"], shape) in objs
+        elif t == "shape":
+            color = q[-2]
+            assert sum(c == color for c, _ in objs) == 1
+            assert (color, r["answer"]) in objs
+        elif t == "exists":
+            pair = (q[3], q[4])
+            assert r["answer"] == ("yes" if pair in objs else "no")
+            if r["answer"] == "no" and r["pope_split"] == "popular":
+                assert pair == next(p for p in _POPULARITY if p not in objs)
+            if r["answer"] == "no" and r["pope_split"] == "adversarial":
+                assert any(pair[0] == c or pair[1] == s for c, s in objs)
+        else:
+            a, b = (q[2], q[3]), (q[-2], q[-1])
+            assert len(set(objs)) == len(objs)
+            xa = next(o["x"] for o in r["objects"] if (o["color"], o["shape"]) == a)
+            xb = next(o["x"] for o in r["objects"] if (o["color"], o["shape"]) == b)
+            assert r["answer"] == ("left" if xa < xb else "right") and abs(xa - xb) >= 9
+
+
+def test_images_show_the_objects(test_rows):
+    """The pixel at each object's centre has that object's colour (up to the colour jitter)."""
+    for r in test_rows[:100]:
+        px = np.asarray(r["image"]).astype(int)
+        assert px.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        for o in r["objects"]:
+            got = px[int(o["y"]), int(o["x"])]
+            assert np.abs(got - np.array(COLORS[o["color"]])).max() <= 16, (r["id"], o, got)
+        bg = np.median(px.reshape(-1, 3), axis=0)
+        assert bg.max() < 80  # dark background
+
+
+def test_bad_input():
+    with pytest.raises(InputError, match="split"):
+        make_shapes_split("val", 3)
+    with pytest.raises(InputError, match="count"):
+        make_shapes_split("test", 0)
+
+
+def test_write_dataset_loads_with_datasets(tmp_path):
+    import datasets
+
+    out = write_shapes_dataset(tmp_path / "shapes", {"test": 12, "train": 5})
+    ds = datasets.load_dataset(str(out))
+    assert ds["test"].num_rows == 12 and ds["train"].num_rows == 5
+    row, ref = ds["test"][7], make_shapes_sample(TEST_SEED, 7)
+    assert row["question"] == ref["question"] and row["answer"] == ref["answer"]
+    assert json.loads(row["objects"]) == ref["objects"]
+    assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(ref["image"]))

@@ -1,0 +1,97 @@
+"""kvtool-shapes: the shipped checkpoint loads offline and keeps its recorded accuracy; training runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvtool.evals.shapes import make_shapes_split
+from kvtool.models.shapes_train import SHAPES_MODEL_DIR, TrainConfig, encode_batch, shapes_prompt, train_shapes
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if not (SHAPES_MODEL_DIR / "model.safetensors").exists():
+        pytest.fail(f"the trained checkpoint is missing from {SHAPES_MODEL_DIR}")
+    torch.set_num_threads(2)
+    model = LlavaForConditionalGeneration.from_pretrained(SHAPES_MODEL_DIR, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(SHAPES_MODEL_DIR, local_files_only=True)
+    record = json.loads((SHAPES_MODEL_DIR / "TRAINING.json").read_text())
+    return model.eval(), processor, record
+
+
+def test_shipped_checkpoint_contract(shipped):
+    model, processor, record = shipped
+    assert (SHAPES_MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+    text = model.config.text_config
+    assert text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) % 128 == 0
+    assert record["test_accuracy"] >= 0.90
+    assert record["train_wall_s"] <= 30 * 60
+    for key in ("command", "seed", "steps", "batch_size", "threads"):
+        assert key in record["command"] or key in record["config"], key
+    # every test prompt (image tokens included) is longer than one KV group of 128 tokens
+    rows = make_shapes_split("test", 50)
+    enc = processor(text=[shapes_prompt(processor, r["question"]) for r in rows],
+                    images=[r["image"] for r in rows], padding=True, return_tensors="np")
+    assert enc["attention_mask"].sum(1).min() > 128
+
+
+def test_shipped_model_keeps_recorded_accuracy(shipped):
+    from kvtool.models.shapes_train import evaluate_shapes
+
+    model, processor, record = shipped
+    n = record["check_samples"]
+    got = evaluate_shapes(model, processor, make_shapes_split("test", n))
+    assert abs(got["accuracy"] - record["check_accuracy"]) <= 0.02, (got["accuracy"], record["check_accuracy"])
+    assert got["accuracy"] >= 0.88
+
+
+def test_encode_batch_matches_processor_on_full_text(shipped):
+    """Training ids (prompt ids + answer ids + </s>) equal the processor's encoding of the whole text."""
+    _, processor, _ = shipped
+    rows = make_shapes_split("train", 12)
+    enc = encode_batch(processor, rows)
+    for i, r in enumerate(rows):
+        full = shapes_prompt(processor, r["question"]) + " " + r["answer"] + "</s>"
+        ref = processor(text=full, images=r["image"], return_tensors="np")
+        n = ref["input_ids"].shape[1]
+        assert enc["input_ids"][i, :n].tolist() == ref["input_ids"][0].tolist()
+        assert enc["attention_mask"][i].sum().item() == n
+        np.testing.assert_allclose(enc["pixel_values"][i].numpy(), ref["pixel_values"][0], atol=1e-6)
+        labelled = enc["labels"][i][enc["labels"][i] != -100].tolist()
+        assert processor.tokenizer.decode(labelled) == " " + r["answer"] + "</s>"
+
+
+def test_short_training_run_end_to_end_and_deterministic(tmp_path):
+    from safetensors.numpy import load_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    small = dict(steps=2, batch_size=4, eval_samples=5, hidden=128, layers=1, intermediate=128,
+                 vision_hidden=32, vision_layers=1, threads=1)
+    r1 = train_shapes(TrainConfig(out_dir=str(tmp_path / "a"), **small), progress=False)
+    r2 = train_shapes(TrainConfig(out_dir=str(tmp_path / "b"), **small), progress=False)
+    assert r1["steps"] == 2 and r1["test_samples"] == 5 and 0.0 <= r1["test_accuracy"] <= 1.0
+    assert np.isfinite(r1["final_loss_ema"]) and r1["final_loss_ema"] > 0
+    w1, w2 = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(np.array_equal(w1[k], w2[k]) for k in w1)
+    saved = json.loads((tmp_path / "a" / "TRAINING.json").read_text())
+    assert saved["test_accuracy"] == r1["test_accuracy"] and saved["config"]["seed"] == 0
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
+    assert model.config.vision_config.num_hidden_layers == 1 and processor.tokenizer.eos_token == "</s>"
+
+
+def test_bad_config_is_input_error(tmp_path):
+    from kvtool.errors import InputError
+
+    with pytest.raises(InputError, match="steps"):
+        train_shapes(TrainConfig(out_dir=str(tmp_path), steps=0), progress=False)
+    with pytest.raises(InputError, match="kv_heads"):
+        train_shapes(TrainConfig(out_dir=str(tmp_path), steps=1, hidden=96, heads=4, kv_heads=4), progress=False)
