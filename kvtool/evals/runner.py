@@ -188,8 +188,16 @@ def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path) -> tup
     planned: list[str] = []
     n_new, t0, example = 0, time.perf_counter(), None
     with open(path, "a", encoding="utf-8") as fh:
-        bar = tqdm(selection, desc=spec.name, unit="row", disable=not cfg.progress)
-        for idx in bar:
+        by_row: dict[int, list[str]] = {}
+        for r in done.values():
+            by_row.setdefault(r["row"], []).append(r["id"])
+        for idx in tqdm(selection, desc=spec.name, unit="row", disable=not cfg.progress):
+            got = by_row.get(idx, [])
+            first = done[got[0]] if got else {}
+            if got and len(got) == first.get("row_samples") and first.get("seeds") == seeds:
+                # the row is complete: resume without decoding its image again
+                planned.extend(sorted(got, key=lambda sid: done[sid]["order"]))
+                continue
             samples = spec.build(rows_src[idx])
             for j, s in enumerate(samples):
                 example = example or s.prompt
@@ -201,7 +209,10 @@ def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path) -> tup
                     out = model.generate(s.image, s.prompt, max_new_tokens=max_new, do_sample=gen["do_sample"],
                                          temperature=gen["temperature"], top_p=gen["top_p"], seed=seed,
                                          text_only=s.image is None)
-                    rec = {"id": sid, "task": spec.name, "row": idx, "seed": seed, "prompt": s.prompt,
+                    rec = {"id": sid, "task": spec.name, "row": idx, "seed": seed,
+                           "row_samples": len(samples) * len(seeds), "seeds": seeds,
+                           "order": j * len(seeds) + seeds.index(seed),
+                           "prompt": s.prompt,
                            "prediction": out.text, **_jsonable(s.ref),
                            "new_tokens": len(getattr(out, "token_ids", []) or []),
                            "stats": _jsonable(getattr(out, "stats", {}) or {})}

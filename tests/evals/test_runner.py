@@ -85,7 +85,7 @@ def test_missing_column_fails_clearly(tmp_path):
                  model=ScriptedModel())
 
 
-def test_resume_after_kill_leaves_one_row_per_sample(tmp_path, data_dir):
+def test_resume_after_kill_leaves_one_row_per_sample(tmp_path, data_dir, monkeypatch):
     cfg = _cfg(tmp_path, data_dir, ["pope"])
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg, model=ScriptedModel(fail_after=4))
@@ -98,6 +98,17 @@ def test_resume_after_kill_leaves_one_row_per_sample(tmp_path, data_dir):
     rows = read_predictions(path)
     assert sorted(r["id"] for r in rows) == [str(i) for i in range(6)]
     assert len(model.calls) == 2 and res["tasks"]["pope"]["n_samples"] == 6
+    # a complete run resumes without building (decoding) any row again, and with identical metrics
+    import dataclasses
+
+    from kvtool.evals import tasks as T
+
+    def no_build(row):
+        raise AssertionError("row rebuilt")
+
+    monkeypatch.setitem(T.TASKS, "pope", dataclasses.replace(T.TASKS["pope"], build=no_build))
+    again = run_eval(cfg, model=ScriptedModel(fail_after=0))
+    assert again["tasks"]["pope"]["metrics"] == res["tasks"]["pope"]["metrics"]
 
 
 def test_limit_offset_and_shards_merge(tmp_path, data_dir):
