@@ -292,7 +292,7 @@ def _print_results(results: dict) -> None:
 @click.argument("model_or_dir", required=False)
 @click.option("--tasks", "tasks", default=None, help="Comma-separated tasks (kvtool ls tasks).")
 @click.option("-o", "--output", default=None, help="Run directory (results.json, <task>/predictions.jsonl).")
-@click.option("--backend", default="auto", show_default=True, help="openvino | onnx | torch | auto.")
+@click.option("--backend", default="auto", show_default=True, help="openvino | onnxruntime | torch | auto.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--kv", default="fp16", show_default=True, help="KV scheme, e.g. g-KC128VT128 (kvtool ls schemes).")
 @click.option("--kv-bits", type=int, default=None, help="Bits for both K and V.")
