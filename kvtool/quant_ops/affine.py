@@ -16,7 +16,8 @@ into a block size for a ``[B, H, N, D]`` tensor — the only place that knows wh
 
 Eq. (2) of the study: ``delta = (max - min) / (2^b - 1)``, ``q = round((x - min) / delta)`` (round half to
 even, clipped to [0, 2^b - 1]), ``x_hat = q * delta + min``; a constant block (delta = 0) gives q = 0 and
-dequantizes to its own value. Statistics and arithmetic are float32; ``delta`` and ``min`` are stored in
+dequantizes to its own value. Statistics and arithmetic are float32 (dequantization: a float32 multiply
+then a float32 add, as written); ``delta`` and ``min`` are stored in
 float16 for float16 input (``min`` is an element, so exact) and float32 otherwise, and quantization uses the
 stored values, so a packed store and ``fake_quant_kv`` agree bit for bit.
 
@@ -214,10 +215,9 @@ def quantize_affine(x: Array, block_size: tuple[int, ...], delta: Array, mn: Arr
 
 def dequantize_affine(codes: Array, block_size: tuple[int, ...], delta: Array, mn: Array,
                       out_dtype=None, out: Array | None = None) -> Array:
-    """``codes * delta + min`` computed in float32, rounded once to ``out_dtype`` (default: delta's dtype).
-
-    ``out`` (shape of codes, may be a strided view) receives the result without a temporary full-size copy
-    on the torch path."""
+    """``codes * delta + min``: a float32 multiply, a float32 add, then one conversion to ``out_dtype``
+    (default: delta's dtype) — the same operations in the same order on both backends, so the results are
+    identical. ``out`` (shape of codes) may be a strided view of a larger array."""
     inter, bshape = _split(tuple(codes.shape), tuple(block_size))
     if out is None:
         out = empty(tuple(codes.shape), out_dtype if out_dtype is not None else delta.dtype, codes)
@@ -226,13 +226,9 @@ def dequantize_affine(codes: Array, block_size: tuple[int, ...], delta: Array, m
     if is_torch(codes):
         import torch
 
-        d, m = delta.reshape(bshape), mn.reshape(bshape)
-        if d.dtype != torch.float16:
-            d, m = d.to(torch.float32), m.to(torch.float32)
-        # one same-dtype pass: out = min + q * delta. For float16 params the kernel computes in float32
-        # (q * delta is exact there) and rounds once, as the numpy path does; codes are converted first
-        # because torch's mixed uint8/float kernels are several times slower on CPU.
-        torch.addcmul(m, qi.to(d.dtype), d, out=oi)
+        t = qi.to(torch.float32)
+        t.mul_(delta.to(torch.float32).reshape(bshape)).add_(mn.to(torch.float32).reshape(bshape))
+        oi.copy_(t)
         return out
     d32 = delta.astype(np.float32, copy=False).reshape(bshape)
     m32 = mn.astype(np.float32, copy=False).reshape(bshape)

@@ -2,8 +2,7 @@
 
 Fields (``b`` = bits; the "view" is the tensor itself, or ``[B, 1, T, H*D]`` when ``flat``):
 
-    qdata      uint8, view shape with the last dim packed to L*b/8 (planar, see ``packing``); or the raw
-               uint8 codes when built with ``pack=False``
+    qdata      uint8 token tiles of the view: [B, H', rows, L] with rows = ceil(T / P) * R (see ``packing``)
     delta, mn  per-block step and min, shape view_shape // block_size, float16 for float16 input
     block_size per-dim block of the view (see ``affine.block_for``)
     idx, vals  or<s> only: flat int32 outlier positions (into the [B, H*T*D] rows) and their exact values
@@ -18,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvtool.quant_ops import kernels
 from kvtool.quant_ops.affine import (
     Array,
     block_for,
     choose_qparams_affine,
-    dequantize_affine,
     empty,
     from_flat,
     is_torch,
@@ -34,7 +33,7 @@ from kvtool.quant_ops.affine import (
     view_as,
 )
 from kvtool.quant_ops.outliers import scatter_outliers, split_outliers
-from kvtool.quant_ops.packing import dequantize_packed, pack_codes
+from kvtool.quant_ops.packing import dequantize_packed, pack_tokens
 
 
 @dataclass
@@ -47,33 +46,37 @@ class QuantizedBlock:
     shape: tuple[int, ...]
     dtype: Any
     flat: bool = False
-    packed: bool = True
     idx: Array | None = None
     vals: Array | None = None
 
     @classmethod
     def from_float(cls, x: Array, axis: str, group: int | None, bits: int, outlier_pct: float = 0.0,
-                   pack: bool = True) -> QuantizedBlock:
+                   offset: int = 0) -> QuantizedBlock:
         """Quantize all of ``x`` [B, H, T, D] with grouping ``(axis, group)`` (or<s>: axis "tensor" and
-        ``outlier_pct`` > 0) at ``bits`` in 2, 3, 4, 8."""
+        ``outlier_pct`` > 0) at ``bits`` in 2, 3, 4, 8. ``offset`` starts the first token at that position
+        of its packing tile (for OR-ing into a partly filled tile; see ``packing``)."""
         shape = tuple(x.shape)
         block, flat = block_for(axis, group, shape)
         v = to_flat(x) if flat else x
+        torch_path = is_torch(v)
         idx = vals = None
         if outlier_pct > 0:
             b = shape[0]
             rows = view_as(v, (b, -1)) if _contig(v) else v.reshape(b, -1)
             idx, vals, lo, hi = split_outliers(rows, outlier_pct)
             if rows.shape[0] * rows.shape[1] < 2**31:  # stored as int32 (the cost model's 32 bits)
-                idx = idx.to(torch_int32()) if is_torch(idx) else idx.astype("int32")
-            pshape = (b, 1, 1, 1)
+                idx = idx.to(torch_int32()) if torch_path else idx.astype("int32")
             delta, mn = qparams_from_minmax(lo, hi, bits, param_dtype(x))
-            delta, mn = delta.reshape(pshape), mn.reshape(pshape)
+            delta, mn = delta.reshape(b, 1, 1, 1), mn.reshape(b, 1, 1, 1)
+        elif torch_path:
+            delta, mn = kernels.choose_qparams(v, block, bits)
         else:
             delta, mn = choose_qparams_affine(v, block, bits)
-        codes = quantize_affine(v, block, delta, mn, bits)
-        qdata = pack_codes(codes, bits) if pack else codes
-        return cls(qdata, delta, mn, block, bits, shape, x.dtype, flat, pack, idx, vals)
+        if torch_path:
+            qdata = kernels.quantize_pack(v, block, delta, mn, bits, offset)
+        else:
+            qdata = pack_tokens(quantize_affine(v, block, delta, mn, bits), bits, offset)
+        return cls(qdata, delta, mn, block, bits, shape, x.dtype, flat, idx, vals)
 
     @property
     def nbytes(self) -> int:
@@ -82,15 +85,15 @@ class QuantizedBlock:
 
     def dequantize(self, out: Array | None = None) -> Array:
         """The block as ``[B, H, T, D]`` in the input dtype; written into ``out`` when given (any strided
-        view of that shape and dtype)."""
+        view of that shape and dtype). The block's tokens must start its first tile (offset 0)."""
         b, h, t, d = self.shape
         vshape = (b, 1, t, h * d) if self.flat else self.shape
         direct = out is not None and not self.flat and self.idx is None
         target = out if direct else empty(vshape, self.dtype, self.qdata)
-        if self.packed:
-            dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)
+        if is_torch(self.qdata):
+            kernels.dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)
         else:
-            dequantize_affine(self.qdata, self.block_size, self.delta, self.mn, out=target)
+            dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)
         if self.idx is not None:
             scatter_outliers(view_as(target, (b, -1)), self.idx, self.vals)
         res = from_flat(target, h) if self.flat else target

@@ -53,7 +53,7 @@ def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int) -> Array
     if nq == 0:
         return _copy(x)
     out = empty(tuple(x.shape), x.dtype, x)
-    QuantizedBlock.from_float(x[:, :, :nq], axis, group, bits, pct, pack=False).dequantize(out[:, :, :nq])
+    QuantizedBlock.from_float(x[:, :, :nq], axis, group, bits, pct).dequantize(out[:, :, :nq])
     if nq < n:
         out[:, :, nq:] = x[:, :, nq:]
     return out
@@ -83,11 +83,11 @@ def check_args(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int, v_bit
         raise InputError(f"k {tuple(k.shape)} and v {tuple(v.shape)}: expected the same B, H, N")
     for which, x, bits in (("k", k, k_bits), ("v", v, v_bits)):
         if bits != 16 and spec.is_quantized:
-            _check_side_shape(spec, which, tuple(x.shape), bits)
+            check_side_shape(spec, which, tuple(x.shape))
     return spec
 
 
-def _check_side_shape(spec: KVQuantSpec, which: str, shape: tuple[int, ...], bits: int) -> None:
+def check_side_shape(spec: KVQuantSpec, which: str, shape: tuple[int, ...]) -> None:
     """Raise ``InputError`` when a side's grouping cannot tile ``shape`` (e.g. D_model % g != 0)."""
     axis, group, _ = side_groups(spec, which)
     b, h, n, d = shape

@@ -1,63 +1,80 @@
-"""Bit packing of quantization codes along the last axis, and a fused unpack + dequantize.
+"""Bit packing of quantization codes along the token axis ("token tiles").
 
-Layout ("planar"): a row of L codes is cut into P planes of M consecutive codes (P = 8 // bits codes per byte,
-M = L / P); byte j of the packed row holds code j of every plane. 2-bit: 4 codes per byte, 4-bit: 2, 8-bit: 1.
-3-bit is dense: 8 planes of M = L/8 codes in 3 byte-planes (8 codes in 3 bytes). Planes make unpacking a few
-whole-array shifts and masks whose results are contiguous slices of the output row, so ``dequantize_packed``
-writes each plane straight into its slice of the output (one ``addcmul`` per plane, no full-size code array).
-Hand-written: none of numpy, torch or torchao offers 3-bit packing or this fused numpy/torch path.
+Codes ``[..., T, L]`` (T tokens, L codes per token row) are cut into tiles of P consecutive tokens
+(P = 8 // bits codes per byte: 4 for 2-bit, 2 for 4-bit, 1 for 8-bit; 8 for 3-bit). A tile is stored as R
+byte rows of length L (R = 1; R = 3 for 3-bit): byte ``c`` of the tile's row holds the codes of column ``c``
+of its P tokens, token ``i`` of the tile in bits ``[bits*i, bits*(i+1))``. 3-bit is dense: the 8 codes of a
+column form a 24-bit little-endian word split over the tile's 3 rows (8 codes in 3 bytes).
 
-Requires L % 4 (2-bit), L % 2 (4-bit), L % 8 (3-bit) == 0. Does not choose parameters (``affine``).
+Why along tokens: unpacking token ``i`` of every tile is one shift and one mask over whole rows, and its
+result is a full output row, so dequantization moves rows of L values at a time; and a cache that grows
+token by token fills a tile in place by OR-ing the new token's codes into the tile's rows (``offset``).
+A trailing partial tile is padded with code 0 (held, and counted, as storage).
+
+Hand-written: none of numpy, torch or torchao offers 3-bit packing. This module does not choose parameters.
 """
 
 from __future__ import annotations
 
-from kvtool.errors import InputError
-from kvtool.quant_ops.affine import Array, concat, dequantize_affine, empty, u8_dtype
+from kvtool.quant_ops.affine import Array, concat, dequantize_affine, empty, is_torch, u8_dtype
 
-_PLANES = {2: 4, 3: 8, 4: 2, 8: 1}
-
-
-def planes(bits: int) -> int:
-    return _PLANES[bits]
+_TILE = {2: 4, 3: 8, 4: 2, 8: 1}
+_ROWS = {2: 1, 3: 3, 4: 1, 8: 1}
 
 
-def packed_len(length: int, bits: int) -> int:
-    """Bytes per row of ``length`` codes."""
-    check_packable(length, bits)
-    return length * bits // 8
+def tile_tokens(bits: int) -> int:
+    """Tokens per tile (P)."""
+    return _TILE[bits]
 
 
-def check_packable(length: int, bits: int) -> None:
-    if bits not in _PLANES:
-        raise InputError(f"bits={bits}: packing supports 2, 3, 4, 8")
-    if length % _PLANES[bits]:
-        raise InputError(f"row length {length}: {bits}-bit packing needs a multiple of {_PLANES[bits]} "
-                         f"(the head dim D, or H*D for per-token groups spanning heads)")
+def tile_rows(bits: int) -> int:
+    """Byte rows per tile (R)."""
+    return _ROWS[bits]
 
 
-def pack_codes(codes: Array, bits: int) -> Array:
-    """uint8 codes [..., L] (values < 2^bits) -> packed uint8 [..., L*bits/8]."""
-    length = codes.shape[-1]
-    check_packable(length, bits)
+def packed_rows(n_tokens: int, bits: int, offset: int = 0) -> int:
+    """Byte rows holding ``n_tokens`` codes that start at position ``offset`` of their first tile."""
+    p = _TILE[bits]
+    return -(-(n_tokens + offset) // p) * _ROWS[bits]
+
+
+def _zeros(shape: tuple[int, ...], like: Array) -> Array:
+    z = empty(shape, u8_dtype(like), like)
+    z[...] = 0
+    return z
+
+
+def pack_tokens(codes: Array, bits: int, offset: int = 0) -> Array:
+    """uint8 codes ``[..., T, L]`` (values < 2^bits) -> packed uint8 ``[..., packed_rows(T, bits, offset), L]``.
+
+    ``offset`` (0 <= offset < P) places the first token at position ``offset`` of its tile; the earlier
+    positions hold code 0, so the first tile's rows can be OR-ed into a partly filled tile."""
+    if bits not in _TILE:
+        raise ValueError(f"bits={bits}: packing supports 2, 3, 4, 8")
+    p = _TILE[bits]
+    lead, t, length = tuple(codes.shape[:-2]), codes.shape[-2], codes.shape[-1]
+    pad_end = -(t + offset) % p
+    if offset or pad_end:
+        parts = ([_zeros(lead + (offset, length), codes)] if offset else []) + [codes]
+        parts += [_zeros(lead + (pad_end, length), codes)] if pad_end else []
+        codes = concat(parts, axis=codes.ndim - 2)
     if bits == 8:
-        return codes.clone() if hasattr(codes, "clone") else codes.copy()
-    p = _PLANES[bits]
-    m = length // p
-    pl = [codes[..., i * m:(i + 1) * m] for i in range(p)]
+        return codes.clone() if is_torch(codes) else codes.copy()
+    tiles = codes.reshape(lead + (-1, p, length))
+    pl = [tiles[..., i, :] for i in range(p)]
     if bits == 2:
         return pl[0] | (pl[1] << 2) | (pl[2] << 4) | (pl[3] << 6)
     if bits == 4:
         return pl[0] | (pl[1] << 4)
-    # 3-bit: 24-bit little-endian word per 8 codes, split in 3 byte-planes
     b0 = pl[0] | (pl[1] << 3) | ((pl[2] & 3) << 6)
     b1 = (pl[2] >> 2) | (pl[3] << 1) | (pl[4] << 4) | ((pl[5] & 1) << 7)
     b2 = (pl[5] >> 1) | (pl[6] << 2) | (pl[7] << 5)
-    return concat([b0, b1, b2], axis=codes.ndim - 1)
+    stacked = concat([b0[..., None, :], b1[..., None, :], b2[..., None, :]], axis=codes.ndim - 1)  # [.., tiles, 3, L]
+    return stacked.reshape(lead + (-1, length))
 
 
-def unpack_plane(packed: Array, bits: int, i: int) -> Array:
-    """Codes of plane ``i`` ([..., M]) from packed rows."""
+def token_plane(packed: Array, bits: int, i: int) -> Array:
+    """Codes of token ``i`` of every tile: packed ``[..., tiles*R, L]`` -> ``[..., tiles, L]``."""
     if bits == 8:
         return packed
     if bits == 2:
@@ -66,8 +83,9 @@ def unpack_plane(packed: Array, bits: int, i: int) -> Array:
         return packed >> 6 if i == 3 else (packed >> (2 * i)) & 3
     if bits == 4:
         return packed & 15 if i == 0 else packed >> 4
-    m = packed.shape[-1] // 3
-    b0, b1, b2 = packed[..., :m], packed[..., m:2 * m], packed[..., 2 * m:]
+    lead, length = tuple(packed.shape[:-2]), packed.shape[-1]
+    t3 = packed.reshape(lead + (-1, 3, length))
+    b0, b1, b2 = t3[..., 0, :], t3[..., 1, :], t3[..., 2, :]
     if i == 0:
         return b0 & 7
     if i == 1:
@@ -85,41 +103,19 @@ def unpack_plane(packed: Array, bits: int, i: int) -> Array:
     return b2 >> 5
 
 
-def unpack_codes(packed: Array, bits: int) -> Array:
-    """Inverse of ``pack_codes``: packed [..., L*bits/8] -> uint8 codes [..., L]."""
-    if bits == 8:
-        return packed
-    return concat([unpack_plane(packed, bits, i) for i in range(_PLANES[bits])], axis=packed.ndim - 1)
+def unpack_tokens(packed: Array, bits: int, n_tokens: int, offset: int = 0) -> Array:
+    """Inverse of ``pack_tokens``: the ``n_tokens`` codes ``[..., n_tokens, L]`` starting at ``offset``."""
+    p = _TILE[bits]
+    lead, length = tuple(packed.shape[:-2]), packed.shape[-1]
+    tiles = packed.shape[-2] // _ROWS[bits]
+    out = empty(lead + (tiles, p, length), u8_dtype(packed), packed)
+    for i in range(p):
+        out[..., i, :] = token_plane(packed, bits, i)
+    return out.reshape(lead + (tiles * p, length))[..., offset:offset + n_tokens, :]
 
 
 def dequantize_packed(packed: Array, bits: int, block_size: tuple[int, ...], delta: Array, mn: Array,
                       out: Array) -> Array:
-    """Unpack + dequantize into ``out`` ([..., L], may be a strided view) plane by plane.
-
-    Same arithmetic per element as ``dequantize_affine`` on the unpacked codes, so the results are equal."""
-    p = _PLANES[bits]
-    length = out.shape[-1]
-    m = length // p
-    b = block_size[-1]
-    if p == 1 or not (b == 1 or b % m == 0 or m % b == 0):
-        return dequantize_affine(unpack_codes(packed, bits), block_size, delta, mn, out=out)
-    for i in range(p):
-        q = unpack_plane(packed, bits, i)
-        if b == 1:  # params per column
-            sl = slice(i * m, (i + 1) * m)
-            blk = block_size
-        elif b % m == 0:  # the whole plane inside one block column
-            c = (i * m) // b
-            sl = slice(c, c + 1)
-            blk = tuple(block_size[:-1]) + (m,)
-        else:  # several blocks per plane
-            sl = slice(i * m // b, (i + 1) * m // b)
-            blk = block_size
-        dequantize_affine(q, blk, delta[..., sl], mn[..., sl], out=out[..., i * m:(i + 1) * m])
-    return out
-
-
-def zeros_u8(shape: tuple[int, ...], like: Array) -> Array:
-    x = empty(shape, u8_dtype(like), like)
-    x[...] = 0
-    return x
+    """Unpack + dequantize packed tokens into ``out`` ``[B, H, T, L]`` (T from out); the numpy path."""
+    codes = unpack_tokens(packed, bits, out.shape[-2])
+    return dequantize_affine(codes, block_size, delta, mn, out=out)

@@ -31,13 +31,14 @@ This module does not run attention or know about models; it holds one layer.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.quant_ops.affine import Array, block_for, empty, is_torch, nbytes
+from kvtool.quant_ops.affine import Array, concat, empty, is_torch, nbytes
 from kvtool.quant_ops.block import QuantizedBlock
-from kvtool.quant_ops.fake import check_kv, fake_quant_side, side_groups
-from kvtool.quant_ops.packing import check_packable
+from kvtool.quant_ops.fake import check_kv, check_side_shape, fake_quant_side, side_groups
+from kvtool.quant_ops.packing import packed_rows, tile_rows, tile_tokens
 from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
 
 MODES = ("packed", "simulate")
@@ -110,18 +111,22 @@ class _DenseSide:
 
 class _GridSide:
     """Per-token groups or per-channel groups of g tokens: fixed token granularity ``tb`` (1 or g), so
-    codes and params live in growable buffers; up to tb-1 tokens wait in the residual."""
+    codes and params live in growable buffers; up to tb-1 tokens wait in the residual. Codes are token
+    tiles (``packing``): a new token is OR-ed into a partly filled tile."""
 
     def __init__(self, spec: KVQuantSpec, which: str, bits: int, max_tokens: int | None):
         self.axis, self.group, _ = side_groups(spec, which)
         self.bits = bits
         self.tb = self.group if self.axis == "channel" else 1
+        self.p, self.r = tile_tokens(bits), tile_rows(bits)
+        self.align = math.lcm(self.tb, self.p)  # dequantize restarts at a token both tile and group start
         grid_max = None if max_tokens is None else -(-max_tokens // self.tb)
-        self.codes, self.delta, self.mn = _Grow(max_tokens), _Grow(grid_max), _Grow(grid_max)
+        rows_max = None if max_tokens is None else packed_rows(max_tokens, bits)
+        self.codes, self.delta, self.mn = _Grow(rows_max), _Grow(grid_max), _Grow(grid_max)
         self.resid = _Grow(self.tb)
         self.nq = 0
         self.dirty_from = 0
-        self.meta: tuple | None = None  # (block_size, flat, shape B,H,D, dtype)
+        self.meta: tuple | None = None  # (block_size, flat, (B, H, D), dtype)
 
     @property
     def n(self) -> int:
@@ -131,14 +136,19 @@ class _GridSide:
         n0 = self.nq
         whole = x
         if self.resid.n:
-            from kvtool.quant_ops.affine import concat
-
             whole = concat([self.resid.view(), x], axis=2)
             self.resid.take_all()
         nq = (whole.shape[2] // self.tb) * self.tb
         if nq:
-            blk = QuantizedBlock.from_float(whole[:, :, :nq], self.axis, self.group, self.bits)
-            self.codes.append(blk.qdata)
+            off = self.nq % self.p
+            blk = QuantizedBlock.from_float(whole[:, :, :nq], self.axis, self.group, self.bits, offset=off)
+            rows = blk.qdata
+            if off:  # complete the partly filled last tile in place
+                last = self.codes.buf[:, :, self.codes.n - self.r:self.codes.n]
+                last[...] = last | rows[:, :, :self.r]
+                rows = rows[:, :, self.r:]
+            if rows.shape[2]:
+                self.codes.append(rows)
             self.delta.append(blk.delta)
             self.mn.append(blk.mn)
             b, h, _, d = blk.shape
@@ -149,12 +159,13 @@ class _GridSide:
         self.dirty_from = min(self.dirty_from, n0)
 
     def write(self, out: Array, start: int) -> None:
-        g0 = start // self.tb
-        a = g0 * self.tb
+        a = (start // self.align) * self.align
         if a < self.nq:
             block_size, flat, (b, h, d), dtype = self.meta
-            blk = QuantizedBlock(self.codes.buf[:, :, a:self.nq], self.delta.buf[:, :, g0:self.nq // self.tb],
-                                 self.mn.buf[:, :, g0:self.nq // self.tb], block_size, self.bits,
+            r0 = a // self.p * self.r
+            blk = QuantizedBlock(self.codes.buf[:, :, r0:self.codes.n],
+                                 self.delta.buf[:, :, a // self.tb:self.nq // self.tb],
+                                 self.mn.buf[:, :, a // self.tb:self.nq // self.tb], block_size, self.bits,
                                  (b, h, self.nq - a, d), dtype, flat)
             blk.dequantize(out[:, :, a:self.nq])
         if self.resid.n:
@@ -272,19 +283,12 @@ class QuantizedKVStore:
         if self._proto is None:
             if self.mode == "packed":
                 for which, x, bits in (("k", k, self.k_bits), ("v", v, self.v_bits)):
-                    self._check_side(which, tuple(x.shape), bits)
+                    if bits != 16 and self.spec.is_quantized:
+                        check_side_shape(self.spec, which, tuple(x.shape))
             self._proto = proto
         elif proto != self._proto:
             raise InputError(f"appended k/v {proto}: expected the same type, dtype, device, B, H and D as "
                              f"the first append {self._proto}")
-
-    def _check_side(self, which: str, shape: tuple[int, ...], bits: int) -> None:
-        if bits == 16 or not self.spec.is_quantized:
-            return
-        axis, group, _ = side_groups(self.spec, which)
-        b, h, _, d = shape
-        _, flat = block_for(axis, group, (b, h, group if (axis == "channel" and group) else 1, d))
-        check_packable(h * d if flat else d, bits)
 
     # -- API ----------------------------------------------------------------------------------------------
     def append(self, k: Array, v: Array) -> None:
@@ -295,10 +299,11 @@ class QuantizedKVStore:
         self._k.append(k)
         self._v.append(v)
 
-    def dequantize(self, out: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+    def dequantize(self, out: tuple[Array, Array] | None = None, *,
+                   incremental: bool = True) -> tuple[Array, Array]:
         """The full cache ``(k, v)``, ``[B, H, N, D]`` each. With ``out=(k_buf, v_buf)`` (``[B, H, >=N, D]``,
-        same type/dtype/device) fills them — incrementally when they are the pair filled last time — and
-        returns views of their first N tokens."""
+        same type/dtype/device) fills them — only the changed tokens when they are the pair filled last time
+        and ``incremental`` — and returns views of their first N tokens."""
         if self._proto is None:
             raise InputError("dequantize: the store is empty; append tokens first")
         n = self.n_tokens
@@ -317,7 +322,7 @@ class QuantizedKVStore:
                 if not ok:
                     raise InputError(f"dequantize out {w} buffer {tuple(buf.shape)} {buf.dtype}: expected "
                                      f"[{p[w][0]}, {p[w][1]}, >={n}, {p[w][2]}] {p['dtype']}")
-            same = self._last_out is not None and all(
+            same = incremental and self._last_out is not None and all(
                 a is b for a, b in zip(self._last_out, bufs, strict=True))
             starts = (self._k.dirty_from, self._v.dirty_from) if same else (0, 0)
         for side, buf, start in zip((self._k, self._v), bufs, starts, strict=True):

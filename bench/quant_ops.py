@@ -1,0 +1,156 @@
+"""Benchmark: KV quantize+pack and unpack+dequantize throughput of kvtool.quant_ops, and bytes held.
+
+On a ``[1, 32, 4096, 128]`` float16 K and V (one LLaVA-7B layer at 4k tokens), for every study scheme at
+2 and 4 bits, on the numpy and the torch-CPU path:
+
+- quantize: ``QuantizedKVStore.append(k, v)`` of the whole block into a fresh packed store;
+- dequantize: a full ``dequantize(out=bufs, incremental=False)`` into preallocated buffers;
+- copy: ``k_buf[...] = k; v_buf[...] = v`` on the same backend, timed in the same run, interleaved;
+- throughput in GB/s of fp16 input (K and V bytes / time) and the ratio ours / copy;
+- bytes held vs fp16 and the bound ``(bits + 32/g)/16`` (+ per-channel residual);
+- decode step: after the block, ``append`` one token + incremental ``dequantize(out=bufs)`` (ms).
+
+Every figure is the median of ``--repeats`` runs. Run:  python bench/quant_ops.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+
+def _median_s(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _bound(spec, bits: int, n: int, h: int, d: int) -> float:
+    """(bits + 32/g)/16 of fp16 for each side, plus the fp16 residual of per-channel sides (as a fraction)."""
+    tot = 0.0
+    for which in ("k", "v"):
+        axis, group = spec.side(which)
+        if spec.kind in ("uniform", "outlier"):
+            cost = spec.side_bits_per_value(which, bits, n, h * d)
+        else:
+            g = n if group is None else group
+            cost = bits + 32 / g
+            if axis == "channel" and group is not None:
+                cost += 16 * (n % group) / n
+        tot += cost / 16 / 2
+    return tot
+
+
+def run(args) -> dict:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from kvtool.quant_ops import SCHEMES, QuantizedKVStore, parse_scheme
+
+    torch.set_num_threads(args.threads)
+    b, h, n, d = 1, args.heads, args.tokens, args.head_dim
+    rng = np.random.default_rng(0)
+    k_np = rng.standard_normal((b, h, n, d), dtype=np.float32)
+    k_np[:, :, :, rng.choice(d, 4, replace=False)] *= 20.0  # outlier channels, as trained keys have
+    k_np = k_np.astype(np.float16)
+    v_np = rng.standard_normal((b, h, n, d), dtype=np.float32).astype(np.float16)
+    step_np = rng.standard_normal((b, h, 1, d), dtype=np.float32).astype(np.float16)
+    fp16_bytes = 2 * k_np.nbytes
+    schemes = args.schemes or [s for s in SCHEMES if s != "fp16"]
+    rows = []
+    jobs = [(lib, s, bits) for lib in args.backends for s in schemes for bits in args.bits]
+    for lib, scheme, bits in tqdm(jobs, desc="bench quant_ops"):
+        if lib == "torch":
+            k, v, step = (torch.from_numpy(a) for a in (k_np, v_np, step_np))
+            kb, vb = torch.empty(b, h, n + 1, d, dtype=torch.float16), torch.empty(b, h, n + 1, d,
+                                                                                   dtype=torch.float16)
+        else:
+            k, v, step = k_np, v_np, step_np
+            kb, vb = np.empty((b, h, n + 1, d), np.float16), np.empty((b, h, n + 1, d), np.float16)
+        kb_n, vb_n = kb[:, :, :n], vb[:, :, :n]
+
+        def copy(k=k, v=v, kb_n=kb_n, vb_n=vb_n):
+            kb_n[...] = k
+            vb_n[...] = v
+
+        store = QuantizedKVStore(scheme, bits, bits, mode="packed")
+
+        def quantize(store=store, k=k, v=v):
+            store.reset()
+            store.append(k, v)
+
+        def dequantize(store=store, kb=kb, vb=vb):
+            store.dequantize(out=(kb, vb), incremental=False)
+
+        copy_s, q_s, dq_s = [], [], []
+        for _ in range(args.repeats):  # interleaved, so copy and ours see the same machine load
+            copy_s.append(_median_s(copy, 1))
+            q_s.append(_median_s(quantize, 1))
+            dq_s.append(_median_s(dequantize, 1))
+        copy_t, q_t, dq_t = (statistics.median(x) for x in (copy_s, q_s, dq_s))
+        nbytes, fp16_nbytes = store.nbytes, store.fp16_nbytes
+        store.dequantize(out=(kb, vb))
+
+        def decode_step(store=store, step=step, kb=kb, vb=vb):
+            store.append(step, step)
+            store.dequantize(out=(kb, vb))
+
+        step_t = _median_s(decode_step, 1)  # one step only: the buffers hold n + 1 tokens
+        spec = parse_scheme(scheme)
+        rows.append({
+            "backend": lib, "scheme": scheme, "bits": bits,
+            "copy_gbps": fp16_bytes / copy_t / 1e9,
+            "quantize_gbps": fp16_bytes / q_t / 1e9, "quantize_vs_copy": copy_t / q_t,
+            "dequantize_gbps": fp16_bytes / dq_t / 1e9, "dequantize_vs_copy": copy_t / dq_t,
+            "quantize_ms": q_t * 1e3, "dequantize_ms": dq_t * 1e3, "copy_ms": copy_t * 1e3,
+            "decode_step_ms": step_t * 1e3,
+            "held_vs_fp16": nbytes / fp16_nbytes, "bound_vs_fp16": _bound(spec, bits, n, h, d),
+            "nbytes": nbytes, "fp16_nbytes": fp16_nbytes,
+        })
+    return {"shape": [b, h, n, d], "dtype": "float16", "repeats": args.repeats, "torch_threads": args.threads,
+            "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}",
+            "torch": torch.__version__, "numpy": np.__version__, "rows": rows}
+
+
+def markdown(res: dict) -> str:
+    out = ["| backend | scheme | bits | quantize GB/s | vs copy | dequantize GB/s | vs copy | copy GB/s | "
+           "decode step ms | held / fp16 | bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        out.append(f"| {r['backend']} | {r['scheme']} | {r['bits']} | {r['quantize_gbps']:.2f} | "
+                   f"{r['quantize_vs_copy']:.3f} | {r['dequantize_gbps']:.2f} | {r['dequantize_vs_copy']:.3f} | "
+                   f"{r['copy_gbps']:.2f} | {r['decode_step_ms']:.2f} | {r['held_vs_fp16']:.4f} | "
+                   f"{r['bound_vs_fp16']:.4f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--schemes", nargs="+", default=None, help="default: every study scheme but fp16")
+    p.add_argument("--backends", nargs="+", default=["torch", "numpy"], choices=["torch", "numpy"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see BENCHMARKS.md)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    res = run(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(res, fh, indent=2)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
