@@ -120,7 +120,7 @@ class GraphKVCache:
             return int(sum(s.nbytes for s in self._stores))
         if self.spec.quantizes:
             return simulated_nbytes(self.spec, self.num_layers, self.num_kv_heads, self.head_dim, self.n_tokens)
-        return self.fp16_nbytes
+        return self.fp16_nbytes // 2 * self.dtype.itemsize  # unquantized: held in the graph's KV dtype
 
     @property
     def work_nbytes(self) -> int:
@@ -216,8 +216,8 @@ def torch_cache_nbytes(cache, spec: KVSpec, num_layers: int, num_kv_heads: int, 
     """(kv_bytes, kv_fp16_bytes) of a torch-engine cache."""
     n = int(cache.get_seq_length())
     fp16 = 2 * num_layers * num_kv_heads * head_dim * n * 2
-    if not spec.quantizes:
-        return fp16, fp16
+    if not spec.quantizes:  # held in the model's dtype
+        return sum(int(layer.keys.nbytes + layer.values.nbytes) for layer in cache.layers if layer.is_initialized), fp16
     if spec.mode == "packed":
         return int(sum(layer.store.nbytes for layer in cache.layers)), fp16
     return simulated_nbytes(spec, num_layers, num_kv_heads, head_dim, n), fp16

@@ -124,10 +124,11 @@ class VLMPipeline:
     # ------------------------------------------------------------------------------------------------
     def generate(self, image, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, text_only: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> GenerateOutput:
         """Answer ``prompt`` about ``image`` (a PIL image, a path, or a list of them).
 
-        ``on_text`` receives the answer's text as it grows (each call gets the new suffix)."""
+        ``on_text`` receives the answer's text as it grows (each call gets the new suffix); ``ignore_eos``
+        generates exactly ``max_new_tokens`` (benchmarks)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
         check_sampling(do_sample, temperature, top_p)
@@ -171,7 +172,7 @@ class VLMPipeline:
                     on_text(text[len(shown):])
                 shown = text
                 t1 += time.perf_counter() - c0
-            if tok in self.eos_ids or len(ids) >= max_new_tokens:
+            if (tok in self.eos_ids and not ignore_eos) or len(ids) >= max_new_tokens:
                 break
             logits = eng.run_token(tok)
             n_steps += 1

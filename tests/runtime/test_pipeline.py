@@ -34,7 +34,7 @@ def test_torch_engine_matches_hf_generate(llava, reference):
     assert out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)
     st = out.stats
-    assert st["prompt_tokens"] > 144 and st["new_tokens"] == 8 and st["kv_bytes"] == st["kv_fp16_bytes"] > 0
+    assert st["prompt_tokens"] > 144 and st["new_tokens"] == 8 and st["kv_bytes"] == 2 * st["kv_fp16_bytes"] > 0
     assert st["decode_ms_per_token"] > 0 and st["peak_rss_bytes"] > 0
 
 

@@ -67,9 +67,14 @@ class OpenVINOEngine(GraphEngine):
     backend = "openvino"
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
-                 inference_precision: str | None = None, kv_precision: str | None = None):
+                 inference_precision: str | None = None, kv_precision: str | None = None,
+                 edit_graph: bool = True):
+        """``inference_precision``: OpenVINO's INFERENCE_PRECISION_HINT (default f32 for fp32 exports, else
+        the device's own); ``kv_precision``: element type of the KV inputs/outputs ("f16" halves the bytes
+        crossing each step); ``edit_graph=False`` runs the graph as exported (for benchmarks of the levers)."""
         self.inference_precision = inference_precision
         self.kv_precision = kv_precision
+        self.edit_graph = edit_graph
         super().__init__(path, spec, device, manifest)
 
     def _config(self) -> dict:
@@ -103,23 +108,26 @@ class OpenVINOEngine(GraphEngine):
         if missing:
             raise InputError(f"{self.path}: the language model is not a stateless export (no input {missing[0]}); "
                              f"export with stateful=False or use kv='ov-u8'")
-        model, self.kv_is_new = _lm_only_new(model, self.manifest)
-        _token_major_past(model, [n for pair in self.past_names for n in pair])
-        self.token_major = True
+        self.kv_is_new = False
+        if self.edit_graph:
+            model, self.kv_is_new = _lm_only_new(model, self.manifest)
+            _token_major_past(model, [n for pair in self.past_names for n in pair])
+            self.token_major = True
         if self.kv_precision:  # lever: KV inputs/outputs in a narrower element type than the graph's
             from openvino.preprocess import PrePostProcessor
 
             ppp = PrePostProcessor(model)
-            t = ov.Type(self.kv_precision)
+            t = {"f16": ov.Type.f16, "f32": ov.Type.f32}[self.kv_precision]
             for k, v in self.past_names:
                 ppp.input(k).tensor().set_element_type(t)
                 ppp.input(v).tensor().set_element_type(t)
             for i in range(self.num_layers):
-                ppp.output(1 + 2 * i).tensor().set_element_type(t)
-                ppp.output(2 + 2 * i).tensor().set_element_type(t)
+                ppp.output(f"present.{i}.key").tensor().set_element_type(t)
+                ppp.output(f"present.{i}.value").tensor().set_element_type(t)
             model = ppp.build()
         self.kv_dtype = _NP_OF_OV.get(model.input(self.past_names[0][0]).get_element_type().to_string(), np.float32)
         self.lm_names = list(g.inputs)
+        self.out_index = {next(iter(o.get_names())): j for j, o in enumerate(model.outputs)}
         self.lm = core.compile_model(model, self.device, cfg)
         self.lm_req = self.lm.create_infer_request()
 
@@ -133,16 +141,17 @@ class OpenVINOEngine(GraphEngine):
             feeds[kn], feeds[vn] = self.kv.past(i)
         feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
         res = self.lm_req.infer(feeds, share_inputs=True, share_outputs=False)
-        outs = list(res.values())
+        outs = list(res.values())  # in the manifest's output order: logits, present.0.key, present.0.value, ...
         n = self.kv.n_tokens
         new = []
         for i in range(self.num_layers):
-            k, v = outs[1 + 2 * i], outs[2 + 2 * i]
+            k, v = outs[self.out_index[f"present.{i}.key"]], outs[self.out_index[f"present.{i}.value"]]
             new.append((k, v) if self.kv_is_new else (k[:, :, n:], v[:, :, n:]))
-        return outs[0][0, -1], new
+        return outs[self.out_index["logits"]][0, -1], new
 
     def info(self) -> dict:
-        return {**super().info(), "config": self._config(), "new_kv_outputs": self.kv_is_new}
+        return {**super().info(), "config": self._config(), "new_kv_outputs": self.kv_is_new,
+                "token_major_past": self.token_major}
 
 
 class OpenVINOStatefulEngine(GraphEngine):
