@@ -176,6 +176,48 @@ def ls_models(as_json) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@main.command(name="export")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Export directory.")
+@click.option("--backend", default="openvino", show_default=True, help="openvino | onnx.")
+@click.option("--wbits", default=16, show_default=True, type=int,
+              help="Language-model weight bits: 16 none, 8 int8, 4 int4 group-wise, 3 simulated 3-bit "
+                   "(group-wise, stored dequantized: for accuracy studies, saves no memory).")
+@click.option("--group-size", default=128, show_default=True, type=int, help="Weight group size (-1 per-channel).")
+@click.option("--sym", is_flag=True, help="Symmetric weight quantization (default asymmetric).")
+@click.option("--ratio", default=1.0, show_default=True, type=float, help="Fraction of LM layers in int4 (rest int8).")
+@click.option("--awq", is_flag=True, help="Data-aware AWQ on --calibration data (OpenVINO: NNCF; data-free if none).")
+@click.option("--scale-estimation", is_flag=True, help="NNCF scale estimation after AWQ (openvino, --wbits 4).")
+@click.option("--calibration", help="Local .jsonl: {\"text\": ...} rows or {\"image\": path, \"question\": ...} rows.")
+@click.option("--num-samples", default=32, show_default=True, type=int, help="Calibration samples used.")
+@click.option("--dtype", default="fp16", show_default=True, help="fp16 | fp32 for the unquantized parts.")
+@click.option("--stateful", is_flag=True, help="OpenVINO stateful LM (KV inside the graph) for optimum-intel / genai.")
+@click.option("--onnx-quant", default="rtn", show_default=True, help="rtn | hqq (ONNX MatMulNBits algorithm).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own code (off by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (graphs, sizes, manifest) as JSON.")
+def export_cmd(model, output, as_json, **opts) -> None:
+    """Export MODEL (a local Hugging Face checkpoint dir, or a hub id when online) to graphs + kvtool.json.
+
+    Graphs: language model (stateless: explicit past_key_values.{i}.key|value inputs, present.{i}.* outputs),
+    text embeddings, vision embeddings (+ merger for Qwen2-VL). Supported: llava, llava_next
+    (openvino and onnx); qwen2_vl needs optimum-intel support for the installed transformers.
+    """
+    from kvtool.export import ExportConfig, export_model
+
+    cfg = ExportConfig(model=model, output=output, **opts)
+    cfg.validate()  # before any heavy import
+    res = export_model(cfg)
+    if as_json:
+        echo_json(res.to_dict())
+        return
+    w = res.manifest.weights
+    click.echo(f"{res.manifest.architecture} -> {res.output_dir} ({res.manifest.backend}, {res.seconds:.1f} s; "
+               f"weights {w.bits}-bit {w.method}, storage {w.storage})")
+    click.echo(f"{'graph':<26} {'file':<48} {'MiB':>9}  weights")
+    for row in res.graphs:
+        click.echo(f"{row['role']:<26} {row['file']:<48} {row['bytes'] / 2**20:>9.2f}  {row['weights']}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # runtime / devices commands
 # ---------------------------------------------------------------------------------------------------------

@@ -203,7 +203,6 @@ def simulate_low_bit(model: Any, bits: int, group_size: int, sym: bool = False) 
 def transform_lm_weights(model: Any, cfg: Any, samples: list[dict] | None) -> dict[str, Any] | None:
     """What the export pipeline applies to the PyTorch LM before conversion: AWQ scales (when ``cfg.awq``)
     then, at ``cfg.wbits == 3``, simulated 3-bit weights. Returns the scales (or None)."""
-    check_group_size(model, cfg.group_size)
     scales = None
     if cfg.awq:
         scales = search_awq_scales(model, samples or [], cfg.wbits, cfg.group_size, cfg.sym)

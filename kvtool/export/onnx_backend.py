@@ -196,14 +196,14 @@ def _save(model: Any, path: Path) -> None:
                     location=data.name, size_threshold=1024)
 
 
-def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:
-    """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``."""
+def check_architecture(arch: str) -> None:
     if arch not in ("llava", "llava_next"):
         raise InputError(f"--backend onnx: architecture {arch!r} not supported (supported: llava, llava_next)")
-    if cfg.wbits in (8, 4):
-        from kvtool.export.awq import check_group_size
 
-        check_group_size(model, cfg.group_size)
+
+def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:
+    """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``."""
+    check_architecture(arch)
     paths = export_graphs_fp32(model, out, progress)
     import onnx
 

@@ -30,17 +30,24 @@ OV_GRAPH_FILES = {
 }
 
 
-def convert_openvino(model: Any, out: Path, stateful: bool) -> dict[str, Path]:
-    """Run optimum-intel's exporter on ``model`` (fp32 weights kept); returns role -> IR path."""
-    from optimum.exporters.openvino.convert import export_from_model
-    from optimum.intel import OVConfig
-    from transformers import __version__ as tf_version
+def check_architecture(arch: str) -> None:
+    """Refuse what optimum-intel cannot export with the installed transformers."""
+    from importlib.metadata import version
 
-    if model.config.model_type == "qwen2_vl" and tuple(int(x) for x in tf_version.split(".")[:2]) > (5, 0):
+    tf_version = version("transformers")
+    if arch == "qwen2_vl" and tuple(int(x) for x in tf_version.split(".")[:2]) > (5, 0):
         # optimum-intel 2.2 caps its Qwen2-VL export at transformers 5.0; lifting the cap fails in tracing
         # the vision patch embedding (checked with transformers 5.5.4), so refuse rather than half-export.
         raise InputError(f"--backend openvino: optimum-intel cannot export qwen2_vl with transformers {tf_version} "
                          "(it supports <= 5.0)")
+
+
+def convert_openvino(model: Any, out: Path, stateful: bool) -> dict[str, Path]:
+    """Run optimum-intel's exporter on ``model`` (fp32 weights kept); returns role -> IR path."""
+    from optimum.exporters.openvino.convert import export_from_model
+    from optimum.intel import OVConfig
+
+    check_architecture(model.config.model_type)
     export_from_model(model, out, task="image-text-to-text", ov_config=OVConfig(dtype="fp32"), stateful=stateful)
     found = {role: out / name for role, name in OV_GRAPH_FILES.items() if (out / name).is_file()}
     if "language_model" not in found:
@@ -61,29 +68,6 @@ def nncf_lm_options(cfg: ExportConfig) -> dict[str, Any]:
     raise ValueError(f"no NNCF mode for {cfg.wbits} bits")
 
 
-def check_group_size(ov_model: Any, group_size: int, role: str) -> None:
-    """Refuse a group size that does not divide the input width of every MatMul weight of the graph."""
-    if group_size == -1:
-        return
-    bad = set()
-    for op in ov_model.get_ops():
-        if op.get_type_name() != "MatMul":
-            continue
-        for port in (1,):
-            src = op.input_value(port).get_node()
-            while src.get_type_name() == "Convert":
-                src = src.input_value(0).get_node()
-            if src.get_type_name() == "Constant":
-                shape = list(src.get_output_shape(0))
-                transpose_b = op.get_attributes().get("transpose_b", False)
-                width = shape[-1] if transpose_b else shape[-2]
-                if width % group_size:
-                    bad.add(width)
-    if bad:
-        raise InputError(f"--group-size {group_size}: does not divide the {role} layer widths "
-                         f"{sorted(bad)} (choose a power of two dividing them, or -1 for per-channel)")
-
-
 def compress_and_save(path: Path, role: str, cfg: ExportConfig, calibration: list[dict] | None) -> None:
     """Compress one IR in place per ``cfg`` and re-save it in ``cfg.dtype``."""
     import nncf
@@ -92,8 +76,6 @@ def compress_and_save(path: Path, role: str, cfg: ExportConfig, calibration: lis
     model = ov.Core().read_model(path)
     if role == "language_model" and cfg.wbits in (8, 4):
         opts = nncf_lm_options(cfg)
-        if cfg.wbits == 4:
-            check_group_size(model, cfg.group_size, role)
         if cfg.awq:
             opts.update(awq=True, scale_estimation=cfg.scale_estimation)
             if calibration:

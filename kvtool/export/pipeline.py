@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig, ExportResult
 from kvtool.export.manifest import GraphInfo, Manifest, WeightInfo
 
@@ -58,9 +59,19 @@ def export_model(cfg: ExportConfig) -> ExportResult:
 
     t0 = time.perf_counter()
     cfg.validate()
-    model_dir = source.resolve_model_dir(cfg.model)
-    arch = source.architecture_of(source.read_config(model_dir), cfg.model)
     calib = load_calibration(cfg.calibration, cfg.num_samples) if cfg.awq and cfg.calibration else None
+    model_dir = source.resolve_model_dir(cfg.model)
+    hf_config = source.read_config(model_dir)
+    arch = source.architecture_of(hf_config, cfg.model)
+    bad = sorted(w for w in source.lm_linear_widths(hf_config) if cfg.recorded_group_size and w % cfg.group_size)
+    if bad:  # checked again on the loaded model (awq.check_group_size); this one is instant
+        raise InputError(f"--group-size {cfg.group_size}: does not divide the language model's layer widths {bad} "
+                         "(choose a power of two dividing them, or -1 for per-channel)")
+    if cfg.backend == "openvino":
+        from kvtool.export.openvino_backend import check_architecture
+    else:
+        from kvtool.export.onnx_backend import check_architecture
+    check_architecture(arch)
     torch_transform = cfg.wbits == 3 or (cfg.awq and cfg.backend == "onnx")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +84,10 @@ def export_model(cfg: ExportConfig) -> ExportResult:
         bar.set_postfix_str("load")
         model = source.load_torch_model(model_dir, cfg.trust_remote_code)
         lm = source.lm_info(model.config)
+        if cfg.recorded_group_size is not None:
+            from kvtool.export.awq import check_group_size
+
+            check_group_size(model, cfg.group_size)
         bar.update(1)
         samples = None
         if calib is not None:

@@ -56,6 +56,16 @@ def architecture_of(config: dict[str, Any], where: str) -> str:
     return SUPPORTED_MODEL_TYPES[model_type]
 
 
+def lm_linear_widths(config: dict[str, Any]) -> set[int]:
+    """Input widths of the language model's linears, from a raw config.json (empty if not stated)."""
+    tc = config.get("text_config") or config
+    widths = {tc.get("hidden_size"), tc.get("intermediate_size")}
+    heads, head_dim = tc.get("num_attention_heads"), tc.get("head_dim")
+    if heads and head_dim:
+        widths.add(heads * head_dim)
+    return {int(w) for w in widths if w}
+
+
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over the weight files (name and bytes, in sorted order) of a checkpoint."""
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
