@@ -10,7 +10,8 @@ On a ``[1, 32, 4096, 128]`` float16 K and V (one LLaVA-7B layer at 4k tokens), f
 - bytes held vs fp16 and the bound ``(bits + 32/g)/16`` (+ per-channel residual);
 - decode step: after the block, ``append`` one token + incremental ``dequantize(out=bufs)`` (ms).
 
-Every figure is the median of ``--repeats`` runs. Run:  python bench/quant_ops.py [--json out.json]
+Times are thread CPU time (torch pinned to ``--threads`` = 1), medians of ``--repeats`` interleaved runs;
+wall times are in the JSON. Run:  python bench/quant_ops.py [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import sys
 import time
 
 
-def _median_s(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _time(fn) -> tuple[float, float]:
+    """(thread CPU seconds, wall seconds) of one call. On a shared machine the CPU time of this thread
+    (torch runs single-threaded here) is what the code costs; wall time also counts time spent descheduled."""
+    c0, w0 = time.thread_time(), time.perf_counter()
+    fn()
+    return time.thread_time() - c0, time.perf_counter() - w0
 
 
 def _bound(spec, bits: int, n: int, h: int, d: int) -> float:
@@ -90,12 +90,12 @@ def run(args) -> dict:
         def dequantize(store=store, kb=kb, vb=vb):
             store.dequantize(out=(kb, vb), incremental=False)
 
-        copy_s, q_s, dq_s = [], [], []
+        times: dict[str, list] = {"copy": [], "q": [], "dq": []}
         for _ in range(args.repeats):  # interleaved, so copy and ours see the same machine load
-            copy_s.append(_median_s(copy, 1))
-            q_s.append(_median_s(quantize, 1))
-            dq_s.append(_median_s(dequantize, 1))
-        copy_t, q_t, dq_t = (statistics.median(x) for x in (copy_s, q_s, dq_s))
+            for name, fn in (("copy", copy), ("q", quantize), ("dq", dequantize)):
+                times[name].append(_time(fn))
+        copy_t, q_t, dq_t = (statistics.median(c for c, _ in times[x]) for x in ("copy", "q", "dq"))
+        wall = {x: statistics.median(w for _, w in times[x]) for x in times}
         nbytes, fp16_nbytes = store.nbytes, store.fp16_nbytes
         store.dequantize(out=(kb, vb))
 
@@ -103,7 +103,7 @@ def run(args) -> dict:
             store.append(step, step)
             store.dequantize(out=(kb, vb))
 
-        step_t = _median_s(decode_step, 1)  # one step only: the buffers hold n + 1 tokens
+        step_t = _time(decode_step)[0]  # one step only: the buffers hold n + 1 tokens
         spec = parse_scheme(scheme)
         rows.append({
             "backend": lib, "scheme": scheme, "bits": bits,
@@ -112,6 +112,7 @@ def run(args) -> dict:
             "dequantize_gbps": fp16_bytes / dq_t / 1e9, "dequantize_vs_copy": copy_t / dq_t,
             "quantize_ms": q_t * 1e3, "dequantize_ms": dq_t * 1e3, "copy_ms": copy_t * 1e3,
             "decode_step_ms": step_t * 1e3,
+            "wall_ms": {"copy": wall["copy"] * 1e3, "quantize": wall["q"] * 1e3, "dequantize": wall["dq"] * 1e3},
             "held_vs_fp16": nbytes / fp16_nbytes, "bound_vs_fp16": _bound(spec, bits, n, h, d),
             "nbytes": nbytes, "fp16_nbytes": fp16_nbytes,
         })

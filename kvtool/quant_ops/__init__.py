@@ -9,9 +9,9 @@ Public API (stable; other packages code against it)::
     store.append(k_new, v_new); k, v = store.dequantize()
 
 Modules: ``schemes`` (grammar, costs), ``affine`` (the one quantize/dequantize primitive family, block sizes),
-``packing`` (2/3/4/8-bit planar packing, fused unpack+dequantize), ``outliers`` (or<s> split), ``block``
-(``QuantizedBlock`` container), ``fake`` (``fake_quant_kv``), ``store`` (``QuantizedKVStore``), ``demo``
-(round-trip report for the CLI). Nothing here knows about models, graphs or files.
+``packing`` (2/3/4/8-bit packing in token tiles), ``kernels`` (the chunked torch fast path, bit-identical
+to numpy), ``outliers`` (or<s> split), ``block`` (``QuantizedBlock`` container), ``fake`` (``fake_quant_kv``),
+``store`` (``QuantizedKVStore``), ``demo`` (reports for the CLI). Nothing here knows about models, graphs or files.
 """
 
 from kvtool.quant_ops.block import QuantizedBlock

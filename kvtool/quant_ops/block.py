@@ -20,6 +20,7 @@ from typing import Any
 from kvtool.quant_ops import kernels
 from kvtool.quant_ops.affine import (
     Array,
+    _contig,
     block_for,
     choose_qparams_affine,
     empty,
@@ -68,6 +69,9 @@ class QuantizedBlock:
                 idx = idx.to(torch_int32()) if torch_path else idx.astype("int32")
             delta, mn = qparams_from_minmax(lo, hi, bits, param_dtype(x))
             delta, mn = delta.reshape(b, 1, 1, 1), mn.reshape(b, 1, 1, 1)
+        elif torch_path and not offset:
+            qdata, delta, mn = kernels.quantize_block(v, block, bits)
+            return cls(qdata, delta, mn, block, bits, shape, x.dtype, flat, idx, vals)
         elif torch_path:
             delta, mn = kernels.choose_qparams(v, block, bits)
         else:
@@ -108,7 +112,3 @@ def torch_int32():
     import torch
 
     return torch.int32
-
-
-def _contig(x: Array) -> bool:
-    return x.is_contiguous() if is_torch(x) else x.flags.c_contiguous

@@ -127,6 +127,41 @@ def quantize_pack(x: Array, block: tuple[int, ...], delta: Array, mn: Array, bit
     return out
 
 
+def quantize_block(x: Array, block: tuple[int, ...], bits: int) -> tuple[Array, Array, Array]:
+    """``(packed, delta, min)`` = ``choose_qparams`` + ``quantize_pack`` in one pass over x when every chunk
+    holds whole blocks (per-token, per-channel g); otherwise the two calls."""
+    import torch
+
+    from kvtool.quant_ops.affine import param_dtype, qparams_from_minmax
+
+    shape = tuple(x.shape)
+    p = tile_tokens(bits)
+    chunks = list(_chunks(shape, block, x.device.type, p))
+    if shape[2] % p or any(blk != tuple(block) for *_, blk in chunks):
+        delta, mn = choose_qparams(x, block, bits)
+        return quantize_pack(x, block, delta, mn, bits), delta, mn
+    pdt = param_dtype(x)
+    pshape = params_shape(shape, block)
+    delta = torch.empty(pshape, dtype=pdt, device=x.device)
+    mn = torch.empty(pshape, dtype=pdt, device=x.device)
+    out = torch.empty(shape[:2] + (packed_rows(shape[2], bits), shape[3]), dtype=torch.uint8, device=x.device)
+    qmax, r = float(2**bits - 1), tile_rows(bits)
+    for axis, s, e, ps, pe, blk in chunks:
+        t = x[_sl(axis, s, e)].to(torch.float32, copy=True)
+        inter, bshape = _split(tuple(t.shape), blk)
+        ti = t.view(inter)
+        dims = (1, 3, 5, 7)
+        dc, mc = qparams_from_minmax(ti.amin(dim=dims), ti.amax(dim=dims), bits, pdt)
+        delta[_sl(axis, ps, pe)] = dc.reshape(delta[_sl(axis, ps, pe)].shape)
+        mn[_sl(axis, ps, pe)] = mc.reshape(mn[_sl(axis, ps, pe)].shape)
+        d32 = dc.to(torch.float32)
+        d32 = torch.where(d32 == 0, torch.ones_like(d32), d32)
+        ti.sub_(mc.to(torch.float32).reshape(bshape)).div_(d32.reshape(bshape))
+        ti.round_().clamp_(0.0, qmax)
+        _pack_float(t, bits, out[_sl(axis, s, e)] if axis == 1 else out[:, :, s // p * r:e // p * r])
+    return out, delta, mn
+
+
 def dequantize_packed(packed: Array, bits: int, block: tuple[int, ...], delta: Array, mn: Array,
                       out: Array) -> Array:
     """``packing.dequantize_packed`` for torch tensors (``out`` [B, H, T, L], packed from token 0)."""

@@ -31,8 +31,8 @@ def split_outliers(x2: Array, pct: float) -> tuple[Array, Array, Array, Array]:
     if is_torch(x2):
         import torch
 
-        lo = torch.kthvalue(x2, k + 1, dim=1).values
-        hi = torch.kthvalue(x2, n - k, dim=1).values
+        lo = torch.stack([_kth_smallest(r, k + 1) for r in x2])
+        hi = -torch.stack([_kth_smallest(-r, k + 1) for r in x2])
         mask = (x2 < lo[:, None]) | (x2 > hi[:, None])
         idx = torch.flatten(mask).nonzero().flatten()
         return idx, x2.reshape(-1)[idx], lo, hi
@@ -41,6 +41,23 @@ def split_outliers(x2: Array, pct: float) -> tuple[Array, Array, Array, Array]:
     mask = (x2 < lo[:, None]) | (x2 > hi[:, None])
     idx = np.flatnonzero(mask)
     return idx, x2.reshape(-1)[idx], lo, hi
+
+
+def _kth_smallest(row, kth: int):
+    """Exact ``kth`` smallest value of a 1-D torch tensor. For a small kth it first keeps only the values
+    below a bound taken from a strided sample and checks that at least ``kth`` survived (else it falls back
+    to the full ``torch.kthvalue``), which is ~10x faster than ``kthvalue`` over millions of values."""
+    import torch
+
+    n = row.numel()
+    if n > 1 << 16 and kth * 8 < n:
+        sample = row[:: max(1, n // (1 << 15))]
+        rank = min(sample.numel(), max(1, int(sample.numel() * 2 * kth / n) + 16))
+        bound = torch.kthvalue(sample, rank).values
+        cand = row[row <= bound]
+        if cand.numel() >= kth:
+            return torch.kthvalue(cand, kth).values
+    return torch.kthvalue(row, kth).values
 
 
 def scatter_outliers(out2: Array, idx: Array, vals: Array) -> None:

@@ -16,7 +16,8 @@ re-taken each time, so error accumulates). Its ``nbytes`` is the dense cache; ``
 theory.
 
 Cost model of ``dequantize``. Without ``out`` it allocates and fills the whole ``[B, H, N, D]`` pair:
-O(N) work, done by one fused unpack+``addcmul`` per bit-plane (see ``packing``). With ``out=(k_buf, v_buf)``
+O(N) work (for torch: chunk by chunk, a few in-cache passes per chunk, see ``kernels``; about 3-4x the time
+of copying the fp16 cache on this project's CPU, see docs/BENCHMARKS.md). With ``out=(k_buf, v_buf)``
 (caller-owned arrays ``[B, H, >=N, D]``, e.g. the runtime's graph-input buffers) the store remembers the
 pair it last filled and, when called again with the *same* objects, rewrites only tokens whose values changed
 since: the new tokens and any group just flushed from the residual — O(1) tokens per decode step amortised
@@ -24,7 +25,8 @@ since: the new tokens and any group just flushed from the residual — O(1) toke
 the store; the dequantized copy lives in the caller's buffers and is counted there, not in ``nbytes``. The
 caller must not write into those buffers between calls. Simulate mode rewrites everything every time.
 
-``nbytes`` is what the store holds for the tokens it has (codes + params + outliers + residual);
+``nbytes`` is what the store holds for the tokens it has (codes — including the unused slots of the last,
+partly filled packing tile, at most 7 tokens — + params + outliers + residual);
 ``capacity_nbytes`` adds the pre-allocated slack of the growable buffers (none if ``max_tokens`` is given).
 This module does not run attention or know about models; it holds one layer.
 """

@@ -176,3 +176,18 @@ def test_cuda_matches_cpu():
         kn, vn = fake_quant_kv(k, v, scheme, 2, 2)
         np.testing.assert_array_equal(kc.cpu().numpy(), kn)
         np.testing.assert_array_equal(vc.cpu().numpy(), vn)
+
+
+def test_outlier_threshold_fast_path_is_exact():
+    from kvtool.quant_ops.outliers import _kth_smallest
+
+    rng = np.random.default_rng(11)
+    for dist in ("normal", "heavy", "ties"):
+        x = rng.standard_normal(300_000).astype(np.float32)
+        if dist == "heavy":
+            x = x ** 3
+        if dist == "ties":
+            x = np.round(x, 1)
+        for kth in (1, 17, 3000):
+            assert _kth_smallest(torch.from_numpy(x), kth).item() == np.partition(x, kth - 1)[kth - 1]
+            assert _kth_smallest(-torch.from_numpy(x), kth).item() == np.partition(-x, kth - 1)[kth - 1]
