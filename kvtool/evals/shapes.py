@@ -70,7 +70,7 @@ QUESTION_WORDS = ("what", "color", "is", "the", "shape", "object", "how", "many"
                   "image", "there", "a", "to", "left", "or", "right", "of", "?")
 
 _PAIRS = [(c, s) for c in COLORS for s in SHAPES]
-_PAIR_PRIOR = {(c, s): cw * sw for c, cw in zip(COLORS, COLOR_WEIGHTS) for s, sw in zip(SHAPES, SHAPE_WEIGHTS)}
+_PAIR_PRIOR = {(c, s): cw * sw for c, cw in zip(COLORS, COLOR_WEIGHTS, strict=True) for s, sw in zip(SHAPES, SHAPE_WEIGHTS, strict=True)}
 _POPULARITY = sorted(_PAIRS, key=lambda p: -_PAIR_PRIOR[p])  # most frequent pair first
 
 
@@ -125,7 +125,7 @@ def _render(rng: np.random.Generator, objs: list[tuple[str, str]], min_dx: float
         g = int(rng.integers(90, 170))
         draw.rectangle([x, y, x + 1, y + 1], fill=(g, g, g))
     places = _place(rng, len(objs), min_dx)
-    for (color, shape), (cx, cy, r) in zip(objs, places):
+    for (color, shape), (cx, cy, r) in zip(objs, places, strict=True):
         jitter = rng.integers(-15, 16, size=3)
         fill = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + jitter, 0, 255))
         _draw_shape(draw, shape, cx, cy, r, fill)
@@ -190,7 +190,7 @@ def make_shapes_sample(seed: int, index: int) -> dict[str, Any]:
         question = f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?"
         answer = "left" if want_left else "right"
     objects = [{"color": c, "shape": s, "x": round(x, 2), "y": round(y, 2), "r": round(r, 2)}
-               for (c, s), (x, y, r) in zip(objs, places)]
+               for (c, s), (x, y, r) in zip(objs, places, strict=True)]
     return {"id": f"shapes-{seed}-{index}", "image": img, "question": question, "answer": answer,
             "question_type": qtype, "pope_split": pope_split, "objects": objects}
 

@@ -40,12 +40,12 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_deterministic_and_prefix_stable(test_rows):
     again = make_shapes_split("test", 40)
-    assert all(_same(a, b) for a, b in zip(again, test_rows))
+    assert all(_same(a, b) for a, b in zip(again, test_rows, strict=False))
     assert _same(make_shapes_sample(TEST_SEED, 123), test_rows[123])
     train = make_shapes_split("train", 40)
     assert train[0]["id"] == f"shapes-{TRAIN_SEED}-0"
     # different seeds give different images
-    assert sum(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(train, again)) == 0
+    assert sum(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(train, again, strict=True)) == 0
 
 
 def test_question_types_and_answers_balanced(test_rows):

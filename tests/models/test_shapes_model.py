@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from kvtool.evals.shapes import make_shapes_split
-from kvtool.models.shapes_train import SHAPES_MODEL_DIR, TrainConfig, encode_batch, shapes_prompt, train_shapes
+from kvtool.models.shapes_train import (
+    SHAPES_MODEL_DIR,
+    TrainConfig,
+    encode_batch,
+    shapes_prompt,
+    train_shapes,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -69,6 +75,44 @@ def test_encode_batch_matches_processor_on_full_text(shipped):
         assert processor.tokenizer.decode(labelled) == " " + r["answer"] + "</s>"
 
 
+def test_answer_loss_matches_transformers_loss_and_grads():
+    """The hand-written shared-prefix loss equals ``model(**enc).loss`` (value and gradients)."""
+    import torch
+
+    from kvtool.models.shapes_train import _build, answer_loss, shared_prefix_len
+
+    torch.manual_seed(1)
+    model, processor = _build(TrainConfig(layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
+    enc = encode_batch(processor, make_shapes_split("train", 6))
+    p = shared_prefix_len(enc["input_ids"], model.config.image_token_id)
+    assert p > 20 and enc["input_ids"][0, p] == model.config.image_token_id
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    ref, gref = loss_and_grads(lambda: model(**enc).loss)
+    got, ggot = loss_and_grads(lambda: answer_loss(model, enc, p))
+    assert abs(got - ref) < 1e-5 * max(1.0, abs(ref))
+    assert gref.keys() == ggot.keys()
+    for n in gref:
+        torch.testing.assert_close(ggot[n], gref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_prompt_is_the_runtime_vicuna_prompt(shipped):
+    """The eval harness (LLaVA's vicuna_v1 conversation + the short-answer line) builds the trained prompt."""
+    from kvtool.evals.shapes import make_shapes_sample
+    from kvtool.evals.tasks import get_task
+    from kvtool.runtime.preprocess import build_prompt
+
+    _, processor, _ = shipped
+    row = make_shapes_sample(5, 3)
+    sample = get_task("shapes").build(row)[0]
+    assert build_prompt(processor, sample.prompt, 1, "vicuna_v1") == shapes_prompt(processor, row["question"])
+
+
 def test_short_training_run_end_to_end_and_deterministic(tmp_path):
     from safetensors.numpy import load_file
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -76,7 +120,7 @@ def test_short_training_run_end_to_end_and_deterministic(tmp_path):
     small = dict(steps=2, batch_size=4, eval_samples=5, hidden=128, layers=1, intermediate=128,
                  vision_hidden=32, vision_layers=1, threads=1)
     r1 = train_shapes(TrainConfig(out_dir=str(tmp_path / "a"), **small), progress=False)
-    r2 = train_shapes(TrainConfig(out_dir=str(tmp_path / "b"), **small), progress=False)
+    train_shapes(TrainConfig(out_dir=str(tmp_path / "b"), **small), progress=False)
     assert r1["steps"] == 2 and r1["test_samples"] == 5 and 0.0 <= r1["test_accuracy"] <= 1.0
     assert np.isfinite(r1["final_loss_ema"]) and r1["final_loss_ema"] > 0
     w1, w2 = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

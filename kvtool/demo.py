@@ -1,0 +1,210 @@
+"""``kvtool demo``: the study's Table 3 in minutes, on the bundled trained model and the ``shapes`` benchmark.
+
+``run_demo(DemoConfig())`` exports the shipped ``kvtool-shapes`` checkpoint once to OpenVINO with int4 weights
+(cached under ``cache_dir``, keyed by the checkpoint's hash), then evaluates the ``shapes`` test split with
+the ordinary eval runner: the PyTorch fp32 reference; OpenVINO int4 with fp16 KV; OpenVINO int4 with each of
+the study's KV schemes at 4 and 2 bits in the runtime's default mode (``packed``, first answer token already
+sees the compressed cache). Each row is compared with the reference (answer agreement, accuracy delta with a
+paired bootstrap 95% interval). Results: a table, ``demo.json`` (``{"rows": [...]}``), a PNG plot, and the
+run directories (resumable: a re-run reuses finished predictions).
+
+It does not train, tune or choose anything: the rows are whatever the schemes do to this model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import InputError
+
+DEMO_SCHEMES = ("uniform", "or2", "g-CN", "g-T128", "g-KCNVT128", "g-KC128VT128")
+DEMO_BITS = (4, 2)
+QUICK_N = 60
+
+
+@dataclass
+class DemoConfig:
+    """One demo run. ``n``: shapes test questions per row (``quick`` uses ``QUICK_N``)."""
+
+    out_dir: str = "kvtool-demo"
+    cache_dir: str | None = None  # export cache; default $KVTOOL_CACHE or ~/.cache/kvtool
+    n: int = 300
+    quick: bool = False
+    schemes: tuple[str, ...] = DEMO_SCHEMES
+    bits: tuple[int, ...] = DEMO_BITS
+    device: str = "auto"
+    n_boot: int = 1000
+    model: str | None = None  # default: the bundled kvtool-shapes
+    progress: bool = True
+    plan: list[dict[str, Any]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.n = min(self.n, QUICK_N)
+        if self.n < 1:
+            raise InputError(f"--n {self.n}: expected a positive number of questions")
+        bad = [b for b in self.bits if b not in (2, 3, 4, 8)]
+        if bad:
+            raise InputError(f"--bits {bad[0]}: expected KV bits among 2, 3, 4, 8")
+        from kvtool.quant_ops import parse_scheme
+
+        self.schemes = tuple(str(parse_scheme(s)) for s in self.schemes)  # InputError/ValueError on a bad name
+        self.plan = demo_plan(self.schemes, self.bits)
+
+
+def demo_plan(schemes: tuple[str, ...], bits: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The rows: reference, int4 + fp16 KV, then int4 x scheme x bits (each scheme at every bit width)."""
+    rows = [{"name": "torch-fp32", "backend": "torch", "wbits": 16, "kv": "fp16", "k_bits": 16, "v_bits": 16},
+            {"name": "ov-w4-fp16", "backend": "openvino", "wbits": 4, "kv": "fp16", "k_bits": 16, "v_bits": 16}]
+    for b in bits:
+        for s in schemes:
+            rows.append({"name": f"ov-w4-{s}-k{b}v{b}", "backend": "openvino", "wbits": 4, "kv": s,
+                         "k_bits": b, "v_bits": b})
+    return rows
+
+
+def _cache_root(cfg: DemoConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("KVTOOL_CACHE", Path.home() / ".cache" / "kvtool"))
+
+
+def _model_hash(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("model.safetensors", "config.json"):
+        h.update((model_dir / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4) -> Path:
+    """The OpenVINO int``wbits`` export of ``model_dir`` in the cache, made on first use."""
+    from kvtool.export import ExportConfig, export_model
+
+    out = cache_root / "demo" / f"openvino-w{wbits}-{_model_hash(model_dir)}"
+    if not (out / "kvtool.json").is_file():
+        export_model(ExportConfig(model=str(model_dir), output=str(out), backend="openvino", wbits=wbits))
+    return out
+
+
+def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, Any] | None) -> dict[str, Any]:
+    task = results["tasks"]["shapes"]
+    m, timing = task["metrics"], task.get("timing", {})
+    row: dict[str, Any] = {k: plan[k] for k in ("name", "backend", "wbits", "kv", "k_bits", "v_bits")}
+    row["accuracy"] = m["accuracy"] / 100
+    row["n"] = m["n"]
+    for k, v in m.items():
+        if k.startswith("accuracy_"):
+            row[k] = v / 100
+    pope = m.get("pope") or {}
+    row["pope_f1"] = pope.get("mean_f1", float("nan")) / 100 if pope else None
+    row["pope_random_f1"] = pope.get("random_f1", float("nan")) / 100 if "random_f1" in pope else None
+    row["kv_bytes"] = timing.get("mean_kv_bytes")
+    row["kv_fp16_bytes"] = timing.get("mean_kv_fp16_bytes")
+    row["kv_ratio"] = (row["kv_bytes"] / row["kv_fp16_bytes"]) if row["kv_bytes"] and row["kv_fp16_bytes"] else None
+    row["decode_ms_per_token"] = timing.get("mean_decode_ms_per_token")
+    row["prefill_ms"] = timing.get("mean_prefill_ms")
+    if cmp is None:  # the reference itself
+        row.update(agreement=1.0, accuracy_delta=0.0, accuracy_delta_ci95=[0.0, 0.0])
+    else:
+        t = cmp["tasks"]["shapes"]
+        d = t["metrics"]["accuracy"]
+        row.update(agreement=t["agreement"], accuracy_delta=d["delta"] / 100,
+                   accuracy_delta_ci95=[x / 100 for x in d.get("ci95", [float("nan")] * 2)])
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a text table in the shape of the study's Table 3 (accuracies in %)."""
+    types = sorted({k[len("accuracy_"):] for r in rows for k in r if k.startswith("accuracy_")
+                    and k not in ("accuracy_delta", "accuracy_delta_ci95")})
+    head = (f"{'backend':<9}{'W':>3} {'KV':<13}{'bits':>5}{'acc':>7}" + "".join(f"{t[:8]:>9}" for t in types)
+            + f"{'POPE F1':>8}{'KV/fp16':>8}{'ms/tok':>8}{'agree':>7}{'delta [95% CI]':>24}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        bits = "16" if r["kv"] == "fp16" else f"{r['k_bits']}"
+        ci = r["accuracy_delta_ci95"]
+        pct = (lambda v: "   –" if v is None else f"{100 * v:.1f}")  # noqa: E731
+        lines.append(
+            f"{r['backend']:<9}{r['wbits']:>3} {r['kv']:<13}{bits:>5}{pct(r['accuracy']):>7}"
+            + "".join(f"{pct(r.get('accuracy_' + t)):>9}" for t in types)
+            + f"{pct(r['pope_f1']):>8}"
+            + (f"{r['kv_ratio']:>8.3f}" if r["kv_ratio"] is not None else f"{'–':>8}")
+            + (f"{r['decode_ms_per_token']:>8.2f}" if r["decode_ms_per_token"] is not None else f"{'–':>8}")
+            + f"{pct(r['agreement']):>7}"
+            + f"{100 * r['accuracy_delta']:>+8.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]".rjust(24))
+    return "\n".join(lines)
+
+
+def plot_demo(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy per KV scheme, one bar group per bit width, with the reference and int4-fp16 as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = next(r for r in rows if r["backend"] == "torch")
+    base = next((r for r in rows if r["backend"] != "torch" and r["kv"] == "fp16"), None)
+    quant = [r for r in rows if r["kv"] != "fp16"]
+    schemes = list(dict.fromkeys(r["kv"] for r in quant))
+    bits = sorted({r["k_bits"] for r in quant}, reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(bits))
+    for j, b in enumerate(bits):
+        vals = [next((100 * r["accuracy"] for r in quant if r["kv"] == s and r["k_bits"] == b), 0) for s in schemes]
+        ax.bar([i + j * width for i in range(len(schemes))], vals, width, label=f"KV {b}-bit")
+    ax.axhline(100 * ref["accuracy"], color="k", ls="--", lw=1, label="PyTorch fp32")
+    if base:
+        ax.axhline(100 * base["accuracy"], color="grey", ls=":", lw=1, label="OpenVINO int4, fp16 KV")
+    ax.set_xticks([i + width * (len(bits) - 1) / 2 for i in range(len(schemes))], schemes, rotation=20)
+    ax.set_ylabel("shapes accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"kvtool demo: kvtool-shapes, int4 weights, n={ref['n']}")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Export (cached), evaluate every planned row, compare with the reference; write JSON, table and plot."""
+    from tqdm import tqdm
+
+    from kvtool.evals.compare import compare_runs
+    from kvtool.evals.runner import EvalConfig, run_eval
+    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+
+    model_dir = Path(cfg.model) if cfg.model else SHAPES_MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"demo model {model_dir}: expected an HF checkpoint directory with config.json")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    export_dir = ensure_export(model_dir, _cache_root(cfg))
+    rows: list[dict[str, Any]] = []
+    ref_dir = None
+    bar = tqdm(cfg.plan, desc="demo rows", unit="row", disable=not cfg.progress)
+    for plan in bar:
+        bar.set_postfix_str(plan["name"])
+        run_dir = out / "runs" / plan["name"]
+        ecfg = EvalConfig(model=str(model_dir if plan["backend"] == "torch" else export_dir), tasks=["shapes"],
+                          output=str(run_dir), backend=plan["backend"], device=cfg.device, kv=plan["kv"],
+                          k_bits=None if plan["kv"] == "fp16" else plan["k_bits"],
+                          v_bits=None if plan["kv"] == "fp16" else plan["v_bits"],
+                          wbits=plan["wbits"], limit=cfg.n, progress=cfg.progress)
+        results = run_eval(ecfg)
+        cmp = None if ref_dir is None else compare_runs(ref_dir, run_dir, tasks=["shapes"], n_boot=cfg.n_boot)
+        if ref_dir is None:
+            ref_dir = run_dir
+        rows.append(_row_record(plan, results, cmp))
+    table = format_table(rows)
+    plot = plot_demo(rows, out / "demo.png")
+    cfg_json = {k: v for k, v in asdict(cfg).items() if k != "plan"}
+    result = {"rows": rows, "config": cfg_json, "model": str(model_dir), "export": str(export_dir),
+              "plot": str(plot), "table": table}
+    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result

@@ -1,0 +1,77 @@
+"""kvtool demo: the plan and table on their own, and ``kvtool demo --quick --json`` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kvtool.cli import main
+from kvtool.demo import DEMO_BITS, DEMO_SCHEMES, QUICK_N, DemoConfig, demo_plan, format_table, plot_demo
+from kvtool.errors import InputError
+
+ROW_KEYS = {"backend", "wbits", "kv", "k_bits", "v_bits", "accuracy", "kv_bytes", "kv_fp16_bytes", "agreement"}
+
+
+def test_plan_has_the_issue_rows():
+    plan = demo_plan(DEMO_SCHEMES, DEMO_BITS)
+    assert len(plan) == 2 + len(DEMO_SCHEMES) * len(DEMO_BITS)
+    assert plan[0] == {"name": "torch-fp32", "backend": "torch", "wbits": 16, "kv": "fp16", "k_bits": 16,
+                       "v_bits": 16}
+    assert plan[1]["backend"] == "openvino" and plan[1]["wbits"] == 4 and plan[1]["kv"] == "fp16"
+    assert {(r["kv"], r["k_bits"]) for r in plan[2:]} == {(s, b) for s in DEMO_SCHEMES for b in DEMO_BITS}
+    assert len({r["name"] for r in plan}) == len(plan)
+
+
+def test_config_checks_input():
+    assert DemoConfig(quick=True).n == QUICK_N
+    with pytest.raises(InputError, match="--bits"):
+        DemoConfig(bits=(5,))
+    with pytest.raises(InputError, match="--n"):
+        DemoConfig(n=0)
+    with pytest.raises(ValueError):
+        DemoConfig(schemes=("g-XY7",))
+    r = CliRunner().invoke(main, ["demo", "--bits", "four"])
+    assert r.exit_code == 2 and "error: --bits" in r.output
+
+
+def test_table_and_plot_from_rows(tmp_path):
+    def row(backend, wbits, kv, b, acc, agree, delta):
+        return {"name": kv, "backend": backend, "wbits": wbits, "kv": kv, "k_bits": b, "v_bits": b, "n": 10,
+                "accuracy": acc, "accuracy_color": acc, "accuracy_count": acc / 2, "pope_f1": 0.8,
+                "kv_bytes": 100 * b, "kv_fp16_bytes": 1600, "kv_ratio": b / 16, "decode_ms_per_token": 1.5,
+                "agreement": agree, "accuracy_delta": delta, "accuracy_delta_ci95": [delta - 0.1, delta + 0.1]}
+
+    rows = [row("torch", 16, "fp16", 16, 0.95, 1.0, 0.0), row("openvino", 4, "fp16", 16, 0.94, 0.97, -0.01),
+            row("openvino", 4, "g-T128", 4, 0.9, 0.9, -0.05), row("openvino", 4, "g-T128", 2, 0.3, 0.3, -0.65)]
+    table = format_table(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert "count" in table[0] and "POPE F1" in table[0]
+    last = table[-1]
+    assert "g-T128" in last and "30.0" in last and "-65.0 [-75.0, -55.0]" in last and "0.125" in last
+    png = plot_demo(rows, tmp_path / "demo.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    out, js = tmp_path / "demo", tmp_path / "demo.json"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                                  "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(js.read_text())["rows"]
+    assert len(rows) == 2 + len(DEMO_SCHEMES) * len(DEMO_BITS)
+    assert all(ROW_KEYS <= set(x) for x in rows)
+    ref, base = rows[0], rows[1]
+    assert (ref["backend"], ref["wbits"], ref["kv"]) == ("torch", 16, "fp16")
+    assert ref["accuracy"] >= 0.9 and ref["agreement"] == 1.0
+    assert (base["backend"], base["wbits"], base["kv"]) == ("openvino", 4, "fp16")
+    assert abs(base["accuracy"] - ref["accuracy"]) <= 0.05
+    for x in rows[2:]:
+        assert 0.0 <= x["accuracy"] <= 1.0 and 0.0 <= x["agreement"] <= 1.0
+        assert 0 < x["kv_bytes"] < x["kv_fp16_bytes"]
+    by = {(x["kv"], x["k_bits"]): x for x in rows[2:]}
+    for s in DEMO_SCHEMES:
+        assert by[(s, 2)]["kv_bytes"] < by[(s, 4)]["kv_bytes"]
+    assert (out / "demo.png").is_file() and "g-KC128VT128" in r.output
