@@ -457,5 +457,36 @@ def ls_tasks(as_json) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@main.command(name="demo")
+@click.option("--out", "out_dir", default="kvtool-demo", show_default=True, help="Directory for runs, JSON and plot.")
+@click.option("--cache-dir", default=None, help="Export cache (default $KVTOOL_CACHE or ~/.cache/kvtool).")
+@click.option("--n", "n", type=int, default=300, show_default=True, help="shapes test questions per row.")
+@click.option("--quick", is_flag=True, help="Fewer questions (60), for CI.")
+@click.option("--schemes", default=",".join(("uniform", "or2", "g-CN", "g-T128", "g-KCNVT128", "g-KC128VT128")),
+              show_default=True, help="Comma-separated KV schemes.")
+@click.option("--bits", default="4,2", show_default=True, help="Comma-separated KV bit widths (K = V).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", default=None, help="Also write the {'rows': [...]} JSON here ('-': stdout).")
+def demo_cmd(out_dir, cache_dir, n, quick, schemes, bits, device, json_path) -> None:
+    """Export the bundled kvtool-shapes model with int4 weights to OpenVINO and evaluate it on the shapes
+    benchmark: PyTorch fp32 reference, fp16 KV, and the study's KV schemes at each bit width (Table 3 shape)."""
+    from kvtool.demo import DemoConfig, run_demo
+
+    try:
+        bit_list = tuple(int(b) for b in bits.split(",") if b.strip())
+    except ValueError:
+        raise InputError(f"--bits {bits!r}: expected comma-separated integers such as 4,2") from None
+    cfg = DemoConfig(out_dir=out_dir, cache_dir=cache_dir, n=n, quick=quick, device=device, bits=bit_list,
+                     schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()))
+    result = run_demo(cfg)
+    if json_path == "-":
+        echo_json({"rows": result["rows"]})
+        return
+    click.echo(result["table"])
+    click.echo(f"\nplot: {result['plot']}   json: {out_dir}/demo.json")
+    if json_path:
+        echo_json({"rows": result["rows"], "config": result["config"]}, json_path)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
