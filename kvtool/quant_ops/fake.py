@@ -16,7 +16,7 @@ from kvtool.quant_ops.affine import Array, block_for, empty, is_torch
 from kvtool.quant_ops.block import QuantizedBlock
 from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def check_kv(x: Array, what: str) -> None:

@@ -162,6 +162,8 @@ def test_bad_shapes_and_types():
         fake_quant_kv(k, v[:, :, :3], "g-T16", 2, 2)
     with pytest.raises(ValueError, match="dtype"):
         fake_quant_kv(k.astype(np.int32), v, "g-T16", 2, 2)
+    with pytest.raises(ValueError, match="dtype"):
+        fake_quant_kv(k.astype(np.float64), v.astype(np.float64), "g-T16", 2, 2)
     with pytest.raises(ValueError, match="numpy array or torch tensor"):
         fake_quant_kv(k.tolist(), v, "g-T16", 2, 2)
 
