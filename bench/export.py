@@ -1,0 +1,100 @@
+"""Benchmark: `kvtool export` wall time, peak memory and graph sizes at wbits 16/8/4/3, both backends.
+
+Builds a mid-size random LLaVA-1.5-style checkpoint with ``kvtool.models.make_tiny_model`` (default 8 layers,
+hidden 2048, intermediate 5632, 16 heads — a quarter of LLaVA-1.5-7B's decoder), then runs one
+``kvtool export`` per (backend, wbits) in its own subprocess so each gets a clean peak-RSS reading
+(``os.wait4`` rusage of that child). Reports wall seconds, peak RSS, the language model's weight bytes on
+disk (and the ratio to the fp16 export) and each graph's size and weight format.
+
+Run:  python bench/export.py [--hidden 2048 --layers 8] [--backends openvino,onnx] [--wbits 16,8,4,3]
+                             [--workdir /tmp/kvtool-bench-export] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_export(model: Path, out: Path, backend: str, wbits: int, extra: list[str]) -> dict:
+    """One export in a child process: wall seconds, peak RSS (MiB) and the command's JSON result."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "kvtool.cli", "export", str(model), "-o", str(out), "--backend", backend,
+           "--wbits", str(wbits), "--json", *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"export {backend} w{wbits} failed: {' '.join(cmd)}")
+    res = json.loads(stdout[stdout.index("{"):])
+    return {"backend": backend, "wbits": wbits, "wall_s": round(wall, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "graphs": res["graphs"]}
+
+
+def lm_weight_bytes(row: dict, out: Path) -> int:
+    """Bytes of the language model's weight file (.bin for OpenVINO, .onnx.data for ONNX)."""
+    g = next(g for g in row["graphs"] if g["role"] == "language_model")
+    path = out / g["file"]
+    data = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
+    return data.stat().st_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--backends", default="openvino,onnx")
+    ap.add_argument("--wbits", default="16,8,4,3")
+    ap.add_argument("--workdir", default="/tmp/kvtool-bench-export")
+    ap.add_argument("--keep", action="store_true", help="Keep the exports (default: delete each after measuring).")
+    ap.add_argument("--json", dest="json_out")
+    args = ap.parse_args()
+
+    from kvtool.models import make_tiny_model
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"llava-h{args.hidden}-l{args.layers}"
+    if not (model / "config.json").exists():
+        make_tiny_model("tiny-llava", model, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                        kv_heads=args.heads, intermediate=args.intermediate)
+    ckpt_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    rows = []
+    for backend in args.backends.split(","):
+        base = None
+        for wbits in (int(w) for w in args.wbits.split(",")):
+            out = work / f"{backend}-w{wbits}"
+            row = run_export(model, out, backend, wbits, [])
+            row["lm_weight_bytes"] = lm_weight_bytes(row, out)
+            if wbits == 16:
+                base = row["lm_weight_bytes"]
+            row["lm_vs_fp16"] = round(base / row["lm_weight_bytes"], 2) if base else None
+            rows.append(row)
+            print(f"{backend:<9} w{wbits:<3} {row['wall_s']:>7.1f} s  peak {row['peak_rss_mib']:>6} MiB  "
+                  f"LM weights {row['lm_weight_bytes'] / 2**20:>8.1f} MiB  (x{row['lm_vs_fp16']})  "
+                  + ", ".join(f"{g['role']}={g['weights']}" for g in row["graphs"]), flush=True)
+            if not args.keep:
+                shutil.rmtree(out)
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "model": {"path": str(model), "hidden": args.hidden, "layers": args.layers,
+                        "intermediate": args.intermediate, "checkpoint_bytes_fp32": ckpt_bytes},
+              "rows": rows}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
