@@ -139,8 +139,7 @@ class GraphEngine:
         )
 
         cfg = self.config
-        if getattr(cfg, "image_newline", None) is None:
-            raise InputError(f"{self.path}: config.json has no image_newline (LLaVA-NeXT exports must record it)")
+        newline = self._image_newline()
         n_patches = [image_size_to_num_patches(tuple(int(x) for x in s), cfg.image_grid_pinpoints,
                                                cfg.vision_config.image_size) for s in image_sizes]
         # pixel_values: [n_images, max_patches, 3, H, W] -> the real patches of each image, stacked
@@ -150,8 +149,25 @@ class GraphEngine:
         packed, _ = LlavaNextModel.pack_image_features(
             stand_in, list(torch.split(feats, n_patches, dim=0)), torch.from_numpy(np.asarray(image_sizes)),
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            image_newline=torch.tensor(cfg.image_newline, dtype=feats.dtype))
+            image_newline=torch.tensor(newline, dtype=feats.dtype))
         return torch.cat(packed, dim=0).numpy() if isinstance(packed, (list, tuple)) else packed.numpy()
+
+    def _image_newline(self) -> np.ndarray:
+        """LLaVA-NeXT's learned newline embedding: ``config.image_newline`` (the OpenVINO exporter writes it),
+        else the source checkpoint's weight named in the manifest, if that is still on disk."""
+        if getattr(self.config, "image_newline", None) is not None:
+            return np.asarray(self.config.image_newline, dtype=np.float32)
+        src = Path(str(self.manifest.source.get("model", "")))
+        if src.is_dir():
+            from safetensors import safe_open
+
+            for f in sorted(src.glob("*.safetensors")):
+                with safe_open(str(f), "np") as st:
+                    key = next((k for k in st.keys() if k.endswith("image_newline")), None)
+                    if key:
+                        return st.get_tensor(key).astype(np.float32)
+        raise InputError(f"{self.path}: no image_newline in config.json and the source checkpoint is not available "
+                         f"(LLaVA-NeXT exports must record it)")
 
     def _qwen2_vl_features(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
         import torch

@@ -58,6 +58,32 @@ def _lm_only_new(model, outputs: list[str]) -> bool:
     return all_new
 
 
+def _token_major_past(model, names: list[str]) -> None:
+    """Edit ``model`` in place so each past input is taken as ``[N, H, D]`` (transposed back to ``[1, H, N, D]``
+    inside the graph), letting the caller's token-major buffers feed it without a copy."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    axes = "kvtool_axes0"
+    g.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [0]))
+    new_nodes = []
+    for inp in g.input:
+        if inp.name not in names:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        h, d = dims[1], dims[3]
+        inner = f"kvtool_bhnd_{inp.name}"
+        for n in g.node:
+            n.input[:] = [inner if x == inp.name else x for x in n.input]
+        shape = helper.make_tensor_type_proto(inp.type.tensor_type.elem_type, ["past_tokens", h.dim_value or h.dim_param,
+                                                                               d.dim_value or d.dim_param])
+        inp.type.CopyFrom(shape)
+        new_nodes += [helper.make_node("Transpose", [inp.name], [inner + "_t"], perm=[1, 0, 2]),
+                      helper.make_node("Unsqueeze", [inner + "_t", axes], [inner])]
+    for n in reversed(new_nodes):  # keep the graph topologically sorted: the new nodes go first
+        g.node.insert(0, n)
+
+
 class ONNXEngine(GraphEngine):
     backend = "onnxruntime"
 
@@ -96,6 +122,8 @@ class ONNXEngine(GraphEngine):
                              f"export with past_key_values inputs)")
         model = onnx.load(str(self.path / g.file))  # external data next to the file loads with it
         self.kv_is_new = _lm_only_new(model, list(g.outputs))
+        _token_major_past(model, [n for pair in self.past_names for n in pair])
+        self.token_major = True
         elem = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
         self.kv_dtype = _NP_OF_ONNX.get(elem.get(self.past_names[0][0], 1), np.float32)
         self.lm_inputs = [i.name for i in model.graph.input]
@@ -119,4 +147,5 @@ class ONNXEngine(GraphEngine):
         return outs["logits"][0, -1], new
 
     def info(self) -> dict:
-        return {**super().info(), "provider": self.device, "new_kv_outputs": self.kv_is_new}
+        return {**super().info(), "provider": self.device, "new_kv_outputs": self.kv_is_new,
+                "token_major_past": self.token_major}

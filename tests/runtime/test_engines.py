@@ -1,0 +1,69 @@
+"""Every engine against transformers' own greedy generate, per architecture; OpenVINO's own KV compression
+on the stateful export. Exports of NeXT and the stateful graph are slow (marked); Qwen2-VL has no graph
+export in this environment (optimum-intel and kvtool's ONNX exporter refuse it), so it is checked on the torch
+engine, whose 3-D rope positions are the ones the graph engines use (``kvtool.runtime.positions``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvtool.runtime import VLMPipeline
+from tests.runtime.helpers import QUESTION, hf_greedy, random_image
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _check(pipe, model_dir, image, steps=6):
+    ids, logits = hf_greedy(model_dir, image, QUESTION, max_new_tokens=steps)
+    out = pipe.generate(image, QUESTION, max_new_tokens=steps)
+    assert out.token_ids == ids
+    np.testing.assert_allclose(pipe.last_first_logits, logits, atol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", pytest.param("tiny-llava-next", marks=pytest.mark.slow)])
+def test_torch_engine_matches_hf_generate(tiny_model, name):
+    img = random_image(3, (70, 110))
+    _check(VLMPipeline.load(tiny_model(name), backend="torch"), tiny_model(name), img)
+
+
+def test_onnxruntime_engine_matches_hf_generate(exported, tiny_model):
+    out_dir = exported("tiny-llava", "onnx", 16, "fp32")
+    pipe = VLMPipeline.load(out_dir)
+    assert pipe.engine.backend == "onnxruntime" and pipe.info()["engine"]["new_kv_outputs"]
+    _check(pipe, tiny_model("tiny-llava"), random_image())
+    # the same quantized cache as the OpenVINO / torch engines
+    t = VLMPipeline.load(tiny_model("tiny-llava"), backend="torch", kv="g-KC128VT128", k_bits=2, v_bits=2)
+    o = VLMPipeline.load(out_dir, kv="g-KC128VT128", k_bits=2, v_bits=2)
+    a, b = t.generate(random_image(), QUESTION, max_new_tokens=5), o.generate(random_image(), QUESTION, max_new_tokens=5)
+    assert a.token_ids == b.token_ids and a.stats["kv_bytes"] == b.stats["kv_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_graph_engines_match_hf_generate_on_llava_next(exported, tiny_model, backend):
+    pipe = VLMPipeline.load(exported("tiny-llava-next", backend, 16, "fp32"))
+    out = _check(pipe, tiny_model("tiny-llava-next"), random_image(3, (70, 110)))
+    assert out.stats["prompt_tokens"] > 300  # anyres tiles + newlines really went through
+
+
+@pytest.mark.slow
+def test_openvino_kv_compression_on_the_stateful_export(exported, tiny_model):
+    out_dir = exported("tiny-llava", "openvino", 16, "fp32", stateful=True)
+    img = random_image()
+    ref = VLMPipeline.load(out_dir)  # stateful, fp KV
+    _check(ref, tiny_model("tiny-llava"), img)
+    diffs = {}
+    for kv in ("ov-u8", "ov-u4"):
+        for first in ("compressed", "fp"):
+            p = VLMPipeline.load(out_dir, kv=kv, first_token=first)
+            st = p.generate(img, QUESTION, max_new_tokens=2).stats
+            diffs[kv, first] = np.abs(p.last_first_logits - ref.last_first_logits).max()
+            assert p.info()["engine"]["stateful"]
+            bits = 8 if kv == "ov-u8" else 4
+            # codes + an f32 scale and zero point per head_dim group
+            expect = st["kv_fp16_bytes"] / 2 * (bits / 8 + 8 / p.manifest.lm.head_dim)
+            assert st["kv_bytes"] == pytest.approx(expect, rel=1e-6)
+    assert diffs["ov-u4", "fp"] == 0 and diffs["ov-u8", "fp"] == 0
+    assert diffs["ov-u4", "compressed"] > diffs["ov-u8", "compressed"] > 0  # OpenVINO really compressed
