@@ -105,7 +105,16 @@ def quantize_pack(x: Array, block: tuple[int, ...], delta: Array, mn: Array, bit
 
     shape = tuple(x.shape)
     p = tile_tokens(bits)
-    if offset or shape[2] % p:  # align: pad the codes with zero tokens around (rare: prefill tails, decode)
+    t, b2 = shape[2], block[2]
+    if not offset and t % p and t > p and b2 in (1, t):  # fast path for the whole tiles, then the tail
+        t0 = t // p * p
+        parts = []
+        for a, e in ((0, t0), (t0, t)):
+            blk = block if b2 == 1 else block[:2] + (e - a,) + block[3:]
+            d, m = (delta[:, :, a:e], mn[:, :, a:e]) if b2 == 1 else (delta, mn)
+            parts.append(quantize_pack(x[:, :, a:e], blk, d, m, bits))
+        return torch.cat(parts, dim=2)
+    if offset or t % p:  # pad the codes with zero tokens around (decode steps, rare groupings)
         from kvtool.quant_ops.affine import quantize_affine
         from kvtool.quant_ops.packing import pack_tokens
 
