@@ -200,7 +200,7 @@ def export_cmd(model, output, as_json, **opts) -> None:
 
     Graphs: language model (stateless: explicit past_key_values.{i}.key|value inputs, present.{i}.* outputs),
     text embeddings, vision embeddings (+ merger for Qwen2-VL). Supported: llava, llava_next
-    (openvino and onnx); qwen2_vl needs optimum-intel support for the installed transformers.
+    (openvino and onnx), qwen2_vl (openvino).
     """
     from kvtool.export import ExportConfig, export_model
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig
 from kvtool.export.manifest import GraphInfo, LMInfo
 
@@ -31,15 +31,37 @@ OV_GRAPH_FILES = {
 
 
 def check_architecture(arch: str) -> None:
-    """Refuse what optimum-intel cannot export with the installed transformers."""
-    from importlib.metadata import version
+    """All of kvtool's architectures export with optimum-intel (Qwen2-VL through ``_qwen2_vl_patches``)."""
 
-    tf_version = version("transformers")
-    if arch == "qwen2_vl" and tuple(int(x) for x in tf_version.split(".")[:2]) > (5, 0):
-        # optimum-intel 2.2 caps its Qwen2-VL export at transformers 5.0; lifting the cap fails in tracing
-        # the vision patch embedding (checked with transformers 5.5.4), so refuse rather than half-export.
-        raise InputError(f"--backend openvino: optimum-intel cannot export qwen2_vl with transformers {tf_version} "
-                         "(it supports <= 5.0)")
+
+@contextmanager
+def _qwen2_vl_patches(model: Any):
+    """Export-time patches for Qwen2-VL, restored on exit.
+
+    optimum-intel 2.2 caps its Qwen2-VL config at transformers 5.0; with transformers 5.5 the exported graphs
+    match PyTorch (tests/export parity, logits <= 1e-4), so the cap is lifted for the export. Its dummy vision
+    input is a 420x420 image, which gives a patch grid not divisible by the 2x2 merger for small patch sizes
+    (tiny checkpoints): the dummy side is set to a multiple of patch_size * spatial_merge_size.
+    """
+    from optimum.exporters.openvino import input_generators, model_configs
+
+    cfg_cls = model_configs.Qwen2VLOpenVINOConfig
+    gen_cls = input_generators.DummyQwen2VLVisionEmbedInputGenerator
+    old_cap, old_init = cfg_cls.MAX_TRANSFORMERS_VERSION, gen_cls.__init__
+    vc = model.config.vision_config
+    side = vc.patch_size * vc.spatial_merge_size * max(1, 420 // (vc.patch_size * vc.spatial_merge_size * 4))
+
+    def init(self, *args, **kwargs):
+        kwargs["width"] = kwargs["height"] = side
+        old_init(self, *args, **kwargs)
+
+    cfg_cls.MAX_TRANSFORMERS_VERSION = None
+    gen_cls.__init__ = init
+    try:
+        yield
+    finally:
+        cfg_cls.MAX_TRANSFORMERS_VERSION = old_cap
+        gen_cls.__init__ = old_init
 
 
 def convert_openvino(model: Any, out: Path, stateful: bool) -> dict[str, Path]:
@@ -47,8 +69,9 @@ def convert_openvino(model: Any, out: Path, stateful: bool) -> dict[str, Path]:
     from optimum.exporters.openvino.convert import export_from_model
     from optimum.intel import OVConfig
 
-    check_architecture(model.config.model_type)
-    export_from_model(model, out, task="image-text-to-text", ov_config=OVConfig(dtype="fp32"), stateful=stateful)
+    patches = _qwen2_vl_patches(model) if model.config.model_type == "qwen2_vl" else nullcontext()
+    with patches:
+        export_from_model(model, out, task="image-text-to-text", ov_config=OVConfig(dtype="fp32"), stateful=stateful)
     found = {role: out / name for role, name in OV_GRAPH_FILES.items() if (out / name).is_file()}
     if "language_model" not in found:
         raise RuntimeError(f"optimum-intel wrote no {OV_GRAPH_FILES['language_model']} in {out}")

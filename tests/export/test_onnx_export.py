@@ -23,7 +23,7 @@ def torch_model(tiny_model):
     return get
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next"])
+@pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow)])
 def test_fp32_prefill_and_decode_match_pytorch(name, exported, tiny_model, torch_model):
     out = exported(name, "onnx", 16, "fp32")
     d = compare_lm(out, torch_model(name), tiny_model(name), steps=3)

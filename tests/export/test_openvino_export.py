@@ -23,9 +23,12 @@ def torch_model(tiny_model):
     return get
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next"])
+@pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow), "tiny-qwen2-vl"])
 def test_fp32_prefill_and_decode_match_pytorch(name, exported, tiny_model, torch_model):
     out = exported(name, "openvino", 16, "fp32")
+    m = Manifest.load(out)
+    if name == "tiny-qwen2-vl":  # 3-D mRoPE positions and the vision merger graph
+        assert "vision_embeddings_merger" in m.graphs and m.architecture == "qwen2_vl"
     d = compare_lm(out, torch_model(name), tiny_model(name), steps=3)
     assert d["steps"] == 4 and d["agree"] == 4
     assert d["logits"] <= 1e-4, d
@@ -109,6 +112,7 @@ def test_int4_weights_are_u4_and_3x_smaller(exported, torch_model, record_proper
     assert agree >= 0.5
 
 
+@pytest.mark.slow
 def test_int8_weights_are_8bit_per_channel(exported):
     w8 = exported("tiny-llava", "openvino", 8, "fp16")
     m = Manifest.load(w8)
