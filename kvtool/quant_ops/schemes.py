@@ -114,6 +114,8 @@ class KVQuantSpec:
     @classmethod
     def from_dict(cls, d: dict) -> KVQuantSpec:
         known = {f.name for f in fields(cls)}
+        if "kind" not in d and "scheme" in d:  # the name alone is enough
+            return parse_scheme(d["scheme"])
         spec = cls(**{k: v for k, v in d.items() if k in known})
         if "scheme" in d and parse_scheme(d["scheme"]) != spec:
             raise InputError(f"scheme dict: name {d['scheme']!r} disagrees with its fields {spec}")

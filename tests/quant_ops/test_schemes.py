@@ -54,6 +54,10 @@ def test_unknown_name_lists_grammar():
         parse_scheme("kivi")
 
 
+def test_from_dict_accepts_the_name_alone():
+    assert KVQuantSpec.from_dict({"scheme": "g-kcnvt128"}) == parse_scheme("g-KCNVT128")
+
+
 def test_from_dict_rejects_inconsistent_name():
     d = parse_scheme("g-C128").to_dict()
     d["scheme"] = "g-T128"
