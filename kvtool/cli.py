@@ -188,7 +188,8 @@ def ls_models(as_json) -> None:
 @click.option("--ratio", default=1.0, show_default=True, type=float, help="Fraction of LM layers in int4 (rest int8).")
 @click.option("--awq", is_flag=True, help="Data-aware AWQ on --calibration data (OpenVINO: NNCF; data-free if none).")
 @click.option("--scale-estimation", is_flag=True, help="NNCF scale estimation after AWQ (openvino, --wbits 4).")
-@click.option("--calibration", help="Local .jsonl: {\"text\": ...} rows or {\"image\": path, \"question\": ...} rows.")
+@click.option("--calibration", help="Local .jsonl of {\"text\": ...} or {\"image\": path, \"question\": ...} rows, "
+                                    "or an eval task: shapes | TASK=LOCAL_COPY. Never downloaded.")
 @click.option("--num-samples", default=32, show_default=True, type=int, help="Calibration samples used.")
 @click.option("--dtype", default="fp16", show_default=True, help="fp16 | fp32 for the unquantized parts.")
 @click.option("--stateful", is_flag=True, help="OpenVINO stateful LM (KV inside the graph) for optimum-intel / genai.")

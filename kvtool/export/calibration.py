@@ -1,7 +1,9 @@
 """Calibration data for data-aware weight compression (AWQ, scale estimation): local files only.
 
 Reads a ``.jsonl`` file of either text rows (``{"text": ...}``, e.g. a small Pile subset as the study used)
-or image+question rows (``{"image": "relative/or/absolute.png", "question": ...}``), and turns each row into
+or image+question rows (``{"image": "relative/or/absolute.png", "question": ...}``) — or the image+question
+samples of a kvtool eval task (``shapes``, generated offline, or ``TASK=LOCAL_PATH``) with the task's own
+prompts — and turns each row into
 the language model's real inputs: the processor builds the prompt (the checkpoint's chat template for
 image rows), and the PyTorch model's own embedding path — the same modules the vision/text-embedding graphs
 are exported from — produces ``inputs_embeds`` with the image features merged in and the model's
@@ -30,12 +32,40 @@ class CalibrationSet:
         return {"source": self.source, "kind": self.kind, "num_samples": len(self.rows)}
 
 
+def load_task_calibration(spec: str, num_samples: int) -> CalibrationSet:
+    """Image+question rows from a kvtool eval task: ``TASK`` (only ``shapes``, generated offline) or
+    ``TASK=LOCAL_PATH`` (a local copy in the task's format; never a hub download)."""
+    from kvtool.evals.loaders import load_task_data
+    from kvtool.evals.tasks import get_task
+
+    name, _, local = spec.partition("=")
+    task = get_task(name)
+    if not local and task.name != "shapes":
+        raise InputError(f"--calibration {spec}: give a local copy of the task as {task.name}=PATH "
+                         "(kvtool never downloads calibration data)")
+    data, where = load_task_data(task, source=local or None, n_rows=num_samples)
+    rows: list[dict[str, Any]] = []
+    for row in data:
+        for sample in task.build(row):
+            if sample.image is not None:
+                rows.append({"image": sample.image, "question": sample.prompt})
+        if len(rows) >= num_samples:
+            break
+    if not rows:
+        raise InputError(f"--calibration {spec}: the task gave no image+question samples")
+    return CalibrationSet(source=f"task:{task.name} ({where})", kind="image-question", rows=rows[:num_samples])
+
+
 def load_calibration(spec: str, num_samples: int) -> CalibrationSet:
-    """The first ``num_samples`` rows of a local .jsonl calibration file."""
+    """The first ``num_samples`` rows of a local .jsonl calibration file, or of a kvtool eval task."""
     path = Path(spec).expanduser()
     if not path.is_file():
+        from kvtool.evals.tasks import TASKS
+
+        if spec.partition("=")[0].strip().lower() in TASKS:
+            return load_task_calibration(spec, num_samples)
         raise InputError(f"--calibration {spec}: no such file (expected a local .jsonl of {{\"text\": ...}} or "
-                         "{\"image\": ..., \"question\": ...} rows; kvtool never downloads calibration data)")
+                         "{\"image\": ..., \"question\": ...} rows, or an eval task: shapes, TASK=LOCAL_PATH; kvtool never downloads calibration data)")
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -87,7 +117,8 @@ def lm_inputs(model: Any, processor: Any, calib: CalibrationSet, max_tokens: int
         for row in calib.rows:
             if "image" in row:
                 try:
-                    image = Image.open(row["image"]).convert("RGB")
+                    image = row["image"] if isinstance(row["image"], Image.Image) else Image.open(row["image"])
+                    image = image.convert("RGB")
                 except OSError as exc:
                     raise InputError(f"--calibration {calib.source}: image {row['image']} unreadable ({exc})") from None
                 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]

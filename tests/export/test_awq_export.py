@@ -112,3 +112,19 @@ def test_stateful_export_generates_in_optimum_intel(exported, tiny_model):
         ref = load_torch_model(tiny_model("tiny-llava")).generate(**inputs, max_new_tokens=4, do_sample=False)
     assert got.shape == ref.shape
     assert torch.equal(got[0, -4:], ref[0, -4:])
+
+
+def test_eval_task_calibration_offline(tiny_model):
+    from transformers import AutoProcessor
+
+    from kvtool.errors import InputError
+    from kvtool.export.calibration import lm_inputs, load_calibration
+    from kvtool.export.source import load_torch_model
+
+    cal = load_calibration("shapes", 2)
+    assert cal.kind == "image-question" and len(cal.rows) == 2 and cal.source.startswith("task:shapes")
+    path = tiny_model("tiny-llava")
+    samples = lm_inputs(load_torch_model(path), AutoProcessor.from_pretrained(path), cal)
+    assert len(samples) == 2 and samples[0]["inputs_embeds"].shape[1] > 128
+    with pytest.raises(InputError, match="local copy"):
+        load_calibration("pope", 2)  # a hub task without a local copy is refused, never downloaded
