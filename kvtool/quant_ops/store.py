@@ -57,9 +57,10 @@ class _Grow:
     def append(self, x: Array) -> None:
         t = x.shape[2]
         if self.buf is None or self.n + t > self.buf.shape[2]:
-            cap = max(self.n + t, int(1.5 * self.n), 16)
-            if self.max_tokens is not None:
-                cap = max(self.n + t, self.max_tokens)
+            if self.max_tokens is not None and self.n + t <= self.max_tokens:
+                cap = self.max_tokens  # preallocated exactly: no slack
+            else:
+                cap = max(self.n + t, int(1.5 * self.n), 16)
             shape = tuple(x.shape[:2]) + (cap,) + tuple(x.shape[3:])
             new = empty(shape, x.dtype, x)
             if self.n:
