@@ -200,3 +200,22 @@ def test_cuda_store_matches_numpy():
             assert kc.device.type == "cuda"
             np.testing.assert_array_equal(kc.cpu().numpy(), kn)
             np.testing.assert_array_equal(vc.cpu().numpy(), vn)
+
+
+@pytest.mark.parametrize("scheme,h", [("g-KC16VT32", 2), ("g-T24", 3), ("g-KT16VC8", 1), ("uniform", 2)])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_torch_chunked_kernels_stream_like_numpy(scheme, h, bits, monkeypatch):
+    from kvtool.quant_ops import kernels
+
+    monkeypatch.setattr(kernels, "CPU_CHUNK", 256)  # many chunks, tiles split across appends
+    k, v = outlier_kv(b=2, h=h, n=61, d=16, seed=12, dtype=np.float16)
+    st_t, st_n = QuantizedKVStore(scheme, bits, 4, stream_block=8), QuantizedKVStore(scheme, bits, 4, stream_block=8)
+    kb, vb = torch.zeros(2, h, 64, 16, dtype=torch.float16), torch.zeros(2, h, 64, 16, dtype=torch.float16)
+    for a, b in [(0, 27)] + [(t, t + 1) for t in range(27, 45)] + [(45, 61)]:
+        st_t.append(torch.from_numpy(k[:, :, a:b]), torch.from_numpy(v[:, :, a:b]))
+        st_n.append(k[:, :, a:b], v[:, :, a:b])
+        kt, vt = st_t.dequantize(out=(kb, vb))
+        kn, vn = st_n.dequantize()
+        np.testing.assert_array_equal(kt.numpy(), kn)
+        np.testing.assert_array_equal(vt.numpy(), vn)
+    assert st_t.nbytes == st_n.nbytes
