@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvtool.errors import InputError
-from kvtool.runtime.kvspec import KVSpec, check_scheme_fits, make_kv_spec, ov_kv_nbytes
+from kvtool.runtime.kvspec import KVSpec, check_scheme_fits, make_kv_spec
 from kvtool.runtime.preprocess import CONVERSATIONS, load_images, prepare_inputs
 from kvtool.runtime.sampling import check_sampling, next_token
 
@@ -64,7 +64,10 @@ def _resolve_backend(path: Path, backend: str):
 
 
 class VLMPipeline:
-    """One loaded model plus its processor and KV settings. Build it with ``VLMPipeline.load``."""
+    """One loaded model plus its processor and KV settings. Build it with ``VLMPipeline.load``.
+
+    After each ``generate``, ``last_first_logits`` holds the logits ([V], numpy) the first new token was
+    chosen from — what parity checks compare across engines and KV settings."""
 
     def __init__(self, engine, processor, spec: KVSpec, path: Path, manifest, conversation: str,
                  requested_device: str):
@@ -77,6 +80,7 @@ class VLMPipeline:
         self.conversation = conversation
         self.requested_device = requested_device
         self.eos_ids = self._eos_ids()
+        self.last_first_logits: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -84,7 +88,16 @@ class VLMPipeline:
              k_bits: int | None = 4, v_bits: int | None = 4, kv_mode: str = "packed",
              first_token: str = "compressed", conversation: str = "chat_template",
              ov_group_size: int | None = None, ov_key_by_channel: bool = False, **engine_kwargs) -> VLMPipeline:
-        """Load ``path`` (an exported dir, or an HF checkpoint dir for ``backend="torch"``)."""
+        """Load ``path``: an exported dir (its manifest decides OpenVINO or ONNX Runtime), or an HF checkpoint
+        dir for ``backend="torch"`` (also picked by ``auto`` for a checkpoint without manifest).
+
+        ``kv``: ``fp16`` (no KV quantization), a quant_ops scheme (``g-KC128VT128``, ``uniform``, ``or2``, ...)
+        with ``k_bits`` / ``v_bits`` in 2, 3, 4, 8, or ``ov-u8`` / ``ov-u4`` (OpenVINO's own compression on a
+        stateful export; ``ov_group_size`` / ``ov_key_by_channel`` where OpenVINO supports them).
+        ``kv_mode``: ``packed`` | ``simulate``; ``first_token``: ``compressed`` | ``fp`` (DESIGN.md).
+        ``conversation``: ``chat_template`` | ``vicuna_v1``. ``engine_kwargs`` go to the engine (OpenVINO:
+        ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``; ONNX Runtime: ``threads``; torch:
+        ``dtype``)."""
         from kvtool.devices import resolve_device
 
         path = Path(path)
@@ -178,9 +191,6 @@ class VLMPipeline:
             n_steps += 1
         decode_s = time.perf_counter() - t1
         kv_bytes, kv_fp16 = eng.kv_nbytes()
-        if spec.is_ov:
-            lm = self.manifest.lm
-            kv_bytes = ov_kv_nbytes(spec, lm.num_layers, lm.num_kv_heads, lm.head_dim, T + n_steps)
         stats = {
             "prompt_tokens": T,
             "new_tokens": len(ids),
