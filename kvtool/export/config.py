@@ -50,7 +50,6 @@ class ExportConfig:
     stateful: bool = False
     onnx_quant: str = "rtn"
     trust_remote_code: bool = False
-    overwrite: bool = True
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -75,8 +74,10 @@ class ExportConfig:
             raise InputError("--awq: needs quantized weights (--wbits 8, 4 or 3)")
         if self.scale_estimation and (self.backend != "openvino" or self.wbits != 4):
             raise InputError("--scale-estimation: supported for --backend openvino --wbits 4 only (NNCF)")
-        if self.awq and self.backend == "onnx" and self.wbits == 8:
-            raise InputError("--awq with --backend onnx: supported at --wbits 4 and 3 (MatMulNBits / simulated)")
+        if self.awq and self.wbits == 8:
+            raise InputError("--awq: supported at --wbits 4 and 3 (int8 per-channel weights need no AWQ)")
+        if self.ratio < 1.0 and self.backend != "openvino":
+            raise InputError(f"--ratio {self.ratio}: mixed int4/int8 layers are an openvino (NNCF) option")
         if self.group_size == -1 and self.backend == "onnx" and self.wbits in (8, 4):
             raise InputError("--group-size -1: per-channel weights are not available with --backend onnx "
                              "(MatMulNBits quantizes in blocks; pass a block size such as 128)")

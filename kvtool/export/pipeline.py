@@ -10,6 +10,7 @@ It does not run generation or check parity (tests and ``kvtool.runtime`` do).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,37 @@ def graph_rows(out: Path, graphs: dict[str, GraphInfo], backend: str) -> list[di
     return rows
 
 
+@contextmanager
+def quiet_libraries():
+    """Silence the exporters' tracer/deprecation warnings and info logs for the duration (restored after);
+    kvtool's own progress bar and errors still show."""
+    import logging
+    import warnings
+
+    import nncf  # imported here so its logger exists (and keeps the level set below)
+
+    loggers = [logging.getLogger(n) for n in ("nncf", "transformers", "optimum", "torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        nncf.set_log_level(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, lvl in zip(loggers, levels, strict=True):
+                lg.setLevel(lvl)
+            nncf.set_log_level(levels[0] or logging.INFO)
+
+
 def export_model(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.model`` to ``cfg.output`` per ``cfg``; see ``ExportConfig`` for the options."""
+    with quiet_libraries():
+        return _export_model(cfg)
+
+
+def _export_model(cfg: ExportConfig) -> ExportResult:
     from tqdm.auto import tqdm
 
     from kvtool import __version__

@@ -42,6 +42,7 @@ def test_same_graph_roles_and_names_as_openvino(exported):
     assert on.lm == ov.lm
 
 
+@pytest.mark.slow
 def test_int4_is_matmulnbits_and_3x_smaller(exported, torch_model, record_property, capsys):
     w16 = exported("tiny-llava", "onnx", 16, "fp16")
     w4 = exported("tiny-llava", "onnx", 4, "fp16")
