@@ -30,7 +30,9 @@ class ExportConfig:
     dequantized in the graph (``storage: simulated`` — studies accuracy, saves no memory).
     ``awq`` runs data-aware AWQ on ``calibration`` (a .jsonl file of ``{"text": ...}`` rows, or of
     ``{"image": path, "question": ...}`` rows, or a kvtool eval-task name) with ``num_samples`` samples;
-    ``scale_estimation`` adds NNCF's scale estimation (OpenVINO, 4 bits). ``dtype`` is the precision of
+    ``scale_estimation`` adds NNCF's scale estimation (OpenVINO, 4 bits). Without ``calibration``, OpenVINO
+    4-bit AWQ is NNCF's data-free AWQ (recorded with ``calibration: null``); ONNX and 3-bit AWQ use kvtool's
+    own data-aware search and refuse to run without data. ``dtype`` is the precision of
     everything left unquantized. ``stateful`` exports optimum-intel's stateful LM (KV inside the graph)
     instead of the stateless one kvtool's runtime drives. ``onnx_quant`` picks the MatMulNBits algorithm.
     """

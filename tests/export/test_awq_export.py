@@ -128,3 +128,9 @@ def test_eval_task_calibration_offline(tiny_model):
     assert len(samples) == 2 and samples[0]["inputs_embeds"].shape[1] > 128
     with pytest.raises(InputError, match="local copy"):
         load_calibration("pope", 2)  # a hub task without a local copy is refused, never downloaded
+
+
+@pytest.mark.slow
+def test_openvino_data_free_awq(exported):
+    w = Manifest.load(exported("tiny-llava", "openvino", 4, "fp16", awq=True)).weights
+    assert (w.method, w.calibration) == ("awq", None)
