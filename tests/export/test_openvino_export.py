@@ -58,11 +58,12 @@ def test_manifest_records_graph_names_and_kv_geometry(exported, torch_model):
     AutoProcessor.from_pretrained(out)  # the runtime builds its processor from the export dir
 
 
-def test_vision_and_text_embedding_graphs_match_pytorch(exported, tiny_model, torch_model):
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_vision_and_text_embedding_graphs_match_pytorch(backend, exported, tiny_model, torch_model):
     import torch
 
     name = "tiny-llava"
-    out, model = exported(name, "openvino", 16, "fp32"), torch_model(name)
+    out, model = exported(name, backend, 16, "fp32"), torch_model(name)
     m = Manifest.load(out)
     inputs = sample_prompt(tiny_model(name))
     vis = graph_runner(out, "vision_embeddings")({"pixel_values": inputs["pixel_values"].numpy()})
