@@ -204,6 +204,10 @@ def check_architecture(arch: str) -> None:
 def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:
     """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``."""
     check_architecture(arch)
+    if getattr(model.model, "image_newline", None) is not None:
+        # LLaVA-NeXT's learned newline embedding is not in any graph: config.json carries it (as the
+        # OpenVINO exporter does), so the runtime packs tiles without the source checkpoint
+        model.config.image_newline = model.model.image_newline.detach().float().tolist()
     paths = export_graphs_fp32(model, out, progress)
     import onnx
 
