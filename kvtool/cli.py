@@ -201,7 +201,7 @@ def export_cmd(model, output, as_json, **opts) -> None:
 
     Graphs: language model (stateless: explicit past_key_values.{i}.key|value inputs, present.{i}.* outputs),
     text embeddings, vision embeddings (+ merger for Qwen2-VL). Supported: llava, llava_next
-    (openvino and onnx), qwen2_vl (openvino).
+    and qwen2_vl, on both backends.
     """
     from kvtool.export import ExportConfig, export_model
 

@@ -14,8 +14,10 @@ the PyTorch submodules itself — written here by hand, mirroring the graph role
 Each graph is checked in onnxruntime against the wrapper on the export's example inputs. int4/int8 weights of
 the language model use onnxruntime's ``MatMulNBitsQuantizer`` (block size = group size; RTN by default, HQQ
 as an option). fp16 storage converts initializers with onnxruntime's float16 converter keeping fp32 I/O.
-Qwen2-VL is not exported here (its vision merger needs patching beyond a thin wrapper). This module does not
-run generation.
+For Qwen2-VL the LM takes 3-D mRoPE ``position_ids`` [3, B, T] and the vision side is two graphs as in
+optimum-intel: ``vision_embeddings`` (patch embedding, ``hidden_states`` [N, C*T*P*P]) and
+``vision_embeddings_merger`` (``hidden_states``, ``attention_mask`` [1, N, N], ``rotary_pos_emb``). This module
+does not run generation.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig
 from kvtool.export.manifest import GraphInfo
 
@@ -83,7 +84,49 @@ def _wrappers(model: Any):
                 feats = feats[:, 1:]
             return self.projector(feats)
 
-    return LanguageModel(), TextEmbeddings(), VisionEmbeddings()
+    vision = None if model.config.model_type == "qwen2_vl" else VisionEmbeddings()  # see _qwen2_vl_vision_wrappers
+    return LanguageModel(), TextEmbeddings(), vision
+
+
+def _qwen2_vl_vision_wrappers(model: Any):
+    """Qwen2-VL's vision graphs as optimum-intel splits them: the patch embedding, then the ViT blocks and
+    the 2x2 merger taking an additive block-diagonal ``attention_mask`` [1, N, N] (patches attend within
+    their own image) and the ``rotary_pos_emb`` [N, head_dim/2] the runtime computes — because the model's
+    own forward splits attention by ``cu_seqlens`` in Python, which a traced graph cannot keep dynamic."""
+    import torch
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    visual = model.model.visual
+
+    class PatchEmbed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = visual.patch_embed
+
+        def forward(self, hidden_states):  # [N, C * T * P * P] -> [N, embed_dim]
+            return self.patch_embed(hidden_states)
+
+    class Merger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.merger = visual.blocks, visual.merger
+
+        def forward(self, hidden_states, attention_mask, rotary_pos_emb):
+            emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            h, n = hidden_states, hidden_states.shape[0]
+            for blk in self.blocks:
+                att = blk.attn
+                # q, k, v: [N, heads, head_dim]
+                q, k, v = att.qkv(blk.norm1(h)).reshape(n, 3, att.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+                q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, N, head_dim]
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask.unsqueeze(0))
+                h = h + att.proj(o.squeeze(0).transpose(0, 1).reshape(n, -1))
+                h = h + blk.mlp(blk.norm2(h))
+            return self.merger(h)
+
+    return PatchEmbed(), Merger()
 
 
 def _export_one(module: Any, args: tuple, names_in: list[str], names_out: list[str], dynamic: dict, path: Path):
@@ -124,20 +167,25 @@ def export_graphs_fp32(model: Any, out: Path, progress: Any = None) -> dict[str,
     B, T, P = 1, 5, 3
     g = torch.Generator().manual_seed(0)
     past = [torch.randn(B, kv_heads, P, head_dim, generator=g) for _ in range(2 * layers)]
+    mrope = model.config.model_type == "qwen2_vl"  # position_ids [3, B, T]
+    pos = torch.arange(P, P + T)[None]
     args = (torch.randn(B, T, tc.hidden_size, generator=g), torch.ones(B, T + P, dtype=torch.int64),
-            torch.arange(P, P + T)[None], *past)
+            pos.expand(3, B, T).contiguous() if mrope else pos, *past)
     past_names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     names_in = ["inputs_embeds", "attention_mask", "position_ids", *past_names]
     names_out = ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
     batch, seq, past_len, mask_len = (torch.export.Dim(n, max=m) for n, m in
                                       (("batch", 64), ("seq", 1 << 16), ("past", 1 << 17), ("mask", 1 << 17)))
     # *past is one varargs entry of the signature: its dynamic shapes are one nested tuple
-    dyn: tuple = ({0: batch, 1: seq}, {0: batch, 1: mask_len}, {0: batch, 1: seq},
+    dyn: tuple = ({0: batch, 1: seq}, {0: batch, 1: mask_len}, {1: batch, 2: seq} if mrope else {0: batch, 1: seq},
                   tuple({0: batch, 2: past_len} for _ in past))
     paths = {role: out / name for role, name in ONNX_GRAPH_FILES.items()}
+    if mrope:
+        paths["vision_embeddings_merger"] = out / "vision_embeddings_merger.onnx"
     _export_one(lm_mod, args, names_in, names_out, dyn, paths["language_model"])
     _check_in_ort(paths["language_model"], lm_mod, args, names_in)
-    empty = (args[0], torch.ones(B, T, dtype=torch.int64), torch.arange(T)[None],
+    pos0 = torch.arange(T)[None]
+    empty = (args[0], torch.ones(B, T, dtype=torch.int64), pos0.expand(3, B, T).contiguous() if mrope else pos0,
              *[torch.zeros(B, kv_heads, 0, head_dim) for _ in past])
     _check_in_ort(paths["language_model"], lm_mod, empty, names_in)
     if progress is not None:
@@ -146,11 +194,42 @@ def export_graphs_fp32(model: Any, out: Path, progress: Any = None) -> dict[str,
     _export_one(te_mod, (ids,), ["input"], ["inputs_embeds"], ({0: batch, 1: seq},), paths["text_embeddings"])
     _check_in_ort(paths["text_embeddings"], te_mod, (ids,), ["input"], atol=1e-6)
     vc = model.config.vision_config
+    if mrope:
+        _export_qwen2_vl_vision(model, paths, g)
+        return paths
     pix = torch.randn(2, 3, vc.image_size, vc.image_size, generator=g)
     _export_one(ve_mod, (pix,), ["pixel_values"], ["last_hidden_state"], ({0: torch.export.Dim("images", max=1024)},),
                 paths["vision_embeddings"])
     _check_in_ort(paths["vision_embeddings"], ve_mod, (pix,), ["pixel_values"])
     return paths
+
+
+def _export_qwen2_vl_vision(model: Any, paths: dict[str, Path], g: Any) -> None:
+    """Export and check Qwen2-VL's patch-embedding and merger graphs (two images of 4x4 patches)."""
+    import torch
+
+    vc = model.config.vision_config
+    patch_mod, merger_mod = _qwen2_vl_vision_wrappers(model)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    flat = torch.randn(n, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, generator=g)
+    _export_one(patch_mod, (flat,), ["hidden_states"], ["last_hidden_state"],
+                ({0: torch.export.Dim("patches", max=1 << 16)},), paths["vision_embeddings"])
+    _check_in_ort(paths["vision_embeddings"], patch_mod, (flat,), ["hidden_states"])
+    with torch.no_grad():
+        hidden = patch_mod(flat)
+        rot = model.model.visual.rot_pos_emb(grid)
+    mask = torch.full((1, n, n), float("-inf"))
+    for i in range(grid.shape[0]):
+        a = 16 * i
+        mask[0, a:a + 16, a:a + 16] = 0.0
+    groups = torch.export.Dim("merge_groups", max=1 << 14)
+    npatch = vc.spatial_merge_size**2 * groups  # the merger folds spatial_merge_size^2 patches into one token
+    args = (hidden, mask, rot)
+    names = ["hidden_states", "attention_mask", "rotary_pos_emb"]
+    _export_one(merger_mod, args, names, ["last_hidden_state"], ({0: npatch}, {1: npatch, 2: npatch}, {0: npatch}),
+                paths["vision_embeddings_merger"])
+    _check_in_ort(paths["vision_embeddings_merger"], merger_mod, args, names)
 
 
 def quantize_lm(path: Path, cfg: ExportConfig) -> None:
@@ -197,8 +276,7 @@ def _save(model: Any, path: Path) -> None:
 
 
 def check_architecture(arch: str) -> None:
-    if arch not in ("llava", "llava_next"):
-        raise InputError(f"--backend onnx: architecture {arch!r} not supported (supported: llava, llava_next)")
+    """Every kvtool architecture has wrappers here (LLaVA, LLaVA-NeXT, Qwen2-VL)."""
 
 
 def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:

@@ -24,7 +24,8 @@ def torch_model(tiny_model):
     return get
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow),
+                                  pytest.param("tiny-qwen2-vl", marks=pytest.mark.slow)])
 def test_fp32_prefill_and_decode_match_pytorch(name, exported, tiny_model, torch_model):
     out = exported(name, "onnx", 16, "fp32")
     if name == "tiny-llava-next":  # the runtime packs tiles with the newline embedding from config.json

@@ -120,3 +120,30 @@ def test_int8_weights_are_8bit_per_channel(exported):
     assert (m.weights.bits, m.weights.group_size, m.weights.method) == (8, None, "rtn")
     counts = _lm_constants(w8 / m.graphs["language_model"].file)
     assert counts.get("u8", 0) >= 7 * m.lm.num_layers + 1 and "u4" not in counts, counts
+
+
+@pytest.mark.parametrize("backend", ["openvino", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_qwen2_vl_vision_graphs_match_pytorch(backend, exported, tiny_model, torch_model):
+    """Patch embedding + merger graphs, fed the rotary table and block-diagonal mask the runtime builds."""
+    import torch
+
+    name = "tiny-qwen2-vl"
+    out, model = exported(name, backend, 16, "fp32"), torch_model(name)
+    m = Manifest.load(out)
+    inputs = sample_prompt(tiny_model(name))
+    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    visual = model.model.visual
+    with torch.no_grad():
+        ref = visual(pv, grid_thw=grid).pooler_output.numpy()
+        rot = visual.rot_pos_emb(grid).numpy()
+    hidden = graph_runner(out, "vision_embeddings")({m.graphs["vision_embeddings"].inputs[0]: pv.numpy()})
+    hidden = hidden[m.graphs["vision_embeddings"].outputs[0]]
+    n = hidden.shape[0]
+    mask = np.full((1, n, n), -np.inf, np.float32)
+    sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
+    for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True):
+        mask[0, a:b, a:b] = 0.0
+    merged = graph_runner(out, "vision_embeddings_merger")(
+        {"hidden_states": hidden, "attention_mask": mask, "rotary_pos_emb": rot.astype(np.float32)})
+    got = merged[m.graphs["vision_embeddings_merger"].outputs[0]]
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
