@@ -3,7 +3,7 @@
 Builds a mid-size random LLaVA-1.5-style checkpoint with ``kvtool.models.make_tiny_model`` (default 8 layers,
 hidden 2048, intermediate 5632, 16 heads — a quarter of LLaVA-1.5-7B's decoder), then runs one
 ``kvtool export`` per (backend, wbits) in its own subprocess so each gets a clean peak-RSS reading
-(``os.wait4`` rusage of that child). Reports wall seconds, peak RSS, the language model's weight bytes on
+(``os.wait4`` rusage of that child). Reports wall and CPU seconds, peak RSS, the language model's weight bytes on
 disk (and the ratio to the fp16 export) and each graph's size and weight format.
 
 Run:  python bench/export.py [--hidden 2048 --layers 8] [--backends openvino,onnx] [--wbits 16,8,4,3]
@@ -39,6 +39,7 @@ def run_export(model: Path, out: Path, backend: str, wbits: int, extra: list[str
         raise RuntimeError(f"export {backend} w{wbits} failed: {' '.join(cmd)}")
     res = json.loads(stdout[stdout.index("{"):])
     return {"backend": backend, "wbits": wbits, "wall_s": round(wall, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # robust to other jobs on a shared machine
             "peak_rss_mib": round(usage.ru_maxrss / 1024), "graphs": res["graphs"]}
 
 
@@ -83,7 +84,7 @@ def main() -> None:
                 base = row["lm_weight_bytes"]
             row["lm_vs_fp16"] = round(base / row["lm_weight_bytes"], 2) if base else None
             rows.append(row)
-            print(f"{backend:<9} w{wbits:<3} {row['wall_s']:>7.1f} s  peak {row['peak_rss_mib']:>6} MiB  "
+            print(f"{backend:<9} w{wbits:<3} {row['wall_s']:>7.1f} s wall {row['cpu_s']:>7.1f} s cpu  peak {row['peak_rss_mib']:>6} MiB  "
                   f"LM weights {row['lm_weight_bytes'] / 2**20:>8.1f} MiB  (x{row['lm_vs_fp16']})  "
                   + ", ".join(f"{g['role']}={g['weights']}" for g in row["graphs"]), flush=True)
             if not args.keep:
