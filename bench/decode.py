@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SIZES = dict(hidden=1024, layers=8, heads=8, kv_heads=8, intermediate=2816, image_size=96, patch_size=4,
@@ -83,6 +84,30 @@ def summarize(name: str, rows: list[dict]) -> dict:
             "kv_fp16_bytes": last["kv_fp16_bytes"], "engine": last["engine"]}
 
 
+def interleaved(workdir: Path, names: list[str], new_tokens: int) -> list[dict]:
+    """All configurations in one process, taking turns step by step after their prefill: every decode step of
+    every configuration sees the same machine load (the robust comparison on a shared machine)."""
+    import numpy as np
+
+    from kvtool.runtime import VLMPipeline
+    from kvtool.runtime.preprocess import load_images, prepare_inputs
+
+    paths = build(workdir)
+    pipes = {n: VLMPipeline.load(paths[CONFIGS[n][0]], **CONFIGS[n][1]) for n in names}
+    toks, times = {}, {n: [] for n in names}
+    for n, p in pipes.items():
+        prep = prepare_inputs(p.processor, load_images(image()), QUESTION)
+        p.engine.start(prep, new_tokens)
+        toks[n] = int(np.argmax(p.engine.run_prompt(0, prep.n_tokens)))
+    for _ in range(new_tokens):
+        for n, p in pipes.items():
+            t0 = time.perf_counter()
+            toks[n] = int(np.argmax(p.engine.run_token(toks[n])))
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return [{"name": n, "step_ms_median": statistics.median(v), "step_ms_p10": float(np.percentile(v, 10))}
+            for n, v in times.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/kvtool-bench-decode")
@@ -90,6 +115,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--only", default=None, help="comma-separated config names")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="also time decode steps of all non-torch configs taking turns in one process")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one config, JSON on stdout
     a = ap.parse_args()
     workdir = Path(a.workdir)
@@ -121,9 +148,17 @@ def main() -> None:
         r["x_anchor"], r["x_b_kv"] = ratio, kv_ratio
         print(f"{r['name']:<26}{r['decode_ms_per_token']:>10.2f}{ratio:>10.2f}{r['prefill_ms']:>12.1f}"
               f"{r['kv_bytes'] / 2**20:>9.2f}{kv_ratio:>10.3f}{r['peak_rss_bytes'] / 2**20:>9.0f}  {r['what']}")
+    inter = []
+    if a.interleaved:
+        inter = interleaved(workdir, [n for n in names if n != "d_torch"], a.new_tokens)
+        base = next((r["step_ms_median"] for r in inter if r["name"] == "a_ov_stateful_f16"), float("nan"))
+        print(f"\ninterleaved decode steps (same load for all): {'median ms':>10}{'p10 ms':>8}{'x anchor':>10}")
+        for r in inter:
+            r["x_anchor"] = r["step_ms_median"] / base
+            print(f"  {r['name']:<44}{r['step_ms_median']:>10.2f}{r['step_ms_p10']:>8.2f}{r['x_anchor']:>10.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"sizes": SIZES, "rounds": a.rounds, "new_tokens": a.new_tokens,
-                                            "results": results}, indent=2) + "\n")
+                                            "results": results, "interleaved": inter}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
