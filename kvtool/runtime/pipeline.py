@@ -34,6 +34,7 @@ class GenerateOutput:
     text: str
     token_ids: list[int]
     stats: dict[str, Any] = field(default_factory=dict)
+    logits: list[np.ndarray] | None = None  # per generated token, [V] each (only with keep_logits=True)
 
 
 def _peak_rss_bytes() -> int:
@@ -137,11 +138,12 @@ class VLMPipeline:
     # ------------------------------------------------------------------------------------------------
     def generate(self, image, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, text_only: bool = False,
-                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> GenerateOutput:
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+                 keep_logits: bool = False) -> GenerateOutput:
         """Answer ``prompt`` about ``image`` (a PIL image, a path, or a list of them).
 
         ``on_text`` receives the answer's text as it grows (each call gets the new suffix); ``ignore_eos``
-        generates exactly ``max_new_tokens`` (benchmarks)."""
+        generates exactly ``max_new_tokens`` (benchmarks); ``keep_logits`` returns every step's logits."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
         check_sampling(do_sample, temperature, top_p)
@@ -172,12 +174,15 @@ class VLMPipeline:
         first_logits = logits
 
         ids: list[int] = []
+        kept: list[np.ndarray] | None = [] if keep_logits else None
         shown = ""
         t1 = time.perf_counter()
         n_steps = 0
         while True:
             tok = next_token(logits, do_sample, temperature, top_p, rng)
             ids.append(tok)
+            if kept is not None:
+                kept.append(np.array(logits, copy=True))
             if on_text is not None:  # streaming time is not decode time
                 c0 = time.perf_counter()
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -204,7 +209,7 @@ class VLMPipeline:
         }
         self.last_first_logits = first_logits
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return GenerateOutput(text=text.strip(), token_ids=ids, stats=stats)
+        return GenerateOutput(text=text.strip(), token_ids=ids, stats=stats, logits=kept)
 
     # ------------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

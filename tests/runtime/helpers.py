@@ -16,7 +16,7 @@ def random_image(seed: int = 0, size=(60, 90)):
 
 
 def hf_greedy(model_dir: Path, image, question: str = QUESTION, max_new_tokens: int = 8):
-    """(generated ids, first-step logits) from transformers' ``generate`` on the checkpoint itself."""
+    """(generated ids, first-step logits, all steps' logits) from transformers' ``generate`` on the checkpoint."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -28,4 +28,4 @@ def hf_greedy(model_dir: Path, image, question: str = QUESTION, max_new_tokens: 
         out = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     ids = out.sequences[0, inp["input_ids"].shape[1]:].tolist()
-    return ids, out.logits[0][0].numpy()
+    return ids, out.logits[0][0].numpy(), [x[0].numpy() for x in out.logits]

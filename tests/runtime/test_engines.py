@@ -1,7 +1,6 @@
-"""Every engine against transformers' own greedy generate, per architecture; OpenVINO's own KV compression
-on the stateful export. Exports of NeXT and the stateful graph are slow (marked); Qwen2-VL has no graph
-export in this environment (optimum-intel and kvtool's ONNX exporter refuse it), so it is checked on the torch
-engine, whose 3-D rope positions are the ones the graph engines use (``kvtool.runtime.positions``)."""
+"""Every engine against transformers' own greedy generate (tokens and every step's logits), per architecture;
+OpenVINO's own KV compression on the stateful export. Exports of NeXT and the stateful graph are slow (marked).
+Qwen2-VL runs on ONNX Runtime only (optimum-intel cannot export it with this transformers)."""
 
 from __future__ import annotations
 
@@ -15,10 +14,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _check(pipe, model_dir, image, steps=6):
-    ids, logits = hf_greedy(model_dir, image, QUESTION, max_new_tokens=steps)
-    out = pipe.generate(image, QUESTION, max_new_tokens=steps)
+    ids, _, logits = hf_greedy(model_dir, image, QUESTION, max_new_tokens=steps)
+    out = pipe.generate(image, QUESTION, max_new_tokens=steps, keep_logits=True)
     assert out.token_ids == ids
-    np.testing.assert_allclose(pipe.last_first_logits, logits, atol=1e-4)
+    assert len(out.logits) == len(logits)
+    for mine, ref in zip(out.logits, logits, strict=True):  # every step: positions and cache, not only the argmax
+        np.testing.assert_allclose(mine, ref, atol=1e-4)
     return out
 
 
@@ -38,6 +39,12 @@ def test_onnxruntime_engine_matches_hf_generate(exported, tiny_model):
     o = VLMPipeline.load(out_dir, kv="g-KC128VT128", k_bits=2, v_bits=2)
     a, b = t.generate(random_image(), QUESTION, max_new_tokens=5), o.generate(random_image(), QUESTION, max_new_tokens=5)
     assert a.token_ids == b.token_ids and a.stats["kv_bytes"] == b.stats["kv_bytes"]
+
+
+def test_onnxruntime_engine_matches_hf_generate_on_qwen2_vl(exported, tiny_model):
+    # vision graph + merger (rotary embedding and block mask built here), 3-D rope prompt positions, n + delta
+    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "onnx", 16, "fp32"))
+    _check(pipe, tiny_model("tiny-qwen2-vl"), random_image(3, (70, 110)))
 
 
 @pytest.mark.slow

@@ -40,9 +40,11 @@ def test_torch_engine_matches_hf_generate(llava, reference):
 
 def test_openvino_engine_matches_hf_generate(llava_ov, reference):
     pipe = VLMPipeline.load(llava_ov)
-    out = pipe.generate(random_image(), QUESTION, max_new_tokens=8)
+    out = pipe.generate(random_image(), QUESTION, max_new_tokens=8, keep_logits=True)
     assert pipe.engine.backend == "openvino" and out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)
+    for mine, ref in zip(out.logits, reference[2], strict=True):
+        np.testing.assert_allclose(mine, ref, atol=1e-4)
     info = pipe.info()
     assert info["backend"] == "openvino" and info["manifest"]["architecture"] == "llava"
     assert info["kv"] == "fp16" and info["first_token"] == "compressed" and info["conversation"] == "chat_template"
