@@ -13,7 +13,6 @@ does not prepare calibration data (``kvtool.export.calibration``).
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -156,12 +155,3 @@ def export_openvino(model: Any, cfg: ExportConfig, out: Path, lm: LMInfo, sample
     if progress is not None:
         progress.update(1)
     return {role: graph_info(p, out) for role, p in paths.items()}
-
-
-def remove_stale(out: Path) -> None:
-    """Delete graph files of a previous export in ``out`` so the manifest never lists a stale graph."""
-    for f in list(out.glob("openvino_*_model.*")) + list(out.glob("*.onnx")) + list(out.glob("*.onnx.data")):
-        if f.is_file():
-            f.unlink()
-    for d in out.glob("*.onnx_parts"):
-        shutil.rmtree(d, ignore_errors=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig, ExportResult
-from kvtool.export.manifest import GraphInfo, Manifest, WeightInfo
+from kvtool.export.manifest import MANIFEST_NAME, GraphInfo, Manifest, WeightInfo
 
 
 def library_versions() -> dict[str, str]:
@@ -29,6 +29,14 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def remove_stale(out: Path) -> None:
+    """Delete the manifest and graph files of a previous export in ``out``: an export that fails half-way
+    leaves no manifest pointing at missing or mixed graphs."""
+    for f in [out / MANIFEST_NAME, *out.glob("openvino_*_model.*"), *out.glob("*.onnx"), *out.glob("*.onnx.data")]:
+        if f.is_file():
+            f.unlink()
 
 
 def graph_rows(out: Path, graphs: dict[str, GraphInfo], backend: str) -> list[dict[str, Any]]:
@@ -105,9 +113,6 @@ def _export_model(cfg: ExportConfig) -> ExportResult:
     torch_transform = cfg.wbits == 3 or (cfg.awq and cfg.backend == "onnx")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-
-    from kvtool.export.openvino_backend import remove_stale
-
     remove_stale(out)
     total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
     with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step") as bar:
