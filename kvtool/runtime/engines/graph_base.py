@@ -86,9 +86,12 @@ class GraphEngine:
         pos = self.positions[..., start:end]
         return self._step(self.embeds[:, start:end], np.ascontiguousarray(pos))
 
+    def _n_cached(self) -> int:
+        return self.kv.n_tokens
+
     def run_token(self, token_id: int) -> np.ndarray:
         embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))
-        n = self.kv.n_tokens
+        n = self._n_cached()
         if self.arch == "qwen2_vl":
             pos = np.full((3, 1, 1), n + self.delta, dtype=np.int64)
         else:

@@ -63,8 +63,35 @@ def _token_major_past(model, names: list[str]) -> None:
     model.validate_nodes_and_infer_types()
 
 
-class OpenVINOEngine(GraphEngine):
+class _OpenVINOGraphs(GraphEngine):
+    """What both OpenVINO engines share: the compile config, the non-LM graphs, running them."""
+
     backend = "openvino"
+    inference_precision: str | None = None
+
+    def _base_config(self) -> dict:
+        cfg: dict = {"PERFORMANCE_HINT": "LATENCY"}
+        prec = self.inference_precision or ("f32" if self.manifest.dtype == "fp32" else None)
+        if prec:
+            cfg["INFERENCE_PRECISION_HINT"] = prec
+        return cfg
+
+    def _compile_aux_graphs(self, core) -> None:
+        cfg = self._base_config()
+        self.requests = {}
+        for role, g in self.manifest.graphs.items():
+            f = self.path / g.file
+            if not f.is_file():
+                raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
+            if role != "language_model":
+                self.requests[role] = core.compile_model(str(f), self.device, cfg).create_infer_request()
+
+    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
+        return [res[o] for o in self.requests[role].model_outputs]
+
+
+class OpenVINOEngine(_OpenVINOGraphs):
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
                  inference_precision: str | None = None, kv_precision: str | None = None,
@@ -77,30 +104,12 @@ class OpenVINOEngine(GraphEngine):
         self.edit_graph = edit_graph
         super().__init__(path, spec, device, manifest)
 
-    def _config(self) -> dict:
-        cfg: dict = {"PERFORMANCE_HINT": "LATENCY"}
-        prec = self.inference_precision or ("f32" if self.manifest.dtype == "fp32" else None)
-        if prec:
-            cfg["INFERENCE_PRECISION_HINT"] = prec
-        return cfg
-
     def _load_graphs(self) -> None:
         import openvino as ov
 
         core = ov.Core()
-        self.core = core
-        cfg = self._config()
-        self.requests = {}
-        for role, g in self.manifest.graphs.items():
-            f = self.path / g.file
-            if not f.is_file():
-                raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
-            if role == "language_model":
-                continue
-            self.requests[role] = core.compile_model(str(f), self.device, cfg).create_infer_request()
+        self._compile_aux_graphs(core)
         model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
-        if self.spec.is_ov:
-            raise InputError("kv: ov-u8/ov-u4 need the stateful engine (OpenVINOStatefulEngine)")
         g = self.manifest.graphs["language_model"]
         self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value")
                            for i in range(self.num_layers)]
@@ -128,12 +137,8 @@ class OpenVINOEngine(GraphEngine):
         self.kv_dtype = _NP_OF_OV.get(model.input(self.past_names[0][0]).get_element_type().to_string(), np.float32)
         self.lm_names = list(g.inputs)
         self.out_index = {next(iter(o.get_names())): j for j, o in enumerate(model.outputs)}
-        self.lm = core.compile_model(model, self.device, cfg)
+        self.lm = core.compile_model(model, self.device, self._base_config())
         self.lm_req = self.lm.create_infer_request()
-
-    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
-        return [res[o] for o in self.requests[role].model_outputs]
 
     def _run_lm(self, embeds, mask, pos):
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
@@ -150,15 +155,13 @@ class OpenVINOEngine(GraphEngine):
         return outs[self.out_index["logits"]][0, -1], new
 
     def info(self) -> dict:
-        return {**super().info(), "config": self._config(), "new_kv_outputs": self.kv_is_new,
+        return {**super().info(), "config": self._base_config(), "new_kv_outputs": self.kv_is_new,
                 "token_major_past": self.token_major}
 
 
-class OpenVINOStatefulEngine(GraphEngine):
+class OpenVINOStatefulEngine(_OpenVINOGraphs):
     """The stateful LM export (KV inside the graph as OpenVINO states): the anchor deployments run, and the
     home of OpenVINO's own KV compression (``kv="ov-u8"|"ov-u4"``). kvtool holds no KV here."""
-
-    backend = "openvino"
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
                  inference_precision: str | None = None):
@@ -167,10 +170,8 @@ class OpenVINOStatefulEngine(GraphEngine):
         super().__init__(path, spec, device, manifest)
 
     def _config(self) -> dict:
-        cfg: dict = {"PERFORMANCE_HINT": "LATENCY"}
-        prec = self.inference_precision or ("f32" if self.manifest.dtype == "fp32" else None)
-        if prec:
-            cfg["INFERENCE_PRECISION_HINT"] = prec
+        cfg = self._base_config()
+        prec = cfg.get("INFERENCE_PRECISION_HINT")
         s = self.spec
         if s.scheme == "fp16":
             cfg["KV_CACHE_PRECISION"] = "f32" if prec == "f32" else "f16"
@@ -194,15 +195,7 @@ class OpenVINOStatefulEngine(GraphEngine):
                              f"(this one is stateful); stateful exports take kv=fp16, ov-u8 or ov-u4")
         core = ov.Core()
         cfg = self._config()
-        self.requests = {}
-        for role, g in self.manifest.graphs.items():
-            f = self.path / g.file
-            if not f.is_file():
-                raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
-            if role != "language_model":
-                self.requests[role] = core.compile_model(str(f), self.device,
-                                                         {k: v for k, v in cfg.items() if "CACHE" not in k}
-                                                         ).create_infer_request()
+        self._compile_aux_graphs(core)
         model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
         if not model.get_sinks():
             raise InputError(f"{self.path}: kv={self.spec.scheme} needs a stateful export (export with stateful=True)")
@@ -214,21 +207,13 @@ class OpenVINOStatefulEngine(GraphEngine):
         self.lm_req = self.lm.create_infer_request()
         self.lm_names = [i.get_any_name() for i in model.inputs]
 
-    def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
-        return [res[o] for o in self.requests[role].model_outputs]
-
     def start(self, prepared, max_new_tokens: int = 64) -> None:
         self.lm_req.reset_state()
         self.n_tokens = 0
         super().start(prepared, max_new_tokens)
 
-    def run_token(self, token_id: int) -> np.ndarray:
-        embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))
-        n = self.n_tokens
-        pos = (np.full((3, 1, 1), n + self.delta, dtype=np.int64) if self.arch == "qwen2_vl"
-               else np.array([[n]], dtype=np.int64))
-        return self._step(embeds, pos)
+    def _n_cached(self) -> int:
+        return self.n_tokens
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
