@@ -76,6 +76,16 @@ class _OpenVINOGraphs(GraphEngine):
             cfg["INFERENCE_PRECISION_HINT"] = prec
         return cfg
 
+    def _compile(self, core, model, cfg: dict, role: str):
+        """``core.compile_model`` with a device that cannot take the graph reported as bad input (e.g. NPU
+        and the dynamic KV shapes of a stateless graph)."""
+        try:
+            return core.compile_model(model, self.device, cfg)
+        except RuntimeError as exc:
+            lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+            raise InputError(f"device {self.device}: OpenVINO could not compile the {role} graph with {cfg} "
+                             f"({lines[-1][:160] if lines else 'no detail'})") from None
+
     def _compile_aux_graphs(self, core) -> None:
         cfg = self._base_config()
         self.requests = {}
@@ -84,7 +94,7 @@ class _OpenVINOGraphs(GraphEngine):
             if not f.is_file():
                 raise InputError(f"{self.path}: graph file {g.file} listed in the manifest is missing")
             if role != "language_model":
-                self.requests[role] = core.compile_model(str(f), self.device, cfg).create_infer_request()
+                self.requests[role] = self._compile(core, str(f), cfg, role).create_infer_request()
 
     def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
@@ -137,7 +147,7 @@ class OpenVINOEngine(_OpenVINOGraphs):
         self.kv_dtype = _NP_OF_OV.get(model.input(self.past_names[0][0]).get_element_type().to_string(), np.float32)
         self.lm_names = list(g.inputs)
         self.out_index = {next(iter(o.get_names())): j for j, o in enumerate(model.outputs)}
-        self.lm = core.compile_model(model, self.device, self._base_config())
+        self.lm = self._compile(core, model, self._base_config(), "language_model")
         self.lm_req = self.lm.create_infer_request()
 
     def _run_lm(self, embeds, mask, pos):
@@ -199,11 +209,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
         if not model.get_sinks():
             raise InputError(f"{self.path}: kv={self.spec.scheme} needs a stateful export (export with stateful=True)")
-        try:
-            self.lm = core.compile_model(model, self.device, cfg)
-        except RuntimeError as exc:
-            raise InputError(f"kv: OpenVINO on {self.device} refused the KV settings {cfg} "
-                             f"({str(exc).strip().splitlines()[-1][:120]})") from None
+        self.lm = self._compile(core, model, cfg, "language_model (stateful, KV settings)")
         self.lm_req = self.lm.create_infer_request()
         self.lm_names = [i.get_any_name() for i in model.inputs]
 
