@@ -46,6 +46,13 @@ from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
 MODES = ("packed", "simulate")
 
 
+def _contig_owned(x: Array) -> bool:
+    """A contiguous array that is not a view into a larger one (so adopting it holds no hidden bytes)."""
+    if is_torch(x):
+        return x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    return x.flags.c_contiguous and x.flags.owndata
+
+
 class _Grow:
     """An array growing along axis 2 with amortised O(1) appends."""
 
@@ -54,8 +61,14 @@ class _Grow:
         self.n = 0
         self.max_tokens = max_tokens
 
-    def append(self, x: Array) -> None:
+    def append(self, x: Array, owned: bool = False) -> None:
+        """Append ``x`` along axis 2. ``owned``: x is a fresh array nobody else holds, so a first append
+        without ``max_tokens`` adopts it as the buffer instead of copying it (the next append grows it
+        exactly as it would have grown a copy)."""
         t = x.shape[2]
+        if owned and self.buf is None and self.max_tokens is None and _contig_owned(x):
+            self.buf, self.n = x, t
+            return
         if self.buf is None or self.n + t > self.buf.shape[2]:
             if self.max_tokens is not None and self.n + t <= self.max_tokens:
                 cap = self.max_tokens  # preallocated exactly: no slack
@@ -151,9 +164,9 @@ class _GridSide:
                 last[...] = last | rows[:, :, :self.r]
                 rows = rows[:, :, self.r:]
             if rows.shape[2]:
-                self.codes.append(rows)
-            self.delta.append(blk.delta)
-            self.mn.append(blk.mn)
+                self.codes.append(rows, owned=True)
+            self.delta.append(blk.delta, owned=True)
+            self.mn.append(blk.mn, owned=True)
             b, h, _, d = blk.shape
             self.meta = (blk.block_size, blk.flat, (b, h, d), blk.dtype)
             self.nq += nq

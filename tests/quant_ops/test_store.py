@@ -219,3 +219,28 @@ def test_torch_chunked_kernels_stream_like_numpy(scheme, h, bits, monkeypatch):
         np.testing.assert_array_equal(kt.numpy(), kn)
         np.testing.assert_array_equal(vt.numpy(), vn)
     assert st_t.nbytes == st_n.nbytes
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_first_append_adopts_only_fresh_quantized_arrays(lib):
+    """The first append keeps the quantizer's fresh codes/params without copying them, but never the
+    caller's tensors: changing the input afterwards changes nothing, and growth after adoption is exact."""
+    k, v = outlier_kv(b=1, h=2, n=37, d=16, seed=21, dtype=np.float16)
+    conv = torch.from_numpy if lib == "torch" else np.array
+    kk, vv = conv(k.copy()), conv(v.copy())
+    st = QuantizedKVStore("g-KC16VT16", 2, 2)
+    st.append(kk, vv)
+    before = [_np(a).copy() for a in st.dequantize()]
+    kk[...] = 0
+    vv[...] = 0  # the residual and every stored array are the store's own
+    for a, b in zip(st.dequantize(), before, strict=True):
+        np.testing.assert_array_equal(_np(a), b)
+    step_k, step_v = outlier_kv(b=1, h=2, n=40, d=16, seed=22, dtype=np.float16)
+    ref = QuantizedKVStore("g-KC16VT16", 2, 2)
+    ref.append(k, v)
+    for t in range(40):  # grow past the adopted buffers
+        st.append(conv(step_k[:, :, t:t + 1].copy()), conv(step_v[:, :, t:t + 1].copy()))
+        ref.append(step_k[:, :, t:t + 1], step_v[:, :, t:t + 1])
+    for a, b in zip(st.dequantize(), ref.dequantize(), strict=True):
+        np.testing.assert_array_equal(_np(a), b)
+    assert st.nbytes == ref.nbytes
