@@ -45,6 +45,11 @@ def test_onnxruntime_engine_matches_hf_generate_on_qwen2_vl(exported, tiny_model
     # vision graph + merger (rotary embedding and block mask built here), 3-D rope prompt positions, n + delta
     pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "onnx", 16, "fp32"))
     _check(pipe, tiny_model("tiny-qwen2-vl"), random_image(3, (70, 110)))
+    ref = VLMPipeline.load(tiny_model("tiny-qwen2-vl"), backend="torch")  # text-only (HallusionBench has some)
+    a = ref.generate(None, "Say hi.", max_new_tokens=4, text_only=True, keep_logits=True)
+    b = pipe.generate(None, "Say hi.", max_new_tokens=4, text_only=True, keep_logits=True)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(np.stack(a.logits), np.stack(b.logits), atol=1e-4)
 
 
 @pytest.mark.slow

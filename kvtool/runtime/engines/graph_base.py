@@ -61,7 +61,7 @@ class GraphEngine:
         self.kv.reset(capacity=prepared.n_tokens + max_new_tokens)
         ids = prepared.input_ids
         embeds = self._text_embeddings(ids)
-        if prepared.vision:
+        if "pixel_values" in prepared.vision:  # (a text-only prompt may still carry mm_token_type_ids)
             feats = self._image_features(prepared)
             mask = ids[0] == self.image_token_id
             if int(mask.sum()) != feats.shape[0]:
