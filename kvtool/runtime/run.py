@@ -28,6 +28,8 @@ class RunConfig:
     top_p: float = 1.0
     seed: int = 0
     text_only: bool = False
+    ov_group_size: int | None = None
+    ov_key_by_channel: bool = False
 
     def bits(self) -> tuple[int, int]:
         """K and V bits: ``--k-bits`` / ``--v-bits`` override ``--kv-bits`` (default 4)."""
@@ -43,7 +45,8 @@ def run_once(cfg: RunConfig, on_text: Callable[[str], None] | None = None) -> di
     k_bits, v_bits = cfg.bits()
     pipe = VLMPipeline.load(cfg.model, backend=cfg.backend, device=cfg.device, kv=cfg.kv, k_bits=k_bits,
                             v_bits=v_bits, kv_mode=cfg.kv_mode, first_token=cfg.first_token,
-                            conversation=cfg.conversation)
+                            conversation=cfg.conversation, ov_group_size=cfg.ov_group_size,
+                            ov_key_by_channel=cfg.ov_key_by_channel)
     images = cfg.images if len(cfg.images) != 1 else cfg.images[0]
     out = pipe.generate(images or None, cfg.prompt, max_new_tokens=cfg.max_new_tokens,
                         do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p,
