@@ -244,9 +244,12 @@ def export_cmd(model, output, as_json, **opts) -> None:
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--text-only", is_flag=True, help="Ask without an image.")
+@click.option("--ov-group-size", type=int, default=None, help="ov-u8/ov-u4: KV group size along head_dim.")
+@click.option("--ov-key-by-channel", is_flag=True, help="ov-u8/ov-u4: quantize keys by channel.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer, stats and pipeline as JSON.")
 def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
-            conversation, max_new_tokens, temperature, top_p, seed, text_only, as_json) -> None:
+            conversation, max_new_tokens, temperature, top_p, seed, text_only, ov_group_size, ov_key_by_channel,
+            as_json) -> None:
     """Answer PROMPT about --image with the model in MODEL (an export dir, or an HF checkpoint for torch),
     streaming the answer, then print the stats."""
     from kvtool.runtime.run import RunConfig, run_once
@@ -254,7 +257,8 @@ def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits,
     cfg = RunConfig(model=model, prompt=prompt, images=list(images), backend=backend, device=device, kv=kv,
                     kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, kv_mode=kv_mode, first_token=first_token,
                     conversation=conversation, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, text_only=text_only)
+                    top_p=top_p, seed=seed, text_only=text_only, ov_group_size=ov_group_size,
+                    ov_key_by_channel=ov_key_by_channel)
     if as_json:
         echo_json(run_once(cfg))
         return
