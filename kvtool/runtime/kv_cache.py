@@ -124,7 +124,7 @@ class GraphKVCache:
 
     @property
     def work_nbytes(self) -> int:
-        """Bytes of the preallocated graph-input buffers."""
+        """Bytes of the preallocated graph-input buffers (in packed mode, the dequantized working copy)."""
         return int(sum(b.nbytes for b in self._kbuf) + sum(b.nbytes for b in self._vbuf))
 
 

@@ -204,6 +204,9 @@ class VLMPipeline:
             "tokens_per_s": n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
             "kv_bytes": int(kv_bytes),
             "kv_fp16_bytes": int(kv_fp16),
+            # graph engines: the preallocated buffers the graph reads its past from (packed mode dequantizes
+            # into them), counted apart from kv_bytes
+            "kv_work_bytes": int(getattr(getattr(eng, "kv", None), "work_nbytes", 0)) if spec.quantizes else 0,
             "peak_rss_bytes": _peak_rss_bytes(),
             "kv": spec.scheme, "kv_mode": spec.mode, "first_token": spec.first_token,
         }
