@@ -12,7 +12,8 @@ On a ``[1, 32, 4096, 128]`` float16 K and V (one LLaVA-7B layer at 4k tokens), f
   (the max includes a per-channel group flush) over ``--steps`` steps (ms).
 
 Times are thread CPU time (torch pinned to ``--threads`` = 1), medians of ``--repeats`` interleaved runs;
-wall times are in the JSON. Run:  python bench/quant_ops.py [--json out.json]
+the wall-clock medians' ratios to the copy are a column too (all wall times in the JSON).
+Run:  python bench/quant_ops.py [--json out.json]   (``--markdown out.json`` re-prints a saved run)
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def run(args) -> dict:
             "quantize_ms": q_t * 1e3, "dequantize_ms": dq_t * 1e3, "copy_ms": copy_t * 1e3,
             "decode_step_ms": statistics.median(steps) * 1e3, "decode_step_max_ms": steps[-1] * 1e3,
             "wall_ms": {"copy": wall["copy"] * 1e3, "quantize": wall["q"] * 1e3, "dequantize": wall["dq"] * 1e3},
+            "quantize_vs_copy_wall": wall["copy"] / wall["q"], "dequantize_vs_copy_wall": wall["copy"] / wall["dq"],
             "held_vs_fp16": nbytes / fp16_nbytes, "bound_vs_fp16": _bound(spec, bits, n, h, d),
             "nbytes": nbytes, "fp16_nbytes": fp16_nbytes,
         })
@@ -124,12 +126,14 @@ def run(args) -> dict:
 
 def markdown(res: dict) -> str:
     out = ["| backend | scheme | bits | quantize GB/s | vs copy | dequantize GB/s | vs copy | copy GB/s | "
-           "decode step ms (max) | held / fp16 | bound |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "wall: q / dq vs copy | decode step ms (max) | held / fp16 | bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        w = r["wall_ms"]
         out.append(f"| {r['backend']} | {r['scheme']} | {r['bits']} | {r['quantize_gbps']:.2f} | "
                    f"{r['quantize_vs_copy']:.3f} | {r['dequantize_gbps']:.2f} | {r['dequantize_vs_copy']:.3f} | "
-                   f"{r['copy_gbps']:.2f} | {r['decode_step_ms']:.2f} ({r['decode_step_max_ms']:.1f}) | {r['held_vs_fp16']:.4f} | "
+                   f"{r['copy_gbps']:.2f} | {w['copy'] / w['quantize']:.3f} / {w['copy'] / w['dequantize']:.3f} | "
+                   f"{r['decode_step_ms']:.2f} ({r['decode_step_max_ms']:.1f}) | {r['held_vs_fp16']:.4f} | "
                    f"{r['bound_vs_fp16']:.4f} |")
     return "\n".join(out)
 
@@ -146,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=128, help="decode steps timed after the block")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see BENCHMARKS.md)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="print the table of a saved --json run and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown, encoding="utf-8") as fh:
+            print(markdown(json.load(fh)))
+        return 0
     res = run(args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
