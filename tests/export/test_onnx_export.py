@@ -70,3 +70,13 @@ def test_int4_is_matmulnbits_and_3x_smaller(exported, torch_model, record_proper
         print(f"\n[export] onnx int4 g128 (MatMulNBits rtn): LM weights {b16}->{b4} bytes ({b16 / b4:.2f}x); "
               f"greedy next-token agreement with PyTorch on 32 random prompts: {agree:.0%}")
     assert agree >= 0.5
+
+
+@pytest.mark.slow
+def test_int4_hqq(exported, torch_model):
+    out = exported("tiny-llava", "onnx", 4, "fp16", onnx_quant="hqq")
+    m = Manifest.load(out)
+    assert m.weights.method == "hqq"
+    g = onnx.load(str(out / m.graphs["language_model"].file), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in g.graph.node) >= 7 * m.lm.num_layers
+    assert greedy_agreement(out, torch_model("tiny-llava"), n_prompts=16) >= 0.5
