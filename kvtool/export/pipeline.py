@@ -9,8 +9,9 @@ It does not run generation or check parity (tests and ``kvtool.runtime`` do).
 
 from __future__ import annotations
 
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,8 @@ def graph_rows(out: Path, graphs: dict[str, GraphInfo], backend: str) -> list[di
 
 @contextmanager
 def quiet_libraries():
-    """Silence the exporters' tracer/deprecation warnings and info logs for the duration (restored after);
-    kvtool's own progress bar and errors still show."""
+    """Silence the exporters' tracer/deprecation warnings and info logs for the duration (restored after) and
+    send what they print to stderr; kvtool's own progress bar and errors still show."""
     import logging
     import warnings
 
@@ -69,7 +70,8 @@ def quiet_libraries():
 
     loggers = [logging.getLogger(n) for n in ("nncf", "transformers", "optimum", "torch.onnx", "onnxscript")]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
+    # libraries' own progress output goes to stderr, so stdout carries only kvtool's result (``--json``)
+    with warnings.catch_warnings(), redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         for lg in loggers:
             lg.setLevel(logging.ERROR)

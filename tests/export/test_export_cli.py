@@ -60,3 +60,13 @@ def test_group_size_not_dividing_the_model_is_refused(tiny_model, tmp_path):
     # tiny-llava's layers are 128 / 256 wide: 256 does not divide 128
     code, lines = run(str(tiny_model("tiny-llava")), "-o", str(tmp_path / "o"), "--wbits", "4", "--group-size", "256")
     assert code == 2 and "does not divide" in lines[-1] and lines[-1].startswith("error: "), lines
+
+
+@pytest.mark.slow
+def test_json_output_is_pure_json(tiny_model, tmp_path):
+    """Libraries' progress output (NNCF's rich bars) must not leak into stdout under --json."""
+    res = CliRunner().invoke(main, ["export", str(tiny_model("tiny-llava")), "-o", str(tmp_path / "o"), "--wbits", "4",
+                                    "--json"], env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["manifest"]["weights"]["bits"] == 4 and {g["role"] for g in d["graphs"]} >= {"language_model"}
