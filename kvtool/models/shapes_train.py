@@ -94,7 +94,7 @@ def _build(cfg: TrainConfig):
     if (size.hidden // size.heads) * size.kv_heads % 128:
         raise InputError(f"kv_heads x head_dim = {(size.hidden // size.heads) * size.kv_heads}: expected a multiple "
                          "of 128 so KV groups of 128 channels fit")
-    # The task's language: every question and answer word, with and without a leading space, many times over.
+    # The task's language: every question and answer word and the prompt lines, so each word gets its own token.
     words = [*QUESTION_WORDS, *ANSWER_WORDS, *COLORS, *SHAPES, SYSTEM_PROMPT, ANSWER_SUFFIX]
     extra = [" ".join(words)] * 4
     from kvtool.models.tokenizer import build_tokenizer
@@ -117,6 +117,7 @@ def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> d
 
     ``labels`` are -100 everywhere except the answer tokens and ``</s>``.
     """
+    import numpy as np
     import torch
 
     tok = processor.tokenizer
@@ -136,8 +137,6 @@ def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> d
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     lab_t = torch.tensor([la + [-100] * (width - len(la)) for la in labels])
-    import numpy as np
-
     pix = torch.from_numpy(np.asarray(enc["pixel_values"], dtype=np.float32))
     return {"input_ids": input_ids, "attention_mask": attn, "labels": lab_t, "pixel_values": pix}
 
