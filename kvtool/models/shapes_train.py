@@ -97,16 +97,7 @@ def _build(cfg: TrainConfig):
     # The task's language: every question and answer word and the prompt lines, so each word gets its own token.
     words = [*QUESTION_WORDS, *ANSWER_WORDS, *COLORS, *SHAPES, SYSTEM_PROMPT, ANSWER_SUFFIX]
     extra = [" ".join(words)] * 4
-    from kvtool.models.tokenizer import build_tokenizer
-
-    orig = tiny._llava_tokenizer
-    tiny._llava_tokenizer = lambda s: build_tokenizer(  # noqa: E731 - local swap, restored below
-        ["<unk>", "<s>", "</s>", "<image>"], vocab_size=s.vocab_size, unk_token="<unk>",
-        extra_corpus=extra, extra_attrs={"image_token": "<image>"})
-    try:
-        model, processor = tiny._build_llava(size)
-    finally:
-        tiny._llava_tokenizer = orig
+    model, processor = tiny.build_llava(size, extra_corpus=extra)
     # All vision layers feed the projector: a trained-from-scratch tower gains nothing from an unused last layer.
     model.config.vision_feature_layer = -1
     return model, processor

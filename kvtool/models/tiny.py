@@ -120,13 +120,14 @@ def _clip_vision_config(s: TinySize):
     )
 
 
-def _llava_tokenizer(s: TinySize):
+def _llava_tokenizer(s: TinySize, extra_corpus=()):
     from kvtool.models.tokenizer import build_tokenizer
 
     return build_tokenizer(
         ["<unk>", "<s>", "</s>", "<image>"],
         vocab_size=s.vocab_size,
         unk_token="<unk>",
+        extra_corpus=extra_corpus,
         extra_attrs={"image_token": "<image>"},
     )
 
@@ -146,11 +147,19 @@ def _clip_image_processor_kwargs(s: TinySize) -> dict:
     )
 
 
-def _build_llava(s: TinySize):
+def _image_seq_length(s: TinySize) -> int:
+    """Image tokens of one LLaVA tile (CLS dropped), recorded in the config as LLaVA checkpoints do."""
+    return (s.image_size // s.patch_size) ** 2
+
+
+def build_llava(s: TinySize, extra_corpus=()):
+    """A random ``LlavaForConditionalGeneration`` of sizes ``s`` and its processor (tokenizer trained offline,
+    with ``extra_corpus`` lines added to its training text so a task's words get their own tokens)."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tok = _llava_tokenizer(s)
+    tok = _llava_tokenizer(s, extra_corpus)
     config = LlavaConfig(
+        image_seq_length=_image_seq_length(s),
         vision_config=_clip_vision_config(s),
         text_config=_llama_text_config(s, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -182,6 +191,7 @@ def _build_llava_next(s: TinySize):
     side = s.image_size
     pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
     config = LlavaNextConfig(
+        image_seq_length=_image_seq_length(s),
         vision_config=_clip_vision_config(s),
         text_config=_llama_text_config(s, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -286,7 +296,7 @@ def _build_qwen2_vl(s: TinySize):
     return model, processor
 
 
-_BUILDERS = {"tiny-llava": _build_llava, "tiny-llava-next": _build_llava_next, "tiny-qwen2-vl": _build_qwen2_vl}
+_BUILDERS = {"tiny-llava": build_llava, "tiny-llava-next": _build_llava_next, "tiny-qwen2-vl": _build_qwen2_vl}
 
 
 def tiny_size(name: str, **overrides) -> TinySize:
