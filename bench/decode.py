@@ -38,6 +38,10 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
     "b_kvtool_fp16": ("stateless", dict(kv="fp16", kv_precision="f16"), "(b) + f16 KV element type"),
     "c_kvtool_kc128vt128_2b": ("stateless", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, kv_precision="f16"),
                                "(c) g-KC128VT128 2-bit packed, incremental dequantization"),
+    "b_state_fp16": ("stateful", dict(kv="fp16", kv_owner="kvtool"),
+                     "(b*) stateful graph, kvtool owns the cache: fp16 mirror, states never rewritten"),
+    "c_state_kc128vt128_2b": ("stateful", dict(kv="g-KC128VT128", k_bits=2, v_bits=2),
+                              "(c*) stateful graph, g-KC128VT128 K2V2 packed, kvtool rewrites the states"),
     "d_torch": ("model", dict(backend="torch", kv="fp16"), "(d) torch engine (fp32 HF model)"),
 }
 

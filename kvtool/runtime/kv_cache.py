@@ -29,14 +29,17 @@ class GraphKVCache:
     so the first N tokens are one contiguous block: with ``token_major=True`` (graphs edited to take the past
     as ``[N, H, D]``) ``past(i)`` hands that block to the graph without a copy; otherwise it returns a
     contiguous ``[1, H, N, D]`` copy. The packed stores dequantize into the same buffers (through a
-    ``[1, H, cap, D]`` view) and rewrite only the tokens that changed since the previous step."""
+    ``[1, H, cap, D]`` view) and rewrite only the tokens that changed since the previous step.
+    ``head_major=True`` lays the buffers out ``[1, H, cap, D]`` instead (the state-owned OpenVINO engine hands
+    their first N tokens to OpenVINO's states as a strided region)."""
 
     def __init__(self, spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int, dtype=np.float32,
-                 token_major: bool = False):
+                 token_major: bool = False, head_major: bool = False):
         self.spec = spec
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype = np.dtype(dtype)
         self.token_major = token_major
+        self.head_major = head_major and not token_major
         self._cap = 0
         self.reset()
 
@@ -54,16 +57,20 @@ class GraphKVCache:
             self._alloc(capacity)
 
     def _alloc(self, cap: int) -> None:
-        shape = (cap, self.num_kv_heads, self.head_dim)
-        old_k, old_v, n = getattr(self, "_kbuf", None), getattr(self, "_vbuf", None), self.n_tokens
+        shape = (1, self.num_kv_heads, cap, self.head_dim) if self.head_major else (cap, self.num_kv_heads,
+                                                                                   self.head_dim)
+        old_k, old_v, n = getattr(self, "_k4", None), getattr(self, "_v4", None), self.n_tokens
         self._kbuf = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
         self._vbuf = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+        # [1, H, cap, D] views of the same memory, the layout the stores and fake_quant_kv work in
+        if self.head_major:
+            self._k4, self._v4 = list(self._kbuf), list(self._vbuf)
+        else:
+            self._k4 = [b.transpose(1, 0, 2)[None] for b in self._kbuf]
+            self._v4 = [b.transpose(1, 0, 2)[None] for b in self._vbuf]
         if old_k is not None and n and self._stores is None:
             for i in range(self.num_layers):
-                self._kbuf[i][:n], self._vbuf[i][:n] = old_k[i][:n], old_v[i][:n]
-        # [1, H, cap, D] views of the same memory, the layout the stores and fake_quant_kv work in
-        self._k4 = [b.transpose(1, 0, 2)[None] for b in self._kbuf]
-        self._v4 = [b.transpose(1, 0, 2)[None] for b in self._vbuf]
+                self._k4[i][:, :, :n], self._v4[i][:, :, :n] = old_k[i][:, :, :n], old_v[i][:, :, :n]
         self._cap = cap
 
     def reserve(self, n: int) -> None:
@@ -75,6 +82,15 @@ class GraphKVCache:
     def past(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Past K, V of layer ``i`` in the graph's KV dtype: ``[N, H, D]`` views (token-major graphs) or
         contiguous ``[1, H, N, D]`` arrays."""
+        k, v = self.dequantized(i)
+        if self.token_major:
+            return self._kbuf[i][:self.n_tokens], self._vbuf[i][:self.n_tokens]
+        return np.ascontiguousarray(k), np.ascontiguousarray(v)
+
+    def dequantized(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[1, H, N, D]`` views of layer ``i``'s cache as attention must see it: the packed stores'
+        dequantization (only tokens changed since the last call are rewritten) or, in simulate mode, the whole
+        cache re-quantized."""
         n = self.n_tokens
         if n and self._stores is not None:
             self._stores[i].dequantize(out=(self._k4[i], self._v4[i]))  # rewrites only what changed
@@ -86,9 +102,15 @@ class GraphKVCache:
                                    np.ascontiguousarray(self._v4[i][:, :, :n]), self.spec.scheme,
                                    k_bits=self.spec.k_bits, v_bits=self.spec.v_bits)
             self._k4[i][:, :, :n], self._v4[i][:, :, :n] = kq, vq
-        if self.token_major:
-            return self._kbuf[i][:n], self._vbuf[i][:n]
-        return (np.ascontiguousarray(self._k4[i][:, :, :n]), np.ascontiguousarray(self._v4[i][:, :, :n]))
+        return self._k4[i][:, :, :n], self._v4[i][:, :, :n]
+
+    def quantized_counts(self, i: int) -> tuple[int, int]:
+        """Tokens of layer ``i``'s K and V held quantized (packed stores); (0, 0) otherwise. A count that grew
+        across an ``append`` means tokens the graph last saw exact are now held as their quantization."""
+        if self._stores is None:
+            return 0, 0
+        st = self._stores[i]  # quant_ops' sides count their quantized tokens as ``nq`` (dense sides: none)
+        return int(getattr(st._k, "nq", 0)), int(getattr(st._v, "nq", 0))
 
     def append(self, i: int, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """Store the new tokens' K, V (``[1, H, t, D]``) of layer ``i``; call for every layer, then ``advance``."""

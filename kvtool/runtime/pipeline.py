@@ -42,6 +42,13 @@ def _peak_rss_bytes() -> int:
     return int(kb if platform.system() == "Darwin" else kb * 1024)
 
 
+def _work_nbytes(eng, spec: KVSpec) -> int:
+    """Bytes of the dequantized working copy a graph engine feeds its graph (0 where there is none)."""
+    if hasattr(eng, "kv_work_nbytes"):
+        return int(eng.kv_work_nbytes())
+    return int(getattr(getattr(eng, "kv", None), "work_nbytes", 0)) if spec.quantizes else 0
+
+
 def _resolve_backend(path: Path, backend: str):
     from kvtool.export.manifest import Manifest, is_export_dir
 
@@ -206,7 +213,7 @@ class VLMPipeline:
             "kv_fp16_bytes": int(kv_fp16),
             # graph engines: the preallocated buffers the graph reads its past from (packed mode dequantizes
             # into them), counted apart from kv_bytes
-            "kv_work_bytes": int(getattr(getattr(eng, "kv", None), "work_nbytes", 0)) if spec.quantizes else 0,
+            "kv_work_bytes": _work_nbytes(eng, spec),
             "peak_rss_bytes": _peak_rss_bytes(),
             "kv": spec.scheme, "kv_mode": spec.mode, "first_token": spec.first_token,
         }

@@ -115,3 +115,34 @@ def test_torch_packed_cache_returns_the_stored_past_plus_the_exact_new_tokens():
         store.append(k, v)
         raw_k = torch.cat([raw_k, k], 2)
     assert cache.get_seq_length() == 9
+
+
+@pytest.mark.parametrize("layout", ["head_major", "token_major"])
+def test_graph_cache_quantized_counts_and_dequantized_views(layout):
+    """What the state-owned engine relies on: ``quantized_counts`` grows exactly when tokens become held
+    quantized (K per-channel: by whole groups of 128; V per-token: every token), and ``dequantized`` equals a
+    fresh store's dequantization in either buffer layout, across buffer growth."""
+    rng = np.random.default_rng(3)
+    spec = make_kv_spec("g-KC128VT128", 2, 2, "packed")
+    kv = GraphKVCache(spec, 2, H, D, token_major=layout == "token_major", head_major=layout == "head_major")
+    kv.reset(capacity=16)
+    ref = QuantizedKVStore("g-KC128VT128", k_bits=2, v_bits=2, mode="packed")
+    n = 0
+    for k, v in _chunks(rng, [100, 1, 27, 1, 130, 1]):
+        for i in range(2):
+            kv.append(i, k, v)
+        ref.append(k, v)
+        kv.advance(k.shape[2])
+        n += k.shape[2]
+        assert kv.quantized_counts(0) == (n // 128 * 128, n)
+        rk, rv = ref.dequantize()
+        dk, dv = kv.dequantized(1)
+        assert dk.shape == (1, H, n, D)
+        np.testing.assert_array_equal(dk, rk)
+        np.testing.assert_array_equal(dv, rv)
+        if layout == "head_major":  # the state-owned engine hands these views' buffers to OpenVINO
+            assert dk.base is not None and dk.base.flags.c_contiguous and dk.base.shape[:2] == (1, H)
+    fp = GraphKVCache(make_kv_spec("fp16"), 1, H, D, head_major=True)
+    fp.append(0, *_chunks(rng, [3])[0])
+    fp.advance(3)
+    assert fp.quantized_counts(0) == (0, 0)

@@ -3,6 +3,8 @@
 An engine answers four calls — ``start(prepared)``, ``run_prompt(start, end)`` and ``run_token(id)``
 (both return the last position's logits as a numpy [V] array), ``kv_nbytes()`` — and holds the KV cache
 between them. They are imported lazily by backend name, so only the chosen runtime library is loaded.
+OpenVINO: a stateless export runs ``OpenVINOEngine``; a stateful one runs ``OpenVINOStateOwnedEngine`` for
+kvtool's schemes (and for fp16 with ``kv_owner="kvtool"``), else ``OpenVINOStatefulEngine``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ def load_engine(backend: str, path, spec, device: str, **kwargs):
         from kvtool.runtime.engines.openvino_engine import OpenVINOEngine, OpenVINOStatefulEngine
 
         manifest = kwargs.get("manifest")
-        if spec.is_ov or (manifest is not None and manifest.stateful):
+        owner = kwargs.pop("kv_owner", None)  # "kvtool": kvtool owns a stateful export's cache even for fp16
+        if owner not in (None, "kvtool", "openvino"):
+            raise ValueError(f"kv_owner: expected kvtool or openvino, got {owner!r}")
+        stateful = manifest is not None and manifest.stateful
+        if stateful and not spec.is_ov and (spec.quantizes or owner == "kvtool"):
+            from kvtool.runtime.engines.openvino_state import OpenVINOStateOwnedEngine
+
+            return OpenVINOStateOwnedEngine(path, spec, device, **kwargs)
+        if spec.is_ov or stateful:
             return OpenVINOStatefulEngine(path, spec, device, **kwargs)
         return OpenVINOEngine(path, spec, device, **kwargs)
     if backend == "onnxruntime":

@@ -42,7 +42,7 @@ class GraphEngine:
         self.token_major = False  # set by _load_graphs when it edits the LM to take the past as [N, H, D]
         self._load_graphs()
         self.kv = GraphKVCache(spec, self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.kv_dtype,
-                               token_major=self.token_major)
+                               token_major=self.token_major, head_major=getattr(self, "head_major", False))
 
     # -- subclass hooks ------------------------------------------------------------------------------
     def _load_graphs(self) -> None:
