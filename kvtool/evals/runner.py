@@ -30,6 +30,7 @@ from kvtool.errors import InputError
 from kvtool.evals.judges import JudgeCache, JudgeConfig, apply_judges
 from kvtool.evals.loaders import load_task_data
 from kvtool.evals.tasks import TaskSpec, get_task, parse_tasks, task_metrics
+from kvtool.versions import library_versions
 
 RESULTS = "results.json"
 
@@ -248,18 +249,6 @@ def score_task(spec: TaskSpec, rows: list[dict], judge: JudgeConfig | None, task
     return metrics
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for lib in ("kvtool", "datasets", "transformers", "torch", "openvino", "onnxruntime", "numpy"):
-        try:
-            out[lib] = md.version(lib)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _pipeline_info(model) -> dict[str, Any] | None:
     info = getattr(model, "info", None)
     return _jsonable(info()) if callable(info) else None
@@ -285,7 +274,7 @@ def run_eval(cfg: EvalConfig, model=None) -> dict[str, Any]:
     results: dict[str, Any] = {"kvtool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                           time.gmtime()),
                                "config": cfg.to_json(), "pipeline": _pipeline_info(model),
-                               "versions": _versions(), "tasks": {}}
+                               "versions": library_versions(), "tasks": {}}
     for spec in specs:
         rows, record = generate_task(spec, model, cfg, out / spec.name)
         record["metrics"] = score_task(spec, rows, cfg.judge, out / spec.name)

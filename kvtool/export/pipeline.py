@@ -18,18 +18,7 @@ from typing import Any
 from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig, ExportResult
 from kvtool.export.manifest import MANIFEST_NAME, GraphInfo, Manifest, WeightInfo
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "openvino", "nncf", "optimum-intel", "optimum", "onnx", "onnxruntime"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+from kvtool.versions import library_versions
 
 
 def remove_stale(out: Path) -> None:

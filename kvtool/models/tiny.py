@@ -152,13 +152,9 @@ def _image_seq_length(s: TinySize) -> int:
     return (s.image_size // s.patch_size) ** 2
 
 
-def build_llava(s: TinySize, extra_corpus=()):
-    """A random ``LlavaForConditionalGeneration`` of sizes ``s`` and its processor (tokenizer trained offline,
-    with ``extra_corpus`` lines added to its training text so a task's words get their own tokens)."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tok = _llava_tokenizer(s, extra_corpus)
-    config = LlavaConfig(
+def _llava_family(s: TinySize, config_cls, model_cls, processor_cls, image_processor, tok, **config_extra):
+    """Model + processor of the LLaVA family (CLIP tower, MLP projector, Llama decoder, ``<image>`` token)."""
+    config = config_cls(
         image_seq_length=_image_seq_length(s),
         vision_config=_clip_vision_config(s),
         text_config=_llama_text_config(s, tok),
@@ -166,17 +162,26 @@ def build_llava(s: TinySize, extra_corpus=()):
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
+        **config_extra,
     )
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(**_clip_image_processor_kwargs(s)),
+    processor = processor_cls(
+        image_processor=image_processor,
         tokenizer=tok,
         patch_size=s.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    return model, processor
+    return model_cls(config), processor
+
+
+def build_llava(s: TinySize, extra_corpus=()):
+    """A random ``LlavaForConditionalGeneration`` of sizes ``s`` and its processor (tokenizer trained offline,
+    with ``extra_corpus`` lines added to its training text so a task's words get their own tokens)."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    return _llava_family(s, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                         CLIPImageProcessor(**_clip_image_processor_kwargs(s)), _llava_tokenizer(s, extra_corpus))
 
 
 def _build_llava_next(s: TinySize):
@@ -187,30 +192,11 @@ def _build_llava_next(s: TinySize):
         LlavaNextProcessor,
     )
 
-    tok = _llava_tokenizer(s)
     side = s.image_size
     pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
-    config = LlavaNextConfig(
-        image_seq_length=_image_seq_length(s),
-        vision_config=_clip_vision_config(s),
-        text_config=_llama_text_config(s, tok),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_grid_pinpoints=pinpoints,
-    )
-    model = LlavaNextForConditionalGeneration(config)
     image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **_clip_image_processor_kwargs(s))
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=s.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    return model, processor
+    return _llava_family(s, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, image_processor,
+                         _llava_tokenizer(s), image_grid_pinpoints=pinpoints)
 
 
 def _build_qwen2_vl(s: TinySize):
