@@ -42,6 +42,10 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
                      "(b*) stateful graph, kvtool owns the cache: fp16 mirror, states never rewritten"),
     "c_state_kc128vt128_2b": ("stateful", dict(kv="g-KC128VT128", k_bits=2, v_bits=2),
                               "(c*) stateful graph, g-KC128VT128 K2V2 packed, kvtool rewrites the states"),
+    "b_paged_fp16": ("stateful", dict(kv="fp16", kv_owner="paged"),
+                     "(b+) PagedAttention graph, caller-owned cache blocks, kvtool's fp16 mirror"),
+    "c_paged_kc128vt128_2b": ("stateful", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, kv_owner="paged"),
+                              "(c+) PagedAttention, g-KC128VT128 K2V2 packed, changed tokens written in place"),
     "d_torch": ("model", dict(backend="torch", kv="fp16"), "(d) torch engine (fp32 HF model)"),
 }
 

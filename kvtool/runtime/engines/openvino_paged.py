@@ -1,0 +1,179 @@
+"""The OpenVINO paged engine: the stateful LM export turned into OpenVINO's PagedAttention form
+(``paged_attention_transformation``), whose K/V cache blocks are *caller-owned* tensors that the fused
+attention op reads and appends to in place. kvtool allocates those blocks, reads each step's new K/V out of
+them into its own cache (``GraphKVCache``: packed ``QuantizedKVStore`` per layer, or an fp mirror), and
+writes back in place only the tokens whose stored value changed (tokens that became quantized), so a step
+costs O(changed tokens) on kvtool's side instead of a rewrite of the whole cache.
+
+Semantics are DESIGN.md's, as in the other graph engines: the graph attends to the dequantized past plus
+the exact new tokens. Batch 1, one sequence; block tables are the identity (block j holds tokens
+``j*B .. j*B+B-1``). bf16 caches (CPU's default inference precision) are held as raw uint16 bits and
+converted here (round to nearest even). It does not run Qwen2-VL's 3-D positions (PagedAttention's position
+input is 1-D) nor OpenVINO's own KV compression.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs
+from kvtool.runtime.kvspec import KVSpec
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+
+
+class OpenVINOPagedEngine(_OpenVINOGraphs):
+    """PagedAttention LM with caller-owned cache blocks, KV contents owned by kvtool (see module doc)."""
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
+                 inference_precision: str | None = None, kv_precision: str | None = None):
+        """``kv_precision``: KV_CACHE_PRECISION (f32 or f16; the plugin may still pick its inference type)."""
+        if kv_precision not in (None, "f16", "f32"):
+            raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
+        self.inference_precision = inference_precision
+        self.kv_precision = kv_precision
+        self.token_writes = 0  # token rows kvtool wrote back into the blocks (benchmarks report it)
+        super().__init__(path, spec, device, manifest)
+
+    def _config(self) -> dict:
+        cfg = self._base_config()
+        cfg["KV_CACHE_PRECISION"] = self.kv_precision or (
+            "f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32" else "f16")
+        return cfg
+
+    def _load_graphs(self) -> None:
+        import openvino as ov
+        from openvino._offline_transformations import paged_attention_transformation
+
+        if self.spec.is_ov:
+            raise InputError(f"kv: {self.spec.scheme} is OpenVINO's own compression; kvtool cannot own that cache")
+        if self.arch == "qwen2_vl":
+            raise InputError("kv_owner=paged: Qwen2-VL's 3-D positions are not supported by the paged engine")
+        core = ov.Core()
+        self._compile_aux_graphs(core)
+        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
+        if not model.get_sinks():
+            raise InputError(f"{self.path}: the paged engine needs a stateful export (export with stateful=True)")
+        paged_attention_transformation(model)
+        self.lm = self._compile(core, model, self._config(), "language_model (PagedAttention)")
+        self.lm_req = self.lm.create_infer_request()
+        self._cache_inputs = {}
+        for port in self.lm.inputs:
+            name = port.get_any_name()
+            for side, prefix in ((0, "key_cache."), (1, "value_cache.")):
+                if name.startswith(prefix):
+                    self._cache_inputs[int(name[len(prefix):]), side] = port
+        if len(self._cache_inputs) != 2 * self.num_layers:
+            raise InputError(f"language model: {len(self._cache_inputs)} paged cache inputs for {self.num_layers} "
+                             f"layers")
+        port = self._cache_inputs[0, 0]
+        shape = port.get_partial_shape()
+        self.block = shape[2].get_length()
+        if (shape[1].get_length(), shape[3].get_length()) != (self.num_kv_heads, self.head_dim):
+            raise InputError(f"language model: paged cache shape {shape} does not match the manifest's "
+                             f"{self.num_kv_heads} KV heads x {self.head_dim}")
+        self.cache_type = port.get_element_type()
+        self._bits = self.cache_type == ov.Type.bf16
+        self._np = {ov.Type.f32: np.float32, ov.Type.f16: np.float16, ov.Type.bf16: np.uint16}.get(self.cache_type)
+        if self._np is None:
+            raise InputError(f"language model: paged cache element type {self.cache_type} is not f32/f16/bf16")
+        self.kv_dtype = np.float32 if self._bits else self._np
+        self.head_major = True
+        self._blocks: dict = {}
+        self._n_blocks = 0
+
+    # -- cache blocks --------------------------------------------------------------------------------
+    def _ensure_blocks(self, n_tokens: int) -> None:
+        import openvino as ov
+
+        need = -(-n_tokens // self.block)
+        if need <= self._n_blocks:
+            return
+        nb = max(need, int(1.5 * self._n_blocks))
+        for key, port in self._cache_inputs.items():
+            shape = (nb, self.num_kv_heads, self.block, self.head_dim)
+            new = np.zeros(shape, self._np)
+            old = self._blocks.get(key)
+            if old is not None:
+                new[:old[0].shape[0]] = old[0]
+            t = ov.Tensor(new, list(shape), self.cache_type) if self._bits else ov.Tensor(new, shared_memory=True)
+            self.lm_req.set_tensor(port, t)
+            self._blocks[key] = (new, t)
+        self._n_blocks = nb
+
+    def _read(self, key, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of one cache as ``[1, H, t, D]`` in ``kv_dtype``."""
+        blocks = self._blocks[key][0]
+        idx = np.arange(start, end)
+        rows = blocks[idx // self.block, :, idx % self.block]  # [t, H, D]
+        rows = _bf16_to_f32(rows) if self._bits else rows
+        return rows.transpose(1, 0, 2)[None]
+
+    def _write(self, key, start: int, values: np.ndarray) -> None:
+        """Overwrite tokens [start, start + t) of one cache with ``values`` ``[1, H, t, D]``."""
+        blocks = self._blocks[key][0]
+        idx = np.arange(start, start + values.shape[2])
+        rows = values[0].transpose(1, 0, 2)
+        blocks[idx // self.block, :, idx % self.block] = _f32_to_bf16(rows) if self._bits else rows
+        self.token_writes += values.shape[2]
+
+    # -- the engine interface ------------------------------------------------------------------------
+    def start(self, prepared, max_new_tokens: int = 64) -> None:
+        super().start(prepared, max_new_tokens)
+        self._ensure_blocks(prepared.n_tokens + max_new_tokens)
+
+    def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        t = embeds.shape[1]
+        n = self.kv.n_tokens
+        self._ensure_blocks(n + t)
+        nb = -(-(n + t) // self.block)
+        feeds = {"inputs_embeds": embeds[0], "position_ids": np.ascontiguousarray(pos.reshape(-1)),
+                 "past_lens": np.array([n], np.int32), "subsequence_begins": np.array([0, t], np.int32),
+                 "block_indices": np.arange(nb, dtype=np.int32), "block_indices_begins": np.array([0, nb], np.int32),
+                 "max_context_len": np.array(n + t, np.int32)}
+        req = self.lm_req
+        req.infer(feeds, share_inputs=True, share_outputs=True)
+        out = req.get_tensor("logits").data
+        logits = out.reshape(-1, out.shape[-1])[-1].copy()
+        before = [self.kv.quantized_counts(i) for i in range(self.num_layers)]
+        for i in range(self.num_layers):
+            self.kv.append(i, self._read((i, 0), n, n + t), self._read((i, 1), n, n + t))
+        self.kv.advance(t)
+        self._write_back(before)
+        return logits
+
+    def _write_back(self, before: list[tuple[int, int]]) -> None:
+        """Write into the blocks, in place, the tokens kvtool now holds differently from the exact append:
+        those that became quantized since the last step (packed), or all of them (simulate)."""
+        if not self.spec.quantizes:
+            return
+        n = self.kv.n_tokens
+        for i in range(self.num_layers):
+            after = self.kv.quantized_counts(i)
+            starts = (0, 0) if self.spec.mode == "simulate" else before[i]
+            ends = (n, n) if self.spec.mode == "simulate" else after
+            if all(e <= s for s, e in zip(starts, ends, strict=True)):
+                continue
+            k, v = self.kv.dequantized(i)
+            for side, arr in ((0, k), (1, v)):
+                if ends[side] > starts[side]:
+                    self._write((i, side), starts[side], arr[:, :, starts[side]:ends[side]])
+
+    def kv_work_nbytes(self) -> int:
+        """The caller-owned cache blocks plus kvtool's dequantization buffers (packed/simulate)."""
+        blocks = sum(b[0].nbytes for b in self._blocks.values())
+        return int(blocks + (self.kv.work_nbytes if self.spec.quantizes else 0))
+
+    def info(self) -> dict:
+        return {**super().info(), "config": self._config(), "stateful": True, "kv_owner": "paged",
+                "cache_type": str(self.cache_type), "block_size": self.block, "token_writes": self.token_writes}
