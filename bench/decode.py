@@ -40,7 +40,7 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
                                "(c) g-KC128VT128 2-bit packed, incremental dequantization"),
     "b_state_fp16": ("stateful", dict(kv="fp16", kv_owner="kvtool"),
                      "(b*) stateful graph, kvtool owns the cache: fp16 mirror, states never rewritten"),
-    "c_state_kc128vt128_2b": ("stateful", dict(kv="g-KC128VT128", k_bits=2, v_bits=2),
+    "c_state_kc128vt128_2b": ("stateful", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, kv_owner="kvtool"),
                               "(c*) stateful graph, g-KC128VT128 K2V2 packed, kvtool rewrites the states"),
     "b_paged_fp16": ("stateful", dict(kv="fp16", kv_owner="paged"),
                      "(b+) PagedAttention graph, caller-owned cache blocks, kvtool's fp16 mirror"),

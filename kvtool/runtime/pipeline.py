@@ -104,9 +104,9 @@ class VLMPipeline:
         stateful export; ``ov_group_size`` / ``ov_key_by_channel`` where OpenVINO supports them).
         ``kv_mode``: ``packed`` | ``simulate``; ``first_token``: ``compressed`` | ``fp`` (DESIGN.md).
         ``conversation``: ``chat_template`` | ``vicuna_v1``. ``engine_kwargs`` go to the engine (OpenVINO:
-        ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``, ``kv_owner="kvtool"`` to have kvtool
-        own a stateful export's cache for fp16 too — quantizing schemes on a stateful export always do; ONNX
-        Runtime: ``threads``; torch: ``dtype``)."""
+        ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``; on a stateful export ``kv_owner``:
+        ``"paged"`` (PagedAttention with caller-owned blocks, the default for kvtool schemes on CPU) or
+        ``"kvtool"`` (states rewritten), either also for fp16; ONNX Runtime: ``threads``; torch: ``dtype``)."""
         from kvtool.devices import resolve_device
 
         path = Path(path)

@@ -8,7 +8,7 @@ costs O(changed tokens) on kvtool's side instead of a rewrite of the whole cache
 Semantics are DESIGN.md's, as in the other graph engines: the graph attends to the dequantized past plus
 the exact new tokens. Batch 1, one sequence; block tables are the identity (block j holds tokens
 ``j*B .. j*B+B-1``). bf16 caches (CPU's default inference precision) are held as raw uint16 bits and
-converted here (round to nearest even). It does not run Qwen2-VL's 3-D positions (PagedAttention's position
+converted here (round to nearest even); kvtool's own cache then holds f16, as with the stateless graphs. It does not run Qwen2-VL's 3-D positions (PagedAttention's position
 input is 1-D) nor OpenVINO's own KV compression.
 """
 
@@ -87,7 +87,8 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
         self._np = {ov.Type.f32: np.float32, ov.Type.f16: np.float16, ov.Type.bf16: np.uint16}.get(self.cache_type)
         if self._np is None:
             raise InputError(f"language model: paged cache element type {self.cache_type} is not f32/f16/bf16")
-        self.kv_dtype = np.float32 if self._bits else self._np
+        # bf16 blocks: kvtool holds f16 (what the stateless engines hold; K/V beyond f16's range would overflow)
+        self.kv_dtype = np.float16 if self._bits else self._np
         self.head_major = True
         self._blocks: dict = {}
         self._n_blocks = 0
