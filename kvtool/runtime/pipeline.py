@@ -225,14 +225,10 @@ class VLMPipeline:
     # ------------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """A JSON-serialisable description of this pipeline, for results files."""
-        import importlib.metadata as md
+        from kvtool.versions import library_versions
 
-        versions = {}
-        for lib in ("kvtool", "openvino", "onnxruntime", "torch", "transformers", "optimum-intel", "nncf"):
-            try:
-                versions[lib] = md.version(lib)
-            except md.PackageNotFoundError:
-                pass
+        versions = library_versions(("kvtool", "openvino", "onnxruntime", "torch", "transformers", "optimum-intel",
+                                     "nncf"))
         return {
             "backend": self.engine.backend,
             "device": self.engine.device,
