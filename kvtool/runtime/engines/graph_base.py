@@ -48,6 +48,16 @@ class GraphEngine:
     def _load_graphs(self) -> None:
         raise NotImplementedError
 
+    def _stateless_past_names(self, why: str) -> list[tuple[str, str]]:
+        """The LM graph's ``past_key_values.{i}.key|value`` input names, per layer; an export without them (a
+        stateful one) is refused with ``why`` appended to the message."""
+        inputs = self.manifest.graphs["language_model"].inputs
+        names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(self.num_layers)]
+        missing = [n for pair in names for n in pair if n not in inputs]
+        if missing:
+            raise InputError(f"{self.path}: the language model has no input {missing[0]} ({why})")
+        return names
+
     def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run graph ``role`` (manifest role name) on named inputs; outputs in the manifest's order."""
         raise NotImplementedError

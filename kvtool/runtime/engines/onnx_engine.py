@@ -114,12 +114,7 @@ class ONNXEngine(GraphEngine):
             if role != "language_model":
                 self.sessions[role] = self._session(str(f))
         g = self.manifest.graphs["language_model"]
-        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value")
-                           for i in range(self.num_layers)]
-        missing = [n for pair in self.past_names for n in pair if n not in g.inputs]
-        if missing:
-            raise InputError(f"{self.path}: the language model has no input {missing[0]} (expected a stateless "
-                             f"export with past_key_values inputs)")
+        self.past_names = self._stateless_past_names("expected a stateless export with past_key_values inputs")
         model = onnx.load(str(self.path / g.file))  # external data next to the file loads with it
         self.kv_is_new = _lm_only_new(model, list(g.outputs))
         _token_major_past(model, [n for pair in self.past_names for n in pair])

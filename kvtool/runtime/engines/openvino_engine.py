@@ -121,12 +121,8 @@ class OpenVINOEngine(_OpenVINOGraphs):
         self._compile_aux_graphs(core)
         model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
         g = self.manifest.graphs["language_model"]
-        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value")
-                           for i in range(self.num_layers)]
-        missing = [n for pair in self.past_names for n in pair if n not in g.inputs]
-        if missing:
-            raise InputError(f"{self.path}: the language model is not a stateless export (no input {missing[0]}); "
-                             f"export with stateful=False or use kv='ov-u8'")
+        self.past_names = self._stateless_past_names("not a stateless export: export with stateful=False or use "
+                                                     "kv='ov-u8'")
         self.kv_is_new = False
         if self.edit_graph:
             model, self.kv_is_new = _lm_only_new(model, self.manifest)
