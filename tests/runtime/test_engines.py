@@ -79,3 +79,9 @@ def test_openvino_kv_compression_on_the_stateful_export(exported, tiny_model):
             assert st["kv_bytes"] == pytest.approx(expect, rel=1e-6)
     assert diffs["ov-u4", "fp"] == 0 and diffs["ov-u8", "fp"] == 0
     assert diffs["ov-u4", "compressed"] > diffs["ov-u8", "compressed"] > 0  # OpenVINO really compressed
+
+
+def test_openvino_engine_matches_hf_generate_on_qwen2_vl(exported, tiny_model):
+    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "openvino", 16, "fp32"))
+    assert pipe.engine.backend == "openvino"
+    _check(pipe, tiny_model("tiny-qwen2-vl"), random_image(3, (70, 110)))
