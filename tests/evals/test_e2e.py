@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from kvtool.cli import main
@@ -14,14 +13,6 @@ from kvtool.evals.runner import EvalConfig, read_predictions, run_eval
 from tests.evals.fixtures import MAKERS
 
 ALL_TASKS = [*MAKERS, "shapes"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2edata")
-    for make in MAKERS.values():
-        make(root)
-    return root
 
 
 def test_all_tasks_with_tiny_llava(tmp_path, data_dir, tiny_model, monkeypatch):

@@ -13,14 +13,6 @@ from kvtool.evals.runner import EvalConfig, merge_shards, read_predictions, resc
 from tests.evals.fixtures import MAKERS, ScriptedModel
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaldata")
-    for make in MAKERS.values():
-        make(root)
-    return root
-
-
 def _cfg(tmp_path, data_dir, tasks, name="run", **kw):
     return EvalConfig(model=None, tasks=tasks, output=str(tmp_path / name), data_dir=str(data_dir),
                       progress=False, **kw)

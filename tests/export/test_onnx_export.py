@@ -10,20 +10,6 @@ from kvtool.export.manifest import Manifest
 from tests.export.lm_parity import compare_lm, greedy_agreement
 
 
-@pytest.fixture(scope="module")
-def torch_model(tiny_model):
-    from kvtool.export.source import load_torch_model
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_torch_model(tiny_model(name))
-        return cache[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow),
                                   pytest.param("tiny-qwen2-vl", marks=pytest.mark.slow)])
 def test_fp32_prefill_and_decode_match_pytorch(name, exported, tiny_model, torch_model):
