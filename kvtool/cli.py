@@ -157,23 +157,36 @@ def models_make(name, out_dir, seed, as_json, **sizes) -> None:
         click.echo("  " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()))
 
 
+def _train_shapes_options(fn):
+    """One click option per ``TrainConfig`` field the command exposes, defaults from ``TrainConfig``."""
+    from kvtool.models.shapes_train import CLI_FIELDS, TrainConfig
+
+    helps = {"steps": "Optimizer steps of the VQA stage.", "lr": "Peak learning rate (warm-up, then cosine).",
+             "threads": "torch CPU threads (part of the determinism).",
+             "eval_samples": "Test questions scored at the end (0: skip).",
+             "eval_every": "Score 100 validation questions every N steps (0: never).",
+             "turns": "Questions per training image, asked as turns of one conversation.",
+             "aux_weight": "Weight of the auxiliary object loss on the vision tower in the VQA stage.",
+             "vision_steps": "Steps of the vision-tower stage before VQA training (0: none).",
+             "patch_size": "Vision patch size in pixels (must divide the 90-px image)."}
+    default = TrainConfig()
+    for field in reversed(CLI_FIELDS):
+        value = getattr(default, field)
+        fn = click.option(f"--{field.replace('_', '-')}", field, default=value, show_default=True, type=type(value),
+                          help=helps.get(field))(fn)
+    return fn
+
+
 @models_group.command(name="train-shapes")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where to write the checkpoint (default: the package's bundled kvtool-shapes directory).")
-@click.option("--steps", default=900, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (warm-up, then cosine).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=2, show_default=True, help="torch CPU threads (part of the determinism).")
-@click.option("--eval-samples", default=500, show_default=True, help="Test questions scored at the end (0: skip).")
-@click.option("--eval-every", default=0, show_default=True, help="Score 100 test questions every N steps (0: never).")
+@_train_shapes_options
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON.")
-def models_train_shapes(out_dir, steps, batch_size, lr, seed, threads, eval_samples, eval_every, as_json) -> None:
+def models_train_shapes(out_dir, as_json, **options) -> None:
     """Train the kvtool-shapes demo model (LLaVA-1.5 architecture) from scratch on the synthetic `shapes` task."""
     from kvtool.models.shapes_train import SHAPES_MODEL_DIR, TrainConfig, train_shapes
 
-    cfg = TrainConfig(out_dir=str(out_dir or SHAPES_MODEL_DIR), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      threads=threads, eval_samples=eval_samples, eval_every=eval_every)
+    cfg = TrainConfig(out_dir=str(out_dir or SHAPES_MODEL_DIR), **options)
     record = train_shapes(cfg)
     if as_json:
         echo_json(record)

@@ -68,8 +68,8 @@ def test_demo_cli_small_plan_json(tmp_path):
     assert 0 < rows[2]["kv_bytes"] < rows[2]["kv_fp16_bytes"]
 
 
-@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
+    """``kvtool demo --quick --json PATH``, the issue's CI check (~1 min: export + 14 rows x 60 questions)."""
     out, js = tmp_path / "demo", tmp_path / "demo.json"
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
                                   "--json", str(js)])

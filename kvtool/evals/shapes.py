@@ -26,6 +26,7 @@ Public API::
                                                            #       question_type, pope_split (or None),
                                                            #       objects (ground truth: colour, shape, x, y, r)
     make_shapes_sample(seed, index) -> dict                # one sample; sample i never depends on n
+    make_shapes_scene(seed, index) -> dict                 # one image, several questions (training turns)
     write_shapes_dataset(out_dir, splits={"test": 500}) -> Path   # parquet files, ``datasets.load_dataset(dir)``
     TRAIN_SEED, TEST_SEED, QUESTION_TYPES, COLORS, SHAPES, COUNT_WORDS, ANSWER_WORDS, QUESTION_WORDS
 
@@ -193,6 +194,70 @@ def make_shapes_sample(seed: int, index: int) -> dict[str, Any]:
                for (c, s), (x, y, r) in zip(objs, places, strict=True)]
     return {"id": f"shapes-{seed}-{index}", "image": img, "question": question, "answer": answer,
             "question_type": qtype, "pope_split": pope_split, "objects": objects}
+
+
+def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, str]],
+                    places: list[tuple[float, float, float]]) -> dict[str, Any] | None:
+    """One ``qtype`` question about a rendered scene, by the rules of ``make_shapes_sample``; None if the scene
+    cannot pose it (no shape or colour held by exactly one object, no pair of singly-described objects far
+    enough apart for left/right)."""
+    pope_split = None
+    if qtype == "count":
+        question, answer = "How many shapes are in the image?", COUNT_WORDS[len(objs) - 1]
+    elif qtype == "color":
+        unique = [s for s in SHAPES if sum(o[1] == s for o in objs) == 1]
+        if not unique:
+            return None
+        target = str(rng.choice(unique))
+        question, answer = f"What color is the {target}?", next(c for c, s in objs if s == target)
+    elif qtype == "shape":
+        unique = [c for c in COLORS if sum(o[0] == c for o in objs) == 1]
+        if not unique:
+            return None
+        target = str(rng.choice(unique))
+        question, answer = f"What shape is the {target} object?", next(s for c, s in objs if c == target)
+    elif qtype == "exists":
+        pope_split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
+        absent = [p for p in _PAIRS if p not in objs]
+        if rng.random() < 0.5:
+            (color, shape), answer = objs[int(rng.integers(len(objs)))], "yes"
+        else:
+            if pope_split == "random":
+                color, shape = absent[int(rng.integers(len(absent)))]
+            elif pope_split == "popular":
+                color, shape = next(p for p in _POPULARITY if p not in objs)
+            else:
+                near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in objs)]
+                color, shape = near[int(rng.integers(len(near)))]
+            answer = "no"
+        question = f"Is there a {color} {shape} in the image?"
+    elif qtype == "relation":
+        single = [i for i, o in enumerate(objs) if objs.count(o) == 1]
+        pairs = [(a, b) for a in single for b in single if a != b and abs(places[a][0] - places[b][0]) >= 9.0]
+        if not pairs:
+            return None
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        (ca, sa), (cb, sb) = objs[a], objs[b]
+        question = f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?"
+        answer = "left" if places[a][0] < places[b][0] else "right"
+    else:  # pragma: no cover - QUESTION_TYPES is closed
+        raise AssertionError(qtype)
+    return {"question": question, "answer": answer, "question_type": qtype, "pope_split": pope_split}
+
+
+def make_shapes_scene(seed: int, index: int) -> dict[str, Any]:
+    """Scene ``index`` of the stream seeded by ``seed``: one image (1-4 objects, drawn as ``make_shapes_sample``
+    draws them) and one question of every type the scene can pose, in random order (``qa``: list of dicts with
+    question, answer, question_type, pope_split). Training asks them as the turns of one conversation, so the
+    image is encoded once for several supervised answers; the eval splits stay one question per image.
+    """
+    rng = np.random.default_rng([int(seed), int(index), 1])
+    objs = _pick_objects(rng, int(rng.integers(1, MAX_OBJECTS + 1)), distinct=False)
+    img, places = _render(rng, objs)
+    qa = [q for t in rng.permutation(QUESTION_TYPES) if (q := _scene_question(rng, str(t), objs, places))]
+    objects = [{"color": c, "shape": s, "x": round(x, 2), "y": round(y, 2), "r": round(r, 2)}
+               for (c, s), (x, y, r) in zip(objs, places, strict=True)]
+    return {"id": f"shapes-scene-{seed}-{index}", "image": img, "qa": qa, "objects": objects}
 
 
 def make_shapes_split(split: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:

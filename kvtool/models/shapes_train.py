@@ -2,14 +2,21 @@
 
 ``train_shapes(TrainConfig(out_dir=...))`` builds a ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP
 projector, Llama decoder) with the builders of ``kvtool.models.tiny`` (byte-level BPE tokenizer trained offline
-on the task's words, CLIP image processor, LLaVA chat template), trains it from scratch on an endless stream of
-``kvtool.evals.shapes`` training samples (``TRAIN_SEED``; sample ``i`` is always the same), and writes a
-checkpoint directory (safetensors, config, tokenizer, processor) plus ``TRAINING.json`` with the config,
-seed, steps, wall time and test accuracy. Loss is cross-entropy on the answer tokens and ``</s>`` only.
+on the task's words, CLIP image processor, LLaVA chat template), trains it from scratch and writes a checkpoint
+directory (safetensors, config, tokenizer, processor) plus ``TRAINING.json`` (config, the command that
+reproduces it, seeds, wall and CPU time, learning curves, test accuracy). Two stages, both on generated data:
+
+1. vision tower alone (``vision_steps``; the role CLIP pre-training plays for LLaVA): on scenes of the
+   ``TRAIN_SEED`` stream, the tower's patch features averaged over each object's patches must give the object's
+   colour, shape and coarse position through a linear head (the generator's ground truth is the label);
+2. the whole model on VQA: each training image is a conversation of up to ``turns`` questions about it
+   (``make_shapes_scene``), the first prompted exactly as the eval prompts it and the rest as LLaVA-v1 turns;
+   cross-entropy on the answer tokens and ``</s>`` only, plus ``aux_weight`` x the stage-1 loss so the tower
+   keeps its object features. The auxiliary head is dropped at save time: the checkpoint is a plain LLaVA.
 
 The prompt is LLaVA-1.5's (vicuna_v1 system prompt, ``USER: <image>\\n{question}\\nAnswer the question using a
-single word or phrase. ASSISTANT:``): 81 image tokens (90 px, patch 10) plus 60-75 text tokens, so
-prompts exceed 128 tokens and KV groups of 128 are exercised. D_model = kv heads x head dim = 4 x 32 = 128.
+single word or phrase. ASSISTANT:``): 100 image tokens (90 px, patch 9) plus ~60 text tokens, so prompts
+exceed 128 tokens and KV groups of 128 are exercised. D_model = kv heads x head dim = 4 x 32 = 128.
 
 Determinism: same config (seed, threads) on the same torch build gives the same weights; the thread count is
 part of the config because CPU reductions depend on it. ``evaluate_shapes`` scores a model with plain
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +42,7 @@ SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence a
                  "helpful, detailed, and polite answers to the user's questions.")
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 CHECK_SAMPLES = 150
+VISION_STREAM = 10**8  # stage-1 scenes come from this offset of the training stream (disjoint from stage 2)
 
 
 @dataclass
@@ -41,15 +50,15 @@ class TrainConfig:
     """Settings of one ``train_shapes`` run (stored in TRAINING.json beside the weights)."""
 
     out_dir: str = str(SHAPES_MODEL_DIR)
-    steps: int = 900
+    steps: int = 6500
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 60
     weight_decay: float = 0.01
     seed: int = 0
     threads: int = 2
     eval_samples: int = 500  # test-split questions scored at the end (0: skip)
-    eval_every: int = 0  # also score a quick 100-question sample every N steps (0: never)
+    eval_every: int = 0  # also score 100 validation questions (seed TEST_SEED + 1) every N steps (0: never)
     # model sizes (passed to kvtool.models.tiny.TinySize)
     hidden: int = 128
     layers: int = 3
@@ -57,9 +66,26 @@ class TrainConfig:
     kv_heads: int = 4
     intermediate: int = 256
     vision_hidden: int = 64
-    vision_layers: int = 2
+    vision_layers: int = 3
     vocab_size: int = 512
-    patch_size: int = 10
+    patch_size: int = 9
+    vision_heads: int = 4
+    aux_weight: float = 1.0  # weight of the auxiliary object loss on the vision tower during VQA training
+    vision_steps: int = 1000  # stage 1: steps of the vision tower alone on the auxiliary object loss (0: none)
+    vision_batch: int = 32
+    turns: int = 5  # questions per training image (one conversation); 1: the eval's one-question samples
+
+
+CLI_FIELDS = ("steps", "batch_size", "lr", "seed", "threads", "eval_samples", "eval_every", "turns", "aux_weight",
+              "vision_steps", "vision_batch", "hidden", "layers", "heads", "kv_heads", "intermediate",
+              "vision_hidden", "vision_layers", "vision_heads", "patch_size")
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """The ``kvtool models train-shapes`` command line that reproduces ``cfg`` (defaults left out)."""
+    default = TrainConfig()
+    opts = [f"--{f.replace('_', '-')} {getattr(cfg, f)}" for f in CLI_FIELDS if getattr(cfg, f) != getattr(default, f)]
+    return " ".join(["kvtool models train-shapes --out", cfg.out_dir, *opts])
 
 
 def shapes_messages(question: str) -> list[dict]:
@@ -88,7 +114,7 @@ def _build(cfg: TrainConfig):
     size = tiny.tiny_size(
         "tiny-llava", hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
         intermediate=cfg.intermediate, vocab_size=cfg.vocab_size, vision_hidden=cfg.vision_hidden,
-        vision_layers=cfg.vision_layers, vision_heads=4, image_size=IMAGE_SIZE, patch_size=cfg.patch_size,
+        vision_layers=cfg.vision_layers, vision_heads=cfg.vision_heads, image_size=IMAGE_SIZE, patch_size=cfg.patch_size,
         max_positions=1024,
     )
     if (size.hidden // size.heads) * size.kv_heads % 128:
@@ -103,23 +129,36 @@ def _build(cfg: TrainConfig):
     return model, processor
 
 
+def _turns(sample: dict) -> list[dict]:
+    return sample["qa"] if "qa" in sample else [sample]
+
+
 def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> dict[str, Any]:
     """Tensors for a batch: prompt ids (+ answer ids and ``</s>`` when ``with_answers``), right-padded.
 
-    ``labels`` are -100 everywhere except the answer tokens and ``</s>``.
+    A sample is one question (``question``, ``answer``, ``image``: the eval prompt, exactly) or a scene of
+    several (``qa`` list, ``image``): its first question is prompted exactly as at eval time and each later one
+    follows the previous answer's ``</s>`` as a LLaVA-v1 turn, ``USER: {question}\n{suffix} ASSISTANT:``
+    (needs ``with_answers``). ``labels`` are -100 everywhere except the answer tokens and their ``</s>``.
     """
     import numpy as np
     import torch
 
     tok = processor.tokenizer
-    prompts = [shapes_prompt(processor, s["question"]) for s in samples]
+    prompts = [shapes_prompt(processor, _turns(s)[0]["question"]) for s in samples]
     enc = processor(text=prompts, images=[s["image"] for s in samples], return_tensors=None)
     rows, labels = [], []
     for ids, s in zip(enc["input_ids"], samples, strict=True):
         ids = list(ids)
         lab = [-100] * len(ids)
-        if with_answers:
-            ans = tok(" " + s["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        turns = _turns(s)
+        if not with_answers and len(turns) > 1:
+            raise ValueError("encode_batch: a multi-turn sample needs with_answers=True")
+        for i, t in enumerate(turns if with_answers else []):
+            if i:
+                q = tok(f"USER: {t['question']}\n{ANSWER_SUFFIX} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                ids, lab = ids + q, lab + [-100] * len(q)
+            ans = tok(" " + t["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids, lab = ids + ans, lab + ans
         rows.append(ids)
         labels.append(lab)
@@ -133,12 +172,14 @@ def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> d
 
 
 def shared_prefix_len(input_ids, image_token_id: int) -> int:
-    """Tokens before the first image token when they are the same in every row (``<s>`` + system + ``USER:``)."""
-    first = (input_ids == image_token_id).int().argmax(dim=1)
-    p = int(first.min())
-    if p == 0 or not bool((first == p).all()) or not bool((input_ids[:, :p] == input_ids[:1, :p]).all()):
-        return 0
-    return p
+    """Length of the token prefix every row shares (``<s>`` + system prompt + ``USER:`` ...), stopping before the
+    first image token (image features differ per row even where the placeholder ids agree)."""
+    import torch
+
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    same &= ~(input_ids == image_token_id).any(dim=0)
+    diff = torch.nonzero(~same)
+    return int(diff[0, 0]) if len(diff) else 0
 
 
 def answer_loss(model, enc: dict[str, Any], shared_prefix: int = 0):
@@ -171,6 +212,98 @@ def answer_loss(model, enc: dict[str, Any], shared_prefix: int = 0):
     return torch.nn.functional.cross_entropy(logits.float(), lab[b_idx, t_idx + 1])
 
 
+POSITION_BINS = 6  # object centre x and y, each in 6 bins of 15 px, as auxiliary classes
+
+
+def object_masks(samples: list[dict], grid: int):
+    """For each object of each sample, the patches it touches (patch centre within its radius + half a patch),
+    with its target classes. Returns ``(sample_index, mask [n_obj, grid*grid], colour, shape, x_bin, y_bin)``
+    as tensors (patches row-major, like the vision tower's patch tokens)."""
+    import numpy as np
+    import torch
+
+    from kvtool.evals.shapes import COLORS, IMAGE_SIZE, SHAPES
+
+    colors, shapes = list(COLORS), list(SHAPES)
+    step = IMAGE_SIZE / grid
+    centre = (np.arange(grid) + 0.5) * step
+    cy, cx = np.meshgrid(centre, centre, indexing="ij")
+    rows, masks, labels = [], [], []
+    for b, s in enumerate(samples):
+        for o in s["objects"]:
+            m = (np.hypot(cx - o["x"], cy - o["y"]) < o["r"] + step / 2).reshape(-1)
+            rows.append(b)
+            masks.append(m)
+            labels.append((colors.index(o["color"]), shapes.index(o["shape"]),
+                           min(int(o["x"] * POSITION_BINS / IMAGE_SIZE), POSITION_BINS - 1),
+                           min(int(o["y"] * POSITION_BINS / IMAGE_SIZE), POSITION_BINS - 1)))
+    lab = torch.tensor(labels)
+    return (torch.tensor(rows), torch.from_numpy(np.array(masks, dtype=np.float32)),
+            lab[:, 0], lab[:, 1], lab[:, 2], lab[:, 3])
+
+
+class _ObjectProbe:
+    """Training-only auxiliary objective on the vision tower (the role CLIP pre-training plays for LLaVA):
+    the tower's last hidden state (the features the projector reads), averaged over each object's patches,
+    must give the object's colour, shape and coarse x/y position through one linear head. The generator's
+    ground truth supplies the targets. Features are captured with a forward hook, so the model's forward is
+    unchanged; the head is not saved with the checkpoint."""
+
+    def __init__(self, model):
+        import torch
+
+        from kvtool.evals.shapes import COLORS, SHAPES
+
+        vc = model.config.vision_config
+        self.grid = vc.image_size // vc.patch_size
+        self.sizes = (len(COLORS), len(SHAPES), POSITION_BINS, POSITION_BINS)
+        self.head = torch.nn.Linear(vc.hidden_size, sum(self.sizes))
+        self.features = None
+        self.handle = model.model.vision_tower.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.features = output.hidden_states[-1][:, 1:] if output.hidden_states is not None else None
+
+    def loss(self, samples: list[dict]):
+        """Sum of the four cross-entropies (mean over objects); the features of the last tower call."""
+        import torch
+
+        rows, masks, *targets = object_masks(samples, self.grid)
+        feats = self.features[rows]  # [n_obj, grid*grid, hidden]
+        pooled = (feats * masks[..., None]).sum(1) / masks.sum(1, keepdim=True)
+        logits = torch.split(self.head(pooled), self.sizes, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(logits, targets, strict=True))
+
+    def accuracy(self, samples: list[dict]) -> list[float]:
+        """Per-target accuracy (colour, shape, x, y) of the last tower call, for the training log."""
+        import torch
+
+        with torch.no_grad():
+            rows, masks, *targets = object_masks(samples, self.grid)
+            feats = self.features[rows]
+            pooled = (feats * masks[..., None]).sum(1) / masks.sum(1, keepdim=True)
+            logits = torch.split(self.head(pooled), self.sizes, dim=-1)
+            return [round(float((lg.argmax(-1) == t).float().mean()), 3) for lg, t in zip(logits, targets, strict=True)]
+
+
+def _cosine(base: float, warmup: int, steps: int):
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 %
+        if step < warmup:
+            return base * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr_at
+
+
+def _adamw(named, lr: float, weight_decay: float):
+    import torch
+
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
 def evaluate_shapes(model, processor, samples: list[dict], progress: bool = False) -> dict[str, Any]:
     """Exact-match accuracy of greedy ``generate`` (batch 1) on ``samples``, overall and per question type."""
     import torch
@@ -198,10 +331,21 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     import transformers
     from tqdm import tqdm
 
-    from kvtool.evals.shapes import TEST_SEED, TRAIN_SEED, make_shapes_sample, make_shapes_split
+    from kvtool.evals.shapes import (
+        TEST_SEED,
+        TRAIN_SEED,
+        make_shapes_sample,
+        make_shapes_scene,
+        make_shapes_split,
+    )
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps={cfg.steps}, batch_size={cfg.batch_size}: expected positive integers")
+    if cfg.vision_steps < 0 or cfg.vision_batch < 1 or cfg.aux_weight < 0:
+        raise InputError(f"vision_steps={cfg.vision_steps}, vision_batch={cfg.vision_batch}, aux_weight="
+                         f"{cfg.aux_weight}: expected vision_steps >= 0, vision_batch >= 1, aux_weight >= 0")
+    if cfg.turns < 1:
+        raise InputError(f"turns={cfg.turns}: expected a positive integer")
     if cfg.threads < 1:
         raise InputError(f"threads={cfg.threads}: expected a positive integer")
     t0, cpu0 = time.time(), time.process_time()
@@ -211,41 +355,70 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         model, processor = _build(cfg)
         model.train()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+        probe = _ObjectProbe(model) if (cfg.aux_weight or cfg.vision_steps) else None
+        probe_named = list(probe.head.named_parameters(prefix="probe")) if probe else []
+        vision_log = []
+        if cfg.vision_steps:
+            # Stage 1: the vision tower alone learns colour, shape and position of objects (cheap: no LM).
+            vnamed = list(model.model.vision_tower.named_parameters()) + probe_named
+            vopt, vlr = _adamw(vnamed, cfg.lr, cfg.weight_decay), _cosine(cfg.lr, cfg.warmup, cfg.vision_steps)
+            for step in tqdm(range(cfg.vision_steps), desc="train vision tower", disable=not progress):
+                scenes = [make_shapes_scene(TRAIN_SEED + cfg.seed, VISION_STREAM + step * cfg.vision_batch + k)
+                          for k in range(cfg.vision_batch)]
+                px = processor.image_processor([sc["image"] for sc in scenes], return_tensors="pt")["pixel_values"]
+                model.model.vision_tower(px, output_hidden_states=True)
+                for g in vopt.param_groups:
+                    g["lr"] = vlr(step)
+                vloss = probe.loss(scenes)
+                vopt.zero_grad(set_to_none=True)
+                vloss.backward()
+                torch.nn.utils.clip_grad_norm_([p for _, p in vnamed], 1.0)
+                vopt.step()
+                if (step + 1) % max(1, cfg.vision_steps // 4) == 0:
+                    vision_log.append({"step": step + 1, "loss": round(vloss.item(), 4),
+                                       "accuracy_color_shape_x_y": probe.accuracy(scenes)})
+                    tqdm.write(json.dumps(vision_log[-1]), file=sys.stderr)
+        named = list(model.named_parameters()) + (probe_named if cfg.aux_weight else [])
+        opt = _adamw(named, cfg.lr, cfg.weight_decay)
+        lr_at = _cosine(cfg.lr, cfg.warmup, cfg.steps)
 
-        def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 %
-            if step < cfg.warmup:
-                return cfg.lr * (step + 1) / cfg.warmup
-            t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-            return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
-        quick = make_shapes_split("test", 100) if cfg.eval_every else []
+        quick = make_shapes_split("test", 100, seed=TEST_SEED + 1) if cfg.eval_every else []  # a validation stream
         history = []
-        ema = None
+        ema = aux_ema = None
         bar = tqdm(range(cfg.steps), desc="train kvtool-shapes", disable=not progress)
         for step in bar:
-            batch = [make_shapes_sample(TRAIN_SEED + cfg.seed, step * cfg.batch_size + k)
-                     for k in range(cfg.batch_size)]
+            first = step * cfg.batch_size
+            if cfg.turns > 1:
+                batch = [make_shapes_scene(TRAIN_SEED + cfg.seed, first + k) for k in range(cfg.batch_size)]
+                batch = [dict(b, qa=b["qa"][:cfg.turns]) for b in batch]
+            else:
+                batch = [make_shapes_sample(TRAIN_SEED + cfg.seed, first + k) for k in range(cfg.batch_size)]
             enc = encode_batch(processor, batch)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             loss = answer_loss(model, enc, shared_prefix_len(enc["input_ids"], model.config.image_token_id))
+            if cfg.aux_weight:
+                aux = probe.loss(batch)
+                aux_ema = aux.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * aux.item()
+                total = loss + cfg.aux_weight * aux
+            else:
+                total = loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             opt.step()
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             bar.set_postfix(loss=f"{ema:.3f}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 acc = evaluate_shapes(model, processor, quick)
-                history.append({"step": step + 1, "loss_ema": round(ema, 4), "quick_accuracy": acc["accuracy"],
+                history.append({"step": step + 1, "loss_ema": round(ema, 4),
+                                **({"aux_loss_ema": round(aux_ema, 4)} if cfg.aux_weight else {}), "quick_accuracy": acc["accuracy"],
                                 "per_type": acc["per_type"], "elapsed_s": round(time.time() - t0, 1)})
-                tqdm.write(json.dumps(history[-1]))
+                tqdm.write(json.dumps(history[-1]), file=sys.stderr)
                 model.train()
         train_s, train_cpu_s = time.time() - t0, time.process_time() - cpu0
+        if probe is not None:
+            probe.handle.remove()
         model.eval()
         model.generation_config.do_sample = False
         model.generation_config.max_new_tokens = 4
@@ -261,8 +434,7 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             rows = make_shapes_split("test", min(CHECK_SAMPLES, cfg.eval_samples))
             check = sum(p == r["answer"] for p, r in zip(result["predictions"], rows, strict=False)) / len(rows)
         record = {
-            "command": f"kvtool models train-shapes --out {cfg.out_dir} --steps {cfg.steps} --batch-size "
-                       f"{cfg.batch_size} --seed {cfg.seed} --threads {cfg.threads}",
+            "command": train_command(cfg),
             "config": asdict(cfg),
             "train_seed": TRAIN_SEED + cfg.seed, "test_seed": TEST_SEED,
             "steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size,
@@ -272,6 +444,7 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "test_accuracy_per_type": result["per_type"] if result else None,
             "check_samples": min(CHECK_SAMPLES, cfg.eval_samples), "check_accuracy": check if result else None,
             "prompt": {"system": SYSTEM_PROMPT, "suffix": ANSWER_SUFFIX, "eval": "greedy generate, batch 1, fp32"},
+            "vision_history": vision_log,
             "history": history,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version(), "machine": platform.machine()},

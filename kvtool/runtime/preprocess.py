@@ -61,19 +61,38 @@ def load_images(image: Any) -> list:
     return out
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
 def build_prompt(processor, question: str, n_images: int, conversation: str = "chat_template") -> str:
-    """The prompt text for ``question`` with ``n_images`` image placeholders."""
+    """The prompt text for ``question`` with ``n_images`` image placeholders.
+
+    As in LLaVA's own scripts, the images go before the question unless the question already holds them: a
+    question with ``<image>`` in it (exactly ``n_images`` times) keeps them where they are (e.g. question
+    first, then the image), each ``<image>`` becoming the checkpoint's image token.
+    """
     if not isinstance(question, str):
         raise InputError(f"prompt: expected a string, got {type(question).__name__}")
+    inline = question.count(IMAGE_PLACEHOLDER)
+    if inline and inline != n_images:
+        raise InputError(f"prompt: holds {inline} {IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s); "
+                         "expected one per image, or none")
     if conversation == "vicuna_v1":
-        token = getattr(processor, "image_token", None) or "<image>"
+        token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+        if inline:
+            return f"{VICUNA_V1_SYSTEM} USER: {question.replace(IMAGE_PLACEHOLDER, token)} ASSISTANT:"
         images = "".join(f"{token}\n" for _ in range(n_images))
         return f"{VICUNA_V1_SYSTEM} USER: {images}{question} ASSISTANT:"
     if conversation != "chat_template":
         raise InputError(f"conversation: expected one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
     if getattr(processor, "chat_template", None) is None:
         raise InputError("conversation: the checkpoint has no chat template (use conversation='vicuna_v1')")
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+    if inline:  # one text item holding the checkpoint's image token where the question put it (LLaVA templates
+        # render text verbatim and the processor expands the token)
+        token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+        content: list[dict] = [{"type": "text", "text": question.replace(IMAGE_PLACEHOLDER, token)}]
+    else:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
 

@@ -21,6 +21,7 @@ from kvtool.evals.shapes import (
     TEST_SEED,
     TRAIN_SEED,
     make_shapes_sample,
+    make_shapes_scene,
     make_shapes_split,
     write_shapes_dataset,
 )
@@ -66,31 +67,68 @@ def test_answers_follow_from_objects(test_rows):
     """Recompute every answer naively from the ground-truth object list."""
     for r in test_rows:
         objs = [(o["color"], o["shape"]) for o in r["objects"]]
-        q, t = r["question"].rstrip("?").split(), r["question_type"]
         assert 1 <= len(objs) <= 4
-        if t == "count":
-            assert r["answer"] == COUNT_WORDS[len(objs) - 1]
-        elif t == "color":
-            shape = q[-1]
-            assert sum(s == shape for _, s in objs) == 1
-            assert (r["answer"], shape) in objs
-        elif t == "shape":
-            color = q[-2]
-            assert sum(c == color for c, _ in objs) == 1
-            assert (color, r["answer"]) in objs
-        elif t == "exists":
-            pair = (q[3], q[4])
-            assert r["answer"] == ("yes" if pair in objs else "no")
-            if r["answer"] == "no" and r["pope_split"] == "popular":
-                assert pair == next(p for p in _POPULARITY if p not in objs)
-            if r["answer"] == "no" and r["pope_split"] == "adversarial":
-                assert any(pair[0] == c or pair[1] == s for c, s in objs)
-        else:
-            a, b = (q[2], q[3]), (q[-2], q[-1])
+        _check_answer(r, objs, r["objects"], distinct_relation=True)
+
+
+def _check_answer(r: dict, objs: list[tuple[str, str]], objects: list[dict], distinct_relation: bool) -> None:
+    q, t = r["question"].rstrip("?").split(), r["question_type"]
+    if t == "count":
+        assert r["answer"] == COUNT_WORDS[len(objs) - 1]
+    elif t == "color":
+        shape = q[-1]
+        assert sum(s == shape for _, s in objs) == 1
+        assert (r["answer"], shape) in objs
+    elif t == "shape":
+        color = q[-2]
+        assert sum(c == color for c, _ in objs) == 1
+        assert (color, r["answer"]) in objs
+    elif t == "exists":
+        pair = (q[3], q[4])
+        assert r["answer"] == ("yes" if pair in objs else "no")
+        if r["answer"] == "no" and r["pope_split"] == "popular":
+            assert pair == next(p for p in _POPULARITY if p not in objs)
+        if r["answer"] == "no" and r["pope_split"] == "adversarial":
+            assert any(pair[0] == c or pair[1] == s for c, s in objs)
+    else:
+        a, b = (q[2], q[3]), (q[-2], q[-1])
+        if distinct_relation:
             assert len(set(objs)) == len(objs)
-            xa = next(o["x"] for o in r["objects"] if (o["color"], o["shape"]) == a)
-            xb = next(o["x"] for o in r["objects"] if (o["color"], o["shape"]) == b)
-            assert r["answer"] == ("left" if xa < xb else "right") and abs(xa - xb) >= 9
+        assert objs.count(a) == 1 and objs.count(b) == 1  # each named object is the only one of its kind
+        xa = next(o["x"] for o in objects if (o["color"], o["shape"]) == a)
+        xb = next(o["x"] for o in objects if (o["color"], o["shape"]) == b)
+        assert r["answer"] == ("left" if xa < xb else "right") and abs(xa - xb) >= 9
+
+
+def test_scene_questions_follow_from_objects():
+    """Training scenes: every question the scene poses is answered from its ground truth, one per type."""
+    scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(300)]
+    assert _same_scene(scenes[17], make_shapes_scene(TRAIN_SEED, 17))
+    types, first, answers = Counter(), Counter(), Counter()
+    for sc in scenes:
+        objs = [(o["color"], o["shape"]) for o in sc["objects"]]
+        kinds = [r["question_type"] for r in sc["qa"]]
+        assert len(kinds) == len(set(kinds)) and "count" in kinds and "exists" in kinds
+        first[kinds[0]] += 1
+        for r in sc["qa"]:
+            _check_answer(r, objs, sc["objects"], distinct_relation=False)
+            types[r["question_type"]] += 1
+            answers[r["question_type"], r["answer"]] += 1
+        # a type is missing only when the scene cannot pose it
+        if "color" not in kinds:
+            assert all(sum(s == t for _, s in objs) != 1 for t in SHAPES)
+        if "shape" not in kinds:
+            assert all(sum(c == t for c, _ in objs) != 1 for t in COLORS)
+    assert set(first) == set(QUESTION_TYPES)  # every type is sometimes the first turn (the eval's position)
+    assert all(types[t] >= 150 for t in QUESTION_TYPES), types
+    for a, b in [("yes", "no"), ("left", "right")]:
+        t = "exists" if a == "yes" else "relation"
+        assert abs(answers[t, a] - answers[t, b]) < 0.2 * (answers[t, a] + answers[t, b]), answers
+
+
+def _same_scene(a: dict, b: dict) -> bool:
+    return (a["qa"], a["objects"]) == (b["qa"], b["objects"]) and np.array_equal(np.asarray(a["image"]),
+                                                                             np.asarray(b["image"]))
 
 
 def test_images_show_the_objects(test_rows):

@@ -49,8 +49,8 @@ def test_shipped_checkpoint_contract(shipped):
     assert enc["attention_mask"].sum(1).min() > 128
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 targets not met yet: the shipped run reached 51% test accuracy "
-                   "(target >= 90%) and took longer than 30 min wall on the shared 2-core machine; see TRAINING.json")
+@pytest.mark.xfail(strict=True, reason="issue 6 target not met yet: the shipped run's test accuracy is below 90% "
+                   "(TRAINING.json, docs/SHAPES_TRAINING.md); this test turns green when a good model ships")
 def test_shipped_model_meets_issue_targets(shipped):
     _, _, record = shipped
     assert record["test_accuracy"] >= 0.90
@@ -83,6 +83,32 @@ def test_encode_batch_matches_processor_on_full_text(shipped):
         assert processor.tokenizer.decode(labelled) == " " + r["answer"] + "</s>"
 
 
+def test_encode_batch_multi_turn_scene(shipped):
+    """A scene's first turn is the eval prompt exactly; later turns follow </s> as LLaVA-v1 turns; every answer
+    (and only the answers) is labelled."""
+    from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
+    from kvtool.models.shapes_train import ANSWER_SUFFIX
+
+    _, processor, _ = shipped
+    tok = processor.tokenizer
+    scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(6)]
+    enc = encode_batch(processor, scenes)
+    single = encode_batch(processor, [dict(sc["qa"][0], image=sc["image"]) for sc in scenes])
+    for i, sc in enumerate(scenes):
+        n1 = int(single["attention_mask"][i].sum())
+        assert enc["input_ids"][i, :n1].tolist() == single["input_ids"][i, :n1].tolist()
+        text = shapes_prompt(processor, sc["qa"][0]["question"]) + " " + sc["qa"][0]["answer"] + "</s>" + "".join(
+            f"USER: {t['question']}\n{ANSWER_SUFFIX} ASSISTANT: {t['answer']}</s>" for t in sc["qa"][1:])
+        ref = processor(text=text, images=sc["image"], return_tensors="np")["input_ids"][0].tolist()
+        n = int(enc["attention_mask"][i].sum())
+        assert enc["input_ids"][i, :n].tolist() == ref
+        lab = enc["labels"][i]
+        spans = tok.decode(lab[lab != -100].tolist())
+        assert spans == "".join(f" {t['answer']}</s>" for t in sc["qa"])
+    with pytest.raises(ValueError, match="multi-turn"):
+        encode_batch(processor, scenes[:1], with_answers=False)
+
+
 def test_answer_loss_matches_transformers_loss_and_grads():
     """The hand-written shared-prefix loss equals ``model(**enc).loss`` (value and gradients)."""
     import torch
@@ -91,7 +117,12 @@ def test_answer_loss_matches_transformers_loss_and_grads():
 
     torch.manual_seed(1)
     model, processor = _build(TrainConfig(layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
-    enc = encode_batch(processor, make_shapes_split("train", 6))
+    from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
+
+    # one-question samples and multi-turn scenes in one padded batch
+    batch = make_shapes_split("train", 3) + [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
+    enc = encode_batch(processor, batch)
+    assert (enc["labels"] != -100).sum() > 6 * 2
     p = shared_prefix_len(enc["input_ids"], model.config.image_token_id)
     assert p > 20 and enc["input_ids"][0, p] == model.config.image_token_id
 
@@ -126,10 +157,11 @@ def test_short_training_run_end_to_end_and_deterministic(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     small = dict(steps=2, batch_size=4, eval_samples=3, hidden=128, layers=1, intermediate=128,
-                 vision_hidden=32, vision_layers=1, threads=1)
+                 vision_hidden=32, vision_layers=1, vision_steps=2, vision_batch=4, threads=1)
     r1 = train_shapes(TrainConfig(out_dir=str(tmp_path / "a"), **small), progress=False)
     train_shapes(TrainConfig(out_dir=str(tmp_path / "b"), **small), progress=False)
     assert r1["steps"] == 2 and r1["test_samples"] == 3 and 0.0 <= r1["test_accuracy"] <= 1.0
+    assert [h["step"] for h in r1["vision_history"]] == [1, 2] and r1["vision_history"][0]["loss"] > 0
     assert np.isfinite(r1["final_loss_ema"]) and r1["final_loss_ema"] > 0
     w1, w2 = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert w1.keys() == w2.keys() and all(np.array_equal(w1[k], w2[k]) for k in w1)
@@ -145,5 +177,52 @@ def test_bad_config_is_input_error(tmp_path):
 
     with pytest.raises(InputError, match="steps"):
         train_shapes(TrainConfig(out_dir=str(tmp_path), steps=0), progress=False)
+    with pytest.raises(InputError, match="vision_steps"):
+        train_shapes(TrainConfig(out_dir=str(tmp_path), vision_steps=-1), progress=False)
+    with pytest.raises(InputError, match="turns"):
+        train_shapes(TrainConfig(out_dir=str(tmp_path), turns=0), progress=False)
     with pytest.raises(InputError, match="kv_heads"):
         train_shapes(TrainConfig(out_dir=str(tmp_path), steps=1, hidden=96, heads=4, kv_heads=4), progress=False)
+
+
+def test_object_masks_hand_worked():
+    """One object at (45, 13.5) r 8 on a 10x10 grid of 9-px patches: the patches whose centres lie within
+    r + 4.5 px, and its classes (red = 0, triangle = 2, x bin 3 of 6, y bin 0)."""
+    from kvtool.models.shapes_train import object_masks
+
+    sample = {"objects": [{"color": "red", "shape": "triangle", "x": 45.0, "y": 13.5, "r": 8.0},
+                          {"color": "purple", "shape": "diamond", "x": 80.0, "y": 80.0, "r": 9.0}]}
+    rows, masks, col, shp, xb, yb = object_masks([{"objects": []}, sample], grid=10)
+    assert rows.tolist() == [1, 1] and col.tolist() == [0, 4] and shp.tolist() == [2, 3]
+    assert xb.tolist() == [3, 5] and yb.tolist() == [0, 5]
+    want = set()
+    for i in range(10):
+        for j in range(10):
+            if ((4.5 + 9 * j - 45.0) ** 2 + (4.5 + 9 * i - 13.5) ** 2) ** 0.5 < 12.5:
+                want.add(10 * i + j)
+    assert set(np.nonzero(masks[0].numpy())[0].tolist()) == want
+    assert want == {4, 5, 14, 15, 24, 25}
+
+
+def test_object_probe_reads_the_features_the_projector_reads():
+    """The probe's hook captures the vision tower's last hidden state without the CLS token — the tensor
+    LLaVA's projector gets with vision_feature_layer=-1 and the default strategy."""
+    import torch
+
+    from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
+    from kvtool.models.shapes_train import _build, _ObjectProbe
+
+    torch.manual_seed(0)
+    model, processor = _build(TrainConfig(layers=1, intermediate=128, vision_hidden=32, vision_layers=1))
+    probe = _ObjectProbe(model)
+    scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
+    px = processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=px, vision_feature_layer=-1,
+                                               vision_feature_select_strategy="default").pooler_output
+    assert probe.features.shape == (3, probe.grid ** 2, 32)  # [images, patches (no CLS), tower width]
+    proj = model.model.multi_modal_projector(probe.features)
+    torch.testing.assert_close(proj, torch.stack(list(feats)))
+    loss = probe.loss(scenes)
+    assert loss.ndim == 0 and torch.isfinite(loss) and len(probe.accuracy(scenes)) == 4
+    probe.handle.remove()

@@ -141,6 +141,14 @@ def test_vicuna_v1_conversation_prompt(llava_ov):
     assert p.startswith("A chat between a curious user and an artificial intelligence assistant.")
     assert p.endswith("USER: <image>\nIs there a cat? ASSISTANT:")
     assert len(pipe.generate(random_image(), "Is there a cat?", max_new_tokens=2).token_ids) >= 1
+    # LLaVA's convention: a question holding <image> keeps the image where it is (here: after the question)
+    inline = build_prompt(pipe.processor, "Is there a cat?\n<image>\nAnswer yes or no.", 1, "vicuna_v1")
+    assert inline.endswith("USER: Is there a cat?\n<image>\nAnswer yes or no. ASSISTANT:")
+    chat = build_prompt(pipe.processor, "Is there a cat?\n<image>\nAnswer yes or no.", 1, "chat_template")
+    assert chat.count("<image>") == 1 and chat.index("Is there a cat?") < chat.index("<image>")
+    assert len(pipe.generate(random_image(), "Is there a cat?\n<image>", max_new_tokens=2).token_ids) >= 1
+    with pytest.raises(InputError, match="placeholder"):
+        build_prompt(pipe.processor, "<image> and <image>", 1, "vicuna_v1")
 
 
 def test_bad_input_is_one_line_input_error(llava_ov, tmp_path):
