@@ -65,6 +65,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SHAPE_WEIGHTS = (0.35, 0.3, 0.2, 0.15)
 COUNT_WORDS = ("one", "two", "three", "four")
 MAX_OBJECTS = 4
+RELATION_MIN_DX = 9.0  # px between the centres of two objects a left/right question compares
 ANSWER_WORDS = (*COLORS, *SHAPES, *COUNT_WORDS, "yes", "no", "left", "right")
 # Every word a question can contain (besides colour/shape names); the model's tokenizer is built from these.
 QUESTION_WORDS = ("what", "color", "is", "the", "shape", "object", "how", "many", "shapes", "are", "in",
@@ -133,6 +134,22 @@ def _render(rng: np.random.Generator, objs: list[tuple[str, str]], min_dx: float
     return img, places
 
 
+def _pope_negative(rng: np.random.Generator, objs: list[tuple[str, str]], pope_split: str) -> tuple[str, str]:
+    """An absent colour-shape pair drawn as POPE's ``pope_split`` draws negatives (see the module docstring)."""
+    if pope_split == "popular":
+        return next(p for p in _POPULARITY if p not in objs)
+    absent = [p for p in _PAIRS if p not in objs]
+    if pope_split == "adversarial":
+        absent = [p for p in absent if any(p[0] == c or p[1] == s for c, s in objs)]
+    return absent[int(rng.integers(len(absent)))]
+
+
+def _objects_record(objs: list[tuple[str, str]], places: list[tuple[float, float, float]]) -> list[dict[str, Any]]:
+    """The ground truth stored with a sample: colour, shape, centre and radius of each object (2 decimals)."""
+    return [{"color": c, "shape": s, "x": round(x, 2), "y": round(y, 2), "r": round(r, 2)}
+            for (c, s), (x, y, r) in zip(objs, places, strict=True)]
+
+
 def make_shapes_sample(seed: int, index: int) -> dict[str, Any]:
     """Sample ``index`` of the stream seeded by ``seed`` (depends only on both, never on the split size)."""
     rng = np.random.default_rng([int(seed), int(index)])
@@ -170,19 +187,11 @@ def make_shapes_sample(seed: int, index: int) -> dict[str, Any]:
             color, shape = objs[int(rng.integers(len(objs)))]
             answer = "yes"
         else:
-            absent = [p for p in _PAIRS if p not in objs]
-            if pope_split == "random":
-                color, shape = absent[int(rng.integers(len(absent)))]
-            elif pope_split == "popular":
-                color, shape = next(p for p in _POPULARITY if p not in objs)
-            else:
-                near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in objs)]
-                color, shape = near[int(rng.integers(len(near)))]
-            answer = "no"
+            (color, shape), answer = _pope_negative(rng, objs, pope_split), "no"
         question = f"Is there a {color} {shape} in the image?"
     else:  # relation
         objs = _pick_objects(rng, int(rng.integers(2, MAX_OBJECTS + 1)), distinct=True)
-        img, places = _render(rng, objs, min_dx=9.0)
+        img, places = _render(rng, objs, min_dx=RELATION_MIN_DX)
         a, b = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
         want_left = j % 2 == 0
         if (places[a][0] < places[b][0]) != want_left:
@@ -190,10 +199,8 @@ def make_shapes_sample(seed: int, index: int) -> dict[str, Any]:
         (ca, sa), (cb, sb) = objs[a], objs[b]
         question = f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?"
         answer = "left" if want_left else "right"
-    objects = [{"color": c, "shape": s, "x": round(x, 2), "y": round(y, 2), "r": round(r, 2)}
-               for (c, s), (x, y, r) in zip(objs, places, strict=True)]
     return {"id": f"shapes-{seed}-{index}", "image": img, "question": question, "answer": answer,
-            "question_type": qtype, "pope_split": pope_split, "objects": objects}
+            "question_type": qtype, "pope_split": pope_split, "objects": _objects_record(objs, places)}
 
 
 def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, str]],
@@ -218,22 +225,14 @@ def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, 
         question, answer = f"What shape is the {target} object?", next(s for c, s in objs if c == target)
     elif qtype == "exists":
         pope_split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
-        absent = [p for p in _PAIRS if p not in objs]
         if rng.random() < 0.5:
             (color, shape), answer = objs[int(rng.integers(len(objs)))], "yes"
         else:
-            if pope_split == "random":
-                color, shape = absent[int(rng.integers(len(absent)))]
-            elif pope_split == "popular":
-                color, shape = next(p for p in _POPULARITY if p not in objs)
-            else:
-                near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in objs)]
-                color, shape = near[int(rng.integers(len(near)))]
-            answer = "no"
+            (color, shape), answer = _pope_negative(rng, objs, pope_split), "no"
         question = f"Is there a {color} {shape} in the image?"
     elif qtype == "relation":
         single = [i for i, o in enumerate(objs) if objs.count(o) == 1]
-        pairs = [(a, b) for a in single for b in single if a != b and abs(places[a][0] - places[b][0]) >= 9.0]
+        pairs = [(a, b) for a in single for b in single if a != b and abs(places[a][0] - places[b][0]) >= RELATION_MIN_DX]
         if not pairs:
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
@@ -255,9 +254,7 @@ def make_shapes_scene(seed: int, index: int) -> dict[str, Any]:
     objs = _pick_objects(rng, int(rng.integers(1, MAX_OBJECTS + 1)), distinct=False)
     img, places = _render(rng, objs)
     qa = [q for t in rng.permutation(QUESTION_TYPES) if (q := _scene_question(rng, str(t), objs, places))]
-    objects = [{"color": c, "shape": s, "x": round(x, 2), "y": round(y, 2), "r": round(r, 2)}
-               for (c, s), (x, y, r) in zip(objs, places, strict=True)]
-    return {"id": f"shapes-scene-{seed}-{index}", "image": img, "qa": qa, "objects": objects}
+    return {"id": f"shapes-scene-{seed}-{index}", "image": img, "qa": qa, "objects": _objects_record(objs, places)}
 
 
 def make_shapes_split(split: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:

@@ -264,14 +264,21 @@ class _ObjectProbe:
     def _hook(self, module, args, output):
         self.features = output.hidden_states[-1][:, 1:] if output.hidden_states is not None else None
 
-    def loss(self, samples: list[dict]):
-        """Sum of the four cross-entropies (mean over objects); the features of the last tower call."""
+    def _logits(self, samples: list[dict]):
+        """Head logits (colour, shape, x, y) of each object's pooled features from the last tower call, and the
+        targets."""
         import torch
 
         rows, masks, *targets = object_masks(samples, self.grid)
         feats = self.features[rows]  # [n_obj, grid*grid, hidden]
         pooled = (feats * masks[..., None]).sum(1) / masks.sum(1, keepdim=True)
-        logits = torch.split(self.head(pooled), self.sizes, dim=-1)
+        return torch.split(self.head(pooled), self.sizes, dim=-1), targets
+
+    def loss(self, samples: list[dict]):
+        """Sum of the four cross-entropies (mean over objects); the features of the last tower call."""
+        import torch
+
+        logits, targets = self._logits(samples)
         return sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(logits, targets, strict=True))
 
     def accuracy(self, samples: list[dict]) -> list[float]:
@@ -279,10 +286,7 @@ class _ObjectProbe:
         import torch
 
         with torch.no_grad():
-            rows, masks, *targets = object_masks(samples, self.grid)
-            feats = self.features[rows]
-            pooled = (feats * masks[..., None]).sum(1) / masks.sum(1, keepdim=True)
-            logits = torch.split(self.head(pooled), self.sizes, dim=-1)
+            logits, targets = self._logits(samples)
             return [round(float((lg.argmax(-1) == t).float().mean()), 3) for lg, t in zip(logits, targets, strict=True)]
 
 

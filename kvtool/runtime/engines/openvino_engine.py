@@ -96,6 +96,14 @@ class _OpenVINOGraphs(GraphEngine):
             if role != "language_model":
                 self.requests[role] = self._compile(core, str(f), cfg, role).create_infer_request()
 
+    def _read_language_model(self, core, stateful_needed_by: str | None = None):
+        """The language-model graph of the export, read (not compiled); with ``stateful_needed_by``, a graph
+        without state (sinks) is bad input naming who needs the stateful export."""
+        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
+        if stateful_needed_by and not model.get_sinks():
+            raise InputError(f"{self.path}: {stateful_needed_by} needs a stateful export (export with stateful=True)")
+        return model
+
     def _run(self, role: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         res = self.requests[role].infer(inputs, share_inputs=True, share_outputs=False)
         return [res[o] for o in self.requests[role].model_outputs]
@@ -119,7 +127,7 @@ class OpenVINOEngine(_OpenVINOGraphs):
 
         core = ov.Core()
         self._compile_aux_graphs(core)
-        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
+        model = self._read_language_model(core)
         g = self.manifest.graphs["language_model"]
         self.past_names = self._stateless_past_names("not a stateless export: export with stateful=False or use "
                                                      "kv='ov-u8'")
@@ -202,9 +210,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         core = ov.Core()
         cfg = self._config()
         self._compile_aux_graphs(core)
-        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
-        if not model.get_sinks():
-            raise InputError(f"{self.path}: kv={self.spec.scheme} needs a stateful export (export with stateful=True)")
+        model = self._read_language_model(core, stateful_needed_by=f"kv={self.spec.scheme}")
         self.lm = self._compile(core, model, cfg, "language_model (stateful, KV settings)")
         self.lm_req = self.lm.create_infer_request()
         self.lm_names = [i.get_any_name() for i in model.inputs]

@@ -61,9 +61,7 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
             raise InputError("kv_owner=paged: Qwen2-VL's 3-D positions are not supported by the paged engine")
         core = ov.Core()
         self._compile_aux_graphs(core)
-        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
-        if not model.get_sinks():
-            raise InputError(f"{self.path}: the paged engine needs a stateful export (export with stateful=True)")
+        model = self._read_language_model(core, stateful_needed_by="the paged engine")
         paged_attention_transformation(model)
         self.lm = self._compile(core, model, self._config(), "language_model (PagedAttention)")
         self.lm_req = self.lm.create_infer_request()

@@ -92,9 +92,7 @@ class OpenVINOStateOwnedEngine(_OpenVINOGraphs):
         core = ov.Core()
         cfg = self._config()
         self._compile_aux_graphs(core)
-        model = core.read_model(str(self.path / self.manifest.graphs["language_model"].file))
-        if not model.get_sinks():
-            raise InputError(f"{self.path}: the language model is not a stateful export (export with stateful=True)")
+        model = self._read_language_model(core, stateful_needed_by="kv_owner=kvtool")
         self.new_outputs = _expose_new_kv(model)
         self.lm_names = [i.get_any_name() for i in model.inputs]
         self.lm = self._compile(core, model, cfg, "language_model (stateful, kvtool-owned KV)")
