@@ -165,9 +165,12 @@ def _train_shapes_options(fn):
              "threads": "torch CPU threads (part of the determinism).",
              "eval_samples": "Test questions scored at the end (0: skip).",
              "eval_every": "Score 100 validation questions every N steps (0: never).",
-             "turns": "Questions per training image, asked as turns of one conversation.",
-             "aux_weight": "Weight of the auxiliary object loss on the vision tower in the VQA stage.",
+             "turns": "Questions per training image (1: the eval's one-question samples).",
+             "turn_mode": "How an image's questions are asked: 'independent' eval prompts sharing the image's "
+                          "prefix computation, or turns of one 'conversation'.",
+             "aux_weight": "Weight of the auxiliary per-patch object loss on the vision tower in the VQA stage.",
              "vision_steps": "Steps of the vision-tower stage before VQA training (0: none).",
+             "vision_lr": "Peak learning rate of the vision-tower stage.",
              "patch_size": "Vision patch size in pixels (must divide the 90-px image)."}
     default = TrainConfig()
     for field in reversed(CLI_FIELDS):

@@ -247,8 +247,8 @@ def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, 
 def make_shapes_scene(seed: int, index: int) -> dict[str, Any]:
     """Scene ``index`` of the stream seeded by ``seed``: one image (1-4 objects, drawn as ``make_shapes_sample``
     draws them) and one question of every type the scene can pose, in random order (``qa``: list of dicts with
-    question, answer, question_type, pope_split). Training asks them as the turns of one conversation, so the
-    image is encoded once for several supervised answers; the eval splits stay one question per image.
+    question, answer, question_type, pope_split). Training asks each as its own prompt while encoding the image
+    once for all of them; the eval splits stay one question per image.
     """
     rng = np.random.default_rng([int(seed), int(index), 1])
     objs = _pick_objects(rng, int(rng.integers(1, MAX_OBJECTS + 1)), distinct=False)

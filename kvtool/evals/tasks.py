@@ -330,8 +330,11 @@ def _socialcf_aggregate(rows: list[dict]) -> dict:
 # --- shapes (synthetic, kvtool.evals.shapes) --------------------------------------------------------------
 
 def _shapes_build(row: Mapping[str, Any]) -> list[Sample]:
-    # the prompt kvtool-shapes was trained on (kvtool.models.shapes_train): LLaVA-1.5's short-answer line
-    return [Sample(row["image"], _short(str(row["question"])), {"question_id": row["id"], "answer": row["answer"],
+    # the prompt kvtool-shapes was trained on: a fixed instruction, <image>, the question, LLaVA-1.5's
+    # short-answer line (kvtool.models.shapes_train.shapes_user_text)
+    from kvtool.models.shapes_train import shapes_user_text
+
+    return [Sample(row["image"], shapes_user_text(str(row["question"])), {"question_id": row["id"], "answer": row["answer"],
                                                         "question_type": row["question_type"],
                                                         "pope_split": row.get("pope_split")})]
 

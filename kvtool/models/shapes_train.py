@@ -6,17 +6,20 @@ on the task's words, CLIP image processor, LLaVA chat template), trains it from 
 directory (safetensors, config, tokenizer, processor) plus ``TRAINING.json`` (config, the command that
 reproduces it, seeds, wall and CPU time, learning curves, test accuracy). Two stages, both on generated data:
 
-1. vision tower alone (``vision_steps``; the role CLIP pre-training plays for LLaVA): on scenes of the
-   ``TRAIN_SEED`` stream, the tower's patch features averaged over each object's patches must give the object's
-   colour, shape and coarse position through a linear head (the generator's ground truth is the label);
-2. the whole model on VQA: each training image is a conversation of up to ``turns`` questions about it
-   (``make_shapes_scene``), the first prompted exactly as the eval prompts it and the rest as LLaVA-v1 turns;
+1. vision tower alone (``vision_steps`` at ``vision_lr``; the role CLIP pre-training plays for LLaVA): on scenes
+   of the ``TRAIN_SEED`` stream, every patch feature must give the colour, shape and coarse position of the
+   object the patch belongs to (or "background") through a linear head; the generator's ground truth is the label;
+2. the whole model on VQA: each training image comes with up to ``turns`` questions about it
+   (``make_shapes_scene``), each prompted exactly as the eval prompts it; ``packed_answer_loss`` runs the
+   prompt up to the question once per image, so extra questions are cheap, and no question sees another's
+   answer (``turn_mode="conversation"`` asks them as LLaVA-v1 turns of one chat instead);
    cross-entropy on the answer tokens and ``</s>`` only, plus ``aux_weight`` x the stage-1 loss so the tower
-   keeps its object features. The auxiliary head is dropped at save time: the checkpoint is a plain LLaVA.
+   keeps its per-patch object features. The auxiliary head is dropped at save time: the checkpoint is a plain LLaVA.
 
-The prompt is LLaVA-1.5's (vicuna_v1 system prompt, ``USER: <image>\\n{question}\\nAnswer the question using a
-single word or phrase. ASSISTANT:``): 100 image tokens (90 px, patch 9) plus ~60 text tokens, so prompts
-exceed 128 tokens and KV groups of 128 are exercised. D_model = kv heads x head dim = 4 x 32 = 128.
+The prompt is LLaVA-1.5's (vicuna_v1 system prompt, ``USER: {context}\n<image>\n{question}\nAnswer the question
+using a single word or phrase. ASSISTANT:``, where the context is one fixed instruction sentence, ``SHAPES_CONTEXT``): 36 image
+tokens (90 px, patch 15) plus ~100 text tokens, so prompts exceed 128 tokens and KV groups of 128 are exercised.
+D_model = kv heads x head dim = 4 x 32 = 128.
 
 Determinism: same config (seed, threads) on the same torch build gives the same weights; the thread count is
 part of the config because CPU reductions depend on it. ``evaluate_shapes`` scores a model with plain
@@ -41,6 +44,16 @@ SHAPES_MODEL_DIR = Path(__file__).parent / "data" / "kvtool-shapes"
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+# An instruction said before the picture (the same for every question, so it is part of the prompt prefix the
+# batch shares); it brings the prompt past 128 tokens with 36 image tokens. It avoids the task's words (colours,
+# shape names, "object", ...): a run whose instruction listed them learnt nothing in 2000 steps, its answer
+# lookup presumably matching those text tokens instead of the image's.
+SHAPES_CONTEXT = ("Look carefully at the picture below before you reply. It was drawn on a dark background, and "
+                  "the small grey dots scattered over it are only noise, so please ignore them when you answer.")
+# A training-only question (LLaVA mixes descriptions into its instruction data the same way): naming every object
+# in left-to-right order asks for each object's colour bound to its shape and for the objects' x order, the two
+# skills exists and relation questions need, with one supervised token per attribute instead of one bit.
+CAPTION_QUESTION = "Name every shape in the image from left to right."
 CHECK_SAMPLES = 150
 VISION_STREAM = 10**8  # stage-1 scenes come from this offset of the training stream (disjoint from stage 2)
 
@@ -50,7 +63,7 @@ class TrainConfig:
     """Settings of one ``train_shapes`` run (stored in TRAINING.json beside the weights)."""
 
     out_dir: str = str(SHAPES_MODEL_DIR)
-    steps: int = 6500
+    steps: int = 5200
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 60
@@ -68,16 +81,20 @@ class TrainConfig:
     vision_hidden: int = 64
     vision_layers: int = 3
     vocab_size: int = 512
-    patch_size: int = 9
+    patch_size: int = 15
     vision_heads: int = 4
     aux_weight: float = 1.0  # weight of the auxiliary object loss on the vision tower during VQA training
-    vision_steps: int = 1000  # stage 1: steps of the vision tower alone on the auxiliary object loss (0: none)
+    vision_steps: int = 3000  # stage 1: steps of the vision tower alone on the auxiliary patch loss (0: none)
     vision_batch: int = 32
-    turns: int = 5  # questions per training image (one conversation); 1: the eval's one-question samples
+    vision_lr: float = 3e-3  # stage 1 peak learning rate (per-patch shape needs it: at 1e-3 it stays at the prior)
+    turns: int = 5  # questions per training image; 1: the eval's one-question samples
+    turn_mode: str = "independent"  # several questions of an image: "independent" prompts or one "conversation"
+    caption: bool = True  # also ask each training image CAPTION_QUESTION (answer: scene_caption)
 
 
-CLI_FIELDS = ("steps", "batch_size", "lr", "seed", "threads", "eval_samples", "eval_every", "turns", "aux_weight",
-              "vision_steps", "vision_batch", "hidden", "layers", "heads", "kv_heads", "intermediate",
+TURN_MODES = ("independent", "conversation")
+CLI_FIELDS = ("steps", "batch_size", "lr", "seed", "threads", "eval_samples", "eval_every", "turns", "turn_mode", "caption", "aux_weight",
+              "vision_steps", "vision_batch", "vision_lr", "hidden", "layers", "heads", "kv_heads", "intermediate",
               "vision_hidden", "vision_layers", "vision_heads", "patch_size")
 
 
@@ -88,11 +105,19 @@ def train_command(cfg: TrainConfig) -> str:
     return " ".join(["kvtool models train-shapes --out", cfg.out_dir, *opts])
 
 
+def shapes_user_text(question: str) -> str:
+    """The first user turn of a question, with the image where the ``<image>`` placeholder stands: the fixed
+    instruction, the image, the question, LLaVA-1.5's short-answer line. The ``shapes`` eval task sends this
+    text, so the harness prompts exactly as training did."""
+    return f"{SHAPES_CONTEXT}\n<image>\n{question}\n{ANSWER_SUFFIX}"
+
+
 def shapes_messages(question: str) -> list[dict]:
-    """The chat of one question (system prompt + user turn with the image), for ``apply_chat_template``."""
+    """The chat of one question (system prompt + user turn with the image), for ``apply_chat_template`` (the LLaVA
+    template renders the text verbatim and the processor expands its ``<image>``)."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{ANSWER_SUFFIX}"}]},
+        {"role": "user", "content": [{"type": "text", "text": shapes_user_text(question)}]},
     ]
 
 
@@ -121,12 +146,21 @@ def _build(cfg: TrainConfig):
         raise InputError(f"kv_heads x head_dim = {(size.hidden // size.heads) * size.kv_heads}: expected a multiple "
                          "of 128 so KV groups of 128 channels fit")
     # The task's language: every question and answer word and the prompt lines, so each word gets its own token.
-    words = [*QUESTION_WORDS, *ANSWER_WORDS, *COLORS, *SHAPES, SYSTEM_PROMPT, ANSWER_SUFFIX]
+    words = [*QUESTION_WORDS, *ANSWER_WORDS, *COLORS, *SHAPES, SYSTEM_PROMPT, SHAPES_CONTEXT, ANSWER_SUFFIX,
+             CAPTION_QUESTION]
     extra = [" ".join(words)] * 4
     model, processor = tiny.build_llava(size, extra_corpus=extra)
     # All vision layers feed the projector: a trained-from-scratch tower gains nothing from an unused last layer.
     model.config.vision_feature_layer = -1
     return model, processor
+
+
+def scene_caption(scene: dict) -> dict:
+    """The training-only caption turn of a scene: CAPTION_QUESTION, answered by every object's colour and shape
+    in order of x (``red circle blue square``)."""
+    objs = sorted(scene["objects"], key=lambda o: o["x"])
+    return {"question": CAPTION_QUESTION, "answer": " ".join(f"{o['color']} {o['shape']}" for o in objs),
+            "question_type": "caption", "pope_split": None}
 
 
 def _turns(sample: dict) -> list[dict]:
@@ -212,13 +246,87 @@ def answer_loss(model, enc: dict[str, Any], shared_prefix: int = 0):
     return torch.nn.functional.cross_entropy(logits.float(), lab[b_idx, t_idx + 1])
 
 
-POSITION_BINS = 6  # object centre x and y, each in 6 bins of 15 px, as auxiliary classes
+def encode_questions(processor, scenes: list[dict]) -> dict[str, Any]:
+    """Tensors for scenes asked as independent questions: one row per (scene, question), each row exactly the
+    eval's one-question prompt plus the answer ids and ``</s>`` (right-padded; ``labels`` -100 but on the answer),
+    ``pixel_values`` one per scene and ``image_index`` [rows] the scene of each row. ``packed_answer_loss`` runs
+    the rows' common prefix once per scene, so several questions about one image cost little more than one; no
+    question sees another's answer (a multi-turn conversation would let later turns copy earlier answers, a
+    shortcut the one-question eval never offers)."""
+    import numpy as np
+    import torch
+
+    tok = processor.tokenizer
+    pix = processor.image_processor([sc["image"] for sc in scenes], return_tensors="np")["pixel_values"]
+    # The processor expands <image> to one placeholder per image token; running it once tells how many, and
+    # the rows are then tokenized as text in one call instead of re-processing the image for every question.
+    qa = [(i, t) for i, sc in enumerate(scenes) for t in _turns(sc)]
+    first = processor(text=shapes_prompt(processor, qa[0][1]["question"]), images=scenes[qa[0][0]]["image"],
+                      return_tensors=None)["input_ids"][0]
+    n_image = sum(int(t == processor.image_token_id) for t in first)
+    texts = [shapes_prompt(processor, t["question"]).replace(processor.image_token, processor.image_token * n_image)
+             for _, t in qa]
+    prompt_ids = tok(texts)["input_ids"]
+    answer_ids = tok([" " + t["answer"] for _, t in qa], add_special_tokens=False)["input_ids"]
+    rows, labels, index = [], [], []
+    for (i, _), ids, ans in zip(qa, prompt_ids, answer_ids, strict=True):
+        ans = list(ans) + [tok.eos_token_id]
+        rows.append(list(ids) + ans)
+        labels.append([-100] * len(ids) + ans)
+        index.append(i)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([la + [-100] * (width - len(la)) for la in labels]),
+            "pixel_values": torch.from_numpy(np.asarray(pix, dtype=np.float32)),
+            "image_index": torch.tensor(index)}
 
 
-def object_masks(samples: list[dict], grid: int):
-    """For each object of each sample, the patches it touches (patch centre within its radius + half a patch),
-    with its target classes. Returns ``(sample_index, mask [n_obj, grid*grid], colour, shape, x_bin, y_bin)``
-    as tensors (patches row-major, like the vision tower's patch tokens)."""
+def packed_answer_loss(model, enc: dict[str, Any]):
+    """Mean cross-entropy over the answer tokens of ``encode_questions`` rows — what ``model(**row).loss`` gives
+    on the rows one by one, pooled over their label tokens — computed in three stages written by hand (no
+    transformers path shares a prefix this way): the text every row shares before the image runs once at
+    batch 1; the image and what follows it up to the first token where rows differ runs once per scene on that
+    cache; each row's question and answer run on its scene's cache. Right padding needs no mask: a padded
+    token comes after every real one, so causal attention never lets a real token see it."""
+    import torch
+    from transformers import DynamicCache
+
+    ids, labels, img = enc["input_ids"], enc["labels"], enc["image_index"]
+    image_token = model.config.image_token_id
+    p0 = shared_prefix_len(ids, image_token)
+    same = (ids == ids[:1]).all(dim=0)
+    p1 = int(torch.nonzero(~same)[0, 0]) if bool((~same).any()) else ids.shape[1] - 1
+    p1 = min(p1, int(torch.nonzero((labels != -100).any(dim=0))[0, 0]) - 1)  # the earliest answer is predicted in the tail
+    if not bool((ids[:, p0:p1] == image_token).any()):
+        raise ValueError("packed_answer_loss: expected the image inside the shared part of every row")
+    n_img = enc["pixel_values"].shape[0]
+    first = torch.tensor([int(torch.nonzero(img == i)[0, 0]) for i in range(n_img)])
+    cache = DynamicCache(config=model.config.text_config)
+    if p0:
+        model.model.language_model(input_ids=ids[:1, :p0], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.expand(n_img, -1, -1, -1), layer.values.expand(n_img, -1, -1, -1)
+    model.model(input_ids=ids[first, p0:p1], pixel_values=enc["pixel_values"], past_key_values=cache, use_cache=True)
+    for layer in cache.layers:  # [scenes, H, p1, D] -> [rows, H, p1, D]
+        layer.keys, layer.values = layer.keys[img], layer.values[img]
+    hidden = model.model.language_model(input_ids=ids[:, p1:], past_key_values=cache, use_cache=True).last_hidden_state
+    lab = labels[:, p1:]
+    b_idx, t_idx = torch.nonzero(lab[:, 1:] != -100, as_tuple=True)
+    logits = model.lm_head(hidden[b_idx, t_idx])
+    return torch.nn.functional.cross_entropy(logits.float(), lab[b_idx, t_idx + 1])
+
+
+POSITION_BINS = 10  # object centre x and y, each in 10 bins of 9 px (= RELATION_MIN_DX: left/right pairs differ)
+
+
+def patch_targets(samples: list[dict], grid: int):
+    """Per-patch classes for the auxiliary vision objective: ``[len(samples), grid*grid, 4]`` int64 (patches
+    row-major, like the tower's patch tokens) holding colour, shape, x bin and y bin of the object the patch
+    belongs to. A patch belongs to an object when its centre lies within the object's radius + half a patch;
+    where two objects claim it, to the one whose outline is nearer. Other patches are background: colour
+    ``len(COLORS)``, shape ``len(SHAPES)``, position ``-100`` (ignored)."""
     import numpy as np
     import torch
 
@@ -227,27 +335,30 @@ def object_masks(samples: list[dict], grid: int):
     colors, shapes = list(COLORS), list(SHAPES)
     step = IMAGE_SIZE / grid
     centre = (np.arange(grid) + 0.5) * step
-    cy, cx = np.meshgrid(centre, centre, indexing="ij")
-    rows, masks, labels = [], [], []
+    cy, cx = (a.reshape(-1) for a in np.meshgrid(centre, centre, indexing="ij"))
+    out = np.empty((len(samples), grid * grid, 4), dtype=np.int64)
+    out[...] = (len(colors), len(shapes), -100, -100)
     for b, s in enumerate(samples):
+        best = np.full(grid * grid, np.inf)
         for o in s["objects"]:
-            m = (np.hypot(cx - o["x"], cy - o["y"]) < o["r"] + step / 2).reshape(-1)
-            rows.append(b)
-            masks.append(m)
-            labels.append((colors.index(o["color"]), shapes.index(o["shape"]),
-                           min(int(o["x"] * POSITION_BINS / IMAGE_SIZE), POSITION_BINS - 1),
-                           min(int(o["y"] * POSITION_BINS / IMAGE_SIZE), POSITION_BINS - 1)))
-    lab = torch.tensor(labels)
-    return (torch.tensor(rows), torch.from_numpy(np.array(masks, dtype=np.float32)),
-            lab[:, 0], lab[:, 1], lab[:, 2], lab[:, 3])
+            gap = np.hypot(cx - o["x"], cy - o["y"]) - o["r"]  # distance from the patch centre to the outline
+            m = (gap < step / 2) & (gap < best)
+            best[m] = gap[m]
+            out[b, m] = (colors.index(o["color"]), shapes.index(o["shape"]),
+                         min(int(o["x"] * POSITION_BINS / IMAGE_SIZE), POSITION_BINS - 1),
+                         min(int(o["y"] * POSITION_BINS / IMAGE_SIZE), POSITION_BINS - 1))
+    return torch.from_numpy(out)
 
 
-class _ObjectProbe:
-    """Training-only auxiliary objective on the vision tower (the role CLIP pre-training plays for LLaVA):
-    the tower's last hidden state (the features the projector reads), averaged over each object's patches,
-    must give the object's colour, shape and coarse x/y position through one linear head. The generator's
-    ground truth supplies the targets. Features are captured with a forward hook, so the model's forward is
-    unchanged; the head is not saved with the checkpoint."""
+class _PatchProbe:
+    """Training-only auxiliary objective on the vision tower (the role CLIP pre-training plays for LLaVA): every
+    patch feature the projector reads (the tower's last hidden state, CLS dropped) must give, through one linear
+    head, the colour, shape and coarse x/y position of the object the patch belongs to, or "background"
+    (``patch_targets``; the generator's ground truth is the label). Per patch rather than pooled over the object:
+    the language model finds "the triangle" by matching its question against image tokens, so each token of an
+    object must carry the whole object's description, which only the tower's attention can gather. Features are
+    captured with a forward hook, so the model's forward is unchanged; the head is not saved with the checkpoint.
+    """
 
     def __init__(self, model):
         import torch
@@ -256,7 +367,7 @@ class _ObjectProbe:
 
         vc = model.config.vision_config
         self.grid = vc.image_size // vc.patch_size
-        self.sizes = (len(COLORS), len(SHAPES), POSITION_BINS, POSITION_BINS)
+        self.sizes = (len(COLORS) + 1, len(SHAPES) + 1, POSITION_BINS, POSITION_BINS)
         self.head = torch.nn.Linear(vc.hidden_size, sum(self.sizes))
         self.features = None
         self.handle = model.model.vision_tower.register_forward_hook(self._hook)
@@ -265,29 +376,28 @@ class _ObjectProbe:
         self.features = output.hidden_states[-1][:, 1:] if output.hidden_states is not None else None
 
     def _logits(self, samples: list[dict]):
-        """Head logits (colour, shape, x, y) of each object's pooled features from the last tower call, and the
-        targets."""
+        """Head logits (colour, shape, x, y) of every patch of the last tower call, and the targets."""
         import torch
 
-        rows, masks, *targets = object_masks(samples, self.grid)
-        feats = self.features[rows]  # [n_obj, grid*grid, hidden]
-        pooled = (feats * masks[..., None]).sum(1) / masks.sum(1, keepdim=True)
-        return torch.split(self.head(pooled), self.sizes, dim=-1), targets
+        return torch.split(self.head(self.features), self.sizes, dim=-1), patch_targets(samples, self.grid).unbind(-1)
 
     def loss(self, samples: list[dict]):
-        """Sum of the four cross-entropies (mean over objects); the features of the last tower call."""
+        """Sum of the four cross-entropies, each the mean over the patches it labels; the last tower call."""
         import torch
 
         logits, targets = self._logits(samples)
-        return sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(logits, targets, strict=True))
+        return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), t.flatten(), ignore_index=-100)
+                   for lg, t in zip(logits, targets, strict=True))
 
     def accuracy(self, samples: list[dict]) -> list[float]:
-        """Per-target accuracy (colour, shape, x, y) of the last tower call, for the training log."""
+        """Per-target accuracy (colour, shape, x, y) over the patches that belong to an object, for the log."""
         import torch
 
         with torch.no_grad():
             logits, targets = self._logits(samples)
-            return [round(float((lg.argmax(-1) == t).float().mean()), 3) for lg, t in zip(logits, targets, strict=True)]
+            on = targets[2] != -100
+            return [round(float((lg.argmax(-1)[on] == t[on]).float().mean()), 3)
+                    for lg, t in zip(logits, targets, strict=True)]
 
 
 def _cosine(base: float, warmup: int, steps: int):
@@ -345,11 +455,14 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps={cfg.steps}, batch_size={cfg.batch_size}: expected positive integers")
-    if cfg.vision_steps < 0 or cfg.vision_batch < 1 or cfg.aux_weight < 0:
+    if cfg.vision_steps < 0 or cfg.vision_batch < 1 or cfg.aux_weight < 0 or cfg.vision_lr <= 0:
         raise InputError(f"vision_steps={cfg.vision_steps}, vision_batch={cfg.vision_batch}, aux_weight="
-                         f"{cfg.aux_weight}: expected vision_steps >= 0, vision_batch >= 1, aux_weight >= 0")
+                         f"{cfg.aux_weight}, vision_lr={cfg.vision_lr}: expected vision_steps >= 0, vision_batch >= 1, aux_weight >= 0, "
+                         "vision_lr > 0")
     if cfg.turns < 1:
         raise InputError(f"turns={cfg.turns}: expected a positive integer")
+    if cfg.turn_mode not in TURN_MODES:
+        raise InputError(f"turn_mode={cfg.turn_mode!r}: expected one of {', '.join(TURN_MODES)}")
     if cfg.threads < 1:
         raise InputError(f"threads={cfg.threads}: expected a positive integer")
     t0, cpu0 = time.time(), time.process_time()
@@ -359,13 +472,13 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         model, processor = _build(cfg)
         model.train()
-        probe = _ObjectProbe(model) if (cfg.aux_weight or cfg.vision_steps) else None
+        probe = _PatchProbe(model) if (cfg.aux_weight or cfg.vision_steps) else None
         probe_named = list(probe.head.named_parameters(prefix="probe")) if probe else []
         vision_log = []
         if cfg.vision_steps:
             # Stage 1: the vision tower alone learns colour, shape and position of objects (cheap: no LM).
             vnamed = list(model.model.vision_tower.named_parameters()) + probe_named
-            vopt, vlr = _adamw(vnamed, cfg.lr, cfg.weight_decay), _cosine(cfg.lr, cfg.warmup, cfg.vision_steps)
+            vopt, vlr = _adamw(vnamed, cfg.vision_lr, cfg.weight_decay), _cosine(cfg.vision_lr, cfg.warmup, cfg.vision_steps)
             for step in tqdm(range(cfg.vision_steps), desc="train vision tower", disable=not progress):
                 scenes = [make_shapes_scene(TRAIN_SEED + cfg.seed, VISION_STREAM + step * cfg.vision_batch + k)
                           for k in range(cfg.vision_batch)]
@@ -394,13 +507,16 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             first = step * cfg.batch_size
             if cfg.turns > 1:
                 batch = [make_shapes_scene(TRAIN_SEED + cfg.seed, first + k) for k in range(cfg.batch_size)]
-                batch = [dict(b, qa=b["qa"][:cfg.turns]) for b in batch]
+                batch = [dict(b, qa=b["qa"][:cfg.turns] + ([scene_caption(b)] if cfg.caption else [])) for b in batch]
             else:
                 batch = [make_shapes_sample(TRAIN_SEED + cfg.seed, first + k) for k in range(cfg.batch_size)]
-            enc = encode_batch(processor, batch)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = answer_loss(model, enc, shared_prefix_len(enc["input_ids"], model.config.image_token_id))
+            if cfg.turns > 1 and cfg.turn_mode == "independent":
+                loss = packed_answer_loss(model, encode_questions(processor, batch))
+            else:
+                enc = encode_batch(processor, batch)
+                loss = answer_loss(model, enc, shared_prefix_len(enc["input_ids"], model.config.image_token_id))
             if cfg.aux_weight:
                 aux = probe.loss(batch)
                 aux_ema = aux.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * aux.item()

@@ -75,8 +75,10 @@ def test_shapes_generator_and_parquet_agree(tmp_path):
 def test_shapes_task_scores_its_own_answers(tmp_path):
     from kvtool.evals.shapes import make_shapes_split
 
-    suffix = "\nAnswer the question using a single word or phrase."
-    answers = {(s["question"] + suffix, s["image"].tobytes()): s["answer"] for s in make_shapes_split("test", 20)}
+    from kvtool.models.shapes_train import shapes_user_text
+
+    # the task prompts as kvtool-shapes was trained: instruction, inline <image>, question, short-answer line
+    answers = {(shapes_user_text(s["question"]), s["image"].tobytes()): s["answer"] for s in make_shapes_split("test", 20)}
     res = run_eval(EvalConfig(None, ["shapes"], str(tmp_path / "r"), limit=20, progress=False),
                    model=ScriptedModel(lambda i, p, s: answers[(p, i.tobytes())].capitalize() + "."))
     m = res["tasks"]["shapes"]["metrics"]

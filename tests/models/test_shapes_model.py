@@ -140,6 +140,74 @@ def test_answer_loss_matches_transformers_loss_and_grads():
         torch.testing.assert_close(ggot[n], gref[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_encode_questions_rows_are_eval_prompts(shipped):
+    """Each (scene, question) row is the processor's encoding of the eval prompt + answer + </s>; only the
+    answer is labelled; pixel values come once per scene and image_index maps rows to scenes."""
+    from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
+    from kvtool.models.shapes_train import encode_questions
+
+    _, processor, _ = shipped
+    scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(4)]
+    enc = encode_questions(processor, scenes)
+    pairs = [(i, t) for i, sc in enumerate(scenes) for t in sc["qa"]]
+    assert enc["input_ids"].shape[0] == len(pairs) > 4 and enc["pixel_values"].shape[0] == 4
+    assert enc["image_index"].tolist() == [i for i, _ in pairs]
+    for r, (i, t) in enumerate(pairs):
+        full = shapes_prompt(processor, t["question"]) + " " + t["answer"] + "</s>"
+        ref = processor(text=full, images=scenes[i]["image"], return_tensors="np")
+        n = ref["input_ids"].shape[1]
+        assert enc["input_ids"][r, :n].tolist() == ref["input_ids"][0].tolist()
+        assert enc["attention_mask"][r].sum().item() == n
+        np.testing.assert_allclose(enc["pixel_values"][i].numpy(), ref["pixel_values"][0], atol=1e-6)
+        lab = enc["labels"][r]
+        assert processor.tokenizer.decode(lab[lab != -100].tolist()) == " " + t["answer"] + "</s>"
+
+
+def test_packed_answer_loss_matches_rows_one_by_one():
+    """The three-stage shared-prefix loss equals running every row alone through ``model(...)`` and pooling
+    the cross-entropy over all answer tokens (value and gradients), on random weights."""
+    import torch
+
+    from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
+    from kvtool.models.shapes_train import _build, encode_questions, packed_answer_loss
+
+    torch.manual_seed(2)
+    model, processor = _build(TrainConfig(layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
+    scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
+    enc = encode_questions(processor, scenes)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    total, count = 0.0, 0
+    for r in range(enc["input_ids"].shape[0]):
+        keep = enc["attention_mask"][r].bool()
+        ids, lab = enc["input_ids"][r][keep][None], enc["labels"][r][keep][None]
+        logits = model(input_ids=ids, pixel_values=enc["pixel_values"][enc["image_index"][r]][None]).logits
+        m = lab[0, 1:] != -100
+        total = total + torch.nn.functional.cross_entropy(logits[0, :-1][m], lab[0, 1:][m], reduction="sum")
+        count += int(m.sum())
+    ref, gref = grads(total / count)
+    got, ggot = grads(packed_answer_loss(model, enc))
+    assert abs(got - ref) < 1e-5 * max(1.0, abs(ref))
+    assert gref.keys() == ggot.keys()
+    for n in gref:
+        torch.testing.assert_close(ggot[n], gref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_scene_caption_names_objects_left_to_right():
+    from kvtool.models.shapes_train import CAPTION_QUESTION, scene_caption
+
+    scene = {"objects": [{"color": "red", "shape": "circle", "x": 60.0, "y": 10.0, "r": 9.0},
+                         {"color": "blue", "shape": "square", "x": 15.5, "y": 70.0, "r": 8.0},
+                         {"color": "red", "shape": "circle", "x": 40.0, "y": 40.0, "r": 12.0}]}
+    cap = scene_caption(scene)
+    assert cap["question"] == CAPTION_QUESTION and cap["question_type"] == "caption"
+    assert cap["answer"] == "blue square red circle red circle"
+
+
 def test_prompt_is_the_runtime_vicuna_prompt(shipped):
     """The eval harness (LLaVA's vicuna_v1 conversation + the short-answer line) builds the trained prompt."""
     from kvtool.evals.shapes import make_shapes_sample
@@ -179,29 +247,44 @@ def test_bad_config_is_input_error(tmp_path):
         train_shapes(TrainConfig(out_dir=str(tmp_path), steps=0), progress=False)
     with pytest.raises(InputError, match="vision_steps"):
         train_shapes(TrainConfig(out_dir=str(tmp_path), vision_steps=-1), progress=False)
+    with pytest.raises(InputError, match="vision_lr"):
+        train_shapes(TrainConfig(out_dir=str(tmp_path), vision_lr=0.0), progress=False)
     with pytest.raises(InputError, match="turns"):
         train_shapes(TrainConfig(out_dir=str(tmp_path), turns=0), progress=False)
+    with pytest.raises(InputError, match="turn_mode"):
+        train_shapes(TrainConfig(out_dir=str(tmp_path), turn_mode="chat"), progress=False)
     with pytest.raises(InputError, match="kv_heads"):
         train_shapes(TrainConfig(out_dir=str(tmp_path), steps=1, hidden=96, heads=4, kv_heads=4), progress=False)
 
 
-def test_object_masks_hand_worked():
-    """One object at (45, 13.5) r 8 on a 10x10 grid of 9-px patches: the patches whose centres lie within
-    r + 4.5 px, and its classes (red = 0, triangle = 2, x bin 3 of 6, y bin 0)."""
-    from kvtool.models.shapes_train import object_masks
+def test_patch_targets_hand_worked():
+    """On a 10x10 grid of 9-px patches: a red triangle at (45, 13.5) r 8 owns the patches whose centres lie within
+    r + 4.5 px ({4, 5, 14, 15, 24, 25}); a purple diamond at (80, 80) r 9 owns {78, 87, 88, 89, 98, 99}; every
+    other patch is background (colour 5, shape 4, positions ignored). Classes: red 0, triangle 2, x bin 45/9 = 5,
+    y bin 1; purple 4, diamond 3, bins 8 and 8."""
+    from kvtool.models.shapes_train import patch_targets
 
     sample = {"objects": [{"color": "red", "shape": "triangle", "x": 45.0, "y": 13.5, "r": 8.0},
                           {"color": "purple", "shape": "diamond", "x": 80.0, "y": 80.0, "r": 9.0}]}
-    rows, masks, col, shp, xb, yb = object_masks([{"objects": []}, sample], grid=10)
-    assert rows.tolist() == [1, 1] and col.tolist() == [0, 4] and shp.tolist() == [2, 3]
-    assert xb.tolist() == [3, 5] and yb.tolist() == [0, 5]
-    want = set()
-    for i in range(10):
-        for j in range(10):
-            if ((4.5 + 9 * j - 45.0) ** 2 + (4.5 + 9 * i - 13.5) ** 2) ** 0.5 < 12.5:
-                want.add(10 * i + j)
-    assert set(np.nonzero(masks[0].numpy())[0].tolist()) == want
-    assert want == {4, 5, 14, 15, 24, 25}
+    t = patch_targets([{"objects": []}, sample], grid=10).numpy()
+    assert t.shape == (2, 100, 4) and t.dtype == np.int64
+    assert (t[0] == [5, 4, -100, -100]).all()
+    want = {4: [0, 2, 5, 1], 5: [0, 2, 5, 1], 14: [0, 2, 5, 1], 15: [0, 2, 5, 1], 24: [0, 2, 5, 1], 25: [0, 2, 5, 1],
+            78: [4, 3, 8, 8], 87: [4, 3, 8, 8], 88: [4, 3, 8, 8], 89: [4, 3, 8, 8], 98: [4, 3, 8, 8], 99: [4, 3, 8, 8]}
+    for k in range(100):
+        assert t[1, k].tolist() == want.get(k, [5, 4, -100, -100]), k
+
+
+def test_patch_targets_shared_patch_goes_to_the_nearer_outline():
+    """Patch (5, 5) (centre 49.5, 49.5) lies 1.5 px outside a circle at x 40 and 3.5 px outside a square at
+    x 61 (both r 8, y 49.5): both are within half a patch, the nearer outline (the circle) owns it."""
+    from kvtool.models.shapes_train import patch_targets
+
+    sample = {"objects": [{"color": "blue", "shape": "circle", "x": 40.0, "y": 49.5, "r": 8.0},
+                          {"color": "green", "shape": "square", "x": 61.0, "y": 49.5, "r": 8.0}]}
+    t = patch_targets([sample], grid=10).numpy()[0]
+    assert t[55].tolist() == [1, 0, 4, 5]  # blue circle, x bin 40/9 = 4, y bin 5
+    assert t[56].tolist() == [2, 1, 6, 5]  # centre 58.5: 2.5 px from the square's centre
 
 
 def test_object_probe_reads_the_features_the_projector_reads():
@@ -210,11 +293,11 @@ def test_object_probe_reads_the_features_the_projector_reads():
     import torch
 
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import _build, _ObjectProbe
+    from kvtool.models.shapes_train import _build, _PatchProbe
 
     torch.manual_seed(0)
     model, processor = _build(TrainConfig(layers=1, intermediate=128, vision_hidden=32, vision_layers=1))
-    probe = _ObjectProbe(model)
+    probe = _PatchProbe(model)
     scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
     px = processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -225,4 +308,16 @@ def test_object_probe_reads_the_features_the_projector_reads():
     torch.testing.assert_close(proj, torch.stack(list(feats)))
     loss = probe.loss(scenes)
     assert loss.ndim == 0 and torch.isfinite(loss) and len(probe.accuracy(scenes)) == 4
+    # the loss is the four per-patch cross-entropies against patch_targets (a naive loop over patches)
+    from kvtool.models.shapes_train import patch_targets
+
+    with torch.no_grad():
+        logits = torch.split(probe.head(probe.features), probe.sizes, dim=-1)
+        t = patch_targets(scenes, probe.grid)
+        want = 0.0
+        for i, lg in enumerate(logits):
+            terms = [-torch.log_softmax(lg[b, k], -1)[t[b, k, i]] for b in range(3) for k in range(probe.grid ** 2)
+                     if t[b, k, i] != -100]
+            want += sum(terms) / len(terms)
+        torch.testing.assert_close(probe.loss(scenes), want, rtol=1e-5, atol=1e-6)
     probe.handle.remove()
