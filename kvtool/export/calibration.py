@@ -121,7 +121,14 @@ def lm_inputs(model: Any, processor: Any, calib: CalibrationSet, max_tokens: int
                     image = image.convert("RGB")
                 except OSError as exc:
                     raise InputError(f"--calibration {calib.source}: image {row['image']} unreadable ({exc})") from None
-                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+                # a question that already holds the processor's image placeholder (the shapes task puts an
+                # instruction before it) goes as text, the processor expanding the placeholder where it stands;
+                # otherwise the image leads the turn, as LLaVA's own prompts place it
+                text = str(row["question"])
+                tag = getattr(processor, "image_token", None)
+                content = ([{"type": "text", "text": text}] if tag and tag in text
+                           else [{"type": "image"}, {"type": "text", "text": text}])
+                messages = [{"role": "user", "content": content}]
                 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
                 inputs = processor(images=image, text=prompt, return_tensors="pt")
             else:
