@@ -103,6 +103,8 @@ def lm_inputs(model: Any, processor: Any, calib: CalibrationSet, max_tokens: int
     import torch
     from PIL import Image
 
+    from kvtool.runtime.preprocess import build_prompt
+
     captured: list[dict[str, Any]] = []
 
     def hook(_module, args, kwargs):
@@ -121,15 +123,8 @@ def lm_inputs(model: Any, processor: Any, calib: CalibrationSet, max_tokens: int
                     image = image.convert("RGB")
                 except OSError as exc:
                     raise InputError(f"--calibration {calib.source}: image {row['image']} unreadable ({exc})") from None
-                # a question that already holds the processor's image placeholder (the shapes task puts an
-                # instruction before it) goes as text, the processor expanding the placeholder where it stands;
-                # otherwise the image leads the turn, as LLaVA's own prompts place it
-                text = str(row["question"])
-                tag = getattr(processor, "image_token", None)
-                content = ([{"type": "text", "text": text}] if tag and tag in text
-                           else [{"type": "image"}, {"type": "text", "text": text}])
-                messages = [{"role": "user", "content": content}]
-                prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+                # the runtime's prompt builder: the image leads the turn unless the question places an <image>
+                prompt = build_prompt(processor, str(row["question"]), 1)
                 inputs = processor(images=image, text=prompt, return_tensors="pt")
             else:
                 inputs = processor.tokenizer(row["text"], return_tensors="pt", truncation=True, max_length=max_tokens)

@@ -89,7 +89,7 @@ class TrainConfig:
     vision_lr: float = 3e-3  # stage 1 peak learning rate (per-patch shape needs it: at 1e-3 it stays at the prior)
     turns: int = 5  # questions per training image; 1: the eval's one-question samples
     turn_mode: str = "independent"  # several questions of an image: "independent" prompts or one "conversation"
-    caption: bool = True  # also ask each training image CAPTION_QUESTION (answer: scene_caption)
+    caption: bool = True  # also ask each training scene CAPTION_QUESTION (answer: scene_caption); turns > 1 only
 
 
 TURN_MODES = ("independent", "conversation")
@@ -167,6 +167,16 @@ def _turns(sample: dict) -> list[dict]:
     return sample["qa"] if "qa" in sample else [sample]
 
 
+def _right_padded(rows: list[list[int]], labels: list[list[int]], pad: int) -> dict[str, Any]:
+    """``input_ids`` (``pad`` after each row), ``attention_mask`` and ``labels`` (-100 on the padding) tensors."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([la + [-100] * (width - len(la)) for la in labels])}
+
+
 def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> dict[str, Any]:
     """Tensors for a batch: prompt ids (+ answer ids and ``</s>`` when ``with_answers``), right-padded.
 
@@ -196,13 +206,8 @@ def encode_batch(processor, samples: list[dict], with_answers: bool = True) -> d
             ids, lab = ids + ans, lab + ans
         rows.append(ids)
         labels.append(lab)
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    lab_t = torch.tensor([la + [-100] * (width - len(la)) for la in labels])
     pix = torch.from_numpy(np.asarray(enc["pixel_values"], dtype=np.float32))
-    return {"input_ids": input_ids, "attention_mask": attn, "labels": lab_t, "pixel_values": pix}
+    return {**_right_padded(rows, labels, tok.pad_token_id), "pixel_values": pix}
 
 
 def shared_prefix_len(input_ids, image_token_id: int) -> int:
@@ -223,27 +228,37 @@ def answer_loss(model, enc: dict[str, Any], shared_prefix: int = 0):
     in every row) are run once at batch 1 and their K/V broadcast to the batch, and the LM head is applied
     only at the positions that predict a label. Exact up to float rounding (tested against ``.loss``).
     """
-    import torch
-    from transformers import DynamicCache
-
     ids, mask, labels = enc["input_ids"], enc["attention_mask"], enc["labels"]
-    batch, p = ids.shape[0], shared_prefix
-    cache = None
-    if p:
-        if not bool((ids[:, :p] == ids[:1, :p]).all()):
-            raise ValueError("answer_loss: the first shared_prefix tokens differ between rows")
-        cache = DynamicCache(config=model.config.text_config)
-        model.model.language_model(input_ids=ids[:1, :p], past_key_values=cache, use_cache=True)
-        for layer in cache.layers:  # [1, H, P, D] -> [B, H, P, D]
-            layer.keys = layer.keys.expand(batch, -1, -1, -1)
-            layer.values = layer.values.expand(batch, -1, -1, -1)
+    p = shared_prefix
+    if p and not bool((ids[:, :p] == ids[:1, :p]).all()):
+        raise ValueError("answer_loss: the first shared_prefix tokens differ between rows")
+    cache = _prefix_cache(model, ids, p, ids.shape[0]) if p else None
     out = model.model(input_ids=ids[:, p:], pixel_values=enc["pixel_values"], attention_mask=mask,
                       past_key_values=cache, use_cache=cache is not None)
-    hidden = out.last_hidden_state  # [B, T - P, hidden]
-    lab = labels[:, p:]
-    b_idx, t_idx = torch.nonzero(lab[:, 1:] != -100, as_tuple=True)  # hidden at t predicts the label at t + 1
+    return _label_loss(model, out.last_hidden_state, labels[:, p:])
+
+
+def _prefix_cache(model, ids, p: int, batch: int):
+    """A ``DynamicCache`` of the language model over ``ids[0, :p]`` (run once at batch 1), its K/V broadcast
+    to ``batch`` rows: [1, H, p, D] -> [batch, H, p, D] (empty when ``p`` is 0)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    if p:
+        model.model.language_model(input_ids=ids[:1, :p], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)
+    return cache
+
+
+def _label_loss(model, hidden, labels):
+    """Mean cross-entropy of the LM head applied only where a label is predicted: ``hidden[:, t]`` predicts
+    ``labels[:, t + 1]`` (-100: no label)."""
+    import torch
+
+    b_idx, t_idx = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
     logits = model.lm_head(hidden[b_idx, t_idx])  # [n_labels, vocab]
-    return torch.nn.functional.cross_entropy(logits.float(), lab[b_idx, t_idx + 1])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[b_idx, t_idx + 1])
 
 
 def encode_questions(processor, scenes: list[dict]) -> dict[str, Any]:
@@ -274,13 +289,8 @@ def encode_questions(processor, scenes: list[dict]) -> dict[str, Any]:
         rows.append(list(ids) + ans)
         labels.append([-100] * len(ids) + ans)
         index.append(i)
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-            "labels": torch.tensor([la + [-100] * (width - len(la)) for la in labels]),
-            "pixel_values": torch.from_numpy(np.asarray(pix, dtype=np.float32)),
-            "image_index": torch.tensor(index)}
+    return {**_right_padded(rows, labels, tok.pad_token_id),
+            "pixel_values": torch.from_numpy(np.asarray(pix, dtype=np.float32)), "image_index": torch.tensor(index)}
 
 
 def packed_answer_loss(model, enc: dict[str, Any]):
@@ -291,7 +301,6 @@ def packed_answer_loss(model, enc: dict[str, Any]):
     cache; each row's question and answer run on its scene's cache. Right padding needs no mask: a padded
     token comes after every real one, so causal attention never lets a real token see it."""
     import torch
-    from transformers import DynamicCache
 
     ids, labels, img = enc["input_ids"], enc["labels"], enc["image_index"]
     image_token = model.config.image_token_id
@@ -303,19 +312,12 @@ def packed_answer_loss(model, enc: dict[str, Any]):
         raise ValueError("packed_answer_loss: expected the image inside the shared part of every row")
     n_img = enc["pixel_values"].shape[0]
     first = torch.tensor([int(torch.nonzero(img == i)[0, 0]) for i in range(n_img)])
-    cache = DynamicCache(config=model.config.text_config)
-    if p0:
-        model.model.language_model(input_ids=ids[:1, :p0], past_key_values=cache, use_cache=True)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.expand(n_img, -1, -1, -1), layer.values.expand(n_img, -1, -1, -1)
+    cache = _prefix_cache(model, ids, p0, n_img)
     model.model(input_ids=ids[first, p0:p1], pixel_values=enc["pixel_values"], past_key_values=cache, use_cache=True)
     for layer in cache.layers:  # [scenes, H, p1, D] -> [rows, H, p1, D]
         layer.keys, layer.values = layer.keys[img], layer.values[img]
     hidden = model.model.language_model(input_ids=ids[:, p1:], past_key_values=cache, use_cache=True).last_hidden_state
-    lab = labels[:, p1:]
-    b_idx, t_idx = torch.nonzero(lab[:, 1:] != -100, as_tuple=True)
-    logits = model.lm_head(hidden[b_idx, t_idx])
-    return torch.nn.functional.cross_entropy(logits.float(), lab[b_idx, t_idx + 1])
+    return _label_loss(model, hidden, labels[:, p1:])
 
 
 POSITION_BINS = 10  # object centre x and y, each in 10 bins of 9 px (= RELATION_MIN_DX: left/right pairs differ)

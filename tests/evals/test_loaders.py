@@ -74,7 +74,6 @@ def test_shapes_generator_and_parquet_agree(tmp_path):
 
 def test_shapes_task_scores_its_own_answers(tmp_path):
     from kvtool.evals.shapes import make_shapes_split
-
     from kvtool.models.shapes_train import shapes_user_text
 
     # the task prompts as kvtool-shapes was trained: instruction, inline <image>, question, short-answer line
