@@ -168,6 +168,11 @@ def _train_shapes_options(fn):
              "turns": "Questions per training image (1: the eval's one-question samples).",
              "turn_mode": "How an image's questions are asked: 'independent' eval prompts sharing the image's "
                           "prefix computation, or turns of one 'conversation'.",
+             "caption": "Also ask each training image to name its objects left to right (training only).",
+             "relation_turns": "Extra left/right questions per training image, on other pairs of its objects.",
+             "mention_weight": "Weight of the mention probe: where a question names an object, a middle LM layer "
+                               "must hold that object's x (0: off; needs independent turns).",
+             "mention_layer": "LM layer the mention probe reads (0: the one before the last).",
              "aux_weight": "Weight of the auxiliary per-patch object loss on the vision tower in the VQA stage.",
              "vision_steps": "Steps of the vision-tower stage before VQA training (0: none).",
              "vision_lr": "Peak learning rate of the vision-tower stage.",

@@ -196,9 +196,8 @@ def make_shapes_sample(seed: int, index: int) -> dict[str, Any]:
         want_left = j % 2 == 0
         if (places[a][0] < places[b][0]) != want_left:
             a, b = b, a
-        (ca, sa), (cb, sb) = objs[a], objs[b]
-        question = f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?"
-        answer = "left" if want_left else "right"
+        rel = relation_question(objs, [p[0] for p in places], a, b)
+        question, answer = rel["question"], rel["answer"]
     return {"id": f"shapes-{seed}-{index}", "image": img, "question": question, "answer": answer,
             "question_type": qtype, "pope_split": pope_split, "objects": _objects_record(objs, places)}
 
@@ -207,8 +206,9 @@ def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, 
                     places: list[tuple[float, float, float]]) -> dict[str, Any] | None:
     """One ``qtype`` question about a rendered scene, by the rules of ``make_shapes_sample``; None if the scene
     cannot pose it (no shape or colour held by exactly one object, no pair of singly-described objects far
-    enough apart for left/right)."""
-    pope_split = None
+    enough apart for left/right). ``refers`` lists the indices of the objects the question names, in the order
+    it names them (empty for count and for an absent object); training uses it to supervise each mention."""
+    pope_split, refers = None, []
     if qtype == "count":
         question, answer = "How many shapes are in the image?", COUNT_WORDS[len(objs) - 1]
     elif qtype == "color":
@@ -216,32 +216,47 @@ def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, 
         if not unique:
             return None
         target = str(rng.choice(unique))
-        question, answer = f"What color is the {target}?", next(c for c, s in objs if s == target)
+        refers = [next(i for i, o in enumerate(objs) if o[1] == target)]
+        question, answer = f"What color is the {target}?", objs[refers[0]][0]
     elif qtype == "shape":
         unique = [c for c in COLORS if sum(o[0] == c for o in objs) == 1]
         if not unique:
             return None
         target = str(rng.choice(unique))
-        question, answer = f"What shape is the {target} object?", next(s for c, s in objs if c == target)
+        refers = [next(i for i, o in enumerate(objs) if o[0] == target)]
+        question, answer = f"What shape is the {target} object?", objs[refers[0]][1]
     elif qtype == "exists":
         pope_split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
         if rng.random() < 0.5:
-            (color, shape), answer = objs[int(rng.integers(len(objs)))], "yes"
+            refers = [int(rng.integers(len(objs)))]
+            (color, shape), answer = objs[refers[0]], "yes"
         else:
             (color, shape), answer = _pope_negative(rng, objs, pope_split), "no"
         question = f"Is there a {color} {shape} in the image?"
     elif qtype == "relation":
-        single = [i for i, o in enumerate(objs) if objs.count(o) == 1]
-        pairs = [(a, b) for a in single for b in single if a != b and abs(places[a][0] - places[b][0]) >= RELATION_MIN_DX]
+        pairs = relation_pairs(objs, [p[0] for p in places])
         if not pairs:
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
-        (ca, sa), (cb, sb) = objs[a], objs[b]
-        question = f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?"
-        answer = "left" if places[a][0] < places[b][0] else "right"
+        return relation_question(objs, [p[0] for p in places], a, b)
     else:  # pragma: no cover - QUESTION_TYPES is closed
         raise AssertionError(qtype)
-    return {"question": question, "answer": answer, "question_type": qtype, "pope_split": pope_split}
+    return {"question": question, "answer": answer, "question_type": qtype, "pope_split": pope_split, "refers": refers}
+
+
+def relation_pairs(objs: list[tuple[str, str]], xs: list[float]) -> list[tuple[int, int]]:
+    """Ordered pairs (a, b) of objects a left/right question may compare: each held by exactly one object (so
+    its colour and shape name it) and centres at least ``RELATION_MIN_DX`` apart in x."""
+    single = [i for i, o in enumerate(objs) if objs.count(o) == 1]
+    return [(a, b) for a in single for b in single if a != b and abs(xs[a] - xs[b]) >= RELATION_MIN_DX]
+
+
+def relation_question(objs: list[tuple[str, str]], xs: list[float], a: int, b: int) -> dict[str, Any]:
+    """The left/right question comparing object ``a`` with object ``b`` (centre x ``xs``), as a scene question."""
+    (ca, sa), (cb, sb) = objs[a], objs[b]
+    return {"question": f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?",
+            "answer": "left" if xs[a] < xs[b] else "right", "question_type": "relation", "pope_split": None,
+            "refers": [a, b]}
 
 
 def make_shapes_scene(seed: int, index: int) -> dict[str, Any]:
