@@ -26,7 +26,9 @@ Public API::
                                                            #       question_type, pope_split (or None),
                                                            #       objects (ground truth: colour, shape, x, y, r)
     make_shapes_sample(seed, index) -> dict                # one sample; sample i never depends on n
-    make_shapes_scene(seed, index) -> dict                 # one image, several questions (training turns)
+    make_shapes_scene(seed, index) -> dict                 # one image, several questions (training turns), each
+                                                           #       with ``refers``: indices of the objects it names
+    relation_pairs(objs, xs), relation_question(objs, xs, a, b)   # the left/right question rules, for training
     write_shapes_dataset(out_dir, splits={"test": 500}) -> Path   # parquet files, ``datasets.load_dataset(dir)``
     TRAIN_SEED, TEST_SEED, QUESTION_TYPES, COLORS, SHAPES, COUNT_WORDS, ANSWER_WORDS, QUESTION_WORDS
 

@@ -112,6 +112,17 @@ def test_scene_questions_follow_from_objects():
         first[kinds[0]] += 1
         for r in sc["qa"]:
             _check_answer(r, objs, sc["objects"], distinct_relation=False)
+            # refers: the objects the question names, in the order it names them
+            named = [objs[i] for i in r["refers"]]
+            if r["question_type"] in ("relation", "exists") and named:
+                assert r["question"].count(" ".join(named[0])) == 1
+                assert [r["question"].index(" ".join(o)) for o in named] == sorted(r["question"].index(" ".join(o)) for o in named)
+            expect = {"count": 0, "color": 1, "shape": 1, "relation": 2, "exists": int(r["answer"] == "yes")}
+            assert len(named) == expect[r["question_type"]], r
+            if r["question_type"] == "color":
+                assert named[0][1] in r["question"] and named[0][0] == r["answer"]
+            if r["question_type"] == "shape":
+                assert f"the {named[0][0]} object" in r["question"] and named[0][1] == r["answer"]
             types[r["question_type"]] += 1
             answers[r["question_type"], r["answer"]] += 1
         # a type is missing only when the scene cannot pose it
