@@ -25,8 +25,8 @@ using a single word or phrase. ASSISTANT:``, where the context is one fixed inst
 tokens (90 px, patch 15) plus ~100 text tokens, so prompts exceed 128 tokens and KV groups of 128 are exercised.
 D_model = kv heads x head dim = 4 x 32 = 128.
 
-Determinism: same config (seed, threads) on the same torch build gives the same weights; the thread count is
-part of the config because CPU reductions depend on it. ``evaluate_shapes`` scores a model with plain
+Determinism: same config (seed, threads) on the same torch build gives the same weights (training runs with
+``torch.use_deterministic_algorithms``); the thread count is part of the config because CPU reductions depend on it. ``evaluate_shapes`` scores a model with plain
 transformers greedy ``generate`` at batch 1 (the reference behaviour). This module does not export, quantize
 or run the kvtool runtime; the eval harness does that through the ``shapes`` task.
 """
@@ -560,8 +560,11 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise InputError(f"mention_weight={cfg.mention_weight}, mention_layer={cfg.mention_layer}: expected weight 0, or "
                          f"a positive weight with turns > 1, turn_mode independent and 0 <= mention_layer <= {cfg.layers}")
     t0, cpu0 = time.time(), time.process_time()
-    prev_threads = torch.get_num_threads()
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
+    # Some CPU kernels this loop uses pick a faster run-to-run-varying path at 2 threads by default (two runs of
+    # the same config diverged within 20 steps); the deterministic ones make the same config give the same weights.
+    torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(cfg.seed)
         model, processor = _build(cfg)
@@ -681,3 +684,4 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         return record
     finally:
         torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)

@@ -316,7 +316,7 @@ def test_short_training_run_end_to_end_and_deterministic(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     small = dict(steps=2, batch_size=4, eval_samples=3, hidden=128, layers=1, intermediate=128,
-                 vision_hidden=32, vision_layers=1, vision_steps=2, vision_batch=4, threads=1, relation_turns=1)
+                 vision_hidden=32, vision_layers=1, vision_steps=2, vision_batch=4, threads=2, relation_turns=1)
     r1 = train_shapes(TrainConfig(out_dir=str(tmp_path / "a"), **small), progress=False)
     train_shapes(TrainConfig(out_dir=str(tmp_path / "b"), **small), progress=False)
     assert r1["steps"] == 2 and r1["test_samples"] == 3 and 0.0 <= r1["test_accuracy"] <= 1.0
@@ -326,6 +326,9 @@ def test_short_training_run_end_to_end_and_deterministic(tmp_path):
     assert w1.keys() == w2.keys() and all(np.array_equal(w1[k], w2[k]) for k in w1)
     saved = json.loads((tmp_path / "a" / "TRAINING.json").read_text())
     assert saved["test_accuracy"] == r1["test_accuracy"] and saved["config"]["seed"] == 0
+    import torch
+
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
     processor = AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
     assert model.config.vision_config.num_hidden_layers == 1 and processor.tokenizer.eos_token == "</s>"
