@@ -562,8 +562,8 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t0, cpu0 = time.time(), time.process_time()
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
-    # Some CPU kernels this loop uses pick a faster run-to-run-varying path at 2 threads by default (two runs of
-    # the same config diverged within 20 steps); the deterministic ones make the same config give the same weights.
+    # Some CPU kernel this loop uses takes a run-to-run-varying path at 2 threads by default: two runs of one config
+    # diverged within 20 steps while the machine was loaded. The deterministic ones make them give the same weights.
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(cfg.seed)
