@@ -236,11 +236,12 @@ def _scene_question(rng: np.random.Generator, qtype: str, objs: list[tuple[str, 
             (color, shape), answer = _pope_negative(rng, objs, pope_split), "no"
         question = f"Is there a {color} {shape} in the image?"
     elif qtype == "relation":
-        pairs = relation_pairs(objs, [p[0] for p in places])
+        xs = [p[0] for p in places]
+        pairs = relation_pairs(objs, xs)
         if not pairs:
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
-        return relation_question(objs, [p[0] for p in places], a, b)
+        return relation_question(objs, xs, a, b)
     else:  # pragma: no cover - QUESTION_TYPES is closed
         raise AssertionError(qtype)
     return {"question": question, "answer": answer, "question_type": qtype, "pope_split": pope_split, "refers": refers}

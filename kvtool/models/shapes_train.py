@@ -486,6 +486,11 @@ class _MentionProbe:
         return torch.nn.functional.mse_loss(pred, enc["mention_sign"] * (enc["mention_x"] * (2.0 / IMAGE_SIZE) - 1.0))
 
 
+def _ema(prev: float | None, value: float) -> float:
+    """The training log's running mean: ``value`` at the first step, then 0.95 x previous + 0.05 x value."""
+    return value if prev is None else 0.95 * prev + 0.05 * value
+
+
 def _cosine(base: float, warmup: int, steps: int):
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 %
         if step < warmup:
@@ -613,19 +618,19 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 batch = [make_shapes_sample(TRAIN_SEED + cfg.seed, first + k) for k in range(cfg.batch_size)]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            if mention is not None:
+            if independent:  # (the mention probe is only allowed here; its layer comes out of the same forward)
                 enc = encode_questions(processor, batch)
-                loss, hidden, start = packed_answer_loss(model, enc, hidden_layer=mention.layer)
-                mention_loss = mention.loss(hidden, start, enc)
-                mention_ema = mention_loss.item() if mention_ema is None else 0.95 * mention_ema + 0.05 * mention_loss.item()
-            elif independent:
-                loss = packed_answer_loss(model, encode_questions(processor, batch))
+                loss = packed_answer_loss(model, enc, hidden_layer=mention.layer if mention else None)
+                if mention is not None:
+                    loss, hidden, start = loss
+                    mention_loss = mention.loss(hidden, start, enc)
+                    mention_ema = _ema(mention_ema, mention_loss.item())
             else:
                 enc = encode_batch(processor, batch)
                 loss = answer_loss(model, enc, shared_prefix_len(enc["input_ids"], model.config.image_token_id))
             if cfg.aux_weight:
                 aux = probe.loss(batch)
-                aux_ema = aux.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * aux.item()
+                aux_ema = _ema(aux_ema, aux.item())
                 total = loss + cfg.aux_weight * aux
             else:
                 total = loss
@@ -635,7 +640,7 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             total.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             opt.step()
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            ema = _ema(ema, loss.item())
             bar.set_postfix(loss=f"{ema:.3f}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 acc = evaluate_shapes(model, processor, quick)
