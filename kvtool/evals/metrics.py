@@ -5,7 +5,7 @@ What each function reproduces (the numbers must match the official scripts, incl
 - ``normalize_vqa_answer`` / ``vqa_accuracy``: the EvalAI answer processor used by VQAv2 and TextVQA
   (lower-case; drop ``,`` and ``?``; split ``'s``; punctuation removed when it touches a space, otherwise turned
   into a space; a period is removed unless a digit follows it; number words zero..ten -> digits; articles
-  dropped; apostrophe-less contractions restored) and the soft accuracy: for each of the 10 leave-one-out
+  dropped; EvalAI's 120-entry contraction table, odd entries included) and the soft accuracy: for each of the 10 leave-one-out
   subsets of the human answers, ``min(#matches / 3, 1)``, averaged.
 - ``parse_pope_answer`` / ``pope_metrics``: LLaVA's ``eval_pope`` rule (keep the first sentence, drop commas,
   "no" if the words ``No``/``not``/``no`` occur, else "yes" — an empty answer is "yes") and its accuracy,
@@ -17,6 +17,9 @@ What each function reproduces (the numbers must match the official scripts, incl
   "FP ratio"), the per-figure consistency counts and the LH / VI / Mix diagnosis (needs a judge's "same").
 - ``gqa_exact_match`` (LLaVA: strip a trailing period, lower-case, exact match), ``parse_scienceqa_answer``
   (LLaVA's ``eval_science_qa`` patterns), ``pairs_scores`` and ``socialcf_metrics`` (the study's definitions).
+
+A metric whose denominator is empty (no wrong answer for the FP ratio, no "yes" answer for precision, no
+category of a sum, one side of a difference absent) is None — undefined, shown as missing ("–"), never 0 or 1.
 
 It does not load data, call models or judges: judges' outputs arrive here as fields of the records.
 Written by hand because no installed library implements these scripts (they live in unpackaged repos).
@@ -31,48 +34,69 @@ from typing import Any
 
 from kvtool.errors import InputError
 
+
+def _ratio(num: float, den: float) -> float | None:
+    """``num / den``, or None (undefined, shown as missing) when the denominator is empty."""
+    return num / den if den else None
+
+
 # --- EvalAI normalisation --------------------------------------------------------------------------------
 
-_CONTRACTED_FORMS = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've "
-    "mustn't must've needn't not've o'clock oughtn't shan't she'd've should've shouldn't shouldn't've "
-    "somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd "
-    "something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're "
-    "they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's "
-    "where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all "
-    "y'all'll y'all'd've you'd you'd've you'll you're you've"
-).split()
-
-
-def _contraction_table() -> dict[str, str]:
-    # EvalAI maps a contraction typed without (one of) its apostrophes back to the full form.
-    # (only one apostrophe is ever missing from a key: "couldnt've" and "couldn'tve", never "couldntve").
-    table: dict[str, str] = {}
-    for form in _CONTRACTED_FORMS:
-        for i in [i for i, ch in enumerate(form) if ch == "'"]:
-            table[form[:i] + form[i + 1:]] = form
-    return table
-
-
-_CONTRACTIONS = _contraction_table()
+# EvalAI's contraction table, entry for entry ("typed>restored"), odd entries included: capitalised keys that
+# can never match (the text is lower-cased first), identities (``let's``, ``she's``), ``somebody'd`` mapped *to*
+# ``somebodyd``, and the ``'ow's'at`` family. Source: the ``CONTRACTIONS`` dict of EvalAIAnswerProcessor in
+# LLaVA's llava/eval/m4c_evaluator.py (copied there from facebookresearch/mmf); 120 entries.
+_CONTRACTION_PAIRS = (
+    "aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've "
+    "couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've "
+    "hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's howd>how'd "
+    "howll>how'll hows>how's Id've>I'd've I'dve>I'd've Im>I'm Ive>I've isnt>isn't itd>it'd itd've>it'd've "
+    "it'dve>it'd've itll>it'll let's>let's maam>ma'am mightnt>mightn't mightnt've>mightn't've "
+    "mightn'tve>mightn't've mightve>might've mustnt>mustn't mustve>must've neednt>needn't notve>not've "
+    "oclock>o'clock oughtnt>oughtn't ow's'at>'ow's'at 'ows'at>'ow's'at 'ow'sat>'ow's'at shant>shan't "
+    "shed've>she'd've she'dve>she'd've she's>she's shouldve>should've shouldnt>shouldn't "
+    "shouldnt've>shouldn't've shouldn'tve>shouldn't've somebody'd>somebodyd somebodyd've>somebody'd've "
+    "somebody'dve>somebody'd've somebodyll>somebody'll somebodys>somebody's someoned>someone'd "
+    "someoned've>someone'd've someone'dve>someone'd've someonell>someone'll someones>someone's "
+    "somethingd>something'd somethingd've>something'd've something'dve>something'd've somethingll>something'll "
+    "thats>that's thered>there'd thered've>there'd've there'dve>there'd've therere>there're theres>there's "
+    "theyd>they'd theyd've>they'd've they'dve>they'd've theyll>they'll theyre>they're theyve>they've twas>'twas "
+    "wasnt>wasn't wed've>we'd've we'dve>we'd've weve>we've werent>weren't whatll>what'll whatre>what're "
+    "whats>what's whatve>what've whens>when's whered>where'd wheres>where's whereve>where've whod>who'd "
+    "whod've>who'd've who'dve>who'd've wholl>who'll whos>who's whove>who've whyll>why'll whyre>why're "
+    "whys>why's wont>won't wouldve>would've wouldnt>wouldn't wouldnt've>wouldn't've wouldn'tve>wouldn't've "
+    "yall>y'all yall'll>y'all'll y'allll>y'all'll yall'd've>y'all'd've y'alld've>y'all'd've "
+    "y'all'dve>y'all'd've youd>you'd youd've>you'd've you'dve>you'd've youll>you'll youre>you're youve>you've"
+)
+_CONTRACTIONS = dict(pair.split(">") for pair in _CONTRACTION_PAIRS.split())
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
           "?", "!"]
-_PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # EvalAI's "(?!<=\d)(\.)(?!\d)": its first look-ahead never fires
+_DIGIT_COMMA_DIGIT = re.compile(r"(?<=\d),+(?=\d)")
 
 
 def normalize_vqa_answer(s: str) -> str:
-    """EvalAI's answer normalisation (VQAv2 / TextVQA); e.g. ``"Two dogs."`` -> ``"2 dogs"``."""
+    """EvalAI's answer processor (VQAv2 / TextVQA), step for step; e.g. ``"Two dogs."`` -> ``"2 dogs"``.
+
+    1. lower-case, delete ``,`` and ``?``, ``'s`` -> `` 's``, newlines/tabs -> spaces, strip;
+    2. each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted where it touches a space in the text of
+       step 1 (or the text holds digit,digit — never, once step 1 dropped the commas), else turned into a space;
+    3. a period not followed by a digit is deleted (at most 32: EvalAI passes ``re.UNICODE`` as the count);
+    4. per word: number words ``none``/``zero``..``ten`` -> digits, articles ``a an the`` dropped, then the
+       contraction table (``_CONTRACTIONS``) applied; words joined by single spaces.
+    Source: ``EvalAIAnswerProcessor`` in LLaVA's ``llava/eval/m4c_evaluator.py``."""
     text = str(s).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
+    comma_in_number = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for p in _PUNCT:
-        out = out.replace(p, "" if (p + " " in text or " " + p in text) else " ")
-    out = _PERIOD.sub("", out, count=32)  # EvalAI passes re.UNICODE (=32) as the count argument
-    words = [_NUMBER_WORDS.get(w, w) for w in out.split()]
+        touches_space = p + " " in text or " " + p in text
+        out = out.replace(p, "" if (touches_space or comma_in_number) else " ")
+    out = _PERIOD.sub("", out, count=32)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
 
@@ -100,16 +124,18 @@ def gqa_exact_match(prediction: str, answer: str) -> float:
     return float(str(prediction).strip().rstrip(".").lower() == str(answer).strip().lower())
 
 
-_OPTION_LETTERS = "ABCDE"
-_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+_OPTION_LETTERS = ("A", "B", "C", "D", "E")  # a tuple: membership is one whole letter, never a substring
+_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")  # "." is any character, as in LLaVA's pattern
 
 
 def parse_scienceqa_answer(text: str, n_choices: int) -> int | None:
-    """LLaVA's option parser: an exact letter, an ``"X. "`` prefix, or a single ``"The answer is X."``.
+    """LLaVA's ``eval_science_qa`` parser: the (stripped) reply is exactly one option letter, or starts with
+    ``"X. "``, or holds exactly one ``"The answer is X?"`` (any character after X, LLaVA's unescaped ``.``).
 
-    Returns the option index, or None when nothing parses (LLaVA then picks a random option; kvtool counts
-    it wrong and reports the unparsed share, so runs are reproducible)."""
-    t = str(text).strip()
+    Returns the option index (0-based), or None when nothing parses or the letter is not among the first
+    ``n_choices`` options. ``"AB"`` is None (LLaVA tests membership in its options *list*); LLaVA then counts
+    the question wrong ("FAILED"), as kvtool does, and kvtool reports the unparsed share beside the accuracy."""
+    t = str(text).strip()  # LLaVA's model_vqa_science strips the decoded reply
     letters = _OPTION_LETTERS[:n_choices]
     if t in _OPTION_LETTERS:
         letter = t
@@ -118,7 +144,7 @@ def parse_scienceqa_answer(text: str, n_choices: int) -> int | None:
     else:
         found = _THE_ANSWER_IS.findall(t)
         letter = found[0] if len(found) == 1 else ""
-    return letters.index(letter) if letter and letter in letters else None
+    return letters.index(letter) if letter in letters else None
 
 
 # --- POPE -------------------------------------------------------------------------------------------------
@@ -143,8 +169,13 @@ def _label(v: Any, name: str) -> int:
     raise InputError(f"{name}: {v!r} is not a yes/no label")
 
 
-def pope_metrics(predictions: Sequence[str], labels: Sequence[Any]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and yes-ratio (0..1) of raw POPE answers against yes/no labels."""
+def pope_metrics(predictions: Sequence[str], labels: Sequence[Any]) -> dict[str, float | None]:
+    """Accuracy, precision, recall, F1 and yes-ratio (0..1) of raw POPE answers against yes/no labels.
+
+    As LLaVA's ``eval_pope``: precision TP/(TP+FP), recall TP/(TP+FN). A ratio whose denominator is empty is
+    None, never 0 (LLaVA's script divides by zero there): precision when no answer is "yes", recall when no
+    label is. F1 is 2TP/(2TP+FP+FN) — LLaVA's 2PR/(P+R) wherever that is defined, 0 where every "yes" was
+    missed without any "yes" answered (as scikit-learn's ``f1_score``), None only when TP=FP=FN=0."""
     if len(predictions) != len(labels):
         raise InputError(f"pope_metrics: {len(predictions)} predictions but {len(labels)} labels")
     if not predictions:
@@ -155,9 +186,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[Any]) -> dict[str,
     fp = sum(p == 1 and g == 0 for p, g in zip(pred, gold, strict=True))
     tn = sum(p == 0 and g == 0 for p, g in zip(pred, gold, strict=True))
     fn = sum(p == 0 and g == 1 for p, g in zip(pred, gold, strict=True))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1 = _ratio(tp, tp + fp), _ratio(tp, tp + fn), _ratio(2 * tp, 2 * tp + fp + fn)
     return {"accuracy": (tp + tn) / len(pred), "precision": precision, "recall": recall, "f1": f1,
             "yes_ratio": sum(pred) / len(pred), "n": len(pred)}
 
@@ -181,11 +210,12 @@ def parse_mme_answer(text: str) -> str:
     return "other"
 
 
-def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
     """Per category ``(acc + acc+) x 100`` and the sums ``perception`` and ``cognition``.
 
     records: dicts with ``category``, ``image_id``, ``prediction`` (raw text) and ``answer`` ("Yes"/"No").
-    acc is over questions, acc+ over images (an image counts when all its questions are right)."""
+    acc is over questions, acc+ over images (an image counts when all its questions are right). A sum with
+    none of its categories in the records is None (not measured), not 0."""
     by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         for key in ("category", "image_id", "prediction", "answer"):
@@ -199,8 +229,9 @@ def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         acc = sum(answers) / len(answers)
         acc_plus = sum(all(oks) for oks in images.values()) / len(images)
         out[cat] = 100.0 * (acc + acc_plus)
-    out["perception"] = sum(out[c] for c in MME_PERCEPTION if c in out)
-    out["cognition"] = sum(out[c] for c in MME_COGNITION if c in out)
+    for group, cats in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+        present = [out[c] for c in cats if c in by_cat]
+        out[group] = sum(present) if present else None
     return out
 
 
@@ -264,7 +295,7 @@ def hallusionbench_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, An
     consistency = {"correct": 0, "inconsistent": 0, "wrong": 0}
     for oks in figs.values():
         consistency["correct" if all(oks) else "wrong" if not any(oks) else "inconsistent"] += 1
-    f_acc = consistency["correct"] / len(figs) if figs else 0.0
+    f_acc = _ratio(consistency["correct"], len(figs))  # None: only VS questions without a figure
     # qAcc: per question over all its figures
     questions: dict[str, list[int]] = defaultdict(list)
     for r in rows:
@@ -273,11 +304,12 @@ def hallusionbench_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, An
     # yes/no bias: an answer is "yes" when its correctness equals the truth (right on a yes, wrong on a no)
     yes_pred = [int(r["correct"] == int(r["gt_answer"])) for r in rows]
     yes_gt = [int(r["gt_answer"]) for r in rows]
-    wrong_gt = [int(r["gt_answer"]) for r in rows if r["correct"] == 0] or [0]
+    # FP ratio: the share of "no"-truth questions among the wrong answers; None (0/0) with no wrong answer
+    wrong_gt = [int(r["gt_answer"]) for r in rows if r["correct"] == 0]
     out: dict[str, Any] = {
-        "aAcc": 100 * a_acc, "fAcc": 100 * f_acc, "qAcc": 100 * q_acc,
+        "aAcc": 100 * a_acc, "fAcc": None if f_acc is None else 100 * f_acc, "qAcc": 100 * q_acc,
         "pct_diff": sum(yes_pred) / len(rows) - sum(yes_gt) / len(rows),
-        "fp_ratio": (len(wrong_gt) - sum(wrong_gt)) / len(wrong_gt),
+        "fp_ratio": _ratio(len(wrong_gt) - sum(wrong_gt), len(wrong_gt)),
         "consistency": consistency, "n_questions": len(rows), "n_figures": len(figs),
         "n_question_groups": len(questions),
         "unclear_share": sum(int(r["correctness"]) == 2 for r in rows) / len(rows),
@@ -366,7 +398,8 @@ def pairs_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Association scores per PAIRS group: the mean of +1/-1/0 over scenarios, questions and seeds for each
     race x gender, the race and gender means, and the study's male-female and white-black differences.
 
-    records: dicts with ``group``, ``race``, ``gender``, ``score`` (+1/-1/0) and ``prediction``."""
+    records: dicts with ``group``, ``race``, ``gender``, ``score`` (+1/-1/0) and ``prediction``. A difference
+    whose one side has no records is None."""
     acc: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     empty: dict[str, list[int]] = defaultdict(list)
     for r in records:
@@ -378,12 +411,17 @@ def pairs_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for group, cells in acc.items():
         means = {k: sum(v) / len(v) for k, v in cells.items()}
         g = {k: v for k, v in means.items() if ":" not in k}
-        g["male_minus_female"] = means.get("gender:man", 0.0) - means.get("gender:woman", 0.0)
-        g["white_minus_black"] = means.get("race:white", 0.0) - means.get("race:black", 0.0)
+        g["male_minus_female"] = _difference(means, "gender:man", "gender:woman")
+        g["white_minus_black"] = _difference(means, "race:white", "race:black")
         g["empty_share"] = sum(empty[group]) / len(empty[group])
         g["n"] = len(empty[group])
         out[group] = g
     return out
+
+
+def _difference(means: Mapping[str, float], a: str, b: str) -> float | None:
+    """``means[a] - means[b]``; None when either group has no answers (a mean over nothing is undefined)."""
+    return means[a] - means[b] if a in means and b in means else None
 
 
 def count_lexicon_words(text: str, lexicon: Iterable[str]) -> int:

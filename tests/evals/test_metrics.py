@@ -76,7 +76,9 @@ def test_pope_metrics_hand_worked():
     assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert m["yes_ratio"] == pytest.approx(4 / 6)  # share of predictions, not of labels
     all_no = M.pope_metrics(["no"] * 3, ["yes", "no", "no"])
-    assert all_no["precision"] == 0.0 and all_no["f1"] == 0.0
+    # no "yes" answered: precision is 0/0 (LLaVA's script divides by zero) -> None; the one "yes" was missed:
+    # recall 0/1 = 0 and F1 = 2TP/(2TP+FP+FN) = 0/1 = 0
+    assert all_no["precision"] is None and all_no["recall"] == 0.0 and all_no["f1"] == 0.0
     with pytest.raises(InputError):
         M.pope_metrics(["yes"], ["maybe"])
 
