@@ -379,8 +379,11 @@ def _print_results(results: dict) -> None:
         spec = get_task(task)
         head, val = spec.headline, headline_value(spec, m)
         shown = "missing" if val is None else f"{val:.2f}"
-        extra = ", ".join(f"{k}={v:.3g}" for k, v in flatten_metrics(m).items() if k != head)[:150]
-        click.echo(f"{task:<15} {head}={shown:<10} n={rec.get('n_samples', m.get('n'))}  {extra}")
+        flat = flatten_metrics(m, keep_missing=True)
+        beside = "".join(f" {k}={'–' if flat.get(k) is None else format(flat[k], '.2f')}" for k in spec.beside)
+        extra = ", ".join(f"{k}={v:.3g}" for k, v in flatten_metrics(m).items()
+                          if k != head and k not in spec.beside)[:150]
+        click.echo(f"{task:<15} {head}={shown:<10}{beside} n={rec.get('n_samples', m.get('n'))}  {extra}")
 
 
 @main.command(name="eval")
@@ -493,16 +496,39 @@ def report_cmd(runs, output, as_json) -> None:
 @ls_group.command(name="tasks")
 @click.option("--json", "as_json", is_flag=True)
 def ls_tasks(as_json) -> None:
-    """List the eval tasks with their data source and metric."""
+    """List the eval tasks: data source, metric, the number each reports and its generation length (with source)."""
     from kvtool.evals.tasks import TASKS
 
     rows = [{"task": t.name, "data": t.source, "hub_ids": list(t.hub_ids), "metric": t.metric,
-             "judges": list(t.judges), "generation": t.generation(), "notes": t.notes} for t in TASKS.values()]
+             "headline": t.headline, "beside": list(t.beside), "reports": t.reports, "judges": list(t.judges),
+             "generation": t.generation(), "generation_source": t.generation_source, "notes": t.notes}
+            for t in TASKS.values()]
     if as_json:
         echo_json(rows)
         return
     for r in rows:
-        click.echo(f"{r['task']:<15} {r['data']}\n{'':<15} metric: {r['metric']}")
+        click.echo(f"{r['task']:<15} {r['data']}\n{'':<15} metric: {r['metric']}\n{'':<15} reports: {r['reports']}\n"
+                   f"{'':<15} max new tokens: {r['generation']['max_new_tokens']}; source: {r['generation_source']}")
+
+
+@main.command(name="submission")
+@click.argument("run_dir")
+@click.option("-o", "--output", required=True, help="The JSON file to upload (to EvalAI's test-dev phase).")
+@click.option("--task", default="vqav2_testdev", show_default=True, help="The run's task to export.")
+@click.option("--question-ids", default=None,
+              help="Every question of the test set (VQA's test2015 questions JSON or LLaVA's test2015 JSONL): "
+                   "listed questions without a prediction get \"\", as LLaVA's converter writes.")
+@click.option("--json", "as_json", is_flag=True)
+def submission_cmd(run_dir, output, task, question_ids, as_json) -> None:
+    """Write the EvalAI upload file of RUN_DIR's VQAv2 test-dev predictions (LLaVA's converter's format)."""
+    from kvtool.evals.submission import write_submission
+
+    info = write_submission(run_dir, output, task=task, question_ids=question_ids)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"wrote {info['path']}: {info['n_answers']} answers ({info['n_predicted']} predicted, "
+                   f"{info['n_blank']} blank)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -64,14 +64,11 @@ def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int 
         out["wrong_to_right"] = sum(y and not x for x, y in zip(ra, rb, strict=True))
         out["flipped_ids"] = {"right_to_wrong": [i for i, x, y in zip(ids, ra, rb, strict=True) if x and not y][:50],
                               "wrong_to_right": [i for i, x, y in zip(ids, ra, rb, strict=True) if y and not x][:50]}
-    ma = flatten_metrics(spec.aggregate([dict(r) for r in a]))
-    mb = flatten_metrics(spec.aggregate([dict(r) for r in b]))
-    deltas: dict[str, Any] = {}
-    for key in ma:
-        if key in mb:
-            deltas[key] = {"a": ma[key], "b": mb[key], "delta": mb[key] - ma[key]}
+    ma = flatten_metrics(spec.aggregate([dict(r) for r in a]), keep_missing=True)
+    mb = flatten_metrics(spec.aggregate([dict(r) for r in b]), keep_missing=True)
+    deltas = _deltas(ma, mb)
     head = spec.headline
-    if head in deltas and n_boot > 0:
+    if head in deltas and deltas[head]["delta"] is not None and n_boot > 0:
         def stat(idx: list[int]) -> float:
             va = headline_value(spec, spec.aggregate([dict(a[i]) for i in idx]))
             vb = headline_value(spec, spec.aggregate([dict(b[i]) for i in idx]))
@@ -106,10 +103,23 @@ def compare_runs(a: str | Path, b: str | Path, tasks: Iterable[str] | None = Non
     return out
 
 
+def _deltas(fa: dict[str, float | None], fb: dict[str, float | None]) -> dict[str, dict[str, float | None]]:
+    """Per metric of either run: A, B and B - A; an undefined (None) side makes the delta None."""
+    out = {}
+    for k in [*fa, *(k for k in fb if k not in fa)]:
+        va, vb = fa.get(k), fb.get(k)
+        out[k] = {"a": va, "b": vb, "delta": None if va is None or vb is None else vb - va}
+    return out
+
+
 def _compare_metrics_only(task: str, ma: dict, mb: dict, why: str) -> dict[str, Any]:
-    fa, fb = flatten_metrics(ma), flatten_metrics(mb)
+    fa, fb = flatten_metrics(ma, keep_missing=True), flatten_metrics(mb, keep_missing=True)
     return {"headline": get_task(task).headline, "agreement": None, "note": f"metrics only: {why}",
-            "metrics": {k: {"a": fa[k], "b": fb[k], "delta": fb[k] - fa[k]} for k in fa if k in fb}}
+            "metrics": _deltas(fa, fb)}
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
 
 
 def format_comparison(cmp: dict[str, Any]) -> str:
@@ -119,11 +129,12 @@ def format_comparison(cmp: dict[str, Any]) -> str:
     for task, t in cmp["tasks"].items():
         m = t["metrics"].get(t["headline"])
         if m is None:
-            lines.append(f"{task:<15} {t['headline']:<22} {'(missing)':>9}")
+            lines.append(f"{task:<15} {t['headline']:<22} {'–':>9} {'–':>9}")
             continue
         ci = m.get("ci95")
         ci_s = f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-"
-        lines.append(f"{task:<15} {t['headline']:<22} {m['a']:>9.2f} {m['b']:>9.2f} {m['delta']:>+8.2f} {ci_s:>19} "
+        lines.append(f"{task:<15} {t['headline']:<22} {_num(m['a'], '.2f'):>9} {_num(m['b'], '.2f'):>9} "
+                     f"{_num(m['delta'], '+.2f'):>8} {ci_s:>19} "
                      f"{'-' if t['agreement'] is None else format(t['agreement'], '.1%'):>6} "
                      f"{t.get('right_to_wrong', '-'):>5} {t.get('wrong_to_right', '-'):>5}")
     return "\n".join(lines)

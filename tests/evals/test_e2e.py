@@ -65,4 +65,4 @@ def test_cli_eval_compare_report_and_errors(tmp_path, data_dir, tiny_model, monk
     res = r.invoke(main, [*base[:-1], "-o", str(tmp_path / "d"), "--shard", "3/2"])
     assert res.exit_code == 2 and "--shard" in res.output
     res = r.invoke(main, ["ls", "tasks", "--json"])
-    assert res.exit_code == 0 and len(json.loads(res.output)) == 11
+    assert res.exit_code == 0 and len(json.loads(res.output)) == 12  # vqav2_testdev added
