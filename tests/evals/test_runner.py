@@ -56,7 +56,7 @@ def test_every_task_runs_on_its_local_format(tmp_path, data_dir):
     assert m["shapes"]["n"] == 500
     # prompts follow LLaVA-1.5's eval scripts
     prompts = [c[1] for c in model.calls]
-    assert "what is written 0?\nReference OCR token: stop, sign\nAnswer the question using a single word or phrase." in prompts
+    assert "What is written 0?\nReference OCR token: stop, sign\nAnswer the question using a single word or phrase." in prompts
     assert any(p.startswith("Context: Animals live in many places.\nWhich is a mammal?\nA. frog\nB. whale\nC. shark\n"
                             "Answer with the option's letter") for p in prompts)
     assert not any("Please answer yes or no." in p for p in prompts)
