@@ -136,7 +136,8 @@ def _plots(rows: list[dict], tasks: list[str], out: Path) -> list[str]:
             width = 0.8 / max(1, len(rows))
             for k, r in enumerate(rows):
                 m = r.get("_pairs_metrics", {})
-                vals = [(m.get(g) or {}).get(key, 0.0) for g in groups]
+                vals = [(m.get(g) or {}).get(key) for g in groups]
+                vals = [float("nan") if v is None else v for v in vals]  # undefined: no bar, not a 0 bar
                 ax.bar([i + k * width for i in range(len(groups))], vals, width, label=f"{r['kv']} {r['bits']}")
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, fontsize=8)
             ax.axhline(0, color="k", linewidth=0.8)

@@ -111,6 +111,13 @@ def test_report_and_compare_show_undefined_as_dash(tmp_path):
     rep = write_report([run], tmp_path / "rep")
     row = [line for line in open(rep["markdown"], encoding="utf-8") if line.startswith("| m ")][0]
     assert row.rstrip().endswith("| – |")
+    # a nested headline (PAIRS: no woman answered) is missing too, and its plot leaves the bar out
+    pairs = {"gender_occupation": {"male_minus_female": None, "white_minus_black": 0.5, "n": 2}, "n": 2}
+    (run / "results.json").write_text(json.dumps({"config": {"model": "m", "kv": "fp16", "backend": "torch"},
+                                                  "tasks": {"pairs": {"metrics": pairs}}}))
+    rep = write_report([run], tmp_path / "rep2")
+    assert [line for line in open(rep["markdown"], encoding="utf-8") if line.startswith("| m ")][0].rstrip().endswith("| – |")
+    assert any(p.endswith("pairs.png") for p in rep["plots"])
     # compare: B answers every HallusionBench question right, so its FP ratio is undefined
     a = [{"id": str(i), **_hb("VD", "x", 0, i, 0, 1, 0, 0), "prediction": "Yes"} for i in range(2)]
     b = [{**r, "correctness": 1, "prediction": "No"} for r in a]
