@@ -123,7 +123,7 @@ def _num(v: float | None, spec: str) -> str:
 
 
 def format_comparison(cmp: dict[str, Any]) -> str:
-    """A short human table of a ``compare_runs`` result."""
+    """A short human table of a ``compare_runs`` result; an undefined (None) value or delta shows as "–"."""
     lines = [f"A (reference): {cmp['a']}", f"B: {cmp['b']}", "",
              f"{'task':<15} {'metric':<22} {'A':>9} {'B':>9} {'delta':>8} {'95% CI':>19} {'agree':>6} {'R->W':>5} {'W->R':>5}"]
     for task, t in cmp["tasks"].items():

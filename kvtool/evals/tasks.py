@@ -4,8 +4,9 @@ A spec names the dataset (hub ids — both ``lmms-lab/<name>`` and the July-2026
 config, split, required columns), how one dataset row becomes a model prompt (LLaVA-1.5's evaluation prompts),
 the generation settings (greedy, or T=0.75 with seeds for the trust tasks; the official new-token budget, its
 source in ``generation_source``), the per-sample score of a prediction, the task's aggregate metrics
-(``kvtool.evals.metrics``) and which number it reports (``reports``: how it compares with published figures). Prediction rows saved by the runner
-carry every field the scoring needs, so a task can be re-scored without the dataset.
+(``kvtool.evals.metrics``; an undefined one is None) and which number it reports (``reports``: how it compares
+with published figures). Prediction rows saved by the runner carry every field the scoring needs, so a task can
+be re-scored without the dataset.
 
 It does not load data (``loaders``), call judges (``judges``) or run models (``runner``).
 """
