@@ -21,12 +21,15 @@ This module does not expand grids or merge results (``grid`` / ``study``).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
+
+from kvtool.errors import InputError
 
 SECRET_ENV = ("KVTOOL_JUDGE_KEY", "OPENAI_API_KEY")
 PUBLIC_ENV = ("KVTOOL_JUDGE_URL", "KVTOOL_JUDGE_MODEL")
@@ -49,11 +52,36 @@ def run_unit(args: dict[str, Any]) -> dict[str, Any]:
                      shard=(args["shard"], args["n_shards"]), data=dict(args["data"]), data_dir=args["data_dir"],
                      max_new_tokens=args["max_new_tokens"], seeds=args["seeds"],
                      judge=JudgeConfig.from_env(**args["judge"]), progress=False)
-    res = run_eval(cfg)
+    try:
+        res = run_eval(cfg)
+    except InputError:
+        res = _empty_shard(cfg, args)
+        if res is None:
+            raise
     rec = res["tasks"][args["task"]]
     return {"unit": args["unit"], "n_samples": rec["n_samples"], "n_generated_now": rec["n_generated_now"],
             "generate_s": rec["timing"]["generate_s"], "wall_s": time.perf_counter() - t0,
             "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _empty_shard(cfg, args: dict[str, Any]) -> dict[str, Any] | None:
+    """A shard the data leaves empty (fewer rows than shards) is finished, not failed: the runner refuses to
+    score no rows, so its results file is written here with ``n_samples`` 0 for ``merge_shards``."""
+    from pathlib import Path
+
+    from kvtool.evals.runner import read_predictions
+
+    out = Path(args["output"])
+    name = f"shard-{args['shard']}-of-{args['n_shards']}"
+    if read_predictions(out / args["task"] / f"predictions.{name}.jsonl"):
+        return None
+    res = {"config": cfg.to_json(), "pipeline": None, "empty_shard": True,
+           "tasks": {args["task"]: {"n_samples": 0, "n_generated_now": 0, "timing": {"generate_s": 0.0},
+                                    "metrics": {}, "predictions": f"{args['task']}/predictions.{name}.jsonl"}}}
+    tmp = out / f"results.{name}.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / f"results.{name}.json")
+    return res
 
 
 def run_local(units: list[dict[str, Any]], on_done: Callable[[dict[str, Any]], None], workers: int = 1) -> None:
