@@ -158,3 +158,28 @@ def test_judge_key_reaches_the_judge_and_no_file_the_sweep_wrote(tmp_path, tiny_
     results = json.loads((tmp_path / "out" / "cells" / "a-fp16" / "results.json").read_text())
     assert results["tasks"]["mmvet"]["metrics"]["total"] == pytest.approx(50.0)
     assert files_containing(tmp_path, secret) == [] and secret not in res.output
+
+
+def test_sweep_options_checked(tmp_path):
+    r = CliRunner()
+    res = r.invoke(main, ["sweep", str(tmp_path / "nope.toml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "GRID" in res.output and "no such file" in res.output
+    (tmp_path / "g.toml").write_text("tasks = [\n")
+    res = r.invoke(main, ["sweep", str(tmp_path / "g.toml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "not valid TOML" in res.output
+    with pytest.raises(InputError, match="--address"):
+        SweepConfig(grid="g.toml", output="o", address="auto")
+    with pytest.raises(InputError, match="--workers"):
+        SweepConfig(grid="g.toml", output="o", workers=0)
+
+
+@pytest.mark.slow
+def test_local_process_pool_equals_in_process(tmp_path, tiny_model):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(grid_text({"a": (tiny_model("tiny-llava"), "torch")}, [{"schemes": ["uniform"], "bits": [2]}],
+                              **{**TOP, "shards": 2}))
+    one = run_sweep(SweepConfig(grid=str(grid), output=str(tmp_path / "one"), n_boot=20, progress=False))
+    two = run_sweep(SweepConfig(grid=str(grid), output=str(tmp_path / "two"), workers=2, n_boot=20, progress=False))
+    assert one["units_run"] == two["units_run"] == 4 and not two["failed"]
+    for cell in one["plan"]["cell_names"]:
+        assert cell_predictions(tmp_path / "one", cell) == cell_predictions(tmp_path / "two", cell)

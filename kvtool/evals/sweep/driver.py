@@ -199,7 +199,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     from kvtool.evals.sweep.study import finish_sweep
 
     grid = load_grid(cfg.grid)
-    out = Path(cfg.output)
+    out = Path(cfg.output).resolve()  # units on other machines write to this path: it must be absolute (shared)
     check_cells(grid, out)
     plan = plan_sweep(grid, out, cfg.rates_from)
     if cfg.dry_run:

@@ -160,7 +160,11 @@ def run_ray(units: list[dict[str, Any]], on_done: Callable[[dict[str, Any]], Non
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InputError(f"--address {address}: no Ray cluster reachable there ({msg})") from None
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             started = True
