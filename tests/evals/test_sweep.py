@@ -94,6 +94,20 @@ def test_rerun_generates_nothing_and_a_changed_cell_runs_alone(local_sweep):
     again = run_sweep(SweepConfig(grid=str(local_sweep["grid"]), output=str(out), n_boot=50, progress=False))
     assert again["units_run"] == 0 and again["plan"]["units_done"] == 13
     assert {p: p.stat().st_mtime_ns for p in preds} == before
+    # an interrupted unit (results file missing, one row kept and a torn line) resumes its rows only
+    udir = out / "cells" / "a-uniform-k2v2" / "units" / "shapes"
+    part = udir / "shapes" / "predictions.shard-0-of-1.jsonl"
+    first_line = part.read_text().splitlines()[0]
+    part.write_text(first_line + "\n" + '{"id": "1", "pred')
+    (udir / "results.shard-0-of-1.json").unlink()
+    resumed = run_sweep(SweepConfig(grid=str(local_sweep["grid"]), output=str(out), n_boot=50, progress=False))
+    assert resumed["units_run"] == 1 and resumed["plan"]["units_partial"] == 1
+    last = json.loads((out / "units.jsonl").read_text().splitlines()[-1])
+    assert last["unit"] == "a-uniform-k2v2/shapes/0-of-1" and last["n_generated_now"] == 1
+    rows = part.read_text().splitlines()
+    assert len(rows) == 2 and rows[0] == first_line and len({json.loads(r)["id"] for r in rows}) == 2
+    preds = [p for p in preds if p != part]
+    before = {p: p.stat().st_mtime_ns for p in preds}
     # one cell's bits change (b-or2 k2v2 -> k3v2): only that cell runs
     local_sweep["grid"].write_text(grid_text(local_sweep["models"], _blocks(["k4v4", "k3v2"]), **TOP))
     dry = CliRunner().invoke(main, ["sweep", str(local_sweep["grid"]), "-o", str(out), "--dry-run", "--json"])

@@ -3,7 +3,7 @@
 Layout of a sweep directory::
 
     OUT/sweep.json                         # the grid as last run (cells and their settings), no secrets
-    OUT/units.jsonl                        # one line per finished unit: its arguments' key, rows, seconds, worker
+    OUT/units.jsonl                        # one line per finished unit: rows, seconds, worker, its arguments
     OUT/cells/<cell>/cell.json             # the settings that produced this cell's rows (refused if changed)
     OUT/cells/<cell>/units/<task>/         # the units' run dir (predictions.shard-i-of-n.jsonl, results.shard-*)
     OUT/cells/<cell>/results.json          # the cell as one run dir (kvtool compare / report read it)
@@ -216,8 +216,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     bar = tqdm(total=len(args), desc="sweep units", unit="unit", disable=not cfg.progress)
     t0 = time.perf_counter()
 
+    by_key = {a["unit"]: a for a in args}
+
     def on_done(rec: dict[str, Any]) -> None:
-        rec = {**rec, "driver_t_s": time.perf_counter() - t0}
+        rec = {**rec, "driver_t_s": time.perf_counter() - t0, "args": by_key.get(rec["unit"])}
         with open(out / "units.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
         if "error" in rec:

@@ -305,7 +305,9 @@ def _fig6(cells: list[Cell], tasks: list[str], vals: dict, path: Path) -> Path |
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
                             marker="o", capsize=3, label=f"V group {g2 or 'N'}, {b} bits")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("K group size (tokens; 4096 = N)")
+            xs = sorted({float(g1 if g1 is not None else 4096) for _, g1, _ in members})
+            ax.set_xticks(xs, ["N" if x == 4096 else str(int(x)) for x in xs])
+            ax.set_xlabel("K group size (N: all tokens)")
             ax.set_ylabel(t)
             ax.set_title(f"{fam} scheme family", fontsize=8)
             ax.legend(fontsize=6)
