@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from kvtool.cli import main
 from kvtool.errors import InputError
-from kvtool.evals.sweep import SweepConfig, parse_grid, run_sweep
+from kvtool.evals.sweep import SweepConfig, parse_grid, plan_sweep, run_sweep
 from tests.evals.fixtures import make_mmvet
 from tests.evals.sweep_helpers import JudgeServer, cell_predictions, files_containing, grid_text
 
@@ -133,6 +133,7 @@ def test_rerun_generates_nothing_and_a_changed_cell_runs_alone(local_sweep):
     ({}, '[judge]\nkey = "sk-123"\n', "judge.key"),
     ({"limit": 0}, "", "limit"),
     ({"tasks_extra": 1}, "", "tasks_extra"),
+    ({"limits": {"vqav2": 5}}, "", "limits.vqav2"),
 ])
 def test_bad_grid_one_line_exit_2_before_any_unit(tmp_path, tiny_model, top, body, key):
     text = grid_text({"a": (tiny_model("tiny-llava"), "torch")}, [], **{**TOP, **top}) + body
@@ -155,6 +156,10 @@ def test_bad_grid_unknown_task_and_missing_model(tmp_path, tiny_model):
     g = parse_grid(grid_text({"a": (model, "torch")}, [{"schemes": ["fp16", "ov-u4", "g-KC128VT128"],
                                                          "k_bits": [4, 2], "v_bits": [4]}]), "G")
     assert [c.name for c in g.cells] == ["a-fp16", "a-ov-u4-k4v4", "a-g-KC128VT128-k4v4", "a-g-KC128VT128-k2v4"]
+    g = parse_grid(grid_text({"a": (model, "torch")}, [], tasks=("shapes", "pope"), limit=7,
+                             limits={"pope": 3}), "G")
+    rows = plan_sweep(g, tmp_path / "none")["rows_per_task_per_cell"]
+    assert g.cells[0].limits == {"pope": 3} and rows == {"shapes": 7, "pope": 3}
 
 
 def test_judge_key_reaches_the_judge_and_no_file_the_sweep_wrote(tmp_path, tiny_model, monkeypatch):

@@ -93,7 +93,7 @@ def check_cells(grid: Grid, out: Path) -> None:
                                  f"in {f}; restore it or sweep into a new output folder (rows are never mixed)")
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
@@ -110,8 +110,9 @@ def unit_args(grid: Grid, cell: Cell, unit: Unit, out: Path) -> dict[str, Any]:
 
 def _rows_per_unit(cell: Cell, task: str) -> int | None:
     n = CARD_ROWS.get(task)
-    if cell.limit is not None:
-        n = cell.limit if n is None else min(n, max(0, n - cell.offset), cell.limit)
+    limit = cell.limits.get(task, cell.limit)
+    if limit is not None:
+        n = limit if n is None else min(max(0, n - cell.offset), limit)
     elif n is not None:
         n = max(0, n - cell.offset)
     return n
@@ -207,8 +208,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     for c in grid.cells:
         f = cell_dir(out, c.name) / "cell.json"
         if not f.is_file():
-            _write_json(f, {"cell": c.name, "settings": c.identity()})
-    _write_json(out / "sweep.json", {"grid": grid_json(grid), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+            write_json(f, {"cell": c.name, "settings": c.identity()})
+    write_json(out / "sweep.json", {"grid": grid_json(grid), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())})
     todo = [u for u in grid.units() if not unit_done(out, u)]
     args = [unit_args(grid, grid.cell(u.cell), u, out) for u in todo]

@@ -21,7 +21,6 @@ This module does not expand grids or merge results (``grid`` / ``study``).
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import socket
@@ -48,7 +47,7 @@ def run_unit(args: dict[str, Any]) -> dict[str, Any]:
                      device=args["device"], kv=args["kv"], k_bits=args["k_bits"] if quant else None,
                      v_bits=args["v_bits"] if quant else None, kv_mode=args["kv_mode"],
                      first_token=args["first_token"], conversation=args["conversation"], wbits=args["wbits"],
-                     limit=args["limit"], offset=args["offset"], seed=args["seed"],
+                     limit=args["limits"].get(args["task"], args["limit"]), offset=args["offset"], seed=args["seed"],
                      shard=(args["shard"], args["n_shards"]), data=dict(args["data"]), data_dir=args["data_dir"],
                      max_new_tokens=args["max_new_tokens"], seeds=args["seeds"],
                      judge=JudgeConfig.from_env(**args["judge"]), progress=False)
@@ -70,6 +69,7 @@ def _empty_shard(cfg, args: dict[str, Any]) -> dict[str, Any] | None:
     from pathlib import Path
 
     from kvtool.evals.runner import read_predictions
+    from kvtool.evals.sweep.driver import write_json
 
     out = Path(args["output"])
     name = f"shard-{args['shard']}-of-{args['n_shards']}"
@@ -78,9 +78,7 @@ def _empty_shard(cfg, args: dict[str, Any]) -> dict[str, Any] | None:
     res = {"config": cfg.to_json(), "pipeline": None, "empty_shard": True,
            "tasks": {args["task"]: {"n_samples": 0, "n_generated_now": 0, "timing": {"generate_s": 0.0},
                                     "metrics": {}, "predictions": f"{args['task']}/predictions.{name}.jsonl"}}}
-    tmp = out / f"results.{name}.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / f"results.{name}.json")
+    write_json(out / f"results.{name}.json", res)
     return res
 
 

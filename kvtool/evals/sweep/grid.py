@@ -8,6 +8,7 @@ Grid file, every key but ``tasks``, ``[models.*]`` and ``[reference]`` optional:
 
     tasks = ["shapes"]             # kvtool ls tasks
     limit = 300                    # dataset rows per task (default: all)
+    limits = { vqav2 = 5000 }      # per-task limits over `limit`
     offset = 0
     shards = 2                     # units per cell and task (interleaved rows, kvtool eval --shard i/n)
     seed = 0                       # greedy tasks
@@ -57,7 +58,7 @@ from typing import Any
 from kvtool.errors import InputError
 
 KV_BITS = (2, 3, 4, 8)
-TOP_KEYS = {"tasks", "limit", "offset", "shards", "seed", "seeds", "max_new_tokens", "data_dir", "data", "kv_mode",
+TOP_KEYS = {"tasks", "limit", "limits", "offset", "shards", "seed", "seeds", "max_new_tokens", "data_dir", "data", "kv_mode",
             "first_token", "conversation", "device", "cpus_per_unit", "gpus_per_torch_unit", "models", "reference",
             "kv", "judge"}
 MODEL_KEYS = {"path", "backend", "wbits"}
@@ -68,7 +69,7 @@ SECRET_KEYS = {"key", "api_key", "token", "password"}
 BACKENDS = ("auto", "openvino", "onnxruntime", "torch")
 # settings of a cell that decide its rows; a run directory holding other values is refused (never mixed)
 IDENTITY = ("model", "path", "model_fingerprint", "backend", "wbits", "kv", "k_bits", "v_bits", "kv_mode",
-            "first_token", "conversation", "limit", "offset", "seed", "seeds", "max_new_tokens", "shards",
+            "first_token", "conversation", "limit", "limits", "offset", "seed", "seeds", "max_new_tokens", "shards",
             "data", "data_dir")
 _PAIR = re.compile(r"k([0-9]+)v([0-9]+)")
 
@@ -90,6 +91,7 @@ class Cell:
     first_token: str
     conversation: str
     limit: int | None
+    limits: dict[str, int]  # per task, over ``limit``
     offset: int
     seed: int
     seeds: list[int] | None
@@ -290,6 +292,14 @@ def check_grid(raw: dict[str, Any], src: str, base: Path) -> Grid:
            "shards": _int(src, "shards", raw.get("shards", 1), 1, none_ok=False),
            "seed": _int(src, "seed", raw.get("seed", 0)),
            "max_new_tokens": _int(src, "max_new_tokens", raw.get("max_new_tokens"), 1)}
+    limits = raw.get("limits", {})
+    if not isinstance(limits, dict):
+        raise _err(src, "limits", "expected a table { task = rows }")
+    for t, v in limits.items():
+        if t not in tasks:
+            raise _err(src, f"limits.{t}", f"not one of the grid's tasks ({', '.join(tasks)})")
+        _int(src, f"limits.{t}", v, 1, none_ok=False)
+    run["limits"] = dict(limits)
     seeds = raw.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):

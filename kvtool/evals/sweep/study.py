@@ -46,7 +46,7 @@ def _link(src: Path, dst: Path) -> None:
 def merge_cell(cell: Cell, out: Path, judge) -> Path | None:
     """Join a cell's finished units into ``OUT/cells/<cell>`` as one run dir; None while a unit is missing."""
     from kvtool.evals.runner import load_results, merge_shards
-    from kvtool.evals.sweep.driver import _write_json, cell_dir
+    from kvtool.evals.sweep.driver import cell_dir, write_json
 
     cdir = cell_dir(out, cell.name)
     tasks: dict[str, Any] = {}
@@ -71,7 +71,7 @@ def merge_cell(cell: Cell, out: Path, judge) -> Path | None:
         results = {**first, "tasks": tasks, "merged_from": [f"units/{t}" for t in cell.tasks],
                    "config": {**first["config"], "tasks": list(cell.tasks), "output": str(cdir), "shard": None},
                    "sweep": {"cell": cell.name, "settings": cell.identity()}}
-        _write_json(cdir / "results.json", results)
+        write_json(cdir / "results.json", results)
     return cdir
 
 
@@ -80,7 +80,7 @@ def finish_sweep(grid: Grid, out: Path, skip: set[str] | None = None, n_boot: in
     from kvtool.evals.compare import compare_runs
     from kvtool.evals.judges import JudgeConfig
     from kvtool.evals.report import write_report
-    from kvtool.evals.sweep.driver import _write_json
+    from kvtool.evals.sweep.driver import write_json
 
     judge = JudgeConfig.from_env(**grid.judge)
     done: dict[str, Path] = {}
@@ -99,7 +99,7 @@ def finish_sweep(grid: Grid, out: Path, skip: set[str] | None = None, n_boot: in
                 continue
             f = out / "compare" / f"{name}.json"
             if _mtime(f) < max(_mtime(ref / "results.json"), _mtime(d / "results.json")):
-                _write_json(f, compare_runs(ref, d, tasks=grid.cell(name).tasks, n_boot=n_boot))
+                write_json(f, compare_runs(ref, d, tasks=grid.cell(name).tasks, n_boot=n_boot))
             comparisons[name] = json.loads(f.read_text(encoding="utf-8"))
     result: dict[str, Any] = {"cells_done": list(done), "cells_missing": missing, "reference_done": ref is not None}
     if not done:
