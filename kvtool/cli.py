@@ -493,6 +493,47 @@ def report_cmd(runs, output, as_json) -> None:
         click.echo(f"\nwrote {rep['markdown']}, {rep['csv']}, " + ", ".join(rep["plots"]))
 
 
+@main.command(name="sweep")
+@click.argument("grid")
+@click.option("-o", "--output", required=True, help="Sweep folder (cells/, compare/, report/, sweep.json).")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: no server needed; ray: each unit a Ray task.")
+@click.option("--address", default=None, help="Ray cluster: auto | ray://host:10001 (default: a local Ray).")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="local: process pool size (1 = units one after another here); ray: CPUs of a local Ray.")
+@click.option("--max-retries", default=3, show_default=True, type=int, help="Ray: retries of a unit whose worker died.")
+@click.option("--dry-run", is_flag=True, help="Show units, samples and a time estimate; run nothing.")
+@click.option("--rates-from", multiple=True, help="Earlier run/sweep folders to measure rows/s from (dry run).")
+@click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap resamples of compare.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sweep_cmd(grid, output, executor, address, workers, max_retries, dry_run, rates_from, n_boot, no_progress,
+              as_json) -> None:
+    """Run the grid in GRID (TOML: models, weights, KV schemes x bits, tasks, reference) into -o: every unit
+    (cell x task x shard) once, resumable, then compare every cell with the reference and write the
+    study-shaped report. The judge's API key comes from the environment (KVTOOL_JUDGE_KEY), never the grid."""
+    from kvtool.evals.sweep import SweepConfig, format_plan, run_sweep
+
+    cfg = SweepConfig(grid=grid, output=output, executor=executor, address=address, workers=workers,
+                      max_retries=max_retries, dry_run=dry_run, rates_from=list(rates_from), n_boot=n_boot,
+                      progress=not no_progress)
+    result = run_sweep(cfg)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(format_plan(result["plan"]))
+        if not dry_run:
+            st = result["study"]
+            click.echo(f"ran {result['units_run']} units in {result['run_wall_s']:.1f} s; cells done "
+                       f"{len(st['cells_done'])}/{len(st['cells_done']) + len(st['cells_missing'])}")
+            if st.get("study"):
+                click.echo(f"report: {st['study']}, {st['report']['markdown']}")
+    if not dry_run and result["failed"]:
+        for f in result["failed"]:
+            click.echo(f"error: unit {f['unit']}: {f['error']}", err=True)
+        sys.exit(1)
+
+
 @ls_group.command(name="tasks")
 @click.option("--json", "as_json", is_flag=True)
 def ls_tasks(as_json) -> None:
