@@ -29,7 +29,7 @@ from typing import Any
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)))
 #: reference lines: dark colours and styles of their own, apart from the schemes' colour cycle
-REF_STYLES = (("black", "--"), ("#8c564b", ":"), ("#7b3294", "-."), ("#4d4d4d", (0, (5, 2, 1, 2))))
+REF_STYLES = (("black", "--"), ("#6b6b6b", ":"), ("#7b3294", "-."), ("#4d4d4d", (0, (5, 2, 1, 2))))
 BITS_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#1f77b4", 8: "#2ca02c", 16: "#7f7f7f"}
 
 #: y-axis label (with unit) of each task's headline number

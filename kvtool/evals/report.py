@@ -130,6 +130,13 @@ def headline_ci(run_dir: str | Path, task: str, n_boot: int = 1000, seed: int = 
     return None if math.isnan(lo) or math.isnan(hi) else (lo, hi)
 
 
+def add_headline_cis(rows: list[dict[str, Any]], tasks: list[str], n_boot: int = 1000, seed: int = 0) -> None:
+    """Set ``row["_<task>_ci"]`` (``headline_ci``) on every row of ``collect_rows`` that has the task's value."""
+    for r in rows:
+        for t in tasks:
+            r[f"_{t}_ci"] = headline_ci(r["run"], t, n_boot, seed) if r.get(t) is not None else None
+
+
 def _weight_bits(label: str) -> int:
     return int(label[1:]) if label[1:].isdigit() else 0
 
@@ -201,9 +208,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, reference: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curve_tasks = [t for t in tasks if t not in BAR_TASKS]
-    for r in rows:
-        for t in curve_tasks:
-            r[f"_{t}_ci"] = headline_ci(r["run"], t, n_boot, seed) if r.get(t) is not None else None
+    add_headline_cis(rows, curve_tasks, n_boot, seed)
     refs = choose_references(rows, reference)
     points = tradeoff_points(rows, curve_tasks, refs, n_boot, seed)
     head = ["model", "backend", "weights", "kv", "bits"]
