@@ -544,7 +544,7 @@ def demo_cmd(out_dir, cache_dir, n, quick, schemes, bits, device, json_path) -> 
         echo_json({"rows": result["rows"]})
         return
     click.echo(result["table"])
-    click.echo(f"\nplot: {result['plot']}   json: {out_dir}/demo.json")
+    click.echo(f"\nplots: {', '.join(result['plots'])}   json: {out_dir}/demo.json")
     if json_path:
         echo_json({"rows": result["rows"], "config": result["config"]}, json_path)
 

@@ -129,7 +129,7 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a text table in the shape of the study's Table 3 (accuracies in %)."""
     types = sorted({k[len("accuracy_"):] for r in rows for k in r if k.startswith("accuracy_")
-                    and k not in ("accuracy_delta", "accuracy_delta_ci95")})
+                    and k != "accuracy_delta" and not k.endswith("_ci95")})
     head = (f"{'backend':<9}{'W':>3} {'KV':<13}{'bits':>5}{'acc':>7}" + "".join(f"{t[:8]:>9}" for t in types)
             + f"{'POPE F1':>8}{'KV/fp16':>8}{'ms/tok':>8}{'agree':>7}{'delta [95% CI]':>24}")
     lines = [head, "-" * len(head)]
