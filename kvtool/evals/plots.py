@@ -298,37 +298,44 @@ def _ratio_axis(ax, lo: float, hi: float) -> None:
 
 def bars_figure(panels: list[dict[str, Any]], labels: list[str], title: str | None = None, zero_line: bool = False):
     """Grouped bars: ``panels`` = ``[{"title", "ylabel", "groups": [names], "values": [[v per group] per
-    label]}]`` with one bar colour per entry of ``labels`` (a run); a None value is left out and marked 'n/a'.
-    Returns the Figure."""
+    label]}]`` with one bar colour per entry of ``labels`` (a run), each bar labelled with its value; a None
+    value is left out and marked 'n/a'. Returns the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.6, 0.5 * len(labels) + 2.4) * len(panels), 3.6),
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.2, 0.45 * len(labels) * max(len(p["groups"]) for p in
+                                                                                            panels) + 1.8) * len(panels), 3.6),
                              squeeze=False)
+    width = 0.8 / max(1, len(labels))
     for ax, pan in zip(axes[0], panels, strict=True):
         groups = pan["groups"]
-        width = 0.8 / max(1, len(labels))
         yvals = [0.0]
         for k, lab in enumerate(labels):
             vals = pan["values"][k]
             xs = [g + k * width for g in range(len(groups))]
-            ax.bar([x for x, v in zip(xs, vals, strict=True) if _ok(v)], [v for v in vals if _ok(v)], width,
-                   label=lab, color=f"C{k % 10}", hatch=("//" if k >= 10 else None))
+            bars = ax.bar([x for x, v in zip(xs, vals, strict=True) if _ok(v)], [v for v in vals if _ok(v)], width,
+                          label=lab, color=f"C{k % 10}", hatch=("//" if k >= 10 else None))
+            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
             for x, v in zip(xs, vals, strict=True):
                 if not _ok(v):
-                    ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="grey")
+                    ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
             yvals += [v for v in vals if _ok(v)]
         ax.set_xticks([g + width * (len(labels) - 1) / 2 for g in range(len(groups))], groups, fontsize=8,
                       rotation=15 if len(groups) > 2 else 0)
+        ax.set_xlim(-width, len(groups) - 1 + width * len(labels))
         if zero_line:
             ax.axhline(0, color="black", lw=0.8)
-        _ylim(ax, yvals, min_span=0.05)
+        _ylim(ax, yvals, pad_frac=0.15, min_span=0.05)
         ax.set_title(pan["title"], fontsize=10)
         ax.set_ylabel(pan["ylabel"])
         ax.grid(True, axis="y", alpha=0.3)
-    _legend_outside(fig, axes[0], title="run")
+    handles = [Patch(facecolor=f"C{k % 10}", hatch=("//" if k >= 10 else None), label=lab)
+               for k, lab in enumerate(labels)]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.98), fontsize=8, frameon=False,
+               title="run ('n/a': metric missing)", title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

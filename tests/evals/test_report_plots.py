@@ -239,3 +239,21 @@ def test_single_run_report(tmp_path):
     assert len(pts) == 1 and pts[0]["value"] == pytest.approx(100 * 55 / 60)
     lo, hi = pts[0]["ci95"]
     assert lo < pts[0]["value"] < hi
+
+
+def test_bars_figure_marks_missing_values_and_keeps_colours():
+    pan = [{"title": "max_toxicity", "ylabel": "max - min toxicity (0-1)", "groups": ["SocialCF"],
+            "values": [[None], [0.3]]},
+           {"title": "empty_share", "ylabel": "share", "groups": ["a", "b"], "values": [[0.0, 0.1], [0.5, None]]}]
+    fig = P.bars_figure(pan, ["fp16 16", "g-T128 2"])
+    ax0, ax1 = fig.axes
+    assert [round(b.get_height(), 3) for b in ax0.patches] == [0.3]
+    assert [t.get_text() for t in ax0.texts if t.get_text() == "n/a"] == ["n/a"]
+    assert [round(b.get_height(), 3) for b in ax1.patches] == [0.0, 0.1, 0.5]
+    leg = fig.legends[0]
+    assert [t.get_text() for t in leg.get_texts()] == ["fp16 16", "g-T128 2"]
+    # the legend's colour of a run is its bars' colour
+    assert leg.legend_handles[1].get_facecolor() == ax0.patches[0].get_facecolor()
+    lo, hi = ax1.get_ylim()
+    assert lo <= 0 and hi >= 0.5 and ax1.get_xlim()[1] > 1  # both groups inside the axes
+    _legend_outside(fig)
