@@ -18,6 +18,7 @@ first. It reads ``results.json`` and the prediction rows; it does not run models
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ def _headline(task: str, metrics: dict[str, Any]) -> float | None:
 
 
 def collect_rows(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per run (labels, ``run``, each task's headline; private ``_<task>_metrics`` and
+    ``_<task>_kv_ratio``), sorted as Table 3; and the tasks in the study's order."""
     rows, tasks = [], []
     for d in run_dirs:
         res = load_results(d)
@@ -73,11 +76,12 @@ def collect_rows(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list
 
 
 def _bits_num(bits: str) -> float:
+    """KV bits as a number: ``"4"`` -> 4.0, ``"K8V2"`` -> 5.0 (the mean of K and V bits)."""
     try:
         return float(bits)
     except ValueError:
-        digits = [int(c) for c in bits if c.isdigit()]
-        return sum(digits) / len(digits) if digits else 0.0
+        nums = [int(x) for x in re.findall(r"\d+", bits)]
+        return sum(nums) / len(nums) if nums else 0.0
 
 
 def _fmt(v: Any) -> str:

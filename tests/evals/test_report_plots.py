@@ -257,3 +257,9 @@ def test_bars_figure_marks_missing_values_and_keeps_colours():
     lo, hi = ax1.get_ylim()
     assert lo <= 0 and hi >= 0.5 and ax1.get_xlim()[1] > 1  # both groups inside the axes
     _legend_outside(fig)
+
+
+def test_mixed_kv_bits_sit_at_their_mean():
+    from kvtool.evals.report import _bits_num
+
+    assert (_bits_num("4"), _bits_num("K4V2"), _bits_num("K16V2")) == (4.0, 3.0, 9.0)
