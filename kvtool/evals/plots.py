@@ -119,11 +119,16 @@ def accuracy_vs_bits_figure(points: list[dict[str, Any]], tasks: list[str], titl
     from matplotlib.ticker import FixedLocator, NullLocator
 
     titles = titles or {}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    ncols = min(4, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
     series_names = list(dict.fromkeys(p["series"] for p in points if not p.get("reference")))
     ref_names = list(dict.fromkeys(p["series"] for p in points if p.get("reference")))
     n = len(series_names)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    for ax, task in zip(axes, tasks, strict=False):
         pts = [p for p in points if p["task"] == task and _ok(p.get("value"))]
         yvals: list[float] = []
         xs: set[float] = set()
@@ -177,7 +182,7 @@ def accuracy_vs_bits_figure(points: list[dict[str, Any]], tasks: list[str], titl
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="grey")
     if title:
         fig.suptitle(title, fontsize=10)
-    _legend_outside(fig, axes[0], title="KV scheme (bars: 95% CI)")
+    _legend_outside(fig, axes[:len(tasks)], title="KV scheme (bars: 95% CI)")
     fig.tight_layout()
     return fig
 
@@ -199,14 +204,19 @@ def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2), squeeze=False)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.2 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     schemes = list(dict.fromkeys(p["scheme"] for pan in panels for p in pan["points"]))
     marker = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(schemes)}
     bits_seen = sorted({p["bits"] for pan in panels for p in pan["points"]}, key=lambda b: (isinstance(b, str), b))
     extra = [b for b in bits_seen if b not in BITS_COLORS]
     color = {**BITS_COLORS, **{b: f"C{4 + i % 6}" for i, b in enumerate(extra)}}
     sources: set[str] = set()
-    for ax, pan in zip(axes[0], panels, strict=True):
+    for ax, pan in zip(axes, panels, strict=False):
         pts = [p for p in pan["points"] if _ok(p.get("delta")) and _ok(p.get("kv_ratio"))]
         yvals = [0.0]
         ax.axhline(0, color="black", lw=0.9, zorder=1)
