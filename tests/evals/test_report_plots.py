@@ -263,3 +263,23 @@ def test_mixed_kv_bits_sit_at_their_mean():
     from kvtool.evals.report import _bits_num
 
     assert (_bits_num("4"), _bits_num("K4V2"), _bits_num("K16V2")) == (4.0, 3.0, 9.0)
+
+
+def test_report_cli(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from kvtool.cli import main
+
+    runs = [str(p) for p in study_runs(tmp_path)]
+    r = CliRunner().invoke(main, ["report", *runs, "-o", str(tmp_path / "rep"), "--n-boot", "50", "--reference",
+                                  runs[1], "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert [p.rsplit("/", 1)[-1] for p in rep["plots"]] == ["accuracy_vs_bits.png", "tradeoff.png"]
+    assert {p["reference"] for p in rep["tradeoff"]} == {runs[1]} and len(rep["tradeoff"]) == len(runs) - 1
+    r = CliRunner().invoke(main, ["report", *runs, "-o", str(tmp_path / "rep"), "--n-boot", "-1"])
+    assert r.exit_code == 2 and "error: --n-boot -1: expected 0 or a positive number" in r.output
+    r = CliRunner().invoke(main, ["report", *runs, "-o", str(tmp_path / "rep"), "--reference", "elsewhere"])
+    assert r.exit_code == 2 and "error: --reference elsewhere: expected one of the report's run directories" in r.output
