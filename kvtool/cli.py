@@ -480,12 +480,20 @@ def compare_cmd(run_a, run_b, tasks, n_boot, seed, as_json) -> None:
 @main.command(name="report")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("-o", "--output", default="report", show_default=True, help="Output folder.")
+@click.option("--reference", default=None,
+              help="Run (one of RUNS) the trade-off plot compares against; default: per model its fp16-KV run "
+                   "with the most weight bits, PyTorch first.")
+@click.option("--n-boot", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples of the 95% intervals (0: none).")
 @click.option("--json", "as_json", is_flag=True)
-def report_cmd(runs, output, as_json) -> None:
-    """Table-3-shaped Markdown/CSV table and PNG plots over RUNS (run directories)."""
+def report_cmd(runs, output, reference, n_boot, as_json) -> None:
+    """Table-3-shaped Markdown/CSV table and PNG plots over RUNS (run directories): headline vs KV bits, and
+    the accuracy change vs KV bytes per token with its Pareto front (tradeoff.png)."""
     from kvtool.evals.report import write_report
 
-    rep = write_report(list(runs), output)
+    if n_boot < 0:
+        raise InputError(f"--n-boot {n_boot}: expected 0 or a positive number of resamples")
+    rep = write_report(list(runs), output, reference=reference, n_boot=n_boot)
     if as_json:
         echo_json(rep)
     else:
@@ -603,7 +611,7 @@ def demo_cmd(out_dir, cache_dir, n, quick, schemes, bits, device, json_path) -> 
         echo_json({"rows": result["rows"]})
         return
     click.echo(result["table"])
-    click.echo(f"\nplot: {result['plot']}   json: {out_dir}/demo.json")
+    click.echo(f"\nplots: {', '.join(result['plots'])}   json: {out_dir}/demo.json")
     if json_path:
         echo_json({"rows": result["rows"], "config": result["config"]}, json_path)
 

@@ -5,8 +5,10 @@
 the ordinary eval runner: the PyTorch fp32 reference; OpenVINO int4 with fp16 KV; OpenVINO int4 with each of
 the study's KV schemes at 4 and 2 bits in the runtime's default mode (``packed``, first answer token already
 sees the compressed cache). Each row is compared with the reference (answer agreement, accuracy delta with a
-paired bootstrap 95% interval). Results: a table, ``demo.json`` (``{"rows": [...]}``), a PNG plot, and the
-run directories (resumable: a re-run reuses finished predictions).
+paired bootstrap 95% interval). Results: a table, ``demo.json`` (``{"rows": [...]}``), two PNG plots —
+``demo.png`` (accuracy vs KV bits per scheme, bootstrap intervals) and ``demo_tradeoff.png`` (accuracy change
+vs KV bytes per token relative to fp16, Pareto front) — and the run directories (resumable: a re-run reuses
+finished predictions).
 
 It does not train, tune or choose anything: the rows are whatever the schemes do to this model.
 """
@@ -91,7 +93,11 @@ def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4) -> Path:
     return out
 
 
-def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, Any] | None) -> dict[str, Any]:
+def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, Any] | None,
+                ci: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One table row; ``ci``: the row's own bootstrap 95% interval of accuracy (%), recorded as a fraction."""
+    from kvtool.evals.report import kv_ratio
+
     task = results["tasks"]["shapes"]
     m, timing = task["metrics"], task.get("timing", {})
     row: dict[str, Any] = {k: plan[k] for k in ("name", "backend", "wbits", "kv", "k_bits", "v_bits")}
@@ -105,7 +111,9 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
     row["pope_random_f1"] = pope.get("random_f1", float("nan")) / 100 if "random_f1" in pope else None
     row["kv_bytes"] = timing.get("mean_kv_bytes")
     row["kv_fp16_bytes"] = timing.get("mean_kv_fp16_bytes")
-    row["kv_ratio"] = (row["kv_bytes"] / row["kv_fp16_bytes"]) if row["kv_bytes"] and row["kv_fp16_bytes"] else None
+    # measured kv_bytes / kv_fp16_bytes, else quant_ops' storage bound of the scheme ("bound")
+    row["kv_ratio"], row["kv_ratio_source"] = kv_ratio(timing, plan["kv"], plan["k_bits"], plan["v_bits"])
+    row["accuracy_ci95"] = None if ci is None else [c / 100 for c in ci]
     row["decode_ms_per_token"] = timing.get("mean_decode_ms_per_token")
     row["prefill_ms"] = timing.get("mean_prefill_ms")
     if cmp is None:  # the reference itself
@@ -121,7 +129,7 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a text table in the shape of the study's Table 3 (accuracies in %)."""
     types = sorted({k[len("accuracy_"):] for r in rows for k in r if k.startswith("accuracy_")
-                    and k not in ("accuracy_delta", "accuracy_delta_ci95")})
+                    and k != "accuracy_delta" and not k.endswith("_ci95")})
     head = (f"{'backend':<9}{'W':>3} {'KV':<13}{'bits':>5}{'acc':>7}" + "".join(f"{t[:8]:>9}" for t in types)
             + f"{'POPE F1':>8}{'KV/fp16':>8}{'ms/tok':>8}{'agree':>7}{'delta [95% CI]':>24}")
     lines = [head, "-" * len(head)]
@@ -140,35 +148,64 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _is_reference(row: dict[str, Any]) -> bool:
+    return row["backend"] == "torch"
+
+
 def plot_demo(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy per KV scheme, one bar group per bit width, with the reference and int4-fp16 as lines."""
-    import matplotlib
+    """Write ``demo_accuracy_figure(rows)`` as PNG to ``path``."""
+    from kvtool.evals.plots import save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    save_figure(demo_accuracy_figure(rows), path)
+    return Path(path)
 
-    ref = next(r for r in rows if r["backend"] == "torch")
-    base = next((r for r in rows if r["backend"] != "torch" and r["kv"] == "fp16"), None)
-    quant = [r for r in rows if r["kv"] != "fp16"]
-    schemes = list(dict.fromkeys(r["kv"] for r in quant))
-    bits = sorted({r["k_bits"] for r in quant}, reverse=True)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / max(1, len(bits))
-    for j, b in enumerate(bits):
-        vals = [next((100 * r["accuracy"] for r in quant if r["kv"] == s and r["k_bits"] == b), 0) for s in schemes]
-        ax.bar([i + j * width for i in range(len(schemes))], vals, width, label=f"KV {b}-bit")
-    ax.axhline(100 * ref["accuracy"], color="k", ls="--", lw=1, label="PyTorch fp32")
-    if base:
-        ax.axhline(100 * base["accuracy"], color="grey", ls=":", lw=1, label="OpenVINO int4, fp16 KV")
-    ax.set_xticks([i + width * (len(bits) - 1) / 2 for i in range(len(schemes))], schemes, rotation=20)
-    ax.set_ylabel("shapes accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"kvtool demo: kvtool-shapes, int4 weights, n={ref['n']}")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+
+def plot_demo_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write ``demo_tradeoff_figure(rows)`` as PNG to ``path``."""
+    from kvtool.evals.plots import save_figure
+
+    save_figure(demo_tradeoff_figure(rows), path)
+    return Path(path)
+
+
+def demo_accuracy_figure(rows: list[dict[str, Any]]):
+    """Accuracy (%) vs KV bits per scheme with each row's bootstrap 95% interval; the PyTorch reference and the
+    int4 fp16-KV row as distinct horizontal lines (``kvtool.evals.plots.accuracy_vs_bits_figure``)."""
+    from kvtool.evals import plots as P
+
+    pts = []
+    for r in rows:
+        ref = r["kv"] == "fp16"
+        ci = r.get("accuracy_ci95")
+        name = ("PyTorch fp32 (reference)" if _is_reference(r) else f"{r['backend']} int{r['wbits']}, fp16 KV"
+                ) if ref else r["kv"]
+        pts.append({"task": "shapes", "series": name, "reference": ref,
+                    "bits": 16.0 if ref else (r["k_bits"] + r["v_bits"]) / 2, "value": 100 * r["accuracy"],
+                    "ci95": None if ci is None else [100 * c for c in ci]})
+    n = rows[0]["n"]
+    return P.accuracy_vs_bits_figure(pts, ["shapes"], {"shapes": f"shapes test, n={n} questions per row"},
+                                     title="kvtool demo: kvtool-shapes, OpenVINO int4 weights")
+
+
+def demo_tradeoff_figure(rows: list[dict[str, Any]]):
+    """Accuracy change vs the PyTorch reference (paired bootstrap 95% interval, percentage points) against KV
+    bytes held per token relative to fp16, one point per scheme x bits, Pareto front drawn
+    (``kvtool.evals.plots.tradeoff_figure``)."""
+    from kvtool.evals import plots as P
+
+    pts = []
+    for r in rows:
+        if _is_reference(r):
+            continue
+        ci = r.get("accuracy_delta_ci95")
+        pts.append({"scheme": "fp16" if r["kv"] == "fp16" else r["kv"],
+                    "bits": r["k_bits"] if r["k_bits"] == r["v_bits"] else f"K{r['k_bits']}V{r['v_bits']}",
+                    "kv_ratio": r.get("kv_ratio"), "kv_ratio_source": r.get("kv_ratio_source", "measured"),
+                    "delta": 100 * r["accuracy_delta"],
+                    "ci95": None if ci is None else [100 * c for c in ci]})
+    n = rows[0]["n"]
+    return P.tradeoff_figure([{"task": "shapes", "title": f"shapes accuracy vs KV memory (int4 weights, n={n})",
+                               "reference": "PyTorch fp32", "points": pts}], title="kvtool demo: kvtool-shapes")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -176,6 +213,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from kvtool.evals.compare import compare_runs
+    from kvtool.evals.report import headline_ci
     from kvtool.evals.runner import EvalConfig, run_eval
     from kvtool.models.shapes_train import SHAPES_MODEL_DIR
 
@@ -200,11 +238,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         cmp = None if ref_dir is None else compare_runs(ref_dir, run_dir, tasks=["shapes"], n_boot=cfg.n_boot)
         if ref_dir is None:
             ref_dir = run_dir
-        rows.append(_row_record(plan, results, cmp))
+        rows.append(_row_record(plan, results, cmp, headline_ci(run_dir, "shapes", cfg.n_boot)))
     table = format_table(rows)
     plot = plot_demo(rows, out / "demo.png")
+    tradeoff = plot_demo_tradeoff(rows, out / "demo_tradeoff.png")
     cfg_json = {k: v for k, v in asdict(cfg).items() if k != "plan"}
     result = {"rows": rows, "config": cfg_json, "model": str(model_dir), "export": str(export_dir),
-              "plot": str(plot), "table": table}
+              "plot": str(plot), "plots": [str(plot), str(tradeoff)], "table": table}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
