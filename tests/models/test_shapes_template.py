@@ -82,3 +82,21 @@ def test_run_and_eval_build_the_same_prompt(bundled):
         assert build_prompt(proc, row["question"], 1, conv) == want
         assert build_prompt(proc, task_prompt, 1, conv) == want
         assert build_prompt(proc, task_prompt, 1, "vicuna_v1") == want
+
+
+def test_openvino_genai_renders_the_training_format(bundled, tmp_path):
+    """openvino.genai renders chat templates with its own engine (minja) from the template openvino_tokenizers
+    embeds in the tokenizer IR; its LLaVA pipeline passes the prompt as a string with ``<image>\\n`` in front."""
+    ov_genai = pytest.importorskip("openvino_genai")
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+
+    tok, _ = bundled
+    ov_tok, ov_detok = convert_tokenizer(tok, with_detokenizer=True)
+    ov.save_model(ov_tok, tmp_path / "openvino_tokenizer.xml")
+    ov.save_model(ov_detok, tmp_path / "openvino_detokenizer.xml")
+    genai_tok = ov_genai.Tokenizer(str(tmp_path))
+    assert genai_tok.chat_template == SHAPES_CHAT_TEMPLATE
+    q = "Is there a red square in the image?"
+    got = genai_tok.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], add_generation_prompt=True)
+    assert got == _training_prompt(tok, q)
