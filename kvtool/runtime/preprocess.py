@@ -112,7 +112,8 @@ IMAGE_PLACEHOLDER = "<image>"
 # in the raw string before normalising) finds the token there; a normaliser step installed on the tokenizer
 # (``_install_literal_normalizer``) deletes the character again, so the text tokenises exactly as plain text
 # (as ``split_special_tokens=True`` would tokenise it). Where a tokenizer has no ``tokenizers`` backend the
-# character stays in the text: the token is still broken, at the cost of one extra character.
+# character stays in the text: the token is still broken, at the cost of one extra character. (A U+E000 the user
+# typed is dropped too: a private-use code point has no meaning in text.)
 LITERAL_MARK = "\ue000"
 
 
@@ -168,7 +169,20 @@ def image_markup(processor) -> str:
     """What the checkpoint's chat template writes for one image: the image token with the special tokens the
     template puts right around it (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``; LLaVA:
     ``<image>``). Found by rendering a user turn with and without an image; the image token alone where the
-    checkpoint has no chat template."""
+    checkpoint has no chat template. Cached on the processor (per template)."""
+    template = getattr(processor, "chat_template", None)
+    cached = getattr(processor, "_kvtool_image_markup", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    markup = _image_markup(processor)
+    try:
+        processor._kvtool_image_markup = (template, markup)
+    except AttributeError:  # an object that takes no new attributes: no cache
+        pass
+    return markup
+
+
+def _image_markup(processor) -> str:
     token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
     if getattr(processor, "chat_template", None) is None:
         return token
