@@ -217,3 +217,27 @@ def test_auto_conversation_is_one_rule(tiny_model, exported):
         assert resolve_conversation(path, "vicuna_v1") == "vicuna_v1"
     with pytest.raises(InputError, match="conversation"):
         resolve_conversation(SHAPES_MODEL_DIR, "llama3")
+
+
+def _png16(a) -> bytes:
+    """A 16-bit PNG (colour type 2, RGB) of ``a`` [H, W, 3] uint16, written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w = a.shape[:2]
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16bit_rgb_png_is_not_clipped(tmp_path):
+    """Pillow opens a 16-bit RGB PNG as 8-bit RGB itself (its high byte, within 1 of v / 257): no clipping."""
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(_png16(np.array([[[10000, 60000, 65535]]], dtype=np.uint16)))
+    got = np.asarray(load_images(path)[0])[0, 0].tolist()
+    assert got == [10000 >> 8, 60000 >> 8, 255]  # [39, 234, 255]
+    assert all(abs(g - round(v / 257)) <= 1 for g, v in zip(got, (10000, 60000, 65535), strict=True))
