@@ -208,15 +208,22 @@ def models_train_shapes(out_dir, as_json, **options) -> None:
 @ls_group.command(name="models")
 @click.option("--json", "as_json", is_flag=True)
 def ls_models(as_json) -> None:
-    """List the tiny model architectures `kvtool models make` builds."""
+    """List the tiny model architectures `kvtool models make` builds, and the trained models bundled with kvtool
+    (`kvtool run NAME` / `kvtool export NAME` take their name) with their paths."""
+    from kvtool.models.bundled import BUNDLED_MODELS
     from kvtool.models.tiny import TINY_MODELS
 
     if as_json:
-        echo_json(TINY_MODELS)
+        echo_json({"tiny": TINY_MODELS, "bundled": {n: {"path": str(p), "description": d}
+                                                     for n, (p, d) in BUNDLED_MODELS.items()}})
         return
-    width = max(map(len, TINY_MODELS))
+    width = max(map(len, [*TINY_MODELS, *BUNDLED_MODELS]))
+    click.echo("tiny architectures (kvtool models make NAME DIR):")
     for name, what in TINY_MODELS.items():
-        click.echo(f"{name:<{width}}  {what}")
+        click.echo(f"  {name:<{width}}  {what}")
+    click.echo("bundled trained models (pass the name as MODEL):")
+    for name, (path, what) in BUNDLED_MODELS.items():
+        click.echo(f"  {name:<{width}}  {path}\n  {'':<{width}}  {what}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,8 +292,12 @@ def export_cmd(model, output, as_json, **opts) -> None:
 @click.option("--v-bits", type=int, default=None, help="Bits for V (overrides --kv-bits).")
 @click.option("--kv-mode", default="packed", show_default=True, type=click.Choice(["packed", "simulate"]))
 @click.option("--first-token", default="compressed", show_default=True, type=click.Choice(["compressed", "fp"]))
-@click.option("--conversation", default="chat_template", show_default=True,
-              type=click.Choice(["chat_template", "vicuna_v1"]))
+@click.option("--conversation", default="auto", show_default=True,
+              type=click.Choice(["auto", "chat_template", "vicuna_v1"]),
+              help="Prompt format; auto is the rule `kvtool eval` uses too, so both prompt a model alike: "
+                   "vicuna_v1 for LLaVA-1.5 (the conversation LLaVA's eval scripts use for the study's tasks), "
+                   "unless the checkpoint's chat template holds vicuna_v1's system prompt itself (kvtool-shapes: "
+                   "its training format); the checkpoint's chat template for every other model.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -298,11 +309,12 @@ def export_cmd(model, output, as_json, **opts) -> None:
 def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
             conversation, max_new_tokens, temperature, top_p, seed, text_only, ov_group_size, ov_key_by_channel,
             as_json) -> None:
-    """Answer PROMPT about --image with the model in MODEL (an export dir, or an HF checkpoint for torch),
-    streaming the answer, then print the stats."""
+    """Answer PROMPT about --image with the model in MODEL (an export dir, an HF checkpoint for torch, or a
+    bundled model's name: `kvtool ls models`), streaming the answer, then print the stats."""
+    from kvtool.models.bundled import model_path
     from kvtool.runtime.run import RunConfig, run_once
 
-    cfg = RunConfig(model=model, prompt=prompt, images=list(images), backend=backend, device=device, kv=kv,
+    cfg = RunConfig(model=model_path(model), prompt=prompt, images=list(images), backend=backend, device=device, kv=kv,
                     kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, kv_mode=kv_mode, first_token=first_token,
                     conversation=conversation, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, seed=seed, text_only=text_only, ov_group_size=ov_group_size,
@@ -399,7 +411,10 @@ def _print_results(results: dict) -> None:
 @click.option("--kv-mode", default="packed", show_default=True, type=click.Choice(["packed", "simulate"]))
 @click.option("--first-token", default="compressed", show_default=True, type=click.Choice(["compressed", "fp"]))
 @click.option("--conversation", default="auto", show_default=True,
-              help="auto (vicuna_v1 for LLaVA-1.5, as LLaVA's eval scripts) | vicuna_v1 | chat_template.")
+              help="auto | vicuna_v1 | chat_template. auto is the rule `kvtool run` uses too: vicuna_v1 for "
+                   "LLaVA-1.5 (LLaVA's eval scripts prompt the study's tasks so), unless the checkpoint's chat "
+                   "template holds vicuna_v1's system prompt itself (kvtool-shapes: its training format); the "
+                   "chat template for other models. Tasks add their own answer instruction to the question.")
 @click.option("--wbits", type=int, default=None, help="Weight-bits label for reports (else from the manifest).")
 @click.option("--limit", type=int, default=None, help="At most N dataset rows per task.")
 @click.option("--offset", type=int, default=0, show_default=True, help="Skip the first N rows.")

@@ -118,19 +118,10 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
 
 
 def _conversation(cfg: EvalConfig) -> str:
-    if cfg.conversation != "auto":
-        return cfg.conversation
-    root = Path(cfg.model or "")
-    for name, key in (("kvtool.json", "architecture"), ("config.json", "model_type")):
-        f = root / name
-        if f.is_file():
-            try:
-                if json.loads(f.read_text()).get(key) == "llava":
-                    return "vicuna_v1"
-            except json.JSONDecodeError:
-                pass
-            return "chat_template"
-    return "chat_template"
+    # one rule for `kvtool run` and `kvtool eval` (kvtool.runtime.preprocess.resolve_conversation)
+    from kvtool.runtime.preprocess import resolve_conversation
+
+    return resolve_conversation(cfg.model, cfg.conversation)
 
 
 def load_model(cfg: EvalConfig):

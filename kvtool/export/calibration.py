@@ -103,7 +103,7 @@ def lm_inputs(model: Any, processor: Any, calib: CalibrationSet, max_tokens: int
     import torch
     from PIL import Image
 
-    from kvtool.runtime.preprocess import build_prompt
+    from kvtool.runtime.preprocess import build_prompt, to_rgb8
 
     captured: list[dict[str, Any]] = []
 
@@ -120,7 +120,7 @@ def lm_inputs(model: Any, processor: Any, calib: CalibrationSet, max_tokens: int
             if "image" in row:
                 try:
                     image = row["image"] if isinstance(row["image"], Image.Image) else Image.open(row["image"])
-                    image = image.convert("RGB")
+                    image = to_rgb8(image)  # 16-bit images scaled, not clipped
                 except OSError as exc:
                     raise InputError(f"--calibration {calib.source}: image {row['image']} unreadable ({exc})") from None
                 # the runtime's prompt builder: the image leads the turn unless the question places an <image>

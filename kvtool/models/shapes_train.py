@@ -59,6 +59,48 @@ SHAPES_CONTEXT = ("Look carefully at the picture below before you reply. It was 
 # skills exists and relation questions need, with one supervised token per attribute instead of one bit.
 CAPTION_QUESTION = "Name every shape in the image from left to right."
 CHECK_SAMPLES = 150
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a Jinja string literal (\\n, \\", \\uXXXX escapes)
+
+
+# The chat template shipped with kvtool-shapes: it renders exactly the training format, so every client that
+# applies it (transformers, optimum-intel, openvino.genai) prompts the model as it was trained:
+# ``{SYSTEM_PROMPT} USER: {SHAPES_CONTEXT}\n<image>\n{question}\n{ANSWER_SUFFIX} ASSISTANT:`` for a user turn of an
+# image and a question; vicuna_v1's ``ASSISTANT: {answer}</s>`` and ``USER: {question}\n{ANSWER_SUFFIX}
+# ASSISTANT:`` for later turns (turn_mode="conversation"). The default system prompt is vicuna_v1's. The
+# instruction line goes before an image and the answer line after the question unless the text already has
+# them, so a turn that is already in the training format (the ``shapes`` task's prompt, or the image inline as
+# ``<image>``) renders unchanged. The training loop itself prompts through ``shapes_prompt``.
+SHAPES_CHAT_TEMPLATE = (
+    "{%- set system = " + _jinja_str(SYSTEM_PROMPT) + " -%}"
+    "{%- set context = " + _jinja_str(SHAPES_CONTEXT) + " -%}"
+    "{%- set suffix = " + _jinja_str(ANSWER_SUFFIX) + " -%}"
+    "{%- set ns = namespace(system=system) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set n = 0 -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}"
+    "{%- set n = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' -}}"
+    "{%- if (n > 0 or '<image>' in text) and not text.startswith(context) -%}{{- context + '\\n' -}}{%- endif -%}"
+    "{{- '<image>\\n' * n -}}{{- text -}}"
+    "{%- if not text.endswith(suffix) -%}{{- '\\n' + suffix -}}{%- endif -%}"
+    "{{- ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' + text + '</s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
 VISION_STREAM = 10**8  # stage-1 scenes come from this offset of the training stream (disjoint from stage 2)
 
 
@@ -660,6 +702,8 @@ def train_shapes(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
+        # the checkpoint's chat template is its training format (training prompted through shapes_prompt)
+        processor.chat_template = processor.tokenizer.chat_template = SHAPES_CHAT_TEMPLATE
         processor.save_pretrained(out)
         result = None
         if cfg.eval_samples:

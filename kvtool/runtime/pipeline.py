@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvtool.errors import InputError
+from kvtool.errors import InputError, PromptTooLong
 from kvtool.runtime.kvspec import KVSpec, check_scheme_fits, make_kv_spec
-from kvtool.runtime.preprocess import CONVERSATIONS, load_images, prepare_inputs
+from kvtool.runtime.preprocess import check_question, load_images, prepare_inputs, resolve_conversation
 from kvtool.runtime.sampling import check_sampling, next_token
 
 BACKENDS = ("auto", "openvino", "onnxruntime", "torch")
@@ -35,6 +35,24 @@ class GenerateOutput:
     token_ids: list[int]
     stats: dict[str, Any] = field(default_factory=dict)
     logits: list[np.ndarray] | None = None  # per generated token, [V] each (only with keep_logits=True)
+
+
+def model_max_positions(path: Path) -> int | None:
+    """Positions the language model has (``text_config.max_position_embeddings``, else the top-level one) from
+    ``config.json`` in ``path`` (an HF checkpoint, or an export, which keeps its source's config.json); None
+    where it does not say."""
+    import json
+
+    f = path / "config.json"
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except json.JSONDecodeError:
+        return None
+    for section in (cfg.get("text_config") or {}, cfg):
+        n = section.get("max_position_embeddings") if isinstance(section, dict) else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 def _peak_rss_bytes() -> int:
@@ -57,8 +75,15 @@ def _resolve_backend(path: Path, backend: str):
     if not path.exists():
         raise InputError(f"{path}: no such directory (expected a kvtool export or an HF checkpoint)")
     if backend == "torch":
+        if is_export_dir(path):
+            held = Manifest.load(path).backend
+            raise InputError(f"--backend torch: {path} is a kvtool export ({held} graphs); torch runs an HF "
+                             f"checkpoint (use --backend {'openvino' if held == 'openvino' else 'onnxruntime'} "
+                             "or auto, or pass the source checkpoint)")
         if not (path / "config.json").is_file():
             raise InputError(f"{path}: no config.json (backend torch expects an HF checkpoint directory)")
+        if not any(path.glob("*.safetensors")):
+            raise InputError(f"{path}: no *.safetensors weights (backend torch expects an HF checkpoint directory)")
         return "torch", None
     if backend == "auto" and not is_export_dir(path) and (path / "config.json").is_file() and any(
             path.glob("*.safetensors")):
@@ -88,6 +113,7 @@ class VLMPipeline:
         self.conversation = conversation
         self.requested_device = requested_device
         self.eos_ids = self._eos_ids()
+        self.max_positions = model_max_positions(path)
         self.last_first_logits: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------------------------
@@ -103,15 +129,15 @@ class VLMPipeline:
         with ``k_bits`` / ``v_bits`` in 2, 3, 4, 8, or ``ov-u8`` / ``ov-u4`` (OpenVINO's own compression on a
         stateful export; ``ov_group_size`` / ``ov_key_by_channel`` where OpenVINO supports them).
         ``kv_mode``: ``packed`` | ``simulate``; ``first_token``: ``compressed`` | ``fp`` (DESIGN.md).
-        ``conversation``: ``chat_template`` | ``vicuna_v1``. ``engine_kwargs`` go to the engine (OpenVINO:
+        ``conversation``: ``chat_template`` | ``vicuna_v1`` | ``auto`` (``preprocess.resolve_conversation``: what
+        ``kvtool run`` and ``kvtool eval`` use by default). ``engine_kwargs`` go to the engine (OpenVINO:
         ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``; on a stateful export ``kv_owner``:
         ``"paged"`` (PagedAttention with caller-owned blocks, the default for kvtool schemes on CPU) or
         ``"kvtool"`` (states rewritten), either also for fp16; ONNX Runtime: ``threads``; torch: ``dtype``)."""
         from kvtool.devices import resolve_device
 
         path = Path(path)
-        if conversation not in CONVERSATIONS:
-            raise InputError(f"conversation: expected one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
+        conversation = resolve_conversation(path, conversation)
         spec = make_kv_spec(kv, k_bits, v_bits, kv_mode, first_token, ov_group_size, ov_key_by_channel)
         backend, manifest = _resolve_backend(path, backend)
         if spec.is_ov and backend != "openvino":
@@ -151,10 +177,13 @@ class VLMPipeline:
         """Answer ``prompt`` about ``image`` (a PIL image, a path, or a list of them).
 
         ``on_text`` receives the answer's text as it grows (each call gets the new suffix); ``ignore_eos``
-        generates exactly ``max_new_tokens`` (benchmarks); ``keep_logits`` returns every step's logits."""
+        generates exactly ``max_new_tokens`` (benchmarks); ``keep_logits`` returns every step's logits.
+        Raises ``InputError`` for bad input (checked before anything runs), ``PromptTooLong`` (an ``InputError``)
+        when the prompt's tokens plus ``max_new_tokens`` exceed the model's positions."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
         check_sampling(do_sample, temperature, top_p)
+        check_question(prompt)
         images = load_images(image)
         if not images and not text_only:
             raise InputError("image: this is an image model and no image was given (pass text_only=True for a "
@@ -162,6 +191,8 @@ class VLMPipeline:
         if text_only and images:
             raise InputError("image: text_only=True takes no image")
         prepared = prepare_inputs(self.processor, images, prompt, self.conversation)
+        if self.max_positions is not None and prepared.n_tokens + max_new_tokens > self.max_positions:
+            raise PromptTooLong(prepared.n_tokens, max_new_tokens, self.max_positions)
         rng = np.random.default_rng(seed)
         eng, spec = self.engine, self.spec
 

@@ -9,6 +9,7 @@ import pytest
 
 from kvtool.evals.shapes import make_shapes_split
 from kvtool.models.shapes_train import (
+    SHAPES_CHAT_TEMPLATE,
     SHAPES_MODEL_DIR,
     TrainConfig,
     encode_batch,
@@ -332,6 +333,9 @@ def test_short_training_run_end_to_end_and_deterministic(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
     processor = AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
     assert model.config.vision_config.num_hidden_layers == 1 and processor.tokenizer.eos_token == "</s>"
+    # a retrained checkpoint ships its training format as chat template, as the bundled one does
+    assert (tmp_path / "a" / "chat_template.jinja").read_text() == SHAPES_CHAT_TEMPLATE
+    assert processor.chat_template == processor.tokenizer.chat_template == SHAPES_CHAT_TEMPLATE
 
 
 def test_bad_config_is_input_error(tmp_path):
