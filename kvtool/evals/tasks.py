@@ -12,7 +12,7 @@ It does not load data (``loaders``), call judges (``judges``) or run models (``r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvtool.errors import InputError
@@ -60,6 +60,12 @@ class TaskSpec:
     judges: tuple[str, ...] = ()
     row_filter: tuple[tuple[str, ...], Callable[..., bool]] | None = None  # (columns, keep(*values)) before --limit
     notes: str = ""
+    # (issue 16) columns ``--limit`` balances over (kvtool.evals.selection); columns of ``columns`` whose values
+    # may be null, so a local copy may leave them out (read as null); the task's version, bumped when a change to
+    # its prompts or scoring changes predictions (recorded in a run's settings: a run never mixes versions)
+    strata: tuple[str, ...] = ()
+    optional_columns: tuple[str, ...] = ()
+    version: int = 1
 
     @property
     def do_sample(self) -> bool:
@@ -412,6 +418,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              "exact match per question type; POPE metrics on the yes/no questions", "accuracy",
              _shapes_build, _shapes_aggregate, _shapes_score, max_new_tokens=4),
 ]}
+
+
+# Per-task values of the issue-16 fields, applied to the specs above.
+_STRATA = {"pope": ("category",), "hallusionbench": ("split", "category"), "mme": ("category",),
+           "pairs": ("group",)}
+_OPTIONAL_COLUMNS = {"shapes": ("pope_split",)}
+TASKS = {name: replace(spec, strata=_STRATA.get(name, spec.strata),
+                       optional_columns=_OPTIONAL_COLUMNS.get(name, spec.optional_columns))
+         for name, spec in TASKS.items()}
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
