@@ -4,11 +4,17 @@
 ``generate(image, prompt, max_new_tokens=, do_sample=, temperature=, top_p=, seed=, text_only=)`` returning an
 object with ``.text`` — ``kvtool.runtime.VLMPipeline`` by default), writes one JSON line per sample and scores
 the task. A re-run of the same command resumes: rows already in the file are skipped, a torn last line from a
-killed run is cut off, so no row is lost or duplicated. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl``
+killed run is cut off, so no row is lost or duplicated; it says how many rows it found, and Ctrl-C says how many
+are saved (``EvalInterrupted``). The run directory records the settings that produced it (``settings``) and a
+re-run under other settings is refused; every row carries their fingerprint. Rows are chosen by ``selection``
+(``--limit``: balanced across the task's strata) and checked before anything is generated. A sample that fails
+(unreadable image, processor error, prompt too long) is saved as a failed row and scored as an empty reply;
+resumed runs keep failed rows unless ``retry_failed``. Nothing is created on disk before the first row. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl``
 and ``merge_shards`` joins them; ``rescore`` recomputes metrics (calling the judges) from saved predictions.
 
 Layout of a run directory::
 
+    runs/NAME/settings.json                # what produced the rows (kvtool.evals.settings); checked on re-runs
     runs/NAME/results.json                 # config, generation settings, pipeline info, metrics per task
     runs/NAME/<task>/predictions.jsonl     # one row per sample: id, prompt, prediction, reference fields, stats
     runs/NAME/<task>/judgements.jsonl      # judge replies cache
@@ -35,8 +41,8 @@ from kvtool.evals.settings import (
     check_and_record,
     check_row_prints,
     check_settings,
-    read_settings,
     fingerprint,
+    read_settings,
     run_settings,
     task_settings,
 )
@@ -262,7 +268,7 @@ def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path, finger
     seeds, max_new = gen["seeds"], gen["max_new_tokens"]
     selected = set(selection)
     found = [r for r in done.values() if r["row"] in selected]
-    if found and cfg.progress:
+    if found:
         n_failed = sum(bool(r.get("failed")) for r in found)
         _say(f"{spec.name}: resuming {path}: found {len(found)} saved rows of this selection"
              + (f" ({n_failed} failed, kept; --retry-failed generates them again)" if n_failed else "")
