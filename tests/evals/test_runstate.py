@@ -348,3 +348,31 @@ def test_peak_rss_is_the_process_own_not_the_parents(tmp_path):
     inherited, own = (int(v) for v in out.split())
     assert inherited >= 400 * 2**20  # Linux carries the parent's ru_maxrss into the child ...
     assert own < 300 * 2**20  # ... the child's own high-water mark is far below it
+
+
+@pytest.mark.slow
+def test_processor_refusal_is_a_failed_row_in_eval_and_one_line_in_run(tmp_path, tiny_model):
+    """Qwen2-VL's processor refuses a 3000x10 image (aspect ratio over 200): eval goes on, run says why."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from kvtool.cli import main
+
+    model_dir = tiny_model("tiny-qwen2-vl")
+    rows = [{"question_id": str(i), "question": "Is there a dog?", "image": image(i), "category": "random",
+             "answer": "yes"} for i in range(3)]
+    rows[1]["image"] = Image.new("RGB", (3000, 10))
+    _write(rows, tmp_path / "pope" / "test-00000-of-00001.parquet")
+    res = run_eval(EvalConfig(str(model_dir), ["pope"], str(tmp_path / "r"), backend="torch", data_dir=str(tmp_path),
+                              max_new_tokens=2, progress=False))
+    t = res["tasks"]["pope"]
+    assert t["n_samples"] == 3 and (tmp_path / "r" / "results.json").is_file()
+    assert t["failed"] == {"n": 1, "reasons": {
+        "ValueError: absolute aspect ratio must be smaller than 200, got 300.0": {"n": 1, "ids": ["1"]}}}
+    img = tmp_path / "wide.png"
+    rows[1]["image"].save(img)
+    out = CliRunner().invoke(main, ["run", str(model_dir), "--backend", "torch", "--image", str(img), "--prompt",
+                                    "What is it?", "--max-new-tokens", "2"])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines()[-1] == ("error: input refused by the model's processor: ValueError: "
+                                                   "absolute aspect ratio must be smaller than 200, got 300.0")
