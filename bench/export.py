@@ -4,8 +4,9 @@ Builds a mid-size random LLaVA-1.5-style checkpoint with ``kvtool.models.make_ti
 hidden 2048, intermediate 5632, 16 heads — a quarter of LLaVA-1.5-7B's decoder), then runs one
 ``kvtool export`` per (backend, wbits) in its own subprocess; peak RSS is that child's own high-water mark
 (``kvtool.memory.peak_rss_bytes``: VmHWM, written by the child at exit — not ``os.wait4``'s ``ru_maxrss``,
-which Linux carries over from this parent, and the parent builds the 1.67 GB checkpoint in-process). Reports wall and CPU seconds, peak RSS, the language model's weight bytes on
-disk (and the ratio to the fp16 export) and each graph's size and weight format.
+which Linux carries over from this parent, and the parent builds the 1.67 GB checkpoint in-process). Reports
+wall and CPU seconds, peak RSS, the language model's weight bytes on disk (and the ratio to the fp16 export)
+and each graph's size and weight format.
 
 Run:  python bench/export.py [--hidden 2048 --layers 8] [--backends openvino,onnx] [--wbits 16,8,4,3]
                              [--workdir /tmp/kvtool-bench-export] [--json out.json]
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
 
 # the child: `kvtool ...` that writes its own peak RSS (bytes) to $KVTOOL_PEAK_FILE when it exits
 CHILD = ("import atexit, os, sys\n"

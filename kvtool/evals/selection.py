@@ -49,7 +49,7 @@ def select_rows(spec: Any, rows: Any, limit: int | None, offset: int, shard: tup
     keys: list[str] | None = None
     if strata_cols and (limit is not None or offset):
         cols = read_columns(rows, strata_cols, range(n))
-        keys = [_key(v) for v in zip(*(cols[c] for c in strata_cols), strict=True)]
+        keys = [_key(v) for v in zip(*(cols.get(c, [None] * n) for c in strata_cols), strict=True)]
         order = balanced_order(keys)
         rule = f"balanced over strata ({', '.join(strata_cols)}): round-robin, dataset order within each"
     else:

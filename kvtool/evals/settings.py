@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def run_settings(cfg: Any, conversation: str) -> dict[str, Any]:
             "k_bits": cfg.k_bits if quantizes else None, "v_bits": cfg.v_bits if quantizes else None,
             "kv_mode": cfg.kv_mode if kv != "fp16" else None,
             "first_token": cfg.first_token if kv != "fp16" else None,
-            "kv_residual": getattr(cfg, "kv_residual", None) if kv != "fp16" else None,
+            "kv_residual": (getattr(cfg, "kv_residual", None) or None) if kv != "fp16" else None,  # 0: no window
             "conversation": conversation}
 
 
@@ -185,7 +186,7 @@ def check_and_record(run_dir: Path, run: dict[str, Any], tasks: dict[str, dict[s
     """``check_settings``, then write (or extend with new tasks) ``run_dir/settings.json``."""
     old = check_settings(run_dir, run, tasks, has_rows) or {"tasks": {}}
     record = {"format": SETTINGS_FORMAT, "run": run, "tasks": {**old.get("tasks", {}), **tasks}}
-    tmp = run_dir / (SETTINGS + ".tmp")
+    tmp = run_dir / f"{SETTINGS}.{os.getpid()}.tmp"  # shards of one run may write at the same time
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     tmp.replace(run_dir / SETTINGS)
     return record
