@@ -389,8 +389,8 @@ def _print_failures(results: dict) -> None:
         failed = rec.get("failed") or {}
         if failed.get("n"):
             why = "; ".join(f"{n['n']}x {reason}" for reason, n in list(failed["reasons"].items())[:3])
-            click.echo(f"{task}: {failed['n']} of {rec.get('n_samples')} rows failed, scored as empty replies "
-                       f"({why})", err=True)
+            click.echo(f"{task}: {failed['n']} of {rec.get('n_samples')} rows failed, counted as wrong ({why})",
+                       err=True)
 
 
 @main.command(name="eval")

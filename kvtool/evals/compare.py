@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.evals.runner import load_results, task_rows
+from kvtool.evals.runner import as_scored, load_results, task_rows
 from kvtool.evals.tasks import flatten_metrics, get_task, headline_value, score_rows
 
 
@@ -49,8 +49,8 @@ def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int 
                  ) -> dict[str, Any]:
     """Compare one task's prediction rows of run A (reference) and run B."""
     spec = get_task(task)
-    by_a = {r["id"]: r for r in rows_a}
-    by_b = {r["id"]: r for r in rows_b}
+    by_a = {r["id"]: r for r in as_scored(rows_a)}  # failed rows count as wrong, as in the run's own metrics
+    by_b = {r["id"]: r for r in as_scored(rows_b)}
     ids = [i for i in by_a if i in by_b]
     if not ids:
         raise InputError(f"{task}: the two runs share no samples (different data, --limit/--offset or shards?)")

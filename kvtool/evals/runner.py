@@ -8,7 +8,7 @@ killed run is cut off, so no row is lost or duplicated; it says how many rows it
 are saved (``EvalInterrupted``). The run directory records the settings that produced it (``settings``) and a
 re-run under other settings is refused; every row carries their fingerprint. Rows are chosen by ``selection``
 (``--limit``: balanced across the task's strata) and checked before anything is generated. A sample that fails
-(unreadable image, processor error, prompt too long) is saved as a failed row and scored as an empty reply;
+(unreadable image, processor error, prompt too long) is saved as a failed row and scored as wrong (``as_scored``);
 resumed runs keep failed rows unless ``retry_failed``. Nothing is created on disk before the first row. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl``
 and ``merge_shards`` joins them; ``rescore`` recomputes metrics (calling the judges) from saved predictions.
 
@@ -366,13 +366,35 @@ def _timing(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _wrong_reply(r: dict) -> str:
+    answer = str(r.get("answer", "")).strip().lower()
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    if "gt_answer" in r:  # HallusionBench: 1 = yes
+        return "No" if str(r["gt_answer"]).strip() == "1" else "Yes"
+    return ""
+
+
+def as_scored(rows: list[dict]) -> list[dict]:
+    """Copies of prediction rows as the metrics read them: a failed row (no reply) counts as a wrong reply —
+    where the reference is yes/no (POPE, MME, HallusionBench, shapes' yes/no questions) the opposite answer,
+    because LLaVA's POPE rule reads an empty reply as "yes" and HallusionBench's rule scores it "uncertain";
+    elsewhere the empty reply, which every other task's scorer counts as wrong or unparsed (VQA/GQA exact and
+    soft match, ScienceQA and PAIRS unparsed, MME "other"). The saved row keeps its empty prediction."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("failed"):
+            r["prediction"] = _wrong_reply(r)
+        out.append(r)
+    return out
+
+
 def score_task(spec: TaskSpec, rows: list[dict], judge: JudgeConfig | None, task_dir: Path) -> dict[str, Any]:
-    """Judges (cached in the task dir), then the task's metrics."""
-    rows = [dict(r) for r in rows]
+    """Judges (cached in the task dir), then the task's metrics; failed rows count as wrong (``as_scored``)."""
+    rows = as_scored(rows)
     notes = apply_judges(spec.name, rows, judge, JudgeCache(task_dir / "judgements.jsonl"))
     metrics = task_metrics(spec, rows)
-    # failed rows are scored as the empty reply they stand for (the benchmark's own scorer decides what an
-    # empty reply counts as: wrong / unparsed); their count is reported beside the metrics
     metrics["failed"] = sum(bool(r.get("failed")) for r in rows)
     if notes:
         metrics["judge_notes"] = notes

@@ -164,6 +164,27 @@ def test_failed_samples_are_rows_and_the_run_goes_on(tmp_path, capsys):
     assert len(read_predictions(out / "textvqa" / "predictions.jsonl")) == 6  # still one row per sample
 
 
+def test_failed_yes_no_rows_count_as_wrong(tmp_path, data_dir):
+    from kvtool.evals.compare import compare_runs
+
+    n = {"k": 0}
+
+    def second_fails(image, prompt, seed):
+        n["k"] += 1
+        if n["k"] == 2:  # row 1: adversarial, label "yes"
+            raise ValueError("bad image")
+        return "Yes"
+
+    res = run_eval(_cfg(tmp_path / "f", data_dir), model=ScriptedModel(second_fails))
+    adv = res["tasks"]["pope"]["metrics"]["adversarial"]
+    # row 0 (no) answered "Yes": wrong; row 1 (yes) failed: wrong too, not read as LLaVA's rule reads "" ("yes")
+    assert adv["accuracy"] == 0.0 and adv["yes_ratio"] == 0.5
+    assert res["tasks"]["pope"]["metrics"]["popular"]["accuracy"] == 0.5
+    run_eval(_cfg(tmp_path / "ok", data_dir), model=ScriptedModel())
+    cmp = compare_runs(tmp_path / "ok", tmp_path / "f", n_boot=10)["tasks"]["pope"]
+    assert cmp["right_to_wrong"] == 1 and cmp["flipped_ids"]["right_to_wrong"] == ["1"]
+
+
 def test_a_model_that_fails_every_sample_stops_and_leaves_nothing(tmp_path, data_dir):
     def broken(image, prompt, seed):
         raise RuntimeError("graph compile failed")
