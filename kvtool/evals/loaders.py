@@ -5,7 +5,10 @@ from the PAIRS image folder layout, or — for ``shapes`` — from its seeded ge
 Rows are returned as an indexable, sized source (``datasets.Dataset`` or a thin wrapper) so images decode
 lazily, one row at a time. A dataset without a task's required columns fails with an ``InputError`` naming
 them. It does not build prompts or score anything (``tasks``), and never downloads at test time: hub ids are
-only tried when no local copy is given.
+only tried when no local copy is given, and a ``--data`` value that looks like a path (``looks_local``) or a
+``--data-dir`` that does not exist fails at once as not found instead of being tried on the hub.
+``read_columns`` / ``row_without_images`` read reference columns without decoding any image (strata, row
+checks, the reference fields of a row whose image is unreadable).
 """
 
 from __future__ import annotations
@@ -223,8 +226,9 @@ def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | No
                    n_rows: int | None = None) -> tuple[Any, str]:
     """Rows of a task and a description of where they came from.
 
-    ``source``: a local path or a hub id; else ``data_dir/<task>`` when it exists; else the spec's hub ids
-    (``shapes``: its generator, ``n_rows`` samples, default 500)."""
+    ``source``: a local path or a hub id (``looks_local`` decides; a missing local path raises
+    ``FileNotFoundError`` at once); else ``data_dir/<task>`` when it exists (a missing ``data_dir`` raises);
+    else the spec's hub ids (``shapes``: its generator, ``n_rows`` samples, default 500)."""
     if source is None and data_dir is not None:
         if not Path(data_dir).expanduser().is_dir():
             raise FileNotFoundError(f"--data-dir {data_dir}: no such folder (expected a folder holding <task>/ "

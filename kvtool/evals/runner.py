@@ -8,9 +8,9 @@ killed run is cut off, so no row is lost or duplicated; it says how many rows it
 are saved (``EvalInterrupted``). The run directory records the settings that produced it (``settings``) and a
 re-run under other settings is refused; every row carries their fingerprint. Rows are chosen by ``selection``
 (``--limit``: balanced across the task's strata) and checked before anything is generated. A sample that fails
-(unreadable image, processor error, prompt too long) is saved as a failed row and scored as wrong (``as_scored``);
-resumed runs keep failed rows unless ``retry_failed``. Nothing is created on disk before the first row. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl``
-and ``merge_shards`` joins them; ``rescore`` recomputes metrics (calling the judges) from saved predictions.
+(unreadable image, processor error, prompt too long) is saved as a failed row and counts as wrong
+(``as_scored``); resumed runs keep failed rows unless ``retry_failed``. Nothing is created on disk before the
+first row. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl`` and ``merge_shards`` joins them; ``rescore`` recomputes metrics (calling the judges) from saved predictions.
 
 Layout of a run directory::
 
@@ -498,7 +498,7 @@ def task_rows(run_dir: str | Path, task: str) -> list[dict]:
     return read_predictions(p)
 
 
-def _expected_print(run: Path, task: str, parts: list[dict], rows: list[dict]) -> str:
+def _expected_print(run: Path, task: str, parts: list[dict]) -> str:
     """The fingerprint a task's rows must carry: the one in settings.json, else the first shard's record."""
     rec = (read_settings(run) or {}).get("tasks", {}).get(task, {}).get("fingerprint")
     rec = rec or parts[0]["tasks"].get(task, {}).get("settings")
@@ -528,7 +528,7 @@ def merge_shards(run_dir: str | Path, judge: JudgeConfig | None = None) -> dict[
             for r in read_predictions(f):
                 rows.setdefault(r["id"], r)
         ordered = sorted(rows.values(), key=lambda r: (r["row"], r["id"]))
-        check_row_prints(f"{run / task} (shards)", ordered, _expected_print(run, task, parts, ordered))
+        check_row_prints(f"{run / task} (shards)", ordered, _expected_print(run, task, parts))
         with open(run / task / "predictions.jsonl", "w", encoding="utf-8") as fh:
             for r in ordered:
                 fh.write(json.dumps(r) + "\n")
