@@ -398,6 +398,16 @@ def _print_results(results: dict) -> None:
         click.echo(f"{task:<15} {head}={shown:<10}{beside} n={rec.get('n_samples', m.get('n'))}  {extra}")
 
 
+def _print_failures(results: dict) -> None:
+    """One line per task with failed rows: how many, and why."""
+    for task, rec in results.get("tasks", {}).items():
+        failed = rec.get("failed") or {}
+        if failed.get("n"):
+            why = "; ".join(f"{n['n']}x {reason}" for reason, n in list(failed["reasons"].items())[:3])
+            click.echo(f"{task}: {failed['n']} of {rec.get('n_samples')} rows failed, counted as wrong ({why})",
+                       err=True)
+
+
 @main.command(name="eval")
 @click.argument("model_or_dir", required=False)
 @click.option("--tasks", "tasks", default=None, help="Comma-separated tasks (kvtool ls tasks).")
@@ -426,15 +436,22 @@ def _print_results(results: dict) -> None:
 @click.option("--data", "data", multiple=True, help="TASK=PATH_OR_HUB_ID (repeatable).")
 @click.option("--data-dir", default=None, help="Folder holding <task>/ local copies in the hub format.")
 @click.option("--max-new-tokens", type=int, default=None, help="Override every task's default.")
+@click.option("--retry-failed", is_flag=True, help="Generate again the failed rows (unreadable image, processor "
+              "error, prompt too long) a resumed run would otherwise keep.")
 @_judge_options
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def eval_cmd(model_or_dir, tasks, output, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
              conversation, wbits, limit, offset, seed, seeds, shard, merge, rescore, data, data_dir, max_new_tokens,
-             judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url, competence_words,
+             retry_failed, judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url, competence_words,
              stereotype_words, no_progress, as_json) -> None:
-    """Evaluate MODEL_OR_DIR on the study's benchmarks; resumable (re-run the same command to continue)."""
-    from kvtool.evals.runner import EvalConfig, merge_shards, parse_shard, run_eval
+    """Evaluate MODEL_OR_DIR on the study's benchmarks; resumable (re-run the same command to continue).
+
+    The run directory records the settings that produced it; a re-run under other settings (model, --kv,
+    bits, ...) is refused (--limit, --offset and --shard may change). --limit takes a balanced sample across a
+    task's strata (POPE category, MME category, ...). A sample that fails is saved as a failed row and the run
+    goes on; resumed runs keep failed rows unless --retry-failed."""
+    from kvtool.evals.runner import EvalConfig, EvalInterrupted, merge_shards, parse_shard, run_eval
     from kvtool.evals.runner import rescore as rescore_run
 
     judge = _judge_config(judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url,
@@ -466,12 +483,18 @@ def eval_cmd(model_or_dir, tasks, output, backend, device, kv, kv_bits, k_bits, 
                          kv=kv, k_bits=k_bits or kv_bits or 4, v_bits=v_bits or kv_bits or 4, kv_mode=kv_mode,
                          first_token=first_token, conversation=conversation, wbits=wbits, limit=limit,
                          offset=offset, seed=seed, shard=parse_shard(shard), data=data_map, data_dir=data_dir,
-                         max_new_tokens=max_new_tokens, seeds=seed_list, judge=judge, progress=not no_progress)
-        results = run_eval(cfg)
+                         max_new_tokens=max_new_tokens, seeds=seed_list, judge=judge, progress=not no_progress,
+                         retry_failed=retry_failed)
+        try:
+            results = run_eval(cfg)
+        except EvalInterrupted as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(130)
     if as_json:
         echo_json(results)
     else:
         _print_results(results)
+        _print_failures(results)
 
 
 @main.command(name="compare")

@@ -2,7 +2,9 @@
 number with a paired bootstrap 95% interval, per-sample answer agreement, and flips right->wrong / wrong->right.
 
 Samples are matched by id (the dataset row, question and seed), so two runs over the same data and
-selection pair up exactly; samples present in only one run are counted and left out. When one run has only its results.json (a
+selection pair up exactly; samples present in only one run are counted and left out of the paired figures, and
+each side's own headline over all its rows is shown beside them. A run whose rows of a task carry more than one
+settings fingerprint (rows made under different settings) is refused. When one run has only its results.json (a
 baseline measured elsewhere), the metrics are compared without intervals or per-sample figures. A sample is "right"
 when its per-sample score is at least 0.5 (for VQA soft accuracy: at least two annotators agree). The
 bootstrap resamples the paired samples and recomputes the task's own aggregate on both runs, so MME, POPE
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.evals.runner import load_results, task_rows
+from kvtool.evals.runner import as_scored, load_results, task_rows
 from kvtool.evals.tasks import flatten_metrics, get_task, headline_value, score_rows
 
 
@@ -47,16 +49,19 @@ def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int 
                  ) -> dict[str, Any]:
     """Compare one task's prediction rows of run A (reference) and run B."""
     spec = get_task(task)
-    by_a = {r["id"]: r for r in rows_a}
-    by_b = {r["id"]: r for r in rows_b}
+    by_a = {r["id"]: r for r in as_scored(rows_a)}  # failed rows count as wrong, as in the run's own metrics
+    by_b = {r["id"]: r for r in as_scored(rows_b)}
     ids = [i for i in by_a if i in by_b]
     if not ids:
         raise InputError(f"{task}: the two runs share no samples (different data, --limit/--offset or shards?)")
     a = score_rows(spec, [dict(by_a[i]) for i in ids])
     b = score_rows(spec, [dict(by_b[i]) for i in ids])
     agree = sum(_norm(x["prediction"]) == _norm(y["prediction"]) for x, y in zip(a, b, strict=True))
-    out: dict[str, Any] = {"n_paired": len(ids), "only_a": len(by_a) - len(ids), "only_b": len(by_b) - len(ids),
-                           "agreement": agree / len(ids)}
+    out: dict[str, Any] = {"n_a": len(by_a), "n_b": len(by_b), "n_paired": len(ids), "only_a": len(by_a) - len(ids),
+                           "only_b": len(by_b) - len(ids), "agreement": agree / len(ids)}
+    # each side's own headline over all its rows, beside the paired one below
+    out["own"] = {side: headline_value(spec, spec.aggregate(score_rows(spec, [dict(r) for r in by.values()])))
+                  for side, by in (("a", by_a), ("b", by_b))}
     if all(r["score"] is not None for r in a + b):
         ra = [r["score"] >= 0.5 for r in a]
         rb = [r["score"] >= 0.5 for r in b]
@@ -95,6 +100,8 @@ def compare_runs(a: str | Path, b: str | Path, tasks: Iterable[str] | None = Non
     for t in chosen:
         try:
             rows_a, rows_b = task_rows(a, t), task_rows(b, t)
+            for run, rows in ((a, rows_a), (b, rows_b)):
+                _check_one_setting(run, t, rows)
         except FileNotFoundError as exc:  # e.g. a baseline's results.json brought without its predictions
             out["tasks"][t] = _compare_metrics_only(t, ra["tasks"][t].get("metrics", {}),
                                                     rb["tasks"][t].get("metrics", {}), str(exc))
@@ -112,6 +119,17 @@ def _deltas(fa: dict[str, float | None], fb: dict[str, float | None]) -> dict[st
     return out
 
 
+def _check_one_setting(run: str | Path, task: str, rows: list[dict]) -> None:
+    """Refuse a run whose rows of ``task`` were made under more than one setting (their ``settings`` prints)."""
+    prints: dict[Any, int] = {}
+    for r in rows:
+        prints[r.get("settings")] = prints.get(r.get("settings"), 0) + 1
+    if len(prints) > 1:
+        shown = ", ".join(f"{n} rows {p or 'unrecorded'}" for p, n in prints.items())
+        raise InputError(f"{run}: task {task} mixes rows made under {len(prints)} settings ({shown}); "
+                         "its numbers belong to no single run")
+
+
 def _compare_metrics_only(task: str, ma: dict, mb: dict, why: str) -> dict[str, Any]:
     fa, fb = flatten_metrics(ma, keep_missing=True), flatten_metrics(mb, keep_missing=True)
     return {"headline": get_task(task).headline, "agreement": None, "note": f"metrics only: {why}",
@@ -126,8 +144,15 @@ def format_comparison(cmp: dict[str, Any]) -> str:
     """A short human table of a ``compare_runs`` result; an undefined (None) value or delta shows as "–"."""
     lines = [f"A (reference): {cmp['a']}", f"B: {cmp['b']}", "",
              f"{'task':<15} {'metric':<22} {'A':>9} {'B':>9} {'delta':>8} {'95% CI':>19} {'agree':>6} {'R->W':>5} {'W->R':>5}"]
+    notes = []
     for task, t in cmp["tasks"].items():
         m = t["metrics"].get(t["headline"])
+        if "n_paired" in t:
+            own = t.get("own", {})
+            shown = {k: "-" if v is None else f"{v:.2f}" for k, v in own.items()}
+            notes.append(f"{task}: A has {t['n_a']} rows, B {t['n_b']}; {t['n_paired']} paired (the table is over "
+                         f"those); over all its own rows {t['headline']} is A {shown.get('a', '-')}, "
+                         f"B {shown.get('b', '-')}")
         if m is None:
             lines.append(f"{task:<15} {t['headline']:<22} {'–':>9} {'–':>9}")
             continue
@@ -137,4 +162,4 @@ def format_comparison(cmp: dict[str, Any]) -> str:
                      f"{_num(m['delta'], '+.2f'):>8} {ci_s:>19} "
                      f"{'-' if t['agreement'] is None else format(t['agreement'], '.1%'):>6} "
                      f"{t.get('right_to_wrong', '-'):>5} {t.get('wrong_to_right', '-'):>5}")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -5,12 +5,16 @@ from the PAIRS image folder layout, or — for ``shapes`` — from its seeded ge
 Rows are returned as an indexable, sized source (``datasets.Dataset`` or a thin wrapper) so images decode
 lazily, one row at a time. A dataset without a task's required columns fails with an ``InputError`` naming
 them. It does not build prompts or score anything (``tasks``), and never downloads at test time: hub ids are
-only tried when no local copy is given.
+only tried when no local copy is given, and a ``--data`` value that looks like a path (``looks_local``) or a
+``--data-dir`` that does not exist fails at once as not found instead of being tried on the hub.
+``read_columns`` / ``row_without_images`` read reference columns without decoding any image (strata, row
+checks, the reference fields of a row whose image is unreadable).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,9 +70,65 @@ def _columns(source: Any) -> list[str]:
     return list(source[0].keys()) if len(source) else []
 
 
+def read_columns(source: Any, cols: Sequence[str], indices: Sequence[int]) -> dict[str, list]:
+    """The values of ``cols`` at ``indices`` (in that order) of any row source, reading no image: a
+    ``datasets.Dataset`` by column, ``ConcatRows`` part by part (its ``split`` column included), ``JoinedImages``
+    from its questions table, a list of dicts row by row. A column the source lacks is left out."""
+    indices = list(indices)
+    if isinstance(source, ConcatRows):
+        out: dict[str, list] = {c: [None] * len(indices) for c in cols if c in source.column_names or c == "split"}
+        starts, pos = [], 0
+        for name, part in source.parts:
+            starts.append((pos, pos + len(part), name, part))
+            pos += len(part)
+        for lo, hi, name, part in starts:
+            mine = [(k, i - lo) for k, i in enumerate(indices) if lo <= i < hi]
+            if not mine:
+                continue
+            got = read_columns(part, [c for c in cols if c != "split"], [j for _, j in mine])
+            for c in out:
+                for (k, _), v in zip(mine, [name] * len(mine) if c == "split" else got.get(c, [None] * len(mine)),
+                                     strict=True):
+                    out[c][k] = v
+        return out
+    if isinstance(source, JoinedImages):
+        return read_columns(source.questions, cols, indices)
+    have = set(_columns(source))
+    cols = [c for c in cols if c in have]
+    if hasattr(source, "select_columns") and hasattr(source, "select"):
+        sub = source.select_columns(cols).select(indices) if cols else None
+        return {c: list(sub[c]) for c in cols}
+    return {c: [source[i].get(c) for i in indices] for c in cols}
+
+
+UNREADABLE = "<unreadable image>"  # stands for an image that failed to decode, in a row built for a failed sample
+
+
+def _is_image_column(source: Any, col: str) -> bool:
+    if col == "image":
+        return True
+    feat = (getattr(source, "features", None) or {}).get(col)
+    return type(feat).__name__ == "Image"
+
+
+def row_without_images(source: Any, idx: int) -> dict[str, Any]:
+    """Row ``idx`` with its image columns left out (nothing decoded): what is left of a row whose image is
+    unreadable, enough to build its prompt and reference fields."""
+    if isinstance(source, ConcatRows):
+        for name, part in source.parts:
+            if idx < len(part):
+                return {**row_without_images(part, idx), "split": name}
+            idx -= len(part)
+        raise IndexError(idx)
+    base = source.questions if isinstance(source, JoinedImages) else source
+    cols = [c for c in _columns(base) if not _is_image_column(base, c)]
+    return {c: v[0] for c, v in read_columns(base, cols, [idx]).items()}
+
+
 def check_columns(spec: TaskSpec, source: Any, where: str) -> None:
     have = set(_columns(source))
-    missing = [c for c in spec.columns if c not in have]
+    optional = set(getattr(spec, "optional_columns", ()) or ())
+    missing = [c for c in spec.columns if c not in have and c not in optional]
     if missing:
         raise InputError(f"{spec.name}: data at {where} lacks column(s) {', '.join(missing)}; "
                          f"expected {', '.join(spec.columns)} (has {', '.join(sorted(have)) or 'none'})")
@@ -106,6 +166,19 @@ def load_local(path: str | Path, split: str, config: str | None = None) -> Any:
     if len(kinds) > 1:
         raise InputError(f"dataset at {p} mixes file types {sorted(kinds)}; expected one format")
     return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in chosen], split="train")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_local(source: str) -> bool:
+    """True when a ``--data`` value names a local path rather than a hub id (``owner/name``): it exists here,
+    or it cannot be a hub id (not exactly one ``/``, a leading ``.``, ``/`` or ``~``, a backslash or drive
+    letter, a data-file extension), or its first component is a folder that exists here."""
+    if os.path.exists(os.path.expanduser(source)) or not _HUB_ID.match(source):
+        return True
+    owner, name = source.split("/")
+    return Path(owner).is_dir() or Path(name).suffix.lower() in _DATA_EXTS
 
 
 def _load_hub(spec: TaskSpec, hub_ids: Sequence[str], split: str, config: str | None) -> tuple[Any, str]:
@@ -153,10 +226,14 @@ def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | No
                    n_rows: int | None = None) -> tuple[Any, str]:
     """Rows of a task and a description of where they came from.
 
-    ``source``: a local path or a hub id; else ``data_dir/<task>`` when it exists; else the spec's hub ids
-    (``shapes``: its generator, ``n_rows`` samples, default 500)."""
+    ``source``: a local path or a hub id (``looks_local`` decides; a missing local path raises
+    ``FileNotFoundError`` at once); else ``data_dir/<task>`` when it exists (a missing ``data_dir`` raises);
+    else the spec's hub ids (``shapes``: its generator, ``n_rows`` samples, default 500)."""
     if source is None and data_dir is not None:
-        cand = Path(data_dir) / spec.name
+        if not Path(data_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"--data-dir {data_dir}: no such folder (expected a folder holding <task>/ "
+                                    "local copies)")
+        cand = Path(data_dir).expanduser() / spec.name
         if cand.exists():
             source = str(cand)
     if spec.name == "pairs":
@@ -170,7 +247,10 @@ def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | No
         rows, where = make_shapes_split("test", n_rows or 500), "kvtool.evals.shapes generator (test split)"
     else:
         splits = spec.split if isinstance(spec.split, tuple) else (spec.split,)
-        local = source is not None and (os.path.exists(source) or source.startswith((".", "/", "~")))
+        local = source is not None and looks_local(source)
+        if local and not os.path.exists(os.path.expanduser(source)):
+            raise FileNotFoundError(f"{spec.name}: data path {source} does not exist (a local path: no hub "
+                                    "download is tried; a hub id is owner/name)")
         parts = []
         for split in splits:
             if local:

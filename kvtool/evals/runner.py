@@ -4,11 +4,17 @@
 ``generate(image, prompt, max_new_tokens=, do_sample=, temperature=, top_p=, seed=, text_only=)`` returning an
 object with ``.text`` — ``kvtool.runtime.VLMPipeline`` by default), writes one JSON line per sample and scores
 the task. A re-run of the same command resumes: rows already in the file are skipped, a torn last line from a
-killed run is cut off, so no row is lost or duplicated. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl``
-and ``merge_shards`` joins them; ``rescore`` recomputes metrics (calling the judges) from saved predictions.
+killed run is cut off, so no row is lost or duplicated; it says how many rows it found, and Ctrl-C says how many
+are saved (``EvalInterrupted``). The run directory records the settings that produced it (``settings``) and a
+re-run under other settings is refused; every row carries their fingerprint. Rows are chosen by ``selection``
+(``--limit``: balanced across the task's strata) and checked before anything is generated. A sample that fails
+(unreadable image, processor error, prompt too long) is saved as a failed row and counts as wrong
+(``as_scored``); resumed runs keep failed rows unless ``retry_failed``. Nothing is created on disk before the
+first row. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl`` and ``merge_shards`` joins them; ``rescore`` recomputes metrics (calling the judges) from saved predictions.
 
 Layout of a run directory::
 
+    runs/NAME/settings.json                # what produced the rows (kvtool.evals.settings); checked on re-runs
     runs/NAME/results.json                 # config, generation settings, pipeline info, metrics per task
     runs/NAME/<task>/predictions.jsonl     # one row per sample: id, prompt, prediction, reference fields, stats
     runs/NAME/<task>/judgements.jsonl      # judge replies cache
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,11 +35,29 @@ from typing import Any
 
 from kvtool.errors import InputError
 from kvtool.evals.judges import JudgeCache, JudgeConfig, apply_judges
-from kvtool.evals.loaders import load_task_data
+from kvtool.evals.loaders import UNREADABLE, load_task_data, read_columns, row_without_images
+from kvtool.evals.selection import check_rows, select_rows
+from kvtool.evals.settings import (
+    check_and_record,
+    check_row_prints,
+    check_settings,
+    fingerprint,
+    read_settings,
+    run_settings,
+    task_settings,
+)
 from kvtool.evals.tasks import TaskSpec, get_task, parse_tasks, task_metrics
 from kvtool.versions import library_versions
 
 RESULTS = "results.json"
+FAIL_GUARD = 3  # a task whose first FAIL_GUARD samples all fail (none ever succeeded) stops the run
+
+
+def _say(msg: str) -> None:
+    """A progress note on stderr that does not break a tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
 
 
 @dataclass
@@ -61,6 +86,7 @@ class EvalConfig:
     seeds: list[int] | None = None  # overrides the trust tasks' seeds
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     progress: bool = True
+    retry_failed: bool = False  # generate failed rows of a resumed run again (else they are kept)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -141,15 +167,6 @@ def _sample_id(idx: int, j: int, n_samples: int, seed: int, n_seeds: int) -> str
     return str(idx) + (f".{j}" if n_samples > 1 else "") + (f"@s{seed}" if n_seeds > 1 else "")
 
 
-def _selection(n: int, cfg: EvalConfig) -> list[int]:
-    end = n if cfg.limit is None else min(n, cfg.offset + cfg.limit)
-    idx = list(range(min(cfg.offset, n), end))
-    if cfg.shard:
-        i, k = cfg.shard
-        idx = [x for x in idx if x % k == i]
-    return idx
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
@@ -162,24 +179,114 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path) -> tuple[list[dict], dict]:
-    """Generate (or resume) one task's predictions; returns this selection's rows and a task record."""
+def task_generation(spec: TaskSpec, cfg: EvalConfig) -> dict[str, Any]:
+    """The generation settings a task runs with under ``cfg`` (its defaults, the CLI's overrides applied)."""
+    seeds = list(cfg.seeds) if (cfg.seeds and spec.do_sample) else list(spec.seeds)
+    if not spec.do_sample:
+        seeds = [cfg.seed]
+    return {**spec.generation(), "max_new_tokens": cfg.max_new_tokens or spec.max_new_tokens, "seeds": seeds}
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:300] if msg else type(exc).__name__
+
+
+class _RowWriter:
+    """Appends rows to a predictions file, creating the task dir and recording the run's settings (once) only
+    when the first row is written, so a run that fails before generating anything leaves no directory."""
+
+    def __init__(self, path: Path, on_first_write):
+        self.path, self.on_first_write, self.fh = path, on_first_write, None
+
+    def write(self, rec: dict) -> None:
+        if self.fh is None:
+            self.on_first_write()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "a", encoding="utf-8")
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _drop_failed(path: Path) -> int:
+    """--retry-failed: rewrite the predictions file without its failed rows; returns how many were dropped."""
+    rows = read_predictions(path, repair=True)
+    keep = [r for r in rows if not r.get("failed")]
+    if len(keep) < len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        tmp.replace(path)
+    return len(rows) - len(keep)
+
+
+def failure_summary(rows: list[dict]) -> dict[str, Any]:
+    """How many rows failed, and why (reason -> count, with the first few ids)."""
+    failed = [r for r in rows if r.get("failed")]
+    reasons: dict[str, dict[str, Any]] = {}
+    for r in failed:
+        e = reasons.setdefault(r["failed"], {"n": 0, "ids": []})
+        e["n"] += 1
+        if len(e["ids"]) < 5:
+            e["ids"].append(r["id"])
+    return {"n": len(failed), "reasons": reasons}
+
+
+def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path, fingerprint: str = "",
+                  on_first_write=lambda: None) -> tuple[list[dict], dict]:
+    """Generate (or resume) one task's predictions; returns this selection's rows and a task record.
+
+    Every row carries ``settings`` (``fingerprint``). A sample that fails (unreadable image, processor error,
+    prompt too long — any ``Exception`` from reading the row or from ``model.generate``) is written as a row
+    with ``failed`` (the reason) and an empty ``prediction``, and the run goes on; failed rows are kept on
+    resume (``cfg.retry_failed`` generates them again). If the first ``FAIL_GUARD`` samples of a task all fail
+    and none ever succeeded, nothing is written and an ``InputError`` stops the run (a broken model or
+    setting, not bad samples)."""
     from tqdm import tqdm
 
     rows_src, where = load_task_data(spec, cfg.data.get(spec.name), cfg.data_dir,
                                      n_rows=(cfg.offset + cfg.limit) if cfg.limit else None)
-    task_dir.mkdir(parents=True, exist_ok=True)
+    selection, sel_record = select_rows(spec, rows_src, cfg.limit, cfg.offset, cfg.shard, read_columns)
+    check_rows(spec, rows_src, selection, read_columns)
     path = _predictions_path(task_dir, cfg.shard)
-    done = {r["id"]: r for r in read_predictions(path, repair=True)}
-    seeds = list(cfg.seeds) if (cfg.seeds and spec.do_sample) else list(spec.seeds)
-    if not spec.do_sample:
-        seeds = [cfg.seed]
-    gen = spec.generation()
-    max_new = cfg.max_new_tokens or spec.max_new_tokens
-    selection = _selection(len(rows_src), cfg)
+    n_retry = _drop_failed(path) if cfg.retry_failed and path.is_file() else 0
+    done = {r["id"]: r for r in read_predictions(path, repair=path.is_file())}
+    check_row_prints(str(path), list(done.values()), fingerprint)
+    gen = task_generation(spec, cfg)
+    seeds, max_new = gen["seeds"], gen["max_new_tokens"]
+    selected = set(selection)
+    found = [r for r in done.values() if r["row"] in selected]
+    if found:
+        n_failed = sum(bool(r.get("failed")) for r in found)
+        _say(f"{spec.name}: resuming {path}: found {len(found)} saved rows of this selection"
+             + (f" ({n_failed} failed, kept; --retry-failed generates them again)" if n_failed else "")
+             + (f"; {n_retry} failed rows dropped to retry" if n_retry else ""))
     planned: list[str] = []
     n_new, t0, example = 0, time.perf_counter(), None
-    with open(path, "a", encoding="utf-8") as fh:
+    ever_ok = any(not r.get("failed") for r in done.values())
+    pending: list[dict] = []  # failures held back until a sample succeeds (see FAIL_GUARD)
+    writer = _RowWriter(path, on_first_write)
+
+    def emit(rec: dict) -> None:
+        nonlocal ever_ok
+        if rec.get("failed") and not ever_ok:
+            pending.append(rec)
+            if len(pending) >= FAIL_GUARD:
+                raise InputError(f"{spec.name}: the first {FAIL_GUARD} samples all failed ({pending[0]['failed']}); "
+                                 "nothing was written: this looks like a fault of the model or the settings, "
+                                 "not of the samples")
+            return
+        if not rec.get("failed"):
+            ever_ok = True
+            for p in pending:
+                writer.write(p)
+            pending.clear()
+        writer.write(rec)
+
+    try:
         by_row: dict[int, list[str]] = {}
         for r in done.values():
             by_row.setdefault(r["row"], []).append(r["id"])
@@ -190,7 +297,14 @@ def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path) -> tup
                 # the row is complete: resume without decoding its image again
                 planned.extend(sorted(got, key=lambda sid: done[sid]["order"]))
                 continue
-            samples = spec.build(rows_src[idx])
+            try:
+                row, row_error = rows_src[idx], None
+            except Exception as exc:  # noqa: BLE001 - an undecodable image: a failed row, not the end of the run
+                row, row_error = {**row_without_images(rows_src, idx), "image": UNREADABLE}, _reason(exc)
+            try:
+                samples = spec.build(row)
+            except InputError as exc:
+                raise InputError(f"{spec.name}: row {idx}: {str(exc).splitlines()[0]}") from None
             for j, s in enumerate(samples):
                 example = example or s.prompt
                 for seed in seeds:
@@ -198,22 +312,35 @@ def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path) -> tup
                     planned.append(sid)
                     if sid in done:
                         continue
-                    out = model.generate(s.image, s.prompt, max_new_tokens=max_new, do_sample=gen["do_sample"],
-                                         temperature=gen["temperature"], top_p=gen["top_p"], seed=seed,
-                                         text_only=s.image is None)
                     rec = {"id": sid, "task": spec.name, "row": idx, "seed": seed,
                            "row_samples": len(samples) * len(seeds), "seeds": seeds,
-                           "order": j * len(seeds) + seeds.index(seed),
-                           "prompt": s.prompt,
-                           "prediction": out.text, **_jsonable(s.ref),
-                           "new_tokens": len(getattr(out, "token_ids", []) or []),
-                           "stats": _jsonable(getattr(out, "stats", {}) or {})}
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
+                           "order": j * len(seeds) + seeds.index(seed), "settings": fingerprint,
+                           "prompt": s.prompt, **_jsonable(s.ref)}
+                    failed = row_error
+                    if failed is None:
+                        try:
+                            out = model.generate(s.image, s.prompt, max_new_tokens=max_new,
+                                                 do_sample=gen["do_sample"], temperature=gen["temperature"],
+                                                 top_p=gen["top_p"], seed=seed, text_only=s.image is None)
+                        except Exception as exc:  # noqa: BLE001 - any per-sample failure becomes a failed row
+                            failed = _reason(exc)
+                    if failed is None:
+                        rec.update(prediction=out.text, new_tokens=len(getattr(out, "token_ids", []) or []),
+                                   stats=_jsonable(getattr(out, "stats", {}) or {}))
+                    else:
+                        rec.update(prediction="", failed=failed, new_tokens=0, stats={})
+                    emit(rec)
                     done[sid] = rec
                     n_new += 1
+        for p in pending:  # fewer than FAIL_GUARD samples in all, every one failed: they are results
+            writer.write(p)
+        pending.clear()
+    finally:
+        writer.close()
     rows = [done[sid] for sid in planned]
-    record = {"data": where, "n_rows_in_data": len(rows_src), "n_samples": len(rows), "n_generated_now": n_new,
+    record = {"data": where, "n_rows_in_data": len(rows_src), "selection": sel_record, "n_samples": len(rows),
+              "n_found_at_start": len(found), "n_generated_now": n_new, "settings": fingerprint,
+              "failed": failure_summary(rows),
               "generation": {**gen, "max_new_tokens": max_new, "seeds": seeds}, "prompt_example": example,
               "predictions": str(path.relative_to(task_dir.parent)),
               "timing": {"generate_s": time.perf_counter() - t0, **_timing(rows)}}
@@ -230,11 +357,36 @@ def _timing(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _wrong_reply(r: dict) -> str:
+    answer = str(r.get("answer", "")).strip().lower()
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    if "gt_answer" in r:  # HallusionBench: 1 = yes
+        return "No" if str(r["gt_answer"]).strip() == "1" else "Yes"
+    return ""
+
+
+def as_scored(rows: list[dict]) -> list[dict]:
+    """Copies of prediction rows as the metrics read them: a failed row (no reply) counts as a wrong reply —
+    where the reference is yes/no (POPE, MME, HallusionBench, shapes' yes/no questions) the opposite answer,
+    because LLaVA's POPE rule reads an empty reply as "yes" and HallusionBench's rule scores it "uncertain";
+    elsewhere the empty reply, which every other task's scorer counts as wrong or unparsed (VQA/GQA exact and
+    soft match, ScienceQA and PAIRS unparsed, MME "other"). The saved row keeps its empty prediction."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("failed"):
+            r["prediction"] = _wrong_reply(r)
+        out.append(r)
+    return out
+
+
 def score_task(spec: TaskSpec, rows: list[dict], judge: JudgeConfig | None, task_dir: Path) -> dict[str, Any]:
-    """Judges (cached in the task dir), then the task's metrics."""
-    rows = [dict(r) for r in rows]
+    """Judges (cached in the task dir), then the task's metrics; failed rows count as wrong (``as_scored``)."""
+    rows = as_scored(rows)
     notes = apply_judges(spec.name, rows, judge, JudgeCache(task_dir / "judgements.jsonl"))
     metrics = task_metrics(spec, rows)
+    metrics["failed"] = sum(bool(r.get("failed")) for r in rows)
     if notes:
         metrics["judge_notes"] = notes
     return metrics
@@ -251,26 +403,68 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run_eval``; its message says how many rows are saved and that the same command resumes."""
+
+
+def _count_rows(path: Path) -> int:
+    return len(read_predictions(path)) if path.is_file() else 0
+
+
+def _interrupted_message(cfg: EvalConfig, specs: list[TaskSpec], out: Path) -> str:
+    per = [(s.name, _count_rows(_predictions_path(out / s.name, cfg.shard))) for s in specs]
+    total = sum(n for _, n in per)
+    where = ", ".join(f"{t} {n}" for t, n in per)
+    return (f"interrupted: {total} rows are saved in {out} ({where}); run the same command again to resume "
+            "(saved rows are not generated again)")
+
+
 def run_eval(cfg: EvalConfig, model=None) -> dict[str, Any]:
     """Run (or resume) every task of ``cfg``; returns the results dict also written to results.json
-    (``results.shard-i-of-n.json`` for a shard). ``model`` defaults to ``VLMPipeline.load`` of cfg.model."""
+    (``results.shard-i-of-n.json`` for a shard). ``model`` defaults to ``VLMPipeline.load`` of cfg.model.
+
+    Before anything is loaded the run's settings (``kvtool.evals.settings``) are checked against those recorded
+    in ``cfg.output``: a different model, scheme, bits, … raises ``InputError`` naming the setting. Nothing is
+    created on disk until the first row is written. Ctrl-C raises ``EvalInterrupted`` (a KeyboardInterrupt)
+    saying how many rows are saved."""
     from kvtool import __version__
+    from kvtool.memory import peak_rss_bytes
 
     specs = parse_tasks(cfg.tasks)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    run_set = run_settings(cfg, _conversation(cfg))
+    task_sets = {s.name: task_settings(s, task_generation(s, cfg)) for s in specs}
+    for s in specs:
+        task_sets[s.name]["fingerprint"] = fingerprint(run_set, task_sets[s.name])
+    has_rows = {s.name: any(f.stat().st_size > 0 for f in (out / s.name).glob("predictions*.jsonl"))
+                for s in specs}
+    check_settings(out, run_set, task_sets, has_rows)
+    recorded = {"done": False}
+
+    def record_once() -> None:
+        if not recorded["done"]:
+            out.mkdir(parents=True, exist_ok=True)
+            check_and_record(out, run_set, task_sets, has_rows)
+            recorded["done"] = True
+
     t0 = time.perf_counter()
-    if model is None:
-        model = load_model(cfg)
-    results: dict[str, Any] = {"kvtool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime()),
-                               "config": cfg.to_json(), "pipeline": _pipeline_info(model),
-                               "versions": library_versions(), "tasks": {}}
-    for spec in specs:
-        rows, record = generate_task(spec, model, cfg, out / spec.name)
-        record["metrics"] = score_task(spec, rows, cfg.judge, out / spec.name)
-        results["tasks"][spec.name] = record
+    try:
+        if model is None:
+            model = load_model(cfg)
+        results: dict[str, Any] = {"kvtool_version": __version__,
+                                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "config": cfg.to_json(), "settings": {"run": run_set, "tasks": task_sets},
+                                   "pipeline": _pipeline_info(model), "versions": library_versions(), "tasks": {}}
+        for spec in specs:
+            rows, record = generate_task(spec, model, cfg, out / spec.name, task_sets[spec.name]["fingerprint"],
+                                         record_once)
+            record["metrics"] = score_task(spec, rows, cfg.judge, out / spec.name)
+            results["tasks"][spec.name] = record
+    except KeyboardInterrupt:
+        raise EvalInterrupted(_interrupted_message(cfg, specs, out)) from None
     results["timing"] = {"total_s": time.perf_counter() - t0}
+    results["memory"] = {"peak_rss_bytes": peak_rss_bytes()}  # this process's own high-water mark
+    record_once()
     name = f"results.shard-{cfg.shard[0]}-of-{cfg.shard[1]}.json" if cfg.shard else RESULTS
     _write_json(out / name, results)
     return results
@@ -295,6 +489,16 @@ def task_rows(run_dir: str | Path, task: str) -> list[dict]:
     return read_predictions(p)
 
 
+def _expected_print(run: Path, task: str, parts: list[dict]) -> str:
+    """The fingerprint a task's rows must carry: the one in settings.json, else the first shard's record."""
+    rec = (read_settings(run) or {}).get("tasks", {}).get(task, {}).get("fingerprint")
+    rec = rec or parts[0]["tasks"].get(task, {}).get("settings")
+    if rec is None:
+        raise InputError(f"{run}: task {task} has no recorded settings (an older kvtool); its shards cannot be "
+                         "checked for mixed settings")
+    return rec
+
+
 def merge_shards(run_dir: str | Path, judge: JudgeConfig | None = None) -> dict[str, Any]:
     """Join ``predictions.shard-*`` files into ``predictions.jsonl`` (one row per id), score, write results.json."""
     run = Path(run_dir)
@@ -315,10 +519,12 @@ def merge_shards(run_dir: str | Path, judge: JudgeConfig | None = None) -> dict[
             for r in read_predictions(f):
                 rows.setdefault(r["id"], r)
         ordered = sorted(rows.values(), key=lambda r: (r["row"], r["id"]))
+        check_row_prints(f"{run / task} (shards)", ordered, _expected_print(run, task, parts))
         with open(run / task / "predictions.jsonl", "w", encoding="utf-8") as fh:
             for r in ordered:
                 fh.write(json.dumps(r) + "\n")
-        record = {**base["tasks"][task], "n_samples": len(ordered), "predictions": f"{task}/predictions.jsonl"}
+        record = {**base["tasks"][task], "n_samples": len(ordered), "predictions": f"{task}/predictions.jsonl",
+                  "failed": failure_summary(ordered)}
         record["timing"] = {"generate_s": sum(p["tasks"][task]["timing"]["generate_s"] for p in parts),
                             **_timing(ordered)}
         record["metrics"] = score_task(spec, ordered, judge or JudgeConfig(**{

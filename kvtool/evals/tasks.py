@@ -14,7 +14,7 @@ It does not load data (``loaders``), call judges (``judges``) or run models (``r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvtool.errors import InputError
@@ -70,6 +70,12 @@ class TaskSpec:
     generation_source: str = ""  # where max_new_tokens (and the greedy/sampled setting) comes from
     reports: str = ""  # the number the task reports and how it compares with published figures
     beside: tuple[str, ...] = ()  # metric keys shown next to the headline in summaries (POPE: mean_f1)
+    # (issue 16) columns ``--limit`` balances over (kvtool.evals.selection); columns of ``columns`` whose values
+    # may be null, so a local copy may leave them out (read as null); the task's version, bumped when a change to
+    # its prompts or scoring changes predictions (recorded in a run's settings: a run never mixes versions)
+    strata: tuple[str, ...] = ()
+    optional_columns: tuple[str, ...] = ()
+    version: int = 1
 
     @property
     def do_sample(self) -> bool:
@@ -486,6 +492,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              generation_source="kvtool-shapes' training format: one-word answers, scored on the first word",
              reports="accuracy x100 (exact first word) and per question type; POPE metrics on its yes/no questions"),
 ]}
+
+
+# Per-task values of the issue-16 fields, applied to the specs above.
+_STRATA = {"pope": ("category",), "hallusionbench": ("split", "category"), "mme": ("category",),
+           "pairs": ("group",)}
+_OPTIONAL_COLUMNS = {"shapes": ("pope_split",)}
+TASKS = {name: replace(spec, strata=_STRATA.get(name, spec.strata),
+                       optional_columns=_OPTIONAL_COLUMNS.get(name, spec.optional_columns))
+         for name, spec in TASKS.items()}
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "", keep_missing: bool = False

@@ -12,8 +12,6 @@ It does not know about datasets or metrics, and it generates one sequence at a t
 
 from __future__ import annotations
 
-import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +54,10 @@ def model_max_positions(path: Path) -> int | None:
 
 
 def _peak_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb if platform.system() == "Darwin" else kb * 1024)
+    """The process's own peak RSS (``kvtool.memory.peak_rss_bytes``: VmHWM, not the inheritable ru_maxrss)."""
+    from kvtool.memory import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def _work_nbytes(eng, spec: KVSpec) -> int:

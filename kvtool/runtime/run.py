@@ -57,8 +57,15 @@ def run_once(cfg: RunConfig, on_text: Callable[[str], None] | None = None) -> di
                             v_bits=v_bits, kv_mode=cfg.kv_mode, first_token=cfg.first_token,
                             conversation=cfg.conversation, ov_group_size=cfg.ov_group_size,
                             ov_key_by_channel=cfg.ov_key_by_channel)
-    images = (loaded if len(loaded) != 1 else loaded[0]) or None
-    out = pipe.generate(images, cfg.prompt, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                        temperature=cfg.temperature or 1.0, top_p=cfg.top_p, seed=cfg.seed, text_only=cfg.text_only, on_text=on_text)
+    images = loaded if len(loaded) != 1 else loaded[0]
+    try:
+        out = pipe.generate(images or None, cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+                            do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p,
+                            seed=cfg.seed, text_only=cfg.text_only, on_text=on_text)
+    except InputError:
+        raise
+    except ValueError as exc:  # a processor refusing this input (Qwen2-VL: aspect ratio over 200), as eval's failed row
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"input refused by the model's processor: {type(exc).__name__}: {msg}") from None
     return {"text": out.text, "token_ids": out.token_ids, "stats": out.stats, "pipeline": pipe.info(),
             "config": asdict(cfg)}

@@ -71,9 +71,11 @@ def make_scienceqa(root: Path, n: int = 4) -> Path:
 
 
 def make_pope(root: Path, n: int = 6) -> Path:
+    # ordered as the hub's test split: grouped by category, all adversarial rows first, then popular, random
+    cats = ("adversarial", "popular", "random")
     rows = [{"id": str(i), "question_id": str(i), "question": "Is there a dog in the image?",
              "answer": "yes" if i % 2 else "no", "image_source": f"coco{i}", "image": image(50 + i),
-             "category": ("random", "popular", "adversarial")[i % 3]} for i in range(n)]
+             "category": cats[min(len(cats) - 1, i * len(cats) // n)]} for i in range(n)]
     return _write(rows, root / "pope" / "test-00000-of-00001.parquet").parent
 
 

@@ -104,8 +104,9 @@ def test_resume_after_kill_leaves_one_row_per_sample(tmp_path, data_dir, monkeyp
 
 
 def test_limit_offset_and_shards_merge(tmp_path, data_dir):
+    # POPE's strata (adversarial 0-1, popular 2-3, random 4-5) read round-robin: 0, 2, 4, 1, 3, 5; skip 2, take 3
     res = run_eval(_cfg(tmp_path, data_dir, ["pope"], "lim", limit=3, offset=2), model=ScriptedModel())
-    assert [r["id"] for r in read_predictions(tmp_path / "lim" / "pope" / "predictions.jsonl")] == ["2", "3", "4"]
+    assert [r["id"] for r in read_predictions(tmp_path / "lim" / "pope" / "predictions.jsonl")] == ["1", "3", "4"]
     assert res["tasks"]["pope"]["n_samples"] == 3
     for i in range(2):
         run_eval(_cfg(tmp_path, data_dir, ["pope"], "sh", shard=(i, 2)), model=ScriptedModel())
