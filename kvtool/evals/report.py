@@ -245,7 +245,8 @@ def _tradeoff_markdown(points: list[dict[str, Any]]) -> list[str]:
         ci = p.get("ci95")
         md.append(f"| {p['task']} | {p['reference']} | {p['scheme']} | {p['bits']} | "
                   + ("–" if p["kv_ratio"] is None else f"{p['kv_ratio']:.3f}") + f" | {p['kv_ratio_source']} | "
-                  f"{p['delta']:+.2f} | " + (f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–")
+                  + ("–" if p["delta"] is None else f"{p['delta']:+.2f}") + " | "
+                  + (f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–")
                   + f" | {'*' if p.get('pareto') else ''} |")
     return md
 

@@ -283,3 +283,11 @@ def test_report_cli(tmp_path):
     assert r.exit_code == 2 and "error: --n-boot -1: expected 0 or a positive number" in r.output
     r = CliRunner().invoke(main, ["report", *runs, "-o", str(tmp_path / "rep"), "--reference", "elsewhere"])
     assert r.exit_code == 2 and "error: --reference elsewhere: expected one of the report's run directories" in r.output
+
+
+def test_tradeoff_table_shows_an_undefined_delta_as_a_dash():
+    from kvtool.evals.report import _tradeoff_markdown
+
+    md = _tradeoff_markdown([{"task": "pope", "reference": "ref", "scheme": "uniform", "bits": 2, "kv_ratio": 0.149,
+                              "kv_ratio_source": "measured", "delta": None, "ci95": None, "pareto": False}])
+    assert md[-1] == "| pope | ref | uniform | 2 | 0.149 | measured | – | – |  |"

@@ -9,6 +9,7 @@ import pytest
 
 from kvtool.errors import InputError
 from kvtool.evals.runner import EvalConfig, EvalInterrupted, merge_shards, read_predictions, run_eval
+from kvtool.evals.tasks import get_task
 from tests.evals.fixtures import ScriptedModel, _write, image, make_pope
 
 
@@ -43,7 +44,8 @@ def test_resume_refuses_other_settings_and_limit_grows_the_run(tmp_path):
         run_eval(_cfg(out, data, limit=8, **{**base, "model": str(other)}), model=ScriptedModel())
     with pytest.raises(InputError, match="was made with --v-bits 2, this run asks for 4"):
         run_eval(_cfg(out, data, limit=8, **{**base, "v_bits": 4}), model=ScriptedModel())
-    with pytest.raises(InputError, match="task pope was made with --max-new-tokens 16, this run asks for 8"):
+    pope_default = get_task("pope").max_new_tokens  # the task's official length (LLaVA's 128)
+    with pytest.raises(InputError, match=f"task pope was made with --max-new-tokens {pope_default}, this run asks for 8"):
         run_eval(_cfg(out, data, limit=8, max_new_tokens=8, **base), model=ScriptedModel())
     _model_dir(tmp_path, weights=b"v" * 10)  # the same path, retrained: other weights
     with pytest.raises(InputError, match=r"was made with the model's files \(model_hash\)"):
