@@ -64,11 +64,13 @@ class EvalConfig:
     kv_residual: int | None = None  # KIVI's full-precision window of the newest R tokens (quantizing schemes)
 
     def __post_init__(self) -> None:
-        from kvtool.runtime.kvspec import resolve_bits
+        from kvtool.runtime.kvspec import make_kv_spec, resolve_bits
         from kvtool.runtime.pipeline import BACKEND_ALIASES
 
         self.backend = BACKEND_ALIASES.get(self.backend, self.backend)
         self.k_bits, self.v_bits = resolve_bits(self.kv, None, self.k_bits, self.v_bits)
+        # every KV option checked now, before any model loads
+        make_kv_spec(self.kv, self.k_bits, self.v_bits, self.kv_mode, self.first_token, residual=self.kv_residual)
         if self.limit is not None and self.limit < 1:
             raise InputError(f"--limit {self.limit}: expected a positive number of samples")
         if self.offset < 0:

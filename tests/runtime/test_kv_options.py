@@ -181,3 +181,16 @@ def test_cli_run_reports_dtype_window_and_takes_the_onnx_alias(llava_ov, tmp_pat
                           f"cannot run (use 'openvino')\n")
     res = CliRunner().invoke(main, base + ["--text-only"])
     assert res.exit_code == 2 and res.output == "error: --image: --text-only takes no image\n"
+
+
+def test_stateful_fp16_kv_reports_the_precision_it_holds(exported):
+    """OpenVINO's stateful graph: kv="fp16" asks KV_CACHE_PRECISION f16 even when inference runs in f32, and
+    kv_bytes counts the states in the precision the compiled model reports."""
+    out_dir = exported("tiny-llava", "openvino", 16, "fp32", stateful=True)
+    p = VLMPipeline.load(out_dir)
+    st = p.generate(random_image(), QUESTION, max_new_tokens=2).stats
+    assert p.info()["engine"]["config"]["KV_CACHE_PRECISION"] == "f16"
+    assert st["kv_dtype"] == "float16" and st["kv_bytes"] == st["kv_fp16_bytes"] > 0
+    f32 = VLMPipeline.load(out_dir, kv_precision="f32")
+    st = f32.generate(random_image(), QUESTION, max_new_tokens=2).stats
+    assert st["kv_dtype"] == "float32" and st["kv_bytes"] == 2 * st["kv_fp16_bytes"]

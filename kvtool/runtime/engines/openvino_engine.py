@@ -181,8 +181,14 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
     home of OpenVINO's own KV compression (``kv="ov-u8"|"ov-u4"``). kvtool holds no KV here."""
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
-                 inference_precision: str | None = None):
+                 inference_precision: str | None = None, kv_precision: str | None = None):
+        """``kv_precision``: the states' precision for ``kv="fp16"``, f16 (the default, as named) or f32."""
+        if kv_precision not in (None, "f16", "f32"):
+            raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
+        if kv_precision and not spec.is_fp:
+            raise InputError(f"kv_precision: applies to kv=fp16; {spec.scheme} sets OpenVINO's own precision")
         self.inference_precision = inference_precision
+        self.kv_precision = kv_precision
         self.n_tokens = 0
         super().__init__(path, spec, device, manifest)
 
@@ -190,7 +196,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         cfg = self._base_config()
         s = self.spec
         if s.scheme == "fp16":  # held in fp16 as named, whatever the inference precision
-            cfg["KV_CACHE_PRECISION"] = "f16"
+            cfg["KV_CACHE_PRECISION"] = self.kv_precision or "f16"
         elif s.scheme == "ov-u8":
             cfg["KV_CACHE_PRECISION"] = "u8"
         else:
