@@ -62,6 +62,9 @@ def resolve_bits(kv: str, kv_bits: int | None = None, k_bits: int | None = None,
             raise InputError(f"kv={scheme} {what}: {opts} does not apply (bits are for kvtool's quantizing "
                              f"schemes)")
         return None, None
+    for f, b in given:  # named as given (kv_bits when the user set --kv-bits)
+        if b not in BITS:
+            raise InputError(f"{f}: expected one of {', '.join(map(str, BITS))}, got {b!r}")
     base = 4 if kv_bits is None else kv_bits
     return (base if k_bits is None else k_bits), (base if v_bits is None else v_bits)
 

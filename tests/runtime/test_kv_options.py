@@ -30,6 +30,8 @@ def test_bits_for_fp16_and_ov_schemes_are_refused():
         resolve_bits("fp16", 2)
     assert str(e.value) == ("kv=fp16 keeps K and V unquantized: kv_bits=2 does not apply (bits are for kvtool's "
                             "quantizing schemes)")
+    with pytest.raises(InputError, match=r"^kv_bits: expected one of 2, 3, 4, 8, got 5$"):
+        resolve_bits("g-T128", 5, None, 2)
     with pytest.raises(InputError, match=r"^kv=ov-u4 sets its own bits: k_bits=4, v_bits=2 does not apply"):
         make_kv_spec("ov-u4", 4, 2)
     spec = make_kv_spec("fp16")
@@ -194,3 +196,12 @@ def test_stateful_fp16_kv_reports_the_precision_it_holds(exported):
     f32 = VLMPipeline.load(out_dir, kv_precision="f32")
     st = f32.generate(random_image(), QUESTION, max_new_tokens=2).stats
     assert st["kv_dtype"] == "float32" and st["kv_bytes"] == 2 * st["kv_fp16_bytes"]
+
+
+def test_report_tells_a_window_run_from_the_plain_scheme():
+    from kvtool.evals.report import _row_labels
+
+    plain = {"config": {"kv": "g-KC128VT128", "k_bits": 2, "v_bits": 2}, "pipeline": None}
+    kivi = {"config": {"kv": "g-KC128VT128", "k_bits": 2, "v_bits": 2, "kv_residual": 128}, "pipeline": None}
+    assert (_row_labels(plain)["kv"], _row_labels(kivi)["kv"]) == ("g-KC128VT128", "g-KC128VT128 r128")
+    assert _row_labels(kivi)["bits"] == "2"
