@@ -14,7 +14,9 @@ full-precision residual; each group is quantized once:
 rule): per-token sides keep the newest R tokens exact and quantize each token as it leaves the window (KIVI's
 V); per-channel and statistics-spanning sides keep ``N mod R`` tokens exact and quantize R at a time (KIVI's
 K; the prefill's first ``N - N mod R`` tokens as one block). Without it, per-token sides quantize a token on
-arrival and the others wait for g / ``stream_block`` tokens as above.
+arrival and the others wait for g / ``stream_block`` tokens as above. A per-token window slides by one token
+per decode step, so such a step copies (and an incremental ``dequantize`` rewrites) the R window tokens: O(R),
+as in KIVI, instead of O(1).
 
 ``mode="simulate"`` (the study's semantics) holds the cache densely in the input dtype and, after each
 append, replaces every token but the newest by its quantize-dequantize over the current cache (statistics
