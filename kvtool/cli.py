@@ -20,15 +20,52 @@ from kvtool.errors import InputError
 
 
 class KvtoolGroup(click.Group):
-    """A click group that reports bad input as one line and exit code 2, never a traceback."""
+    """A click group that reports bad input as one line and exit code 2, never a traceback. The library
+    names its options as Python arguments (``text_only=True``, ``kv_mode: ...``); the line shown spells each
+    one that is a CLI option as its flag (``--text-only``, ``--kv-mode: ...``): ``cli_flag_names``."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except (InputError, FileNotFoundError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: {msg}", err=True)
+            click.echo(f"error: {cli_flag_names(msg, ctx.find_root().command)}", err=True)
             sys.exit(2)
+
+
+def _option_flags(command: click.Command) -> dict[str, str]:
+    """{python name: --flag} for every long option of ``command`` and its subcommands (names of one letter
+    and the JSON switch left out): both the parameter name and each flag spelt with underscores."""
+    flags: dict[str, str] = {}
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        if cmd is not command and isinstance(cmd, click.Group):
+            flags.update(_option_flags(cmd))
+            continue
+        for p in cmd.params:
+            longs = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+            if not isinstance(p, click.Option) or not longs or p.name in ("as_json",):
+                continue
+            for o in longs:
+                flags.setdefault(o[2:].replace("-", "_"), o)
+            flags.setdefault(p.name, longs[0])
+    return {k: v for k, v in flags.items() if len(k) > 1}
+
+
+def cli_flag_names(msg: str, command: click.Command | None = None) -> str:
+    """``msg`` with the library's Python argument names of CLI options spelt as the flags: ``name=True`` ->
+    ``--name``, ``name=False`` -> ``without --name``, ``name=X`` -> ``--name X``, and a leading ``name:`` ->
+    ``--name:``. Names that are no option of the CLI (``kv_owner``) are left as they are."""
+    import re
+
+    flags = _option_flags(command or main)
+    for name in sorted(flags, key=len, reverse=True):
+        flag = flags[name]
+        pre = r"(?<![\w.\-])"
+        msg = re.sub(pre + re.escape(name) + r"=True\b", flag, msg)
+        msg = re.sub(pre + re.escape(name) + r"=False\b", "without " + flag, msg)
+        msg = re.sub(pre + re.escape(name) + r"=(?=\S)", flag + " ", msg)
+        msg = re.sub(r"^" + re.escape(name) + r"(?=:)", flag, msg)
+    return msg
 
 
 def echo_json(obj, path: str | None = None) -> None:
@@ -234,7 +271,7 @@ def ls_models(as_json) -> None:
 @main.command(name="export")
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Export directory.")
-@click.option("--backend", default="openvino", show_default=True, help="openvino | onnx.")
+@click.option("--backend", default="openvino", show_default=True, help="openvino | onnx (or onnxruntime).")
 @click.option("--wbits", default=16, show_default=True, type=int,
               help="Language-model weight bits: 16 none, 8 int8, 4 int4 group-wise, 3 simulated 3-bit "
                    "(group-wise, stored dequantized: for accuracy studies, saves no memory).")
@@ -250,6 +287,8 @@ def ls_models(as_json) -> None:
 @click.option("--stateful", is_flag=True, help="OpenVINO stateful LM (KV inside the graph) for optimum-intel / genai.")
 @click.option("--onnx-quant", default="rtn", show_default=True, help="rtn | hqq (ONNX MatMulNBits algorithm).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own code (off by default).")
+@click.option("--force", is_flag=True, help="Replace another export already in --output (refused without it).")
+@click.option("--verbose", is_flag=True, help="Show the exporting libraries' own log lines and warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (graphs, sizes, manifest) as JSON.")
 def export_cmd(model, output, as_json, **opts) -> None:
     """Export MODEL (a local Hugging Face checkpoint dir, or a hub id when online) to graphs + kvtool.json.
@@ -279,12 +318,20 @@ def export_cmd(model, output, as_json, **opts) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _kv_residual_option(f):
+    return click.option("--kv-residual", type=int, default=None, metavar="R",
+                        help="KIVI's full-precision window: the newest R tokens stay unquantized (V: the newest R; "
+                             "per-channel/per-tensor sides: N mod R, quantized R at a time). Quantizing schemes "
+                             "only; KIVI uses 128.")(f)
+
+
 @main.command(name="run")
 @click.argument("model", type=click.Path())
 @click.option("--image", "images", multiple=True, help="Image file (repeat for models that take several).")
 @click.option("--prompt", required=True, help="The question about the image.")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "openvino", "onnxruntime", "torch"]))
+              type=click.Choice(["auto", "openvino", "onnxruntime", "onnx", "torch"]),
+              help="onnx and onnxruntime are the same backend.")
 @click.option("--device", default="auto", show_default=True, help="CPU / GPU / NPU (OpenVINO), cpu / cuda.")
 @click.option("--kv", default="fp16", show_default=True, help="KV scheme: fp16, g-KC128VT128, ..., ov-u8, ov-u4.")
 @click.option("--kv-bits", type=int, default=None, help="Bits for K and V (default 4).")
@@ -305,10 +352,11 @@ def export_cmd(model, output, as_json, **opts) -> None:
 @click.option("--text-only", is_flag=True, help="Ask without an image.")
 @click.option("--ov-group-size", type=int, default=None, help="ov-u8/ov-u4: KV group size along head_dim.")
 @click.option("--ov-key-by-channel", is_flag=True, help="ov-u8/ov-u4: quantize keys by channel.")
+@_kv_residual_option
 @click.option("--json", "as_json", is_flag=True, help="Print the answer, stats and pipeline as JSON.")
 def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
             conversation, max_new_tokens, temperature, top_p, seed, text_only, ov_group_size, ov_key_by_channel,
-            as_json) -> None:
+            kv_residual, as_json) -> None:
     """Answer PROMPT about --image with the model in MODEL (an export dir, an HF checkpoint for torch, or a
     bundled model's name: `kvtool ls models`), streaming the answer, then print the stats."""
     from kvtool.models.bundled import model_path
@@ -318,18 +366,21 @@ def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits,
                     kv_bits=kv_bits, k_bits=k_bits, v_bits=v_bits, kv_mode=kv_mode, first_token=first_token,
                     conversation=conversation, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, seed=seed, text_only=text_only, ov_group_size=ov_group_size,
-                    ov_key_by_channel=ov_key_by_channel)
+                    ov_key_by_channel=ov_key_by_channel, kv_residual=kv_residual)
     if as_json:
         echo_json(run_once(cfg))
         return
     res = run_once(cfg, on_text=lambda t: click.echo(t, nl=False))
     click.echo("")
     st, info = res["stats"], res["pipeline"]
-    click.echo(f"-- {info['backend']} on {info['device']} | kv {st['kv']} K{info['k_bits']}V{info['v_bits']} "
-               f"{st['kv_mode']} (first token: {st['first_token']})")
+    bits = "" if info["k_bits"] is None else f" K{info['k_bits']}V{info['v_bits']}"
+    window = f", fp window {st['kv_residual']}" if st.get("kv_residual") else ""
+    click.echo(f"-- {info['backend']} on {info['device']} | kv {st['kv']}{bits} {st['kv_mode']} (first token: "
+               f"{st['first_token']}{window})")
     click.echo(f"prompt {st['prompt_tokens']} tokens, prefill {st['prefill_ms']:.1f} ms | {st['new_tokens']} new, "
                f"{st['decode_ms_per_token']:.2f} ms/token ({st['tokens_per_s']:.1f} tok/s)")
-    click.echo(f"KV {st['kv_bytes'] / 2**20:.3f} MiB (fp16 {st['kv_fp16_bytes'] / 2**20:.3f} MiB) | "
+    held = f" {st['kv_dtype']}" if st.get("kv_dtype") else ""
+    click.echo(f"KV {st['kv_bytes'] / 2**20:.3f} MiB{held} (fp16 {st['kv_fp16_bytes'] / 2**20:.3f} MiB) | "
                f"peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
 
 
@@ -384,6 +435,8 @@ def _judge_options(f):
 
 
 def _print_results(results: dict) -> None:
+    """One line per task: its headline metric on the task's own scale, and the sample count. The other
+    metrics (on their official scales, some 0-1, some 0-100) are in results.json / ``--json``, not mixed in."""
     from kvtool.evals.tasks import flatten_metrics, get_task, headline_value
 
     for task, rec in results.get("tasks", {}).items():
@@ -393,9 +446,9 @@ def _print_results(results: dict) -> None:
         shown = "missing" if val is None else f"{val:.2f}"
         flat = flatten_metrics(m, keep_missing=True)
         beside = "".join(f" {k}={'–' if flat.get(k) is None else format(flat[k], '.2f')}" for k in spec.beside)
-        extra = ", ".join(f"{k}={v:.3g}" for k, v in flatten_metrics(m).items()
-                          if k != head and k not in spec.beside)[:150]
-        click.echo(f"{task:<15} {head}={shown:<10}{beside} n={rec.get('n_samples', m.get('n'))}  {extra}")
+        click.echo(f"{task:<15} {head}={shown:<10}{beside} n={rec.get('n_samples', m.get('n'))}")
+    if results.get("tasks"):
+        click.echo("(every metric: results.json in the run directory, or --json)")
 
 
 def _print_failures(results: dict) -> None:
@@ -412,7 +465,8 @@ def _print_failures(results: dict) -> None:
 @click.argument("model_or_dir", required=False)
 @click.option("--tasks", "tasks", default=None, help="Comma-separated tasks (kvtool ls tasks).")
 @click.option("-o", "--output", default=None, help="Run directory (results.json, <task>/predictions.jsonl).")
-@click.option("--backend", default="auto", show_default=True, help="openvino | onnxruntime | torch | auto.")
+@click.option("--backend", default="auto", show_default=True,
+              help="openvino | onnxruntime (or onnx) | torch | auto.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--kv", default="fp16", show_default=True, help="KV scheme, e.g. g-KC128VT128 (kvtool ls schemes).")
 @click.option("--kv-bits", type=int, default=None, help="Bits for both K and V.")
@@ -438,12 +492,13 @@ def _print_failures(results: dict) -> None:
 @click.option("--max-new-tokens", type=int, default=None, help="Override every task's default.")
 @click.option("--retry-failed", is_flag=True, help="Generate again the failed rows (unreadable image, processor "
               "error, prompt too long) a resumed run would otherwise keep.")
+@_kv_residual_option
 @_judge_options
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def eval_cmd(model_or_dir, tasks, output, backend, device, kv, kv_bits, k_bits, v_bits, kv_mode, first_token,
              conversation, wbits, limit, offset, seed, seeds, shard, merge, rescore, data, data_dir, max_new_tokens,
-             retry_failed, judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url, competence_words,
+             retry_failed, kv_residual, judge_url, judge_model, judge_key, mmvet_runs, toxicity_model, toxicity_url, competence_words,
              stereotype_words, no_progress, as_json) -> None:
     """Evaluate MODEL_OR_DIR on the study's benchmarks; resumable (re-run the same command to continue).
 
@@ -479,8 +534,11 @@ def eval_cmd(model_or_dir, tasks, output, backend, device, kv, kv_bits, k_bits, 
             seed_list = [int(s) for s in seeds.split(",")] if seeds else None
         except ValueError:
             raise InputError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+        from kvtool.runtime.kvspec import resolve_bits
+
+        k_bits, v_bits = resolve_bits(kv, kv_bits, k_bits, v_bits)
         cfg = EvalConfig(model=model_or_dir, tasks=tasks.split(","), output=output, backend=backend, device=device,
-                         kv=kv, k_bits=k_bits or kv_bits or 4, v_bits=v_bits or kv_bits or 4, kv_mode=kv_mode,
+                         kv=kv, k_bits=k_bits, v_bits=v_bits, kv_residual=kv_residual, kv_mode=kv_mode,
                          first_token=first_token, conversation=conversation, wbits=wbits, limit=limit,
                          offset=offset, seed=seed, shard=parse_shard(shard), data=data_map, data_dir=data_dir,
                          max_new_tokens=max_new_tokens, seeds=seed_list, judge=judge, progress=not no_progress,

@@ -109,6 +109,8 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
     pope = m.get("pope") or {}
     row["pope_f1"] = pope.get("mean_f1", float("nan")) / 100 if pope else None
     row["pope_random_f1"] = pope.get("random_f1", float("nan")) / 100 if "random_f1" in pope else None
+    # the element type the unquantized cache is held in (the torch reference: fp32; the graphs' fp16 KV: fp16)
+    row["kv_dtype"] = ((results.get("pipeline") or {}).get("engine") or {}).get("kv_dtype")
     row["kv_bytes"] = timing.get("mean_kv_bytes")
     row["kv_fp16_bytes"] = timing.get("mean_kv_fp16_bytes")
     # measured kv_bytes / kv_fp16_bytes, else quant_ops' storage bound of the scheme ("bound")
@@ -134,11 +136,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             + f"{'POPE F1':>8}{'KV/fp16':>8}{'ms/tok':>8}{'agree':>7}{'delta [95% CI]':>24}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        bits = "16" if r["kv"] == "fp16" else f"{r['k_bits']}"
+        held = {"float32": ("fp32", "32"), "bfloat16": ("bf16", "16")}.get(r.get("kv_dtype") or "", ("fp16", "16"))
+        kv, bits = held if r["kv"] == "fp16" else (r["kv"], f"{r['k_bits']}")
         ci = r["accuracy_delta_ci95"]
         pct = (lambda v: "   –" if v is None else f"{100 * v:.1f}")  # noqa: E731
         lines.append(
-            f"{r['backend']:<9}{r['wbits']:>3} {r['kv']:<13}{bits:>5}{pct(r['accuracy']):>7}"
+            f"{r['backend']:<9}{r['wbits']:>3} {kv:<13}{bits:>5}{pct(r['accuracy']):>7}"
             + "".join(f"{pct(r.get('accuracy_' + t)):>9}" for t in types)
             + f"{pct(r['pope_f1']):>8}"
             + (f"{r['kv_ratio']:>8.3f}" if r["kv_ratio"] is not None else f"{'–':>8}")

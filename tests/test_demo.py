@@ -115,6 +115,20 @@ def test_demo_cli_small_plan_json(tmp_path):
     assert all(ROW_KEYS <= set(x) and x["n"] == 12 for x in rows)
     assert abs(rows[1]["accuracy"] - rows[0]["accuracy"]) <= 1 / 12 + 1e-9  # int4: at most one answer of 12 flips
     assert 0 < rows[2]["kv_bytes"] < rows[2]["kv_fp16_bytes"]
+    # what is held is what is reported: the torch reference holds fp32 (2x fp16), the graphs' fp16 KV fp16
+    assert (rows[0]["kv_dtype"], rows[0]["kv_ratio"]) == ("float32", 2.0)
+    assert (rows[1]["kv_dtype"], rows[1]["kv_ratio"]) == ("float16", 1.0)
+
+
+def test_table_labels_the_kv_dtype_held():
+    base = {"name": "x", "wbits": 16, "kv": "fp16", "k_bits": 16, "v_bits": 16, "n": 10, "accuracy": 0.9,
+            "pope_f1": None, "kv_bytes": 3200, "kv_fp16_bytes": 1600, "kv_ratio": 2.0, "decode_ms_per_token": 1.0,
+            "agreement": 1.0, "accuracy_delta": 0.0, "accuracy_delta_ci95": [0.0, 0.0]}
+    rows = [{**base, "backend": "torch", "kv_dtype": "float32"},
+            {**base, "backend": "openvino", "kv_dtype": "float16", "kv_bytes": 1600, "kv_ratio": 1.0}]
+    torch_line, ov_line = format_table(rows).splitlines()[2:]
+    assert torch_line.split()[:4] == ["torch", "16", "fp32", "32"] and "2.000" in torch_line
+    assert ov_line.split()[:4] == ["openvino", "16", "fp16", "16"] and "1.000" in ov_line
 
 
 def test_demo_quick_end_to_end(tmp_path):

@@ -46,6 +46,9 @@ def _row_labels(res: dict[str, Any]) -> dict[str, Any]:
         bits = str(kb)
     else:
         bits = f"K{kb}V{vb}"
+    window = info.get("kv_residual", cfg.get("kv_residual"))
+    if window:  # KIVI's deployed semantics: the same scheme with a full-precision window of R tokens
+        kv = f"{kv} r{window}"
     backend = info.get("backend") or cfg.get("backend") or "?"
     return {"model": Path(str(model)).name or str(model), "backend": str(backend), "weights": f"W{wbits}",
             "kv": kv, "bits": bits, "_k_bits": kb, "_v_bits": vb}

@@ -70,8 +70,8 @@ class EvalConfig:
     backend: str = "auto"
     device: str = "auto"
     kv: str = "fp16"
-    k_bits: int | None = 4
-    v_bits: int | None = 4
+    k_bits: int | None = None  # None: 4 for a quantizing scheme; must stay None for fp16 / ov-* (kvspec)
+    v_bits: int | None = None
     kv_mode: str = "packed"
     first_token: str = "compressed"
     conversation: str = "auto"  # vicuna_v1 for LLaVA-1.5 (LLaVA's eval scripts), else the chat template
@@ -87,8 +87,16 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     progress: bool = True
     retry_failed: bool = False  # generate failed rows of a resumed run again (else they are kept)
+    kv_residual: int | None = None  # KIVI's full-precision window of the newest R tokens (quantizing schemes)
 
     def __post_init__(self) -> None:
+        from kvtool.runtime.kvspec import make_kv_spec, resolve_bits
+        from kvtool.runtime.pipeline import BACKEND_ALIASES
+
+        self.backend = BACKEND_ALIASES.get(self.backend, self.backend)
+        self.k_bits, self.v_bits = resolve_bits(self.kv, None, self.k_bits, self.v_bits)
+        # every KV option checked now, before any model loads
+        make_kv_spec(self.kv, self.k_bits, self.v_bits, self.kv_mode, self.first_token, residual=self.kv_residual)
         if self.limit is not None and self.limit < 1:
             raise InputError(f"--limit {self.limit}: expected a positive number of samples")
         if self.offset < 0:
@@ -160,7 +168,7 @@ def load_model(cfg: EvalConfig):
 
     return VLMPipeline.load(cfg.model, backend=cfg.backend, device=cfg.device, kv=cfg.kv, k_bits=cfg.k_bits,
                             v_bits=cfg.v_bits, kv_mode=cfg.kv_mode, first_token=cfg.first_token,
-                            conversation=_conversation(cfg))
+                            conversation=_conversation(cfg), kv_residual=cfg.kv_residual)
 
 
 def _sample_id(idx: int, j: int, n_samples: int, seed: int, n_seeds: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.export.manifest import BACKENDS, Manifest
+from kvtool.export.manifest import BACKENDS, MANIFEST_NAME, Manifest
 
 WBITS = (16, 8, 4, 3)
 DTYPES = ("fp16", "fp32")
@@ -35,6 +35,8 @@ class ExportConfig:
     own data-aware search and refuse to run without data. ``dtype`` is the precision of
     everything left unquantized. ``stateful`` exports optimum-intel's stateful LM (KV inside the graph)
     instead of the stateless one kvtool's runtime drives. ``onnx_quant`` picks the MatMulNBits algorithm.
+    ``force`` lets the export replace another export found in ``output`` (refused otherwise); ``verbose``
+    shows the exporting libraries' own log lines and warnings (hidden by default).
     """
 
     model: str
@@ -52,10 +54,16 @@ class ExportConfig:
     stateful: bool = False
     onnx_quant: str = "rtn"
     trust_remote_code: bool = False
+    force: bool = False
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend == "onnxruntime":  # the runtime's name for the same backend; manifests say "onnx"
+            self.backend = "onnx"
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
-            raise InputError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+            raise InputError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)} (onnxruntime = onnx)")
         if self.wbits not in WBITS:
             raise InputError(f"--wbits {self.wbits}: expected one of {', '.join(map(str, WBITS))}")
         if self.dtype not in DTYPES:
@@ -94,6 +102,10 @@ class ExportConfig:
         out = Path(self.output)
         if out.exists() and not out.is_dir():
             raise InputError(f"--output {self.output}: exists and is not a directory")
+        held = previous_export_files(out)
+        if held and not self.force:
+            raise InputError(f"--output {self.output}: holds another export ({held[0]}); pass --force to replace "
+                             f"it, or choose another directory")
 
     @property
     def method(self) -> str:
@@ -119,6 +131,16 @@ class ExportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def previous_export_files(out: Path) -> list[str]:
+    """Names of the export files (manifest, OpenVINO or ONNX graphs) already in directory ``out``, manifest
+    first; [] when there are none (or no such directory)."""
+    if not out.is_dir():
+        return []
+    names = [MANIFEST_NAME] if (out / MANIFEST_NAME).is_file() else []
+    graphs = [*out.glob("openvino_*_model.xml"), *out.glob("*.onnx")]
+    return names + sorted(p.name for p in graphs if p.is_file())
 
 
 @dataclass

@@ -48,38 +48,67 @@ def graph_rows(out: Path, graphs: dict[str, GraphInfo], backend: str) -> list[di
     return rows
 
 
+LIBRARY_LOGGERS = ("transformers", "optimum", "nncf", "openvino", "torch", "onnx", "onnxscript", "onnxruntime",
+                   "accelerate", "huggingface_hub")
+
+
 @contextmanager
-def quiet_libraries():
-    """Silence the exporters' tracer/deprecation warnings and info logs for the duration (restored after) and
-    send what they print to stderr; kvtool's own progress bar and errors still show."""
+def library_output(verbose: bool = False):
+    """Where the exporters' own output goes for the duration (restored after); yields the stream kvtool's
+    progress bar writes to (the real stderr).
+
+    Quiet (default): the libraries' log records (their loggers raised above CRITICAL: optimum's "may have
+    potential accuracy issues", OpenVINO's "Failed to build model wrapper.", transformers' and torch's
+    notices), Python warnings, transformers' progress bars and whatever they print to stdout/stderr are
+    dropped — the export's failures still arrive as exceptions. ``verbose=True`` shows all of it, on stderr.
+    Either way stdout carries only kvtool's result (``--json``). Output written by C++ code straight to the
+    file descriptors is not intercepted."""
+    import io
     import logging
     import warnings
+    from contextlib import redirect_stderr
 
-    import nncf  # imported here so its logger exists (and keeps the level set below)
+    real_err = sys.stderr
+    if verbose:
+        with redirect_stdout(real_err):
+            yield real_err
+        return
+    import nncf  # noqa: F401  (configures its logger now, so the level set below stays)
+    from transformers.utils import logging as hf_logging
 
-    loggers = [logging.getLogger(n) for n in ("nncf", "transformers", "optimum", "torch.onnx", "onnxscript")]
+    hf_logging.get_logger("transformers")  # configures the library root logger now (same reason)
+    try:
+        from optimum.utils import logging as optimum_logging
+
+        optimum_logging.get_logger("optimum")
+    except ImportError:  # optimum-intel is only needed for OpenVINO exports
+        pass
+    loggers = [logging.getLogger(n) for n in LIBRARY_LOGGERS]
     levels = [lg.level for lg in loggers]
-    # libraries' own progress output goes to stderr, so stdout carries only kvtool's result (``--json``)
-    with warnings.catch_warnings(), redirect_stdout(sys.stderr):
+    bars = hf_logging.is_progress_bar_enabled()
+    sink = io.StringIO()
+    with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
         warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        nncf.set_log_level(logging.ERROR)
+        for lg in loggers:  # (optimum's converter resets logging.disable, so levels it is)
+            lg.setLevel(logging.CRITICAL + 1)
+        hf_logging.disable_progress_bar()
         try:
-            yield
+            yield real_err
         finally:
             for lg, lvl in zip(loggers, levels, strict=True):
                 lg.setLevel(lvl)
-            nncf.set_log_level(levels[0] or logging.INFO)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def export_model(cfg: ExportConfig) -> ExportResult:
-    """Export ``cfg.model`` to ``cfg.output`` per ``cfg``; see ``ExportConfig`` for the options."""
-    with quiet_libraries():
-        return _export_model(cfg)
+    """Export ``cfg.model`` to ``cfg.output`` per ``cfg``; see ``ExportConfig`` for the options. The
+    libraries' chatter is shown only with ``cfg.verbose`` (``library_output``)."""
+    with library_output(cfg.verbose) as progress_stream:
+        return _export_model(cfg, progress_stream)
 
 
-def _export_model(cfg: ExportConfig) -> ExportResult:
+def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
     from tqdm.auto import tqdm
 
     from kvtool import __version__
@@ -106,7 +135,7 @@ def _export_model(cfg: ExportConfig) -> ExportResult:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
-    with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step") as bar:
+    with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step", file=progress_stream) as bar:
         bar.set_postfix_str("load")
         model = source.load_torch_model(model_dir, cfg.trust_remote_code)
         lm = source.lm_info(model.config)

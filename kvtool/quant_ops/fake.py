@@ -7,6 +7,9 @@ tokens. Bits 16 on a side leaves it untouched. The returned arrays are new, exce
 
 It does not keep state across calls (``QuantizedKVStore`` does) and refuses OpenVINO-internal schemes
 (``ov-u8`` / ``ov-u4``), which only exist inside a stateful OpenVINO graph.
+
+``residual=R`` (KIVI's full-precision window, see ``residual_window``) leaves each side's newest window
+tokens exact and quantizes only the tokens before them.
 """
 
 from __future__ import annotations
@@ -27,13 +30,49 @@ def check_kv(x: Array, what: str) -> None:
     if len(x.shape) != 4:
         raise InputError(f"{what} shape {tuple(x.shape)}: expected rank 4 [B, H, N, D]")
     if str(x.dtype).replace("torch.", "") not in _FLOAT_DTYPES:
-        raise InputError(f"{what} dtype {x.dtype}: expected float16, bfloat16, float32 or float64")
+        raise InputError(f"{what} dtype {x.dtype}: expected one of {', '.join(_FLOAT_DTYPES)}")
 
 
 def side_groups(spec: KVQuantSpec, which: str) -> tuple[str, int | None, float]:
     """``(axis, group, outlier_pct)`` of one side of a quantizing spec."""
     axis, group = spec.side(which)
     return axis, group, spec.outlier_pct if spec.kind == "outlier" else 0.0
+
+
+def check_residual(spec: KVQuantSpec, residual: int | None) -> int | None:
+    """Validate a residual window ``R`` against ``spec``: None (no window) or a positive integer, a multiple of
+    every per-channel token group of the scheme (KIVI asserts ``residual_length % group_size == 0``: the window
+    is quantized in whole groups). Raises ``InputError`` naming ``residual``."""
+    if residual is None:
+        return None
+    if isinstance(residual, bool) or not isinstance(residual, int) or residual < 1:
+        raise InputError(f"residual={residual!r}: expected a positive number of tokens (or none)")
+    if not spec.is_quantized:
+        raise InputError(f"residual={residual}: scheme {str(spec)} keeps every token exact; a full-precision "
+                         f"window applies to quantizing schemes only")
+    for which in ("k", "v"):
+        axis, group, _ = side_groups(spec, which)
+        if axis == "channel" and group is not None and residual % group:
+            raise InputError(f"residual={residual}: expected a multiple of {str(spec)}'s per-channel group of "
+                             f"{group} tokens (the window is quantized in whole groups, as in KIVI)")
+    return residual
+
+
+def residual_window(spec: KVQuantSpec, which: str, n: int, residual: int | None) -> int:
+    """How many of the newest of ``n`` tokens one side holds at full precision under a window of
+    ``residual`` = R tokens — KIVI's rule (jy-yuan/KIVI ``models/llama_kivi.py``), extended to every family:
+
+    - per-token groups (g-T, the V of g-KC·VT·): ``min(n, R)`` — the newest R tokens are never quantized; a
+      token is quantized when it leaves the window (KIVI's V);
+    - groups or statistics spanning tokens (per-channel g-C<g> / g-CN, uniform per-tensor, or<s>):
+      ``n mod R`` — tokens gather at full precision until R have, then the R are quantized as one block
+      (KIVI's K; per-channel groups of g inside the block, per-tensor statistics over the block).
+
+    0 without a window (per-channel groups of g still wait for g tokens, see ``quantized_tokens``)."""
+    if not residual or not spec.is_quantized:
+        return 0
+    axis, _, _ = side_groups(spec, which)
+    return min(n, residual) if axis == "token" else n % residual
 
 
 def quantized_tokens(axis: str, group: int | None, n: int) -> int:
@@ -43,13 +82,13 @@ def quantized_tokens(axis: str, group: int | None, n: int) -> int:
     return n
 
 
-def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int) -> Array:
+def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int, residual: int | None = None) -> Array:
     """Quantize-dequantize one side ([B, H, N, D]) as ``fake_quant_kv`` does."""
     axis, group, pct = side_groups(spec, which)
     n = x.shape[2]
     if bits == 16 or not spec.is_quantized or n == 0:
         return x
-    nq = quantized_tokens(axis, group, n)
+    nq = quantized_tokens(axis, group, n - residual_window(spec, which, n, residual))
     if nq == 0:
         return _copy(x)
     out = empty(tuple(x.shape), x.dtype, x)
@@ -60,12 +99,15 @@ def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int) -> Array
 
 
 def fake_quant_kv(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int = 4,
-                  v_bits: int = 4) -> tuple[Array, Array]:
+                  v_bits: int = 4, residual: int | None = None) -> tuple[Array, Array]:
     """Quantize-dequantize K and V ([B, H, N, D], numpy or torch) under ``scheme`` at ``k_bits`` / ``v_bits``
-    (2, 3, 4, 8; 16 = leave the side alone). Returns ``(k_hat, v_hat)`` of the same shape, type, device and
-    dtype. Raises ``InputError`` (a ``ValueError``) for a bad scheme, bits or shape."""
+    (2, 3, 4, 8; 16 = leave the side alone). ``residual=R`` leaves each side's newest
+    ``residual_window(spec, side, N, R)`` tokens exact (KIVI's window) and quantizes the tokens before them as
+    one block. Returns ``(k_hat, v_hat)`` of the same shape, type, device and dtype. Raises ``InputError`` (a
+    ``ValueError``) for a bad scheme, bits, shape or window."""
     spec = check_args(k, v, scheme, k_bits, v_bits)
-    return fake_quant_side(k, spec, "k", k_bits), fake_quant_side(v, spec, "v", v_bits)
+    check_residual(spec, residual)
+    return fake_quant_side(k, spec, "k", k_bits, residual), fake_quant_side(v, spec, "v", v_bits, residual)
 
 
 def check_args(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int, v_bits: int) -> KVQuantSpec:

@@ -10,9 +10,18 @@ full-precision residual; each group is quantized once:
   later tokens wait in the residual and are quantized in blocks of ``stream_block`` tokens (default 128),
   each with its own statistics.
 
+``residual=R`` adds KIVI's full-precision window of the newest tokens (``fake.residual_window`` states the
+rule): per-token sides keep the newest R tokens exact and quantize each token as it leaves the window (KIVI's
+V); per-channel and statistics-spanning sides keep ``N mod R`` tokens exact and quantize R at a time (KIVI's
+K; the prefill's first ``N - N mod R`` tokens as one block). Without it, per-token sides quantize a token on
+arrival and the others wait for g / ``stream_block`` tokens as above. A per-token window slides by one token
+per decode step, so such a step copies (and an incremental ``dequantize`` rewrites) the R window tokens: O(R),
+as in KIVI, instead of O(1).
+
 ``mode="simulate"`` (the study's semantics) holds the cache densely in the input dtype and, after each
 append, replaces every token but the newest by its quantize-dequantize over the current cache (statistics
-re-taken each time, so error accumulates). Its ``nbytes`` is the dense cache; ``bits_per_value`` gives the
+re-taken each time, so error accumulates); with ``residual=R`` the window of the past (all but the newest
+token) stays exact. Its ``nbytes`` is the dense cache; ``bits_per_value`` gives the
 theory.
 
 Cost model of ``dequantize``. Without ``out`` it allocates and fills the whole ``[B, H, N, D]`` pair:
@@ -39,7 +48,7 @@ from typing import Any
 from kvtool.errors import InputError
 from kvtool.quant_ops.affine import Array, concat, empty, is_torch, nbytes
 from kvtool.quant_ops.block import QuantizedBlock
-from kvtool.quant_ops.fake import check_kv, check_side_shape, fake_quant_side, side_groups
+from kvtool.quant_ops.fake import check_kv, check_residual, check_side_shape, fake_quant_side, side_groups
 from kvtool.quant_ops.packing import packed_rows, tile_rows, tile_tokens
 from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
 
@@ -100,8 +109,9 @@ class _Grow:
 class _DenseSide:
     """Unquantized side (fp16 scheme, bits 16) and the simulate mode's cache."""
 
-    def __init__(self, spec: KVQuantSpec, which: str, bits: int, simulate: bool, max_tokens: int | None):
-        self.spec, self.which, self.bits, self.simulate = spec, which, bits, simulate
+    def __init__(self, spec: KVQuantSpec, which: str, bits: int, simulate: bool, max_tokens: int | None,
+                 residual: int | None = None):
+        self.spec, self.which, self.bits, self.simulate, self.residual = spec, which, bits, simulate, residual
         self.data = _Grow(max_tokens)
         self.dirty_from = 0
 
@@ -114,7 +124,7 @@ class _DenseSide:
         self.data.append(x)
         if self.simulate and self.n > 1:
             past = self.data.buf[:, :, :self.n - 1]
-            past[...] = fake_quant_side(past, self.spec, self.which, self.bits)
+            past[...] = fake_quant_side(past, self.spec, self.which, self.bits, self.residual)
             n0 = 0
         self.dirty_from = min(self.dirty_from, n0)
 
@@ -128,18 +138,23 @@ class _DenseSide:
 class _GridSide:
     """Per-token groups or per-channel groups of g tokens: fixed token granularity ``tb`` (1 or g), so
     codes and params live in growable buffers; up to tb-1 tokens wait in the residual. Codes are token
-    tiles (``packing``): a new token is OR-ed into a partly filled tile."""
+    tiles (``packing``): a new token is OR-ed into a partly filled tile. With a window of ``residual`` = R
+    tokens, a per-token side keeps the newest R in the residual (``slide``) and a per-channel side flushes R
+    tokens (R/g groups) at a time."""
 
-    def __init__(self, spec: KVQuantSpec, which: str, bits: int, max_tokens: int | None):
+    def __init__(self, spec: KVQuantSpec, which: str, bits: int, max_tokens: int | None,
+                 residual: int | None = None):
         self.axis, self.group, _ = side_groups(spec, which)
         self.bits = bits
         self.tb = self.group if self.axis == "channel" else 1
+        self.slide = residual if (residual and self.axis == "token") else 0
+        self.flush = residual if (residual and self.axis == "channel") else self.tb
         self.p, self.r = tile_tokens(bits), tile_rows(bits)
         self.align = math.lcm(self.tb, self.p)  # dequantize restarts at a token both tile and group start
         grid_max = None if max_tokens is None else -(-max_tokens // self.tb)
         rows_max = None if max_tokens is None else packed_rows(max_tokens, bits)
         self.codes, self.delta, self.mn = _Grow(rows_max), _Grow(grid_max), _Grow(grid_max)
-        self.resid = _Grow(self.tb)
+        self.resid = _Grow(self.slide or self.flush)
         self.nq = 0
         self.dirty_from = 0
         self.meta: tuple | None = None  # (block_size, flat, (B, H, D), dtype)
@@ -154,7 +169,10 @@ class _GridSide:
         if self.resid.n:
             whole = concat([self.resid.view(), x], axis=2)
             self.resid.take_all()
-        nq = (whole.shape[2] // self.tb) * self.tb
+        if self.slide:  # the newest `slide` tokens stay exact; older ones are quantized as they leave
+            nq = max(whole.shape[2] - self.slide, 0)
+        else:
+            nq = (whole.shape[2] // self.flush) * self.flush
         if nq:
             off = self.nq % self.p
             blk = QuantizedBlock.from_float(whole[:, :, :nq], self.axis, self.group, self.bits, offset=off)
@@ -199,13 +217,14 @@ class _GridSide:
 
 class _BlockSide:
     """Statistics spanning the token axis (uniform, or<s>, g-CN): the first append is one block, later
-    tokens are quantized in blocks of ``stream_block`` tokens."""
+    tokens are quantized in blocks of ``stream_block`` tokens. With a window of ``residual`` = R tokens the
+    first append quantizes its first ``T - T mod R`` tokens and later blocks are R tokens."""
 
-    def __init__(self, spec: KVQuantSpec, which: str, bits: int, stream_block: int):
+    def __init__(self, spec: KVQuantSpec, which: str, bits: int, stream_block: int, residual: int | None = None):
         self.axis, self.group, self.pct = side_groups(spec, which)
-        self.bits, self.stream_block = bits, stream_block
+        self.bits, self.stream_block, self.residual = bits, residual or stream_block, residual
         self.blocks: list[tuple[int, QuantizedBlock]] = []
-        self.resid = _Grow(stream_block)
+        self.resid = _Grow(self.stream_block)
         self.nq = 0
         self.dirty_from = 0
 
@@ -220,10 +239,11 @@ class _BlockSide:
 
     def append(self, x: Array) -> None:
         self.dirty_from = min(self.dirty_from, self.n)
-        if not self.blocks and not self.resid.n:
-            self._quantize(x)
-            return
         t, i = x.shape[2], 0
+        if not self.blocks and not self.resid.n:
+            i = t - t % self.residual if self.residual else t
+            if i:
+                self._quantize(x[:, :, :i])
         while i < t:  # fill the residual; flush each full stream block
             take = min(t - i, self.stream_block - self.resid.n)
             self.resid.append(x[:, :, i:i + take])
@@ -254,11 +274,12 @@ class QuantizedKVStore:
     """One layer's K/V cache, quantized under ``scheme`` at ``k_bits`` / ``v_bits`` (16 = keep that side).
 
     ``append(k, v)`` takes ``[B, H, T, D]`` numpy arrays or torch tensors (CPU or CUDA); ``dequantize()``
-    returns the full ``(k, v)`` ``[B, H, N, D]`` of the same type, device and dtype. See the module
-    docstring for the modes and the cost model."""
+    returns the full ``(k, v)`` ``[B, H, N, D]`` of the same type, device and dtype. ``residual``: KIVI's
+    full-precision window of the newest R tokens (None: none). See the module docstring for the modes, the
+    window and the cost model."""
 
     def __init__(self, scheme: str | KVQuantSpec, k_bits: int = 4, v_bits: int = 4, mode: str = "packed",
-                 stream_block: int = 128, max_tokens: int | None = None) -> None:
+                 stream_block: int = 128, max_tokens: int | None = None, residual: int | None = None) -> None:
         self.spec = parse_scheme(scheme)
         if self.spec.kind == "ov":
             raise InputError(f"KV scheme {str(self.spec)!r} is OpenVINO's in-graph KV compression; "
@@ -269,16 +290,18 @@ class QuantizedKVStore:
         if not isinstance(stream_block, int) or stream_block < 1:
             raise InputError(f"stream_block={stream_block!r}: expected a positive integer")
         self.mode, self.stream_block, self.max_tokens = mode, stream_block, max_tokens
+        self.residual = check_residual(self.spec, residual)
         self.reset()
 
     def _make_side(self, which: str, bits: int):
         quant = bits != 16 and self.spec.is_quantized
         if self.mode == "simulate" or not quant:
-            return _DenseSide(self.spec, which, bits, self.mode == "simulate" and quant, self.max_tokens)
+            return _DenseSide(self.spec, which, bits, self.mode == "simulate" and quant, self.max_tokens,
+                              self.residual)
         axis, group, pct = side_groups(self.spec, which)
         if axis == "token" or (axis == "channel" and group is not None):
-            return _GridSide(self.spec, which, bits, self.max_tokens)
-        return _BlockSide(self.spec, which, bits, self.stream_block)
+            return _GridSide(self.spec, which, bits, self.max_tokens, self.residual)
+        return _BlockSide(self.spec, which, bits, self.stream_block, self.residual)
 
     def reset(self) -> None:
         """Forget every token (and the remembered ``out`` buffers)."""
@@ -390,4 +413,4 @@ class QuantizedKVStore:
 
     def __repr__(self) -> str:
         return (f"QuantizedKVStore({str(self.spec)!r}, k_bits={self.k_bits}, v_bits={self.v_bits}, "
-                f"mode={self.mode!r}, n_tokens={self.n_tokens}, nbytes={self.nbytes})")
+                f"mode={self.mode!r}, residual={self.residual}, n_tokens={self.n_tokens}, nbytes={self.nbytes})")

@@ -4,7 +4,9 @@
 new K/V taken from it. ``fp16`` keeps them in preallocated buffers of the graph's KV element type; ``packed``
 keeps a ``quant_ops.QuantizedKVStore`` per layer (each group quantized once, dequantized for the next step);
 ``simulate`` keeps the dequantized cache and re-quantizes all of it (statistics over the current cache) before
-every step, as the study's code does.
+every step, as the study's code does. ``spec.residual`` = R (KIVI's window) leaves the newest tokens of the
+past exact in every mode (``quant_ops.fake.residual_window``): the graph then attends to that window plus the
+exact new tokens, as KIVI's attention does.
 
 ``QuantKVCache`` (torch engine): a transformers ``Cache`` whose layers do the same inside the HF model's
 attention: ``packed`` returns the dequantized past plus the exact new tokens and stores the new tokens
@@ -50,7 +52,8 @@ class GraphKVCache:
             from kvtool.quant_ops import QuantizedKVStore
 
             self._stores = [QuantizedKVStore(self.spec.scheme, k_bits=self.spec.k_bits, v_bits=self.spec.v_bits,
-                                             mode="packed") for _ in range(self.num_layers)]
+                                             mode="packed", residual=self.spec.residual)
+                            for _ in range(self.num_layers)]
         else:
             self._stores = None
         if capacity > self._cap:
@@ -100,7 +103,7 @@ class GraphKVCache:
             # the study re-quantizes the whole cache before it is attended to (error accumulates)
             kq, vq = fake_quant_kv(np.ascontiguousarray(self._k4[i][:, :, :n]),
                                    np.ascontiguousarray(self._v4[i][:, :, :n]), self.spec.scheme,
-                                   k_bits=self.spec.k_bits, v_bits=self.spec.v_bits)
+                                   k_bits=self.spec.k_bits, v_bits=self.spec.v_bits, residual=self.spec.residual)
             self._k4[i][:, :, :n], self._v4[i][:, :, :n] = kq, vq
         return self._k4[i][:, :, :n], self._v4[i][:, :, :n]
 
@@ -157,7 +160,8 @@ def simulated_nbytes(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim:
         return 0
     from kvtool.quant_ops import QuantizedKVStore
 
-    store = QuantizedKVStore(spec.scheme, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed")
+    store = QuantizedKVStore(spec.scheme, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed",
+                             residual=spec.residual)
     z = np.random.default_rng(0).standard_normal((1, num_kv_heads, n_tokens, head_dim)).astype(np.float32)
     store.append(z, z)
     return int(store.nbytes) * num_layers
@@ -182,7 +186,8 @@ def make_quant_cache(spec: KVSpec, num_layers: int):
             super().__init__()
             from kvtool.quant_ops import QuantizedKVStore
 
-            self.store = QuantizedKVStore(spec.scheme, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed")
+            self.store = QuantizedKVStore(spec.scheme, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed",
+                                          residual=spec.residual)
 
         def update(self, key_states, value_states, *args, **kwargs):
             import torch
@@ -215,7 +220,7 @@ def make_quant_cache(spec: KVSpec, num_layers: int):
             keys, values = super().update(key_states, value_states)
             if self.enabled and keys.shape[-2] > 1:
                 kq, vq = fake_quant_kv(keys[..., :-1, :], values[..., :-1, :], spec.scheme,
-                                       k_bits=spec.k_bits, v_bits=spec.v_bits)
+                                       k_bits=spec.k_bits, v_bits=spec.v_bits, residual=spec.residual)
                 self.keys = torch.cat([kq.to(keys.dtype), keys[..., -1:, :]], dim=-2)
                 self.values = torch.cat([vq.to(values.dtype), values[..., -1:, :]], dim=-2)
             return self.keys, self.values

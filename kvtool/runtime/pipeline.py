@@ -25,6 +25,7 @@ from kvtool.runtime.preprocess import check_question, load_images, prepare_input
 from kvtool.runtime.sampling import check_sampling, next_token
 
 BACKENDS = ("auto", "openvino", "onnxruntime", "torch")
+BACKEND_ALIASES = {"onnx": "onnxruntime"}  # export's name for the ONNX backend, accepted everywhere
 
 
 @dataclass
@@ -70,8 +71,9 @@ def _work_nbytes(eng, spec: KVSpec) -> int:
 def _resolve_backend(path: Path, backend: str):
     from kvtool.export.manifest import Manifest, is_export_dir
 
+    backend = BACKEND_ALIASES.get(backend, backend)
     if backend not in BACKENDS:
-        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend: expected one of {', '.join(BACKENDS)} (or onnx), got {backend!r}")
     if not path.exists():
         raise InputError(f"{path}: no such directory (expected a kvtool export or an HF checkpoint)")
     if backend == "torch":
@@ -119,16 +121,18 @@ class VLMPipeline:
     # ------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "auto", kv: str = "fp16",
-             k_bits: int | None = 4, v_bits: int | None = 4, kv_mode: str = "packed",
+             k_bits: int | None = None, v_bits: int | None = None, kv_mode: str = "packed",
              first_token: str = "compressed", conversation: str = "chat_template",
-             ov_group_size: int | None = None, ov_key_by_channel: bool = False, **engine_kwargs) -> VLMPipeline:
+             ov_group_size: int | None = None, ov_key_by_channel: bool = False, kv_residual: int | None = None,
+             **engine_kwargs) -> VLMPipeline:
         """Load ``path``: an exported dir (its manifest decides OpenVINO or ONNX Runtime), or an HF checkpoint
         dir for ``backend="torch"`` (also picked by ``auto`` for a checkpoint without manifest).
 
         ``kv``: ``fp16`` (no KV quantization), a quant_ops scheme (``g-KC128VT128``, ``uniform``, ``or2``, ...)
-        with ``k_bits`` / ``v_bits`` in 2, 3, 4, 8, or ``ov-u8`` / ``ov-u4`` (OpenVINO's own compression on a
+        with ``k_bits`` / ``v_bits`` in 2, 3, 4, 8 (None: 4; must be None for fp16 and ov-*), or ``ov-u8`` / ``ov-u4`` (OpenVINO's own compression on a
         stateful export; ``ov_group_size`` / ``ov_key_by_channel`` where OpenVINO supports them).
-        ``kv_mode``: ``packed`` | ``simulate``; ``first_token``: ``compressed`` | ``fp`` (DESIGN.md).
+        ``kv_mode``: ``packed`` | ``simulate``; ``first_token``: ``compressed`` | ``fp`` (DESIGN.md);
+        ``kv_residual``: KIVI's full-precision window of the newest R tokens (quantizing schemes only).
         ``conversation``: ``chat_template`` | ``vicuna_v1`` | ``auto`` (``preprocess.resolve_conversation``: what
         ``kvtool run`` and ``kvtool eval`` use by default). ``engine_kwargs`` go to the engine (OpenVINO:
         ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``; on a stateful export ``kv_owner``:
@@ -138,7 +142,8 @@ class VLMPipeline:
 
         path = Path(path)
         conversation = resolve_conversation(path, conversation)
-        spec = make_kv_spec(kv, k_bits, v_bits, kv_mode, first_token, ov_group_size, ov_key_by_channel)
+        spec = make_kv_spec(kv, k_bits, v_bits, kv_mode, first_token, ov_group_size, ov_key_by_channel,
+                            residual=kv_residual)
         backend, manifest = _resolve_backend(path, backend)
         if spec.is_ov and backend != "openvino":
             raise InputError(f"kv: {spec.scheme} is OpenVINO's own KV compression and needs an OpenVINO export, "
@@ -247,7 +252,9 @@ class VLMPipeline:
             # into them), counted apart from kv_bytes
             "kv_work_bytes": _work_nbytes(eng, spec),
             "peak_rss_bytes": _peak_rss_bytes(),
-            "kv": spec.scheme, "kv_mode": spec.mode, "first_token": spec.first_token,
+            "kv": spec.scheme, "kv_mode": spec.mode, "first_token": spec.first_token, "kv_residual": spec.residual,
+            # the element type the cache's unquantized values are held in (kv_bytes counts them in it)
+            "kv_dtype": eng.kv_dtype_name() if hasattr(eng, "kv_dtype_name") else None,
         }
         self.last_first_logits = first_logits
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -269,6 +276,7 @@ class VLMPipeline:
             "v_bits": self.spec.v_bits,
             "kv_mode": self.spec.mode,
             "first_token": self.spec.first_token,
+            "kv_residual": self.spec.residual,
             "kv_spec": self.spec.to_dict(),
             "conversation": self.conversation,
             "model_path": str(self.path.resolve()),

@@ -31,11 +31,14 @@ class RunConfig:
     text_only: bool = False
     ov_group_size: int | None = None
     ov_key_by_channel: bool = False
+    kv_residual: int | None = None
 
-    def bits(self) -> tuple[int, int]:
-        """K and V bits: ``--k-bits`` / ``--v-bits`` override ``--kv-bits`` (default 4)."""
-        base = 4 if self.kv_bits is None else self.kv_bits
-        return (base if self.k_bits is None else self.k_bits, base if self.v_bits is None else self.v_bits)
+    def bits(self) -> tuple[int | None, int | None]:
+        """K and V bits: ``--k-bits`` / ``--v-bits`` override ``--kv-bits`` (default 4); None for fp16 and
+        ov-* (which refuse any bit option: ``kvspec.resolve_bits``)."""
+        from kvtool.runtime.kvspec import resolve_bits
+
+        return resolve_bits(self.kv, self.kv_bits, self.k_bits, self.v_bits)
 
 
 def run_once(cfg: RunConfig, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -56,7 +59,7 @@ def run_once(cfg: RunConfig, on_text: Callable[[str], None] | None = None) -> di
     pipe = VLMPipeline.load(cfg.model, backend=cfg.backend, device=cfg.device, kv=cfg.kv, k_bits=k_bits,
                             v_bits=v_bits, kv_mode=cfg.kv_mode, first_token=cfg.first_token,
                             conversation=cfg.conversation, ov_group_size=cfg.ov_group_size,
-                            ov_key_by_channel=cfg.ov_key_by_channel)
+                            ov_key_by_channel=cfg.ov_key_by_channel, kv_residual=cfg.kv_residual)
     images = loaded if len(loaded) != 1 else loaded[0]
     try:
         out = pipe.generate(images or None, cfg.prompt, max_new_tokens=cfg.max_new_tokens,

@@ -70,3 +70,73 @@ def test_json_output_is_pure_json(tiny_model, tmp_path):
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["manifest"]["weights"]["bits"] == 4 and {g["role"] for g in d["graphs"]} >= {"language_model"}
+
+
+def test_export_into_another_export_is_refused_without_force(fake_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # any other file is no export: allowed
+    code, lines = run(str(fake_ckpt), "-o", str(out))
+    assert code == 2 and "supported model types" in lines[0]  # past the check: refused for the model
+    (out / "kvtool.json").write_text("{}")
+    (out / "openvino_language_model.xml").write_text("<net/>")
+    code, lines = run(str(fake_ckpt), "-o", str(out))
+    assert code == 2 and lines == [f"error: --output {out}: holds another export (kvtool.json); pass --force to "
+                                   f"replace it, or choose another directory"]
+    code, lines = run(str(fake_ckpt), "-o", str(out), "--force")  # past the check: refused for the model
+    assert code == 2 and len(lines) == 1 and "supported model types" in lines[0]
+
+
+def test_onnxruntime_is_the_onnx_backend(fake_ckpt, tmp_path):
+    from kvtool.export import ExportConfig
+
+    cfg = ExportConfig(model=str(fake_ckpt), output=str(tmp_path / "o"), backend="onnxruntime")
+    cfg.validate()
+    assert cfg.backend == "onnx"
+    code, lines = run(str(fake_ckpt), "-o", str(tmp_path / "o"), "--backend", "onnxruntime", "--stateful")
+    assert lines == ["error: --stateful: only the openvino backend has a stateful export"]
+
+
+def test_library_chatter_only_with_verbose(capfd, caplog):
+    """The lines optimum-intel, OpenVINO's frontend, transformers and torch log during an export (their own
+    loggers, even after optimum's converter resets ``logging.disable``), warnings and prints are dropped
+    unless verbose; kvtool's own stream stays the real stderr."""
+    import logging
+    import warnings
+
+    from kvtool.export.pipeline import library_output
+
+    lines = ("may have potential accuracy issues", "Failed to build model wrapper.", "loss_type=None",
+             "No CUDA runtime is found")
+
+    def chatter():
+        logging.disable(logging.NOTSET)  # what optimum's convert does half-way
+        logging.getLogger("optimum.exporters.openvino.model_configs").warning(
+            "Model type 'llava' may have potential accuracy issues with OpenVINO >= 2026.1.0.")
+        logging.getLogger("openvino.frontend.pytorch.utils").error("Failed to build model wrapper.")
+        logging.getLogger("transformers.modeling_utils").warning("`loss_type=None` was set in the config")
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found")
+        warnings.warn("a tracer warning", UserWarning, stacklevel=1)
+        print("library print")
+
+    capfd.readouterr()
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with library_output(verbose=False) as own:
+            chatter()
+            print("kvtool bar", file=own)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "kvtool bar\n" and not seen
+    assert not [r for r in caplog.records if any(x in r.getMessage() for x in lines)]
+    names = ("optimum.exporters.openvino.model_configs", "openvino.frontend.pytorch.utils",
+             "transformers.modeling_utils", "torch.utils.cpp_extension")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with library_output(verbose=True):
+            chatter()
+            assert all(logging.getLogger(n).isEnabledFor(logging.WARNING) for n in names)
+    out, err = capfd.readouterr()
+    assert out == "" and "library print" in err  # stdout stays kvtool's (--json)
+    assert [str(w.message) for w in seen] == ["a tracer warning"]
+    assert logging.getLogger("optimum").level != logging.CRITICAL + 1  # levels restored

@@ -13,6 +13,11 @@ from tests.runtime.helpers import QUESTION, hf_greedy, random_image
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+# exact parity with transformers' fp32 generate needs the cache held in fp32 too (kv="fp16" is held in fp16 by
+# default: tests/runtime/test_kv_options.py)
+F32 = {"kv_precision": "f32"}
+
+
 def _check(pipe, model_dir, image, steps=6):
     ids, _, logits = hf_greedy(model_dir, image, QUESTION, max_new_tokens=steps)
     out = pipe.generate(image, QUESTION, max_new_tokens=steps, keep_logits=True)
@@ -31,7 +36,7 @@ def test_torch_engine_matches_hf_generate(tiny_model, name):
 
 def test_onnxruntime_engine_matches_hf_generate(exported, tiny_model):
     out_dir = exported("tiny-llava", "onnx", 16, "fp32")
-    pipe = VLMPipeline.load(out_dir)
+    pipe = VLMPipeline.load(out_dir, **F32)
     assert pipe.engine.backend == "onnxruntime" and pipe.info()["engine"]["new_kv_outputs"]
     _check(pipe, tiny_model("tiny-llava"), random_image())
     # the same quantized cache as the OpenVINO / torch engines
@@ -43,7 +48,7 @@ def test_onnxruntime_engine_matches_hf_generate(exported, tiny_model):
 
 def test_onnxruntime_engine_matches_hf_generate_on_qwen2_vl(exported, tiny_model):
     # vision graph + merger (rotary embedding and block mask built here), 3-D rope prompt positions, n + delta
-    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "onnx", 16, "fp32"))
+    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "onnx", 16, "fp32"), **F32)
     _check(pipe, tiny_model("tiny-qwen2-vl"), random_image(3, (70, 110)))
     ref = VLMPipeline.load(tiny_model("tiny-qwen2-vl"), backend="torch")  # text-only (HallusionBench has some)
     a = ref.generate(None, "Say hi.", max_new_tokens=4, text_only=True, keep_logits=True)
@@ -55,7 +60,7 @@ def test_onnxruntime_engine_matches_hf_generate_on_qwen2_vl(exported, tiny_model
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_graph_engines_match_hf_generate_on_llava_next(exported, tiny_model, backend):
-    pipe = VLMPipeline.load(exported("tiny-llava-next", backend, 16, "fp32"))
+    pipe = VLMPipeline.load(exported("tiny-llava-next", backend, 16, "fp32"), **F32)
     out = _check(pipe, tiny_model("tiny-llava-next"), random_image(3, (70, 110)))
     assert out.stats["prompt_tokens"] > 300  # anyres tiles + newlines really went through
 
@@ -64,7 +69,7 @@ def test_graph_engines_match_hf_generate_on_llava_next(exported, tiny_model, bac
 def test_openvino_kv_compression_on_the_stateful_export(exported, tiny_model):
     out_dir = exported("tiny-llava", "openvino", 16, "fp32", stateful=True)
     img = random_image()
-    ref = VLMPipeline.load(out_dir)  # stateful, fp KV
+    ref = VLMPipeline.load(out_dir, **F32)  # stateful, fp KV
     _check(ref, tiny_model("tiny-llava"), img)
     diffs = {}
     for kv in ("ov-u8", "ov-u4"):
@@ -82,6 +87,6 @@ def test_openvino_kv_compression_on_the_stateful_export(exported, tiny_model):
 
 
 def test_openvino_engine_matches_hf_generate_on_qwen2_vl(exported, tiny_model):
-    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "openvino", 16, "fp32"))
+    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "openvino", 16, "fp32"), **F32)
     assert pipe.engine.backend == "openvino"
     _check(pipe, tiny_model("tiny-qwen2-vl"), random_image(3, (70, 110)))

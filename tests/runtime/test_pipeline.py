@@ -39,7 +39,7 @@ def test_torch_engine_matches_hf_generate(llava, reference):
 
 
 def test_openvino_engine_matches_hf_generate(llava_ov, reference):
-    pipe = VLMPipeline.load(llava_ov)
+    pipe = VLMPipeline.load(llava_ov, kv_precision="f32")  # exact parity: the cache in fp32 like the reference
     out = pipe.generate(random_image(), QUESTION, max_new_tokens=8, keep_logits=True)
     assert pipe.engine.backend == "openvino" and out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)

@@ -29,7 +29,7 @@ def stateful(exported):
 @pytest.mark.parametrize("owner", ["kvtool", "paged"])
 def test_fp16_owned_by_kvtool_matches_hf_generate(llava, stateful, owner):
     ids, _, logits = hf_greedy(llava, random_image(), QUESTION, max_new_tokens=6)
-    pipe = VLMPipeline.load(stateful, kv_owner=owner)
+    pipe = VLMPipeline.load(stateful, kv_owner=owner, kv_precision="f32")  # exact parity: fp32 like the reference
     out = pipe.generate(random_image(), QUESTION, max_new_tokens=6, keep_logits=True)
     info = pipe.info()["engine"]
     assert info["kv_owner"] == owner and info.get("state_writes", 0) == info.get("token_writes", 0) == 0

@@ -111,8 +111,12 @@ class GraphEngine:
     def kv_nbytes(self) -> tuple[int, int]:
         return self.kv.nbytes, self.kv.fp16_nbytes
 
+    def kv_dtype_name(self) -> str:
+        """The element type kvtool holds the KV cache's unquantized values in (numpy name)."""
+        return np.dtype(self.kv_dtype).name
+
     def info(self) -> dict:
-        return {"kv_dtype": np.dtype(self.kv_dtype).name}
+        return {"kv_dtype": self.kv_dtype_name()}
 
     # -- internals -----------------------------------------------------------------------------------
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -3,8 +3,10 @@ KV cache held by kvtool (``GraphKVCache``).
 
 At load time the language-model graph is edited in memory (written here; onnxruntime has no such tool):
 each ``present.{i}.key|value`` output produced by ``Concat(past, new)`` is re-pointed at ``new`` alone and
-``logits`` at its last position, so a step copies out only what the caller stores. It does not export,
-and it does not support OpenVINO's ``ov-u8``/``ov-u4`` KV compression.
+``logits`` at its last position, so a step copies out only what the caller stores. With ``kv_precision="f16"``
+(the default for ``kv="fp16"``) the past inputs and present outputs are also cast at the graph boundary, so
+kvtool holds the cache in float16 whatever the graph computes in. It does not export, and it does not support
+OpenVINO's ``ov-u8``/``ov-u4`` KV compression.
 """
 
 from __future__ import annotations
@@ -58,6 +60,33 @@ def _lm_only_new(model, outputs: list[str]) -> bool:
     return all_new
 
 
+def _kv_boundary_f16(model, past: list[str], present: list[str]) -> None:
+    """Edit ``model`` in place so the ``past`` inputs are taken and the ``present`` outputs given as float16,
+    cast to / from the graph's own KV element type inside the graph (no-op where that already is float16)."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    for inp in g.input:
+        elem = inp.type.tensor_type.elem_type
+        if inp.name not in past or elem == TensorProto.FLOAT16:
+            continue
+        inner = f"kvtool_cast_{inp.name}"
+        for n in g.node:
+            n.input[:] = [inner if x == inp.name else x for x in n.input]
+        inp.type.tensor_type.elem_type = TensorProto.FLOAT16
+        g.node.insert(0, helper.make_node("Cast", [inp.name], [inner], to=elem))
+    for out in g.output:
+        elem = out.type.tensor_type.elem_type
+        if out.name not in present or elem == TensorProto.FLOAT16:
+            continue
+        inner = f"kvtool_uncast_{out.name}"
+        for n in g.node:
+            n.output[:] = [inner if x == out.name else x for x in n.output]
+            n.input[:] = [inner if x == out.name else x for x in n.input]
+        out.type.tensor_type.elem_type = TensorProto.FLOAT16
+        g.node.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT16))
+
+
 def _token_major_past(model, names: list[str]) -> None:
     """Edit ``model`` in place so each past input is taken as ``[N, H, D]`` (transposed back to ``[1, H, N, D]``
     inside the graph), letting the caller's token-major buffers feed it without a copy."""
@@ -88,8 +117,14 @@ class ONNXEngine(GraphEngine):
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPUExecutionProvider", manifest=None,
-                 threads: int | None = None):
+                 threads: int | None = None, kv_precision: str | None = None):
+        """``kv_precision``: ``f16`` casts the KV at the graph boundary so kvtool holds it in float16 (the
+        default for ``kv="fp16"``, as named); ``f32`` (or None for a quantizing scheme) keeps the graph's own KV
+        element type."""
+        if kv_precision not in (None, "f16", "f32"):
+            raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         self.threads = threads
+        self.kv_precision = kv_precision or ("f16" if spec.is_fp else None)
         super().__init__(path, spec, device, manifest)
 
     def _session(self, model):
@@ -117,6 +152,9 @@ class ONNXEngine(GraphEngine):
         self.past_names = self._stateless_past_names("expected a stateless export with past_key_values inputs")
         model = onnx.load(str(self.path / g.file))  # external data next to the file loads with it
         self.kv_is_new = _lm_only_new(model, list(g.outputs))
+        if self.kv_precision == "f16":
+            _kv_boundary_f16(model, [n for pair in self.past_names for n in pair],
+                             [o for o in g.outputs if o.startswith("present.")])
         _token_major_past(model, [n for pair in self.past_names for n in pair])
         self.token_major = True
         elem = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}

@@ -115,10 +115,13 @@ class OpenVINOEngine(_OpenVINOGraphs):
                  inference_precision: str | None = None, kv_precision: str | None = None,
                  edit_graph: bool = True):
         """``inference_precision``: OpenVINO's INFERENCE_PRECISION_HINT (default f32 for fp32 exports, else
-        the device's own); ``kv_precision``: element type of the KV inputs/outputs ("f16" halves the bytes
-        crossing each step); ``edit_graph=False`` runs the graph as exported (for benchmarks of the levers)."""
+        the device's own); ``kv_precision``: element type of the KV inputs/outputs, i.e. what kvtool holds
+        ("f16" halves the bytes crossing each step; the default for ``kv="fp16"``, as named, else the graph's
+        own type); ``edit_graph=False`` runs the graph as exported (for benchmarks of the levers)."""
+        if kv_precision not in (None, "f16", "f32"):
+            raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         self.inference_precision = inference_precision
-        self.kv_precision = kv_precision
+        self.kv_precision = kv_precision or ("f16" if spec.is_fp else None)
         self.edit_graph = edit_graph
         super().__init__(path, spec, device, manifest)
 
@@ -129,7 +132,7 @@ class OpenVINOEngine(_OpenVINOGraphs):
         self._compile_aux_graphs(core)
         model = self._read_language_model(core)
         g = self.manifest.graphs["language_model"]
-        self.past_names = self._stateless_past_names("not a stateless export: export with stateful=False or use "
+        self.past_names = self._stateless_past_names("not a stateless export: export without stateful=True or use "
                                                      "kv='ov-u8'")
         self.kv_is_new = False
         if self.edit_graph:
@@ -178,17 +181,22 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
     home of OpenVINO's own KV compression (``kv="ov-u8"|"ov-u4"``). kvtool holds no KV here."""
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
-                 inference_precision: str | None = None):
+                 inference_precision: str | None = None, kv_precision: str | None = None):
+        """``kv_precision``: the states' precision for ``kv="fp16"``, f16 (the default, as named) or f32."""
+        if kv_precision not in (None, "f16", "f32"):
+            raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
+        if kv_precision and not spec.is_fp:
+            raise InputError(f"kv_precision: applies to kv=fp16; {spec.scheme} sets OpenVINO's own precision")
         self.inference_precision = inference_precision
+        self.kv_precision = kv_precision
         self.n_tokens = 0
         super().__init__(path, spec, device, manifest)
 
     def _config(self) -> dict:
         cfg = self._base_config()
-        prec = cfg.get("INFERENCE_PRECISION_HINT")
         s = self.spec
-        if s.scheme == "fp16":
-            cfg["KV_CACHE_PRECISION"] = "f32" if prec == "f32" else "f16"
+        if s.scheme == "fp16":  # held in fp16 as named, whatever the inference precision
+            cfg["KV_CACHE_PRECISION"] = self.kv_precision or "f16"
         elif s.scheme == "ov-u8":
             cfg["KV_CACHE_PRECISION"] = "u8"
         else:
@@ -232,13 +240,25 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         self.n_tokens += t
         return self.lm_req.get_tensor("logits").data[0, -1].copy()
 
+    def kv_dtype_name(self) -> str:
+        """The KV precision the compiled model really holds its states in (OpenVINO's property, which may
+        differ from the one asked), as a numpy-style name (u8 / u4 for OpenVINO's own compression)."""
+        try:
+            prec = str(self.lm.get_property("KV_CACHE_PRECISION"))
+        except RuntimeError:  # a plugin without the property holds what was asked
+            prec = self._config().get("KV_CACHE_PRECISION", "f32")
+        prec = prec.replace("<Type: '", "").replace("'>", "").strip().lower()
+        return {"f32": "float32", "float32": "float32", "f16": "float16", "float16": "float16",
+                "bf16": "bfloat16", "bfloat16": "bfloat16"}.get(prec, prec)
+
     def kv_nbytes(self) -> tuple[int, int]:
         from kvtool.runtime.kvspec import ov_kv_nbytes
 
         fp16 = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.n_tokens * 2
         if self.spec.is_ov:
             return ov_kv_nbytes(self.spec, self.num_layers, self.num_kv_heads, self.head_dim, self.n_tokens), fp16
-        return fp16, fp16
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[self.kv_dtype_name()]
+        return fp16 // 2 * itemsize, fp16  # the states, in the precision they are held in
 
     def info(self) -> dict:
-        return {"config": self._config(), "stateful": True}
+        return {"config": self._config(), "stateful": True, "kv_dtype": self.kv_dtype_name()}

@@ -47,8 +47,8 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
 
     def _config(self) -> dict:
         cfg = self._base_config()
-        cfg["KV_CACHE_PRECISION"] = self.kv_precision or (
-            "f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32" else "f16")
+        cfg["KV_CACHE_PRECISION"] = self.kv_precision or (  # kv="fp16" is held in f16, as named
+            "f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32" and not self.spec.is_fp else "f16")
         return cfg
 
     def _load_graphs(self) -> None:

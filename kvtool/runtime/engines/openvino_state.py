@@ -68,8 +68,9 @@ class OpenVINOStateOwnedEngine(_OpenVINOGraphs):
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
                  inference_precision: str | None = None, kv_precision: str | None = None):
-        """``kv_precision``: the states' element type (``KV_CACHE_PRECISION``): f32 or f16; default f32 when
-        inference runs in f32, else f16 (never OpenVINO's u8, which would quantize on top of kvtool)."""
+        """``kv_precision``: the states' element type (``KV_CACHE_PRECISION``): f32 or f16; default f16 for
+        ``kv="fp16"`` (as named), else f32 when inference runs in f32, else f16 (never OpenVINO's u8, which
+        would quantize on top of kvtool)."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         self.inference_precision = inference_precision
@@ -80,7 +81,8 @@ class OpenVINOStateOwnedEngine(_OpenVINOGraphs):
 
     def _config(self) -> dict:
         cfg = self._base_config()
-        prec = self.kv_precision or ("f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32" else "f16")
+        prec = self.kv_precision or ("f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32"
+                                     and not self.spec.is_fp else "f16")
         cfg["KV_CACHE_PRECISION"] = prec
         return cfg
 

@@ -94,5 +94,9 @@ class TorchEngine:
     def kv_nbytes(self) -> tuple[int, int]:
         return torch_cache_nbytes(self.cache, self.spec, self.num_layers, self.num_kv_heads, self.head_dim)
 
+    def kv_dtype_name(self) -> str:
+        """The cache holds K/V in the model's dtype (float32 on CPU: the fp32 reference), whatever ``kv``."""
+        return str(self.dtype).replace("torch.", "")
+
     def info(self) -> dict:
-        return {"dtype": str(self.dtype).replace("torch.", "")}
+        return {"dtype": str(self.dtype).replace("torch.", ""), "kv_dtype": self.kv_dtype_name()}
