@@ -10,7 +10,7 @@
 //   decode_attention(q, out, kside, vside, scale, threads)
 //       softmax(q K^T * scale) V for one decode step straight from packed codes + params (+ fp16
 //       residual), GQA, threads over (batch, kv head). See _native_impl.h and kvtool/quant_ops/attention.py.
-//   isa() -> "avx2+f16c" or "baseline": the code path cpuid picked.
+//   isa() -> "avx2+fma+f16c" or "baseline": the code path cpuid picked.
 //
 // Plain CPython API + the buffer protocol (numpy arrays; torch CPU tensors via .numpy()), no numpy headers,
 // so the build needs only a C++ compiler. The GIL is released while a kernel runs.
@@ -91,7 +91,7 @@ namespace k_base {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,f16c")
+#pragma GCC target("avx2,fma,f16c")
 #define KV_IMPL_AVX2 1
 namespace k_avx2 {
 #include "_native_impl.h"
@@ -109,7 +109,7 @@ bool use_avx2() {
     if (v < 0) {
         __builtin_cpu_init();
         const char* force = getenv("KVTOOL_NATIVE_ISA");  // "baseline": skip the AVX2 path (tests)
-        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
             !(force && strcmp(force, "baseline") == 0);
     }
     return v != 0;
@@ -378,7 +378,7 @@ PyObject* py_decode_attention(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
-PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2+f16c" : "baseline"); }
+PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2+fma+f16c" : "baseline"); }
 
 PyObject* py_openmp(PyObject*, PyObject*) {
 #ifdef _OPENMP

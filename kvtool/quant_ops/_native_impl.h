@@ -488,11 +488,28 @@ static inline float exp_neg(float x) {
     return p * u.f;
 }
 
+// multiply-add of the attention loops: fused on the AVX2+FMA path (the quantizers never use it: eq. (2)
+// is a separate multiply and add, and the build forbids contraction).
+#ifdef KV_IMPL_AVX2
+#define KV_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define KV_MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 static inline float dot(const float* a, const float* b, long n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (long i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
+    float s0 = 0.0f, s1 = 0.0f;
+    long i = 0;
+    if (n % 16 == 0) {  // two independent accumulator vectors
+#pragma omp simd reduction(+ : s0, s1)
+        for (i = 0; i < n / 2; ++i) {
+            s0 = KV_MADD(a[i], b[i], s0);
+            s1 = KV_MADD(a[i + n / 2], b[i + n / 2], s1);
+        }
+        return s0 + s1;
+    }
+#pragma omp simd reduction(+ : s0)
+    for (i = 0; i < n; ++i) s0 = KV_MADD(a[i], b[i], s0);
+    return s0;
 }
 
 static inline void side_params(const Side& s, long b, long h, long n, long seg, float* d, float* m) {
@@ -513,6 +530,87 @@ static inline void resid_row(const Side& s, long b, long h, long r, long D, floa
     const char* p = (const char*)s.resid + (b * s.rs[0] + h * s.rs[1] + r * s.rs[2]) * (s.r16 ? 2 : 4);
     row_ld(p, 0, s.r16, dst, D);
 }
+
+#ifdef KV_IMPL_AVX2
+// ---- AVX2+FMA tiles of the two KIVI layouts: per-channel K scores, per-token V accumulation -----------
+// A tile's bytes are loaded once per 8 columns and every token of the tile is shifted out of them in
+// registers; RB query heads share each unpacked code vector.
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+template <int BITS>
+static inline void tile_codes(__m256i w, __m256* c) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+#pragma GCC unroll 4
+    for (long i = 0; i < P; ++i)
+        c[i] = _mm256_cvtepi32_ps(BITS == 8 ? w : _mm256_and_si256(_mm256_srli_epi32(w, BITS * (int)i), mask));
+}
+
+// s[r][n] = c0[r] + qf[r] . codes_n for the whole tiles of tokens [n0, n1) of a per-channel K group
+template <int BITS>
+static void k_scores_tiles(const Side& K, long b, long h, long n0, long n1, long D, long rep, long N,
+                           const float* qf, const float* c0, float* s) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    constexpr long RB = P >= 4 ? 2 : 4;
+    for (long n = n0; n < n1; n += P) {
+        const unsigned char* row = K.codes + b * K.cs[0] + h * K.cs[1] + (n / P) * K.cs[2];
+        for (long r0 = 0; r0 < rep; r0 += RB) {
+            const long rb = rep - r0 < RB ? rep - r0 : RB;
+            __m256 acc[RB][P];
+            for (long r = 0; r < RB; ++r)
+                for (long i = 0; i < P; ++i) acc[r][i] = _mm256_setzero_ps();
+            for (long d = 0; d < D; d += 8) {
+                __m256 c[P];
+                tile_codes<BITS>(load_bytes8(row + d), c);
+#pragma GCC unroll 4
+                for (long r = 0; r < RB; ++r) {
+                    if (r >= rb) break;
+                    const __m256 qv = _mm256_loadu_ps(qf + (r0 + r) * D + d);
+#pragma GCC unroll 4
+                    for (long i = 0; i < P; ++i) acc[r][i] = _mm256_fmadd_ps(qv, c[i], acc[r][i]);
+                }
+            }
+            for (long r = 0; r < rb; ++r)
+                for (long i = 0; i < P; ++i) s[(r0 + r) * N + n + i] = c0[r0 + r] + hsum8(acc[r][i]);
+        }
+    }
+}
+
+// acc[r] += sum_n (p_rn delta_n) codes_n, bias[r*D] += sum_n p_rn min_n over whole tiles [0, n1) of a
+// per-token V side whose heads have one (delta, min) per token (g a multiple of D)
+template <int BITS>
+static void v_tokens_tiles(const Side& V, long b, long h, long n1, long D, long rep, long N, const float* s,
+                           float* acc, float* bias) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    float w[64 * 4];
+    for (long n = 0; n < n1; n += P) {
+        for (long i = 0; i < P; ++i) {
+            float dj, mj;
+            side_params(V, b, h, n + i, 0, &dj, &mj);
+            for (long r = 0; r < rep; ++r) {
+                const float p = s[r * N + n + i];
+                w[r * P + i] = p * dj;
+                bias[r * D] += p * mj;
+            }
+        }
+        const unsigned char* row = V.codes + b * V.cs[0] + h * V.cs[1] + (n / P) * V.cs[2];
+        for (long d = 0; d < D; d += 8) {
+            __m256 c[P];
+            tile_codes<BITS>(load_bytes8(row + d), c);
+            for (long r = 0; r < rep; ++r) {
+                __m256 a = _mm256_loadu_ps(acc + r * D + d);
+#pragma GCC unroll 4
+                for (long i = 0; i < P; ++i) a = _mm256_fmadd_ps(_mm256_set1_ps(w[r * P + i]), c[i], a);
+                _mm256_storeu_ps(acc + r * D + d, a);
+            }
+        }
+    }
+}
+#endif
 
 // One (batch row, kv head): its `rep` query heads. work: scratch of at least rep*N + (6*rep + 4)*D floats.
 static void attention_task(const AArgs& a, long b, long h, float* work) {
@@ -542,7 +640,16 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
                 for (long d = 0; d < D; ++d) qf[r * D + d] = qs[r * D + d] * cf[d];
                 c0[r] = dot(qs + r * D, tmp, D);
             }
-            for (long n = gi * K.g; n < (gi + 1) * K.g; ++n) {
+            long n = gi * K.g;
+#ifdef KV_IMPL_AVX2
+            if (D % 8 == 0 && K.bits != 3 && K.g % tile_tokens(K.bits) == 0) {
+                if (K.bits == 2) k_scores_tiles<2>(K, b, h, n, n + K.g, D, rep, N, qf, c0, s);
+                else if (K.bits == 4) k_scores_tiles<4>(K, b, h, n, n + K.g, D, rep, N, qf, c0, s);
+                else k_scores_tiles<8>(K, b, h, n, n + K.g, D, rep, N, qf, c0, s);
+                n += K.g;
+            }
+#endif
+            for (; n < (gi + 1) * K.g; ++n) {
                 side_codes(K, b, h, n, D, cf);
                 for (long r = 0; r < rep; ++r) s[r * N + n] = c0[r] + dot(qf + r * D, cf, D);
             }
@@ -596,7 +703,7 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
                 for (long r = 0; r < rep; ++r) {
                     const float p = s[r * N + n];
                     float* q = qf + r * D;
-                    for (long d = 0; d < D; ++d) q[d] += p * cf[d];
+                    for (long d = 0; d < D; ++d) q[d] = KV_MADD(p, cf[d], q[d]);
                     psum[r] += p;
                 }
             }
@@ -608,7 +715,18 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
         }
     } else if (V.mode == 1) {  // per-token: the token's delta folds into its weight
         const long ns = V.nseg[h];
-        for (long n = 0; n < V.nq; ++n) {
+        long n = 0;
+#ifdef KV_IMPL_AVX2
+        const long P = tile_tokens(V.bits);
+        if (D % 8 == 0 && V.bits != 3 && ns == 1 && rep * P <= 256) {
+            const long n1 = V.nq / P * P;
+            if (V.bits == 2) v_tokens_tiles<2>(V, b, h, n1, D, rep, N, s, acc, bias);
+            else if (V.bits == 4) v_tokens_tiles<4>(V, b, h, n1, D, rep, N, s, acc, bias);
+            else v_tokens_tiles<8>(V, b, h, n1, D, rep, N, s, acc, bias);
+            n = n1;
+        }
+#endif
+        for (; n < V.nq; ++n) {
             side_codes(V, b, h, n, D, cf);
             for (long j = 0; j < ns; ++j) {
                 const SegEntry& e = V.seg[h * V.nseg_max + j];
@@ -618,7 +736,7 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
                     const float p = s[r * N + n];
                     const float w = p * dj;
                     float* o = acc + r * D;
-                    for (long d = e.d0; d < e.d1; ++d) o[d] += w * cf[d];
+                    for (long d = e.d0; d < e.d1; ++d) o[d] = KV_MADD(w, cf[d], o[d]);
                     bias[r * D + j] += p * mj;
                 }
             }
@@ -634,7 +752,7 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
         for (long r = 0; r < rep; ++r) {
             const float p = s[r * N + n];
             float* o = acc + r * D;
-            for (long d = 0; d < D; ++d) o[d] += p * cf[d];
+            for (long d = 0; d < D; ++d) o[d] = KV_MADD(p, cf[d], o[d]);
         }
     }
     for (long r = 0; r < rep; ++r) {
