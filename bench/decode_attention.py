@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -41,52 +42,66 @@ def _times_ms(fn, repeats: int) -> tuple[list[float], list[float]]:
     return cpu, wall
 
 
+def _cases(n: int, args, rng) -> tuple[dict, dict, int]:
+    """The timed callables for N = n tokens, the bytes each fused case reads, and the f16 cache's bytes."""
+    import numpy as np
+    import torch
+
+    from kvtool.quant_ops import QuantizedKVStore
+    from kvtool.quant_ops.attention import attention_path, decode_attention, sdpa_reference
+
+    h, hq, d = args.kv_heads, args.heads, args.head_dim
+    k = rng.standard_normal((1, h, n, d), dtype=np.float32)
+    k[:, :, :, rng.choice(d, 4, replace=False)] *= 20.0
+    k = k.astype(np.float16)
+    v = rng.standard_normal((1, h, n, d), dtype=np.float32).astype(np.float16)
+    q = rng.standard_normal((1, hq, d), dtype=np.float32)
+    kt, vt = torch.from_numpy(k), torch.from_numpy(v)
+    kt32, vt32 = kt.float(), vt.float()
+    qt = torch.from_numpy(q).view(1, hq, 1, d)
+    qt16 = qt.half()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = hq != h
+    cases = {
+        "torch sdpa f16": lambda: sdpa(qt16, kt, vt, enable_gqa=gqa),
+        "torch sdpa f32": lambda: sdpa(qt, kt32, vt32, enable_gqa=gqa),
+        "numpy sdpa f16": lambda: sdpa_reference(q, k, v, 1 / d**0.5),
+    }
+    held = {}
+    for i, (scheme, bits) in enumerate(args.configs):
+        store = QuantizedKVStore(scheme, bits, bits)
+        store.append(k, v)
+        assert attention_path(store)[0] == "native", attention_path(store)
+        name = f"fused {scheme} {bits}-bit"
+        held[name] = store.nbytes
+        cases[name] = (lambda s=store: decode_attention(q, s, threads=args.threads))
+        if i == 0:
+            st_t = QuantizedKVStore(scheme, bits, bits)
+            st_t.append(kt, vt)
+            kb, vb = torch.empty_like(kt), torch.empty_like(vt)
+
+            def deq_sdpa(st=st_t, kb=kb, vb=vb):
+                kk, vv = st.dequantize(out=(kb, vb), incremental=False)
+                return sdpa(qt16, kk, vv, enable_gqa=gqa)
+
+            cases[f"dequantize + torch sdpa ({scheme} {bits}-bit)"] = deq_sdpa
+    return cases, held, 2 * k.nbytes
+
+
 def run(args) -> dict:
     import numpy as np
     import torch
     from tqdm import tqdm
 
     from kvtool.quant_ops import QuantizedKVStore, native
-    from kvtool.quant_ops.attention import attention_path, decode_attention, sdpa_reference
+    from kvtool.quant_ops.attention import decode_attention
 
     torch.set_num_threads(args.threads)
     h, hq, d = args.kv_heads, args.heads, args.head_dim
     rng = np.random.default_rng(0)
     rows = []
     for n in tqdm(args.tokens, desc="bench decode attention"):
-        k = rng.standard_normal((1, h, n, d), dtype=np.float32)
-        k[:, :, :, rng.choice(d, 4, replace=False)] *= 20.0
-        k = k.astype(np.float16)
-        v = rng.standard_normal((1, h, n, d), dtype=np.float32).astype(np.float16)
-        q = rng.standard_normal((1, hq, d), dtype=np.float32)
-        kt, vt = torch.from_numpy(k), torch.from_numpy(v)
-        kt32, vt32 = kt.float(), vt.float()
-        qt = torch.from_numpy(q).view(1, hq, 1, d)
-        qt16 = qt.half()
-        f16_bytes = 2 * k.nbytes
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        cases = {
-            "torch sdpa f16": lambda: sdpa(qt16, kt, vt, enable_gqa=hq != h),
-            "torch sdpa f32": lambda: sdpa(qt, kt32, vt32, enable_gqa=hq != h),
-            "numpy sdpa f16": lambda: sdpa_reference(q, k, v, 1 / d**0.5),
-        }
-        held = {}
-        for scheme, bits in args.configs:
-            store = QuantizedKVStore(scheme, bits, bits)
-            store.append(k, v)
-            held[f"fused {scheme} {bits}-bit"] = store.nbytes
-            cases[f"fused {scheme} {bits}-bit"] = (lambda s=store: decode_attention(q, s, threads=args.threads))
-            if bits == args.configs[0][1] and scheme == args.configs[0][0]:
-                assert attention_path(store)[0] == "native", attention_path(store)
-                st_t = QuantizedKVStore(scheme, bits, bits)
-                st_t.append(kt, vt)
-                kb, vb = torch.empty_like(kt), torch.empty_like(vt)
-
-                def deq_sdpa(st=st_t, kb=kb, vb=vb):
-                    kk, vv = st.dequantize(out=(kb, vb), incremental=False)
-                    return sdpa(qt16, kk, vv, enable_gqa=hq != h)
-
-                cases[f"dequantize + torch sdpa ({scheme} {bits}-bit)"] = deq_sdpa
+        cases, held, f16_bytes = _cases(n, args, rng)
         cpu: dict[str, list] = {name: [] for name in cases}
         wall: dict[str, list] = {name: [] for name in cases}
         for _ in range(args.rounds):  # interleaved rounds, so every case sees the same machine load
@@ -110,7 +125,7 @@ def run(args) -> dict:
             "repeats": args.repeats, "rounds": args.rounds, "python_call_ms_16_tokens": call_ms,
             "native": native.info(), "torch": torch.__version__, "numpy": np.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}",
-            "rows": rows}
+            "load_average": list(os.getloadavg()), "rows": rows}
 
 
 def markdown(res: dict) -> str:
