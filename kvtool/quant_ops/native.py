@@ -12,13 +12,15 @@ import here) and says why it is not used when it is not:
     quantize_block(x, block, bits, offset) -> (packed, delta, mn)
     dequantize_packed(packed, bits, block, delta, mn, out) -> out
 
-``KVTOOL_NATIVE=0`` in the environment disables the native path (for comparisons and tests of the fallback).
+``KVTOOL_NATIVE=0`` in the environment (or ``with native.disabled():``) turns the native path off, for
+comparisons and tests of the fallback.
 Results are bit-identical to the numpy path (``affine`` + ``packing``); tests check it. This module does not
 decide groupings (``affine.block_for``) or hold state (``store``); the fused attention is in ``attention``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -39,6 +41,18 @@ def _load():
         return None, f"native extension not built ({e}); reinstall with a C++ compiler (pip install -e .)"
     omp = "OpenMP" if _native.openmp() else "no OpenMP"
     return _native, f"native C++ kernels ({_native.isa()}, {omp})"
+
+
+@contextlib.contextmanager
+def disabled(why: str = "disabled by native.disabled()"):
+    """Within the block, report the native kernels unavailable and run the portable path (comparisons)."""
+    global _load
+    saved = _load
+    _load = lambda: (None, why)  # noqa: E731
+    try:
+        yield
+    finally:
+        _load = saved
 
 
 def available() -> bool:
