@@ -580,21 +580,22 @@ static void k_scores_tiles(const Side& K, long b, long h, long n0, long n1, long
     }
 }
 
-// acc[r] += sum_n (p_rn delta_n) codes_n, bias[r*D] += sum_n p_rn min_n over whole tiles [0, n1) of a
-// per-token V side whose heads have one (delta, min) per token (g a multiple of D)
-template <int BITS>
-static void v_tokens_tiles(const Side& V, long b, long h, long n1, long D, long rep, long N, const float* s,
-                           float* acc, float* bias) {
+// acc[r] += sum_n w_rn codes_n over the whole tiles of tokens [n0, n1) of a V side. PT (per-token V whose
+// heads have one (delta, min) per token, g a multiple of D): w = p delta_n and sums[r * ss] += p min_n;
+// otherwise (per-channel V, one group): w = p and sums[r * ss] += p (delta and min apply per group after).
+template <int BITS, bool PT>
+static void v_tiles(const Side& V, long b, long h, long n0, long n1, long D, long rep, long N, const float* s,
+                    float* acc, float* sums, long ss) {
     constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
     float w[64 * 4];
-    for (long n = 0; n < n1; n += P) {
+    for (long n = n0; n < n1; n += P) {
         for (long i = 0; i < P; ++i) {
-            float dj, mj;
-            side_params(V, b, h, n + i, 0, &dj, &mj);
+            float dj = 1.0f, mj = 1.0f;
+            if (PT) side_params(V, b, h, n + i, 0, &dj, &mj);
             for (long r = 0; r < rep; ++r) {
                 const float p = s[r * N + n + i];
-                w[r * P + i] = p * dj;
-                bias[r * D] += p * mj;
+                w[r * P + i] = PT ? p * dj : p;
+                sums[r * ss] += PT ? p * mj : p;
             }
         }
         const unsigned char* row = V.codes + b * V.cs[0] + h * V.cs[1] + (n / P) * V.cs[2];
@@ -609,6 +610,25 @@ static void v_tokens_tiles(const Side& V, long b, long h, long n1, long D, long 
             }
         }
     }
+}
+
+template <bool PT>
+static bool v_tiles_any(const Side& V, long b, long h, long n0, long n1, long D, long rep, long N,
+                        const float* s, float* acc, float* sums, long ss) {
+    if (D % 8 || V.bits == 3 || rep * tile_tokens(V.bits) > 256 || n0 % tile_tokens(V.bits)) return false;
+    if (V.bits == 2) v_tiles<2, PT>(V, b, h, n0, n1, D, rep, N, s, acc, sums, ss);
+    else if (V.bits == 4) v_tiles<4, PT>(V, b, h, n0, n1, D, rep, N, s, acc, sums, ss);
+    else v_tiles<8, PT>(V, b, h, n0, n1, D, rep, N, s, acc, sums, ss);
+    return true;
+}
+
+static bool k_tiles_any(const Side& K, long b, long h, long n0, long n1, long D, long rep, long N,
+                        const float* qf, const float* c0, float* s) {
+    if (D % 8 || K.bits == 3 || n0 % tile_tokens(K.bits)) return false;
+    if (K.bits == 2) k_scores_tiles<2>(K, b, h, n0, n1, D, rep, N, qf, c0, s);
+    else if (K.bits == 4) k_scores_tiles<4>(K, b, h, n0, n1, D, rep, N, qf, c0, s);
+    else k_scores_tiles<8>(K, b, h, n0, n1, D, rep, N, qf, c0, s);
+    return true;
 }
 #endif
 
@@ -642,12 +662,7 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
             }
             long n = gi * K.g;
 #ifdef KV_IMPL_AVX2
-            if (D % 8 == 0 && K.bits != 3 && K.g % tile_tokens(K.bits) == 0) {
-                if (K.bits == 2) k_scores_tiles<2>(K, b, h, n, n + K.g, D, rep, N, qf, c0, s);
-                else if (K.bits == 4) k_scores_tiles<4>(K, b, h, n, n + K.g, D, rep, N, qf, c0, s);
-                else k_scores_tiles<8>(K, b, h, n, n + K.g, D, rep, N, qf, c0, s);
-                n += K.g;
-            }
+            if (K.g % tile_tokens(K.bits) == 0 && k_tiles_any(K, b, h, n, n + K.g, D, rep, N, qf, c0, s)) n += K.g;
 #endif
             for (; n < (gi + 1) * K.g; ++n) {
                 side_codes(K, b, h, n, D, cf);
@@ -663,7 +678,21 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
                 for (long d = e.d0; d < e.d1; ++d) t += qs[r * D + d];
                 bias[r * D + j] = t;  // sum of q over the segment
             }
-        for (long n = 0; n < K.nq; ++n) {
+        long n = 0;
+#ifdef KV_IMPL_AVX2
+        if (ns == 1) {  // one (delta, min) per token: scores q . codes in tiles, then delta * . + min * sum q
+            const long n1 = K.nq / tile_tokens(K.bits) * tile_tokens(K.bits);
+            for (long r = 0; r < rep; ++r) psum[r] = 0.0f;
+            if (k_tiles_any(K, b, h, 0, n1, D, rep, N, qs, psum, s)) {
+                for (; n < n1; ++n) {
+                    float dj, mj;
+                    side_params(K, b, h, n, 0, &dj, &mj);
+                    for (long r = 0; r < rep; ++r) s[r * N + n] = dj * s[r * N + n] + mj * bias[r * D];
+                }
+            }
+        }
+#endif
+        for (; n < K.nq; ++n) {
             side_codes(K, b, h, n, D, cf);
             for (long r = 0; r < rep; ++r) s[r * N + n] = 0.0f;
             for (long j = 0; j < ns; ++j) {
@@ -698,7 +727,12 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
         for (long gi = 0; gi < V.nq / V.g; ++gi) {
             for (long k = 0; k < rep * D; ++k) qf[k] = 0.0f;
             for (long r = 0; r < rep; ++r) psum[r] = 0.0f;
-            for (long n = gi * V.g; n < (gi + 1) * V.g; ++n) {
+            long n = gi * V.g;
+#ifdef KV_IMPL_AVX2
+            if (V.g % tile_tokens(V.bits) == 0 && v_tiles_any<false>(V, b, h, n, n + V.g, D, rep, N, s, qf, psum, 1))
+                n += V.g;
+#endif
+            for (; n < (gi + 1) * V.g; ++n) {
                 side_codes(V, b, h, n, D, cf);
                 for (long r = 0; r < rep; ++r) {
                     const float p = s[r * N + n];
@@ -717,14 +751,8 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
         const long ns = V.nseg[h];
         long n = 0;
 #ifdef KV_IMPL_AVX2
-        const long P = tile_tokens(V.bits);
-        if (D % 8 == 0 && V.bits != 3 && ns == 1 && rep * P <= 256) {
-            const long n1 = V.nq / P * P;
-            if (V.bits == 2) v_tokens_tiles<2>(V, b, h, n1, D, rep, N, s, acc, bias);
-            else if (V.bits == 4) v_tokens_tiles<4>(V, b, h, n1, D, rep, N, s, acc, bias);
-            else v_tokens_tiles<8>(V, b, h, n1, D, rep, N, s, acc, bias);
-            n = n1;
-        }
+        const long n1 = V.nq / tile_tokens(V.bits) * tile_tokens(V.bits);
+        if (ns == 1 && v_tiles_any<true>(V, b, h, 0, n1, D, rep, N, s, acc, bias, D)) n = n1;
 #endif
         for (; n < V.nq; ++n) {
             side_codes(V, b, h, n, D, cf);

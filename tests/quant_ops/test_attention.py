@@ -167,3 +167,18 @@ def test_tolerance_discriminates():
     ref = _reference(q, kk, vv, 1 / 8)
     assert (np.abs(decode_attention(q, store) - ref) <= tol).all()
     assert not (np.abs(decode_attention(q, store, scale=1.02 / 8) - ref) <= tol).all()
+
+
+def test_baseline_isa():
+    """The portable (non-AVX2) attention code of the same binary passes the same checks."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "KVTOOL_NATIVE_ISA": "baseline", "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "(schemes_and_bits and 2) or gqa or ragged or float16"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
