@@ -288,42 +288,65 @@ static void codes_avx2(const QArgs& a, long b, long h, long t0, long t1, long p0
     }
 }
 
-template <typename TP, typename TO>
-static void dequantize_avx2(const DArgs& a) {
+template <typename TP, typename TO, int BITS, bool PERCOL>
+static void dequantize_avx2_t(const DArgs& a) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 3 ? 8 : BITS == 4 ? 2 : 1;
     const long B = a.out.n[0], H = a.out.n[1], T = a.out.n[2], L = a.out.n[3];
-    const long bt = a.bt, bl = a.bl, P = tile_tokens(a.bits), R = tile_rows(a.bits);
-    const int bits = a.bits;
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const long bt = a.bt, bl = a.bl, R = tile_rows(BITS);
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    const TP* dp[P];
+    const TP* mp[P];
+    TO* op[P];
     for (long b = 0; b < B; ++b)
         for (long h = 0; h < H; ++h)
             for (long tile = 0; tile * P < T; ++tile) {
                 const unsigned char* row = (const unsigned char*)a.packed.at(b, h, tile * R, 0);
                 const long n = T - tile * P < P ? T - tile * P : P;
-                const TP* dp[8];
-                const TP* mp[8];
-                TO* op[8];
                 for (long i = 0; i < n; ++i) {
                     const long t = tile * P + i, pr = t / bt;
                     dp[i] = (const TP*)a.delta.at(b, h / a.bh, pr, 0);
                     mp[i] = (const TP*)a.mn.at(b, h / a.bh, pr, 0);
                     op[i] = (TO*)a.out.at(b, h, t, 0);
                 }
+                __m256 dg[P], mg[P];  // per-token groups: the group's params, broadcast once per group
                 for (long c = 0; c < L; c += 8) {
+                    if (!PERCOL && c % bl == 0)
+                        for (long i = 0; i < n; ++i) {
+                            dg[i] = _mm256_set1_ps(ld1(dp[i] + c / bl));
+                            mg[i] = _mm256_set1_ps(ld1(mp[i] + c / bl));
+                        }
                     __m256i w = load_bytes8(row + c);
-                    if (bits == 3)
+                    if (BITS == 3)
                         w = _mm256_or_si256(w, _mm256_or_si256(
                             _mm256_slli_epi32(load_bytes8(row + a.packed.s[2] + c), 8),
                             _mm256_slli_epi32(load_bytes8(row + 2 * a.packed.s[2] + c), 16)));
-                    for (long i = 0; i < n; ++i) {
-                        const __m256 d = bl == 1 ? ld8(dp[i] + c) : _mm256_set1_ps(ld1(dp[i] + c / bl));
-                        const __m256 m = bl == 1 ? ld8(mp[i] + c) : _mm256_set1_ps(ld1(mp[i] + c / bl));
-                        __m256i q = bits == 8 ? w : _mm256_and_si256(
-                            _mm256_srl_epi32(w, _mm_cvtsi32_si128(bits * (int)i)), mask);
-                        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
-                        st8(op[i] + c, _mm256_add_ps(v, m));
+#pragma GCC unroll 8
+                    for (long i = 0; i < P; ++i) {
+                        if (i >= n) break;
+                        const __m256 d = PERCOL ? ld8(dp[i] + c) : dg[i];
+                        const __m256 m = PERCOL ? ld8(mp[i] + c) : mg[i];
+                        const __m256i q = BITS == 8 ? w : _mm256_and_si256(_mm256_srli_epi32(w, BITS * (int)i), mask);
+                        const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m);
+                        st8(op[i] + c, v);
                     }
                 }
             }
+}
+
+template <typename TP, typename TO, int BITS>
+static void dequantize_avx2_b(const DArgs& a) {
+    if (a.bl == 1) dequantize_avx2_t<TP, TO, BITS, true>(a);
+    else dequantize_avx2_t<TP, TO, BITS, false>(a);
+}
+
+template <typename TP, typename TO>
+static void dequantize_avx2(const DArgs& a) {
+    switch (a.bits) {
+        case 2: dequantize_avx2_b<TP, TO, 2>(a); break;
+        case 3: dequantize_avx2_b<TP, TO, 3>(a); break;
+        case 4: dequantize_avx2_b<TP, TO, 4>(a); break;
+        default: dequantize_avx2_b<TP, TO, 8>(a); break;
+    }
 }
 #endif
 
@@ -490,6 +513,7 @@ static inline float exp_neg(float x) {
 
 // multiply-add of the attention loops: fused on the AVX2+FMA path (the quantizers never use it: eq. (2)
 // is a separate multiply and add, and the build forbids contraction).
+#undef KV_MADD
 #ifdef KV_IMPL_AVX2
 #define KV_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
 #else
