@@ -9,7 +9,7 @@
 //       unpack + (float)q * delta + min (a float32 multiply then add, no FMA) -> out [B, H, T, L] (f16/f32).
 //   decode_attention(q, out, kside, vside, scale, threads)
 //       softmax(q K^T * scale) V for one decode step straight from packed codes + params (+ fp16
-//       residual), GQA, threads over (batch, kv head). See _native_impl.h and kvtool/quant_ops/attention.py.
+//       residual), GQA, std::threads over (batch, kv head). See _native_impl.h and kvtool/quant_ops/attention.py.
 //   isa() -> "avx2+fma+f16c" or "baseline": the code path cpuid picked.
 //
 // Plain CPython API + the buffer protocol (numpy arrays; torch CPU tensors via .numpy()), no numpy headers,
@@ -18,14 +18,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#endif
-#ifdef _OPENMP
-#include <omp.h>
 #endif
 
 namespace {
@@ -357,43 +356,40 @@ PyObject* py_decode_attention(PyObject*, PyObject* args) {
     const long tasks = B * H;
     const long wsz = a.rep * a.N + (4 * a.rep + 2) * D + 2 * a.rep + 16;
     const bool avx = use_avx2();
+    // threads over (batch row, kv head): std::thread per call, no spinning workers between calls (OpenMP's
+    // would burn a core after every layer); one thread when the step is too small to pay for a spawn
+    long nth = threads > 0 ? threads : 1;
+    if (nth > tasks) nth = tasks;
+    if (a.N * a.rep * D * tasks < (1L << 20)) nth = 1;
     Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-#endif
-    {
+    std::atomic<long> next(0);
+    auto worker = [&]() {
         std::vector<float> work(wsz);
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (long t = 0; t < tasks; ++t) {
+        for (long t; (t = next.fetch_add(1)) < tasks;) {
 #ifdef KV_HAVE_AVX2
             if (avx) { k_avx2::attention_task(a, t / H, t % H, work.data()); continue; }
 #endif
-            (void)avx;
             k_base::attention_task(a, t / H, t % H, work.data());
         }
-    }
+    };
+    std::vector<std::thread> pool;
+    for (long i = 1; i < nth; ++i) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+    (void)avx;
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2+fma+f16c" : "baseline"); }
 
-PyObject* py_openmp(PyObject*, PyObject*) {
-#ifdef _OPENMP
-    Py_RETURN_TRUE;
-#else
-    Py_RETURN_FALSE;
-#endif
-}
+
 
 PyMethodDef methods[] = {
     {"quantize_pack", py_quantize_pack, METH_VARARGS, "eq. (2) quantize + token-tile pack (see module source)"},
     {"dequantize", py_dequantize, METH_VARARGS, "unpack + dequantize (see module source)"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "fused decode attention over packed codes"},
     {"isa", py_isa, METH_NOARGS, "the instruction set path picked at run time"},
-    {"openmp", py_openmp, METH_NOARGS, "whether the module was built with OpenMP"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_native", "kvtool's hand-written quant_ops kernels", -1, methods};

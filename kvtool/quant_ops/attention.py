@@ -17,8 +17,9 @@ their per-group (delta, min) and the fp16 residual tokens, folding the scales in
   the token's delta folds into its attention weight; per-token K and per-channel V fold the same way.
 
 Arithmetic is float32 (scores, a vectorised exp with relative error < 6e-7, accumulations); the tests bound
-its difference from a float64 reference by the rounding analysis written there. Threads (OpenMP) run over
-(batch row, kv head) with all its query heads, so a kv head's codes are unpacked once per step.
+its difference from a float64 reference by the rounding analysis written there. Threads (std::thread, spawned
+per call when the step is large enough; no workers spinning between layers) run over (batch row, kv head)
+with all its query heads, so a kv head's codes are unpacked once per step.
 
 Runs natively when ``native.available()``, both sides are per-channel-g / per-token groups or unquantized
 (bits 16, fp16 scheme), in ``packed`` mode, on numpy or CPU torch float16/float32. Otherwise (uniform, or<s>,

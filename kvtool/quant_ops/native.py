@@ -6,8 +6,8 @@ This module wraps it for numpy arrays and CPU torch tensors (through zero-copy `
 import here) and says why it is not used when it is not:
 
     available() -> bool            the extension imported and is not disabled
-    reason() -> str                "native C++ kernels (avx2+f16c, OpenMP)" or why the portable path runs
-    info() -> dict                 {"native": bool, "path": "native" | "portable", "isa", "openmp", "reason"}
+    reason() -> str                "native C++ kernels (avx2+fma+f16c)" or why the portable path runs
+    info() -> dict                 {"native": bool, "path": "native" | "portable", "isa", "reason"}
     supports(x) -> bool            an array the native kernels take (numpy / CPU torch, float16 / float32)
     quantize_block(x, block, bits, offset) -> (packed, delta, mn)
     dequantize_packed(packed, bits, block, delta, mn, out) -> out
@@ -39,8 +39,7 @@ def _load():
         from kvtool.quant_ops import _native
     except ImportError as e:  # not built (no compiler at install time) or built for another Python
         return None, f"native extension not built ({e}); reinstall with a C++ compiler (pip install -e .)"
-    omp = "OpenMP" if _native.openmp() else "no OpenMP"
-    return _native, f"native C++ kernels ({_native.isa()}, {omp})"
+    return _native, f"native C++ kernels ({_native.isa()})"
 
 
 @contextlib.contextmanager
@@ -67,8 +66,7 @@ def info() -> dict:
     """What quant_ops runs here: ``path`` is "native" or "portable" (the numpy/torch code), with the reason."""
     mod, why = _load()
     return {"native": mod is not None, "path": "native" if mod is not None else "portable",
-            "isa": mod.isa() if mod is not None else None,
-            "openmp": bool(mod.openmp()) if mod is not None else None, "reason": why}
+            "isa": mod.isa() if mod is not None else None, "reason": why}
 
 
 def _np(x: Array) -> np.ndarray:

@@ -390,7 +390,7 @@ class QuantizedKVStore:
 
     def kernel_info(self) -> dict:
         """Which quant_ops kernels this store runs: ``{"path": "native" | "portable", "reason", "isa",
-        "openmp", "native"}`` (``quant_ops.native.info()``); "portable" also for CUDA tensors and dtypes the
+        "native"}`` (``quant_ops.native.info()``); "portable" also for CUDA tensors and dtypes the
         native kernels do not take (the torch / numpy code runs then)."""
         from kvtool.quant_ops import native
 

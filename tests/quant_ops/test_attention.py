@@ -182,3 +182,18 @@ def test_baseline_isa():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:]
     assert " passed" in res.stdout and "failed" not in res.stdout
+
+
+def test_threads_give_the_same_answer():
+    """A step large enough to run on several threads (one task per batch row and kv head) equals the
+    one-thread result bit for bit and meets the bound."""
+    rng = np.random.default_rng(4)
+    k, v = _kv(rng, 2, 4, 700, 128, np.float16)
+    store = QuantizedKVStore("g-KC128VT128", 2, 2)
+    store.append(k, v)
+    q = rng.standard_normal((2, 16, 128)).astype(np.float32)
+    one = decode_attention(q, store, threads=1)
+    np.testing.assert_array_equal(decode_attention(q, store, threads=3), one)
+    kk, vv = store.dequantize()
+    scale = 1 / math.sqrt(128)
+    assert (np.abs(one - _reference(q, kk, vv, scale)) <= _tolerance(q, kk, vv, scale)).all()

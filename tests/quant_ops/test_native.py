@@ -111,7 +111,7 @@ def test_store_same_with_native_off(scheme, bits, monkeypatch):
     assert QuantizedKVStore(scheme, bits, bits).kernel_info()["path"] == "native"
     monkeypatch.setattr(native, "_load", lambda: (None, "switched off by the test"))
     assert QuantizedKVStore(scheme, bits, bits).kernel_info() == {
-        "native": False, "path": "portable", "isa": None, "openmp": None, "reason": "switched off by the test"}
+        "native": False, "path": "portable", "isa": None, "reason": "switched off by the test"}
     off_np = _stream(QuantizedKVStore(scheme, bits, bits), k, v, 9)
     off_t = _stream(QuantizedKVStore(scheme, bits, bits), torch.from_numpy(k), torch.from_numpy(v), 9)
     for (a, an), (b, bn) in ((on["numpy"], off_np), (on["torch"], off_t), (on["torch"], off_np)):
