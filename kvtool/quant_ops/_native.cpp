@@ -86,6 +86,7 @@ inline long tile_rows(int bits) { return bits == 3 ? 3 : 1; }
 
 namespace k_base {
 #include "_native_impl.h"
+#include "_native_attention.h"
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -94,6 +95,7 @@ namespace k_base {
 #define KV_IMPL_AVX2 1
 namespace k_avx2 {
 #include "_native_impl.h"
+#include "_native_attention.h"
 }
 #undef KV_IMPL_AVX2
 #pragma GCC pop_options

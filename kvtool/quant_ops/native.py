@@ -12,7 +12,8 @@ import here) and says why it is not used when it is not:
     quantize_block(x, block, bits, offset) -> (packed, delta, mn)
     dequantize_packed(packed, bits, block, delta, mn, out) -> out
 
-``KVTOOL_NATIVE=0`` in the environment (or ``with native.disabled():``) turns the native path off, for
+``KVTOOL_NATIVE=0`` in the environment (or ``with native.disabled():``) turns the native path off, and
+``KVTOOL_NATIVE_ISA=baseline`` keeps the portable (non-AVX2) code of the binary, for
 comparisons and tests of the fallback.
 Results are bit-identical to the numpy path (``affine`` + ``packing``); tests check it. This module does not
 decide groupings (``affine.block_for``) or hold state (``store``); the fused attention is in ``attention``.
