@@ -144,7 +144,10 @@ def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, a
     if as_json:
         echo_json(rows)
         return
+    from kvtool.quant_ops import native
+
     w = max(len(r["scheme"]) for r in rows)
+    click.echo(f"quant_ops kernels: {native.info()['path']} — {native.reason()}")
     click.echo(f"KV [1, {heads}, {tokens}, {head_dim}] fp16, K with outlier channels; errors relative (L2) "
                f"and max |x - x_hat|")
     click.echo(f"{'scheme':<{w}}  K/V bits  K rel err  V rel err  K max err  V max err  held/fp16  bits/value")
@@ -389,8 +392,10 @@ def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits,
 def devices_cmd(as_json) -> None:
     """List OpenVINO devices, ONNX Runtime providers and torch CUDA devices, and what `auto` picks."""
     from kvtool.devices import list_devices
+    from kvtool.quant_ops import native
 
     d = list_devices()
+    d["quant_ops"] = native.info()
     if as_json:
         echo_json(d)
         return
@@ -400,6 +405,7 @@ def devices_cmd(as_json) -> None:
     click.echo("ONNX Runtime providers: " + (", ".join(d["onnxruntime"]) or "(not installed)"))
     click.echo("torch: " + ", ".join(f"{x['device']} ({x['name']})" for x in d["torch"]))
     click.echo("auto picks: " + ", ".join(f"{b} -> {v}" for b, v in d["auto"].items()))
+    click.echo(f"quant_ops kernels: {d['quant_ops']['path']} ({d['quant_ops']['reason']})")
 
 
 

@@ -9,7 +9,9 @@ Fields (``b`` = bits; the "view" is the tensor itself, or ``[B, 1, T, H*D]`` whe
     shape      the original [B, H, T, D]; dtype the input dtype
 
 ``from_float`` quantizes every token it is given (residual handling belongs to the caller), ``dequantize``
-returns or fills a ``[B, H, T, D]`` array. It knows nothing about streams, residuals or K versus V.
+returns or fills a ``[B, H, T, D]`` array. Kernel dispatch: the native C++ kernels (``native``) for numpy
+arrays and CPU torch tensors in float16/float32 when built, else the torch fast path (``kernels``) or the
+numpy path (``affine`` + ``packing``); all three give the same bytes. It knows nothing about streams, residuals or K versus V.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvtool.quant_ops import kernels
+from kvtool.quant_ops import kernels, native
 from kvtool.quant_ops.affine import (
     Array,
     _contig,
@@ -69,6 +71,9 @@ class QuantizedBlock:
                 idx = idx.to(torch_int32()) if torch_path else idx.astype("int32")
             delta, mn = qparams_from_minmax(lo, hi, bits, param_dtype(x))
             delta, mn = delta.reshape(b, 1, 1, 1), mn.reshape(b, 1, 1, 1)
+        elif native.supports(v):  # the C++ kernels (bit-identical; see ``native``)
+            qdata, delta, mn = native.quantize_block(v, block, bits, offset)
+            return cls(qdata, delta, mn, block, bits, shape, x.dtype, flat, idx, vals)
         elif torch_path and not offset:
             qdata, delta, mn = kernels.quantize_block(v, block, bits)
             return cls(qdata, delta, mn, block, bits, shape, x.dtype, flat, idx, vals)
@@ -94,7 +99,9 @@ class QuantizedBlock:
         vshape = (b, 1, t, h * d) if self.flat else self.shape
         direct = out is not None and not self.flat and self.idx is None
         target = out if direct else empty(vshape, self.dtype, self.qdata)
-        if is_torch(self.qdata):
+        if native.supports(target) and self.delta.dtype == self.mn.dtype:
+            native.dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)
+        elif is_torch(self.qdata):
             kernels.dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)
         else:
             dequantize_packed(self.qdata, self.bits, self.block_size, self.delta, self.mn, target)

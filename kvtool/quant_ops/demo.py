@@ -60,6 +60,7 @@ class RoundtripRow:
     fp16_nbytes: int
     held_vs_fp16: float
     bits_per_value: float
+    kernel: str  # "native" (the C++ kernels) or "portable" (numpy/torch), see quant_ops.native.info()
 
 
 def roundtrip(schemes: list[str] | None = None, bits: list[int] | None = None, k_bits: int | None = None,
@@ -104,5 +105,6 @@ def roundtrip(schemes: list[str] | None = None, bits: list[int] | None = None, k
             v_rel_err=float(np.linalg.norm(vh - v32) / np.linalg.norm(v32)),
             k_max_err=float(np.abs(kh - k32).max()), v_max_err=float(np.abs(vh - v32).max()),
             nbytes=store.nbytes, fp16_nbytes=store.fp16_nbytes,
-            held_vs_fp16=store.nbytes / store.fp16_nbytes, bits_per_value=store.bits_per_value)))
+            held_vs_fp16=store.nbytes / store.fp16_nbytes, bits_per_value=store.bits_per_value,
+            kernel=store.kernel_info()["path"])))
     return rows

@@ -411,6 +411,19 @@ class QuantizedKVStore:
         d_model = 4096 if self._proto is None else self._proto["k"][1] * self._proto["k"][2]
         return self.spec.bits_per_value(self.k_bits, self.v_bits, n_tokens=n, d_model=d_model)
 
+    def kernel_info(self) -> dict:
+        """Which quant_ops kernels this store runs: ``{"path": "native" | "portable", "reason", "isa",
+        "native"}`` (``quant_ops.native.info()``); "portable" also for CUDA tensors and dtypes the
+        native kernels do not take (the torch / numpy code runs then)."""
+        from kvtool.quant_ops import native
+
+        info = native.info()
+        p = self._proto
+        if info["native"] and p is not None and (p["device"] != "cpu" or str(p["dtype"]).split(".")[-1]
+                                                 not in ("float16", "float32")):
+            info = {**info, "path": "portable", "reason": f"{p['dtype']} on {p['device']}: not a native dtype/device"}
+        return info
+
     def __repr__(self) -> str:
         return (f"QuantizedKVStore({str(self.spec)!r}, k_bits={self.k_bits}, v_bits={self.v_bits}, "
                 f"mode={self.mode!r}, residual={self.residual}, n_tokens={self.n_tokens}, nbytes={self.nbytes})")

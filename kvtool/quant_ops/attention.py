@@ -1,0 +1,166 @@
+"""Decode attention straight from a ``QuantizedKVStore``'s packed codes (the fused native kernel), and its
+portable fallback.
+
+``decode_attention(q, store)`` computes ``softmax(q K^T * scale) V`` for one decode step of one layer:
+
+    q      [B, Hq, D] float (numpy or CPU torch); Hq a multiple of the store's kv heads H (GQA: query head
+           j reads kv head j // (Hq / H), as transformers' ``repeat_kv``)
+    store  a packed ``QuantizedKVStore`` holding N >= 1 tokens of K and V ``[B, H, N, D]``
+    ->     [B, Hq, D] float32 (numpy, or torch for torch q)
+
+The native kernel (``_native.cpp``, hand-written) never materialises K or V: it reads the packed codes and
+their per-group (delta, min) and the fp16 residual tokens, folding the scales in (KIVI's insight):
+
+- per-channel groups of g tokens (K): ``q . k_n = sum_d (q_d delta_gd) c_nd + sum_d q_d min_gd`` — q is
+  scaled by the group's delta once per g tokens, and ``q . min_g`` is one constant per group;
+- per-token groups (V): ``sum_n p_n (delta_n c_n + min_n) = sum_n (p_n delta_n) c_n + sum_n p_n min_n`` —
+  the token's delta folds into its attention weight; per-token K and per-channel V fold the same way.
+
+Arithmetic is float32 (scores, a vectorised exp with relative error < 6e-7, accumulations); the tests bound
+its difference from a float64 reference by the rounding analysis written there. Threads (std::thread, spawned
+per call when the step is large enough; no workers spinning between layers) run over (batch row, kv head)
+with all its query heads, so a kv head's codes are unpacked once per step.
+
+Runs natively when ``native.available()``, both sides are per-channel-g / per-token groups or unquantized
+(bits 16, fp16 scheme), in ``packed`` mode, on numpy or CPU torch float16/float32. Otherwise (uniform, or<s>,
+g-CN, simulate mode, CUDA, no build) the portable path dequantizes the store and runs the same softmax in
+numpy float32 — ``attention_path(store)`` says which and why. This module does not own the store's layout
+(``store``, ``packing``) or know about models.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.quant_ops import native
+from kvtool.quant_ops.affine import is_torch
+
+
+def _np(x):
+    if x is None:
+        return None
+    return x.detach().numpy() if is_torch(x) else x
+
+
+def _side_kind(side) -> str:
+    name = type(side).__name__
+    return {"_GridSide": "grid", "_DenseSide": "dense"}.get(name, name)
+
+
+def attention_path(store) -> tuple[str, str]:
+    """``("native" | "portable", reason)`` for ``decode_attention`` on this store."""
+    if not native.available():
+        return "portable", native.reason()
+    if store.mode != "packed":
+        return "portable", f"store mode {store.mode!r}: the fused kernel reads packed stores"
+    proto = store._proto
+    if proto is None:
+        return "portable", "the store is empty"
+    if proto["device"] != "cpu" or str(proto["dtype"]).split(".")[-1] not in ("float16", "float32"):
+        return "portable", f"{proto['dtype']} on {proto['device']}: the fused kernel takes CPU float16/float32"
+    for which, side in (("K", store._k), ("V", store._v)):
+        kind = _side_kind(side)
+        if kind == "dense" and side.simulate:
+            return "portable", "simulate mode"
+        if kind not in ("grid", "dense"):
+            return "portable", (f"{which} of scheme {str(store.spec)!r} has statistics spanning the token axis "
+                                f"(uniform / or<s> / g-CN): no fused kernel")
+    return "native", native.reason()
+
+
+@functools.lru_cache(maxsize=64)
+def _segments(block: tuple[int, ...], flat: bool, h: int, d: int, sh: int, sg: int) -> tuple:
+    """Per-token params -> per kv head, the runs of D sharing one (delta, min): int64 [H, S, 3] of
+    (d0, d1, offset of the head's param column, without batch and token terms) and int64 [H] counts.
+    ``sh`` / ``sg``: the params' strides (elements) over heads and groups. Cached: the same every step."""
+    runs = []
+    for hi in range(h):
+        cur, row = None, []
+        for di in range(d):
+            if flat:
+                key = (0, (hi * d + di) // block[3])
+            else:
+                key = (hi // block[1], di // block[3])
+            if key != cur:
+                row.append([di, di + 1, key[0] * sh + key[1] * sg])
+                cur = key
+            else:
+                row[-1][1] = di + 1
+        runs.append(row)
+    width = max(len(r) for r in runs)
+    seg = np.zeros((h, width, 3), np.int64)
+    for hi, r in enumerate(runs):
+        seg[hi, :len(r)] = r
+    return seg, np.array([len(r) for r in runs], np.int64)
+
+
+def _side_tuple(side, bits: int) -> tuple:
+    """The 13-tuple ``_native.decode_attention`` reads for one side (see ``_native.cpp``)."""
+    if _side_kind(side) == "dense":
+        return (2, 16, 0, 1, None, None, None, 0, 0, 0, None, None, _np(side.data.view()))
+    resid = _np(side.resid.view()) if side.resid.n else None
+    if side.nq == 0:
+        return (2, bits, 0, 1, None, None, None, 0, 0, 0, None, None, resid)
+    block, flat, (b, h, d), _ = side.meta
+    codes = _np(side.codes.view())
+    ng = side.nq // side.tb
+    delta, mn = _np(side.delta.buf)[:, :, :ng], _np(side.mn.buf)[:, :, :ng]
+    ps = tuple(s // delta.itemsize for s in delta.strides)
+    if flat:  # [B, 1, rows, H*D] -> [B, H, rows, D] (a strided view)
+        codes = codes.reshape(b, codes.shape[2], h, d).transpose(0, 2, 1, 3)
+    if side.axis == "channel":
+        return (0, bits, side.nq, side.tb, codes, delta, mn, ps[0], ps[1], ps[2], None, None, resid)
+    seg, nseg = _segments(tuple(block), bool(flat), h, d, ps[1], ps[3])
+    return (1, bits, side.nq, 1, codes, delta, mn, ps[0], 0, ps[2], seg, nseg, resid)
+
+
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        return max(1, int(threads))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def sdpa_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """Plain decode SDPA in float32: q [B, Hq, D], k / v [B, H, N, D] -> [B, Hq, D] (the portable path)."""
+    b, hq, d = q.shape
+    rep = hq // k.shape[1]
+    qg = q.reshape(b, k.shape[1], rep, d).astype(np.float32)
+    s = np.einsum("bhrd,bhnd->bhrn", qg, k.astype(np.float32, copy=False)) * np.float32(scale)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return np.einsum("bhrn,bhnd->bhrd", s, v.astype(np.float32, copy=False)).reshape(b, hq, d)
+
+
+def decode_attention(q, store, scale: float | None = None, threads: int | None = None):
+    """One decode step's attention output ``[B, Hq, D]`` float32 from ``store`` (see the module docstring).
+
+    ``scale`` defaults to ``1/sqrt(D)``; ``threads`` to the CPUs this process may use. Raises InputError for
+    a q that does not match the store (rank, B, D, Hq not a multiple of H) or an empty store."""
+    if store.n_tokens == 0:
+        raise InputError("decode_attention: the store is empty; append tokens first")
+    qn = _np(q)
+    (bk, hk, dk), (_, hv, dv) = store._proto["k"], store._proto["v"]
+    if qn.ndim != 3 or qn.shape[0] != bk or qn.shape[2] != dk or qn.shape[1] % hk or dv != dk or hv != hk:
+        raise InputError(f"decode_attention q {tuple(qn.shape)}: expected [B={bk}, Hq (a multiple of H={hk}), "
+                         f"D={dk}] with K and V of one head dim")
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    path, _ = attention_path(store)
+    if path == "native":
+        qf = np.ascontiguousarray(qn, dtype=np.float32)
+        out = np.empty(qf.shape, np.float32)
+        ks, vs = _side_tuple(store._k, store.k_bits), _side_tuple(store._v, store.v_bits)
+        native._load()[0].decode_attention(qf, out, ks, vs, scale, _threads(threads))
+    else:
+        k, v = store.dequantize()
+        out = sdpa_reference(qn, _np(k.cpu() if is_torch(k) else k), _np(v.cpu() if is_torch(v) else v), scale)
+    if is_torch(q):
+        import torch
+
+        return torch.from_numpy(out)
+    return out
