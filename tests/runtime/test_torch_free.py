@@ -220,3 +220,14 @@ def test_mrope_positions_equal_transformers_get_rope_index():
                                                      attention_mask=torch.ones(ids.shape, dtype=torch.long))
         np.testing.assert_array_equal(pos, ref.numpy())
         assert delta == int(ref_delta.reshape(-1)[0])
+
+
+def test_full_only_command_says_which_install_it_needs(tmp_path):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", RUN_CLI, "models", "make", "tiny-llava", str(tmp_path / "m")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert 'pip install "kvtool[full]"' in res.stderr and "'torch'" in res.stderr
+    assert "Traceback" not in res.stderr
