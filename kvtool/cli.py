@@ -31,6 +31,16 @@ class KvtoolGroup(click.Group):
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             click.echo(f"error: {cli_flag_names(msg, ctx.find_root().command)}", err=True)
             sys.exit(2)
+        except ModuleNotFoundError as exc:  # the runtime-only install has no torch / export libraries
+            if (exc.name or "").split(".")[0] not in FULL_ONLY_MODULES:
+                raise
+            click.echo(f"error: this needs the full install (pip install \"kvtool[full]\"): no module named "
+                       f"{exc.name!r} in the runtime-only install", err=True)
+            sys.exit(2)
+
+
+# what the `full` extra adds to the runtime-only install (pyproject.toml)
+FULL_ONLY_MODULES = ("torch", "torchvision", "accelerate", "nncf", "optimum", "onnx", "onnxscript")
 
 
 def _option_flags(command: click.Command) -> dict[str, str]:

@@ -157,9 +157,9 @@ class VLMPipeline:
         else:
             engine = load_engine(backend, path, spec, dev, **engine_kwargs)
             check_scheme_fits(spec, engine.num_kv_heads, engine.head_dim)
-        from transformers import AutoProcessor
+        from kvtool.runtime.processing import load_processor
 
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = load_processor(path)  # torch-free (PIL image processing) and fast; kvtool.runtime.processing
         return cls(engine, processor, spec, path, manifest, conversation, device)
 
     def _eos_ids(self) -> set[int]:

@@ -16,11 +16,16 @@ def random_image(seed: int = 0, size=(60, 90)):
 
 
 def hf_greedy(model_dir: Path, image, question: str = QUESTION, max_new_tokens: int = 8):
-    """(generated ids, first-step logits, all steps' logits) from transformers' ``generate`` on the checkpoint."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(generated ids, first-step logits, all steps' logits) from transformers' ``generate`` on the checkpoint.
 
-    proc = AutoProcessor.from_pretrained(model_dir)
+    The processor is transformers' own, built as the runtime builds it (PIL image processing, as without
+    torch: ``kvtool.runtime.processing.load_hf_processor``), so both sides see the same pixels."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from kvtool.runtime.processing import load_hf_processor
+
+    proc = load_hf_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     inp = proc(images=image, text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")

@@ -2,16 +2,14 @@
 text-embeddings and vision graphs, the language-model positions, and the step that hands the past K/V held by
 ``GraphKVCache`` to the stateless LM graph and stores the new K/V it returns.
 
-Vision post-processing that the exported graphs leave to the caller is done here with transformers' own
-functions on stand-ins holding only the config (no weights): LLaVA-NeXT's anyres packing with the image
+Vision post-processing that the exported graphs leave to the caller is done here in numpy (no torch), with
+``kvtool.runtime.vision_layout``'s ports of transformers' rules: LLaVA-NeXT's anyres packing with the image
 newline (read from ``config.image_newline``, which the OpenVINO exporter writes), Qwen2-VL's vision rotary
-embedding and block attention mask for the merger graph. Subclasses only run graphs (``_run``).
+embedding; and the block attention mask for the merger graph. Subclasses only run graphs (``_run``).
 """
 
 from __future__ import annotations
 
-import functools
-import types
 from pathlib import Path
 
 import numpy as np
@@ -149,25 +147,16 @@ class GraphEngine:
         return self._run("vision_embeddings", {g.inputs[0]: pixel_values.astype(np.float32)})[0]
 
     def _llava_next_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
-        import torch
-        from transformers.models.llava_next.modeling_llava_next import (
-            LlavaNextModel,
-            image_size_to_num_patches,
-        )
+        from kvtool.runtime.vision_layout import anyres_num_patches, pack_llava_next_features
 
         cfg = self.config
-        newline = self._image_newline()
-        n_patches = [image_size_to_num_patches(tuple(int(x) for x in s), cfg.image_grid_pinpoints,
-                                               cfg.vision_config.image_size) for s in image_sizes]
+        tile = cfg.vision_config.image_size
+        n_patches = [anyres_num_patches(s, cfg.image_grid_pinpoints, tile) for s in np.asarray(image_sizes)]
         # pixel_values: [n_images, max_patches, 3, H, W] -> the real patches of each image, stacked
         flat = np.concatenate([pv[:n] for pv, n in zip(pixel_values, n_patches, strict=True)], axis=0)
-        feats = torch.from_numpy(self._vision(flat))
-        stand_in = types.SimpleNamespace(config=cfg)
-        packed, _ = LlavaNextModel.pack_image_features(
-            stand_in, list(torch.split(feats, n_patches, dim=0)), torch.from_numpy(np.asarray(image_sizes)),
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            image_newline=torch.tensor(newline, dtype=feats.dtype))
-        return torch.cat(packed, dim=0).numpy() if isinstance(packed, (list, tuple)) else packed.numpy()
+        feats = np.split(self._vision(flat), np.cumsum(n_patches)[:-1], axis=0)
+        return pack_llava_next_features(feats, image_sizes, cfg.image_grid_pinpoints, tile,
+                                        cfg.vision_config.patch_size, self._image_newline())
 
     def _image_newline(self) -> np.ndarray:
         """LLaVA-NeXT's learned newline embedding: ``config.image_newline`` (the OpenVINO exporter writes it),
@@ -187,21 +176,15 @@ class GraphEngine:
                          f"(LLaVA-NeXT exports must record it)")
 
     def _qwen2_vl_features(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
-        import torch
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel,
-            VisionRotaryEmbedding,
-        )
+        from kvtool.runtime.vision_layout import qwen2_vl_vision_rotary
 
         vc = self.config.vision_config
         hidden = self._vision(pixel_values)
-        stand_in = types.SimpleNamespace(spatial_merge_size=vc.spatial_merge_size,
-                                         rotary_pos_emb=VisionRotaryEmbedding(vc.embed_dim // vc.num_heads // 2))
-        grid = torch.from_numpy(np.asarray(grid_thw, dtype=np.int64))
-        rot = functools.partial(Qwen2VisionTransformerPretrainedModel.rot_pos_emb, stand_in)(grid).numpy()
+        grid = np.asarray(grid_thw, dtype=np.int64)
+        rot = qwen2_vl_vision_rotary(grid, vc.embed_dim // vc.num_heads, vc.spatial_merge_size)
         # block-diagonal attention: patches attend within their own image (frame)
         n = hidden.shape[0]
-        cu = np.concatenate([[0], np.cumsum(np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]).numpy())])
+        cu = np.concatenate([[0], np.cumsum(np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))])
         mask = np.full((1, n, n), -np.inf, dtype=np.float32)
         for a, b in zip(cu[:-1], cu[1:], strict=True):
             mask[0, a:b, a:b] = 0.0
