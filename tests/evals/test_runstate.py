@@ -63,16 +63,21 @@ def test_resume_refuses_other_settings_and_limit_grows_the_run(tmp_path):
     assert saved["run"]["kv"] == "uniform" and saved["run"]["k_bits"] == 2 and "limit" not in saved["run"]
 
 
-def test_fp16_ignores_bits_and_cli_refusal_is_one_line(tmp_path, data_dir):
+def test_fp16_takes_no_bits_and_cli_refusal_is_one_line(tmp_path, data_dir):
     from click.testing import CliRunner
 
     from kvtool.cli import main
 
     m = _model_dir(tmp_path)
     out = tmp_path / "fp"
-    run_eval(_cfg(out, data_dir, model=str(m), kv="fp16", k_bits=4, v_bits=4), model=ScriptedModel())
-    # fp16 holds no bits: another --kv-bits is the same run (nothing new to generate)
-    again = run_eval(_cfg(out, data_dir, model=str(m), kv="FP16", k_bits=2, v_bits=2), model=ScriptedModel(fail_after=0))
+    # fp16 holds no bits: bits given with it are refused (issue 16 item 18), before anything is written
+    with pytest.raises(InputError, match="kv=fp16 keeps K and V unquantized: k_bits=4, v_bits=4 does not apply"):
+        run_eval(_cfg(out, data_dir, model=str(m), kv="fp16", k_bits=4, v_bits=4), model=ScriptedModel())
+    assert not out.exists()
+    run_eval(_cfg(out, data_dir, model=str(m), kv="fp16", k_bits=None, v_bits=None), model=ScriptedModel())
+    # another spelling of the same setting is the same run (nothing new to generate)
+    again = run_eval(_cfg(out, data_dir, model=str(m), kv="FP16", k_bits=None, v_bits=None),
+                     model=ScriptedModel(fail_after=0))
     assert again["tasks"]["pope"]["n_generated_now"] == 0
     res = CliRunner().invoke(main, ["eval", str(m), "--tasks", "pope", "-o", str(out), "--kv", "uniform",
                                     "--kv-bits", "2", "--data-dir", str(data_dir), "--no-progress"])
