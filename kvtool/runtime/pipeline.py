@@ -68,7 +68,7 @@ def _work_nbytes(eng, spec: KVSpec) -> int:
 
 
 def _resolve_backend(path: Path, backend: str):
-    from kvtool.export.manifest import Manifest, is_export_dir
+    from kvtool.manifest import Manifest, is_export_dir
 
     if backend not in BACKENDS:
         raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
