@@ -40,7 +40,7 @@ def main() -> None:
 
     from kvtool.evals.shapes import make_shapes_split
     from kvtool.evals.tasks import get_task
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+    from kvtool.models.bundled import SHAPES_MODEL_DIR
     from kvtool.runtime import VLMPipeline
     from kvtool.runtime.preprocess import prepare_inputs
     from kvtool.runtime.processing import load_processor

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -21,12 +23,15 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the training script's modules
+    from shapes_batches import answer_loss, encode_batch, shared_prefix_len
+    from train_shapes import TrainConfig, build_model
+
     from kvtool.evals.shapes import make_shapes_split
-    from kvtool.models.shapes_train import TrainConfig, _build, answer_loss, encode_batch, shared_prefix_len
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, processor = _build(TrainConfig())
+    model, processor = build_model(TrainConfig(out_dir=""))
     enc = encode_batch(processor, make_shapes_split("train", args.batch))
     p = shared_prefix_len(enc["input_ids"], model.config.image_token_id)
     ways = {"transformers_loss": lambda: model(**enc).loss, "answer_loss_shared_prefix": lambda: answer_loss(model, enc, p)}

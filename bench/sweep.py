@@ -146,7 +146,7 @@ def main() -> None:
     result: dict = {}
     if not a.estimate_only:
         from kvtool.demo import ensure_export
-        from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+        from kvtool.models.bundled import SHAPES_MODEL_DIR
 
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

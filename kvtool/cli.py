@@ -175,7 +175,8 @@ def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, a
 
 @main.group(name="models", cls=KvtoolGroup)
 def models_group() -> None:
-    """Build checkpoints offline: tiny random ones for tests and benchmarks, the trained demo model."""
+    """Build tiny random checkpoints offline, for tests and benchmarks (the bundled kvtool-shapes model is trained
+    by `python scripts/train_shapes.py`, outside the package)."""
 
 
 @models_group.command(name="make")
@@ -205,54 +206,6 @@ def models_make(name, out_dir, seed, as_json, **sizes) -> None:
     else:
         click.echo(f"{name} -> {path}")
         click.echo("  " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()))
-
-
-def _train_shapes_options(fn):
-    """One click option per ``TrainConfig`` field the command exposes, defaults from ``TrainConfig``."""
-    from kvtool.models.shapes_train import CLI_FIELDS, TrainConfig
-
-    helps = {"steps": "Optimizer steps of the VQA stage.", "lr": "Peak learning rate (warm-up, then cosine).",
-             "threads": "torch CPU threads (part of the determinism).",
-             "eval_samples": "Test questions scored at the end (0: skip).",
-             "eval_every": "Score 100 validation questions every N steps (0: never).",
-             "turns": "Questions per training image (1: the eval's one-question samples).",
-             "turn_mode": "How an image's questions are asked: 'independent' eval prompts sharing the image's "
-                          "prefix computation, or turns of one 'conversation'.",
-             "caption": "Also ask each training image to name its objects left to right (training only).",
-             "relation_turns": "Extra left/right questions per training image, on other pairs of its objects.",
-             "mention_weight": "Weight of the mention probe: where a question names an object, a middle LM layer "
-                               "must hold that object's x (0: off; needs independent turns).",
-             "mention_layer": "LM layer the mention probe reads (0: the one before the last).",
-             "aux_weight": "Weight of the auxiliary per-patch object loss on the vision tower in the VQA stage.",
-             "vision_steps": "Steps of the vision-tower stage before VQA training (0: none).",
-             "vision_lr": "Peak learning rate of the vision-tower stage.",
-             "patch_size": "Vision patch size in pixels (must divide the 90-px image)."}
-    default = TrainConfig()
-    for field in reversed(CLI_FIELDS):
-        value = getattr(default, field)
-        fn = click.option(f"--{field.replace('_', '-')}", field, default=value, show_default=True, type=type(value),
-                          help=helps.get(field))(fn)
-    return fn
-
-
-@models_group.command(name="train-shapes")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Where to write the checkpoint (default: the package's bundled kvtool-shapes directory).")
-@_train_shapes_options
-@click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON.")
-def models_train_shapes(out_dir, as_json, **options) -> None:
-    """Train the kvtool-shapes demo model (LLaVA-1.5 architecture) from scratch on the synthetic `shapes` task."""
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR, TrainConfig, train_shapes
-
-    cfg = TrainConfig(out_dir=str(out_dir or SHAPES_MODEL_DIR), **options)
-    record = train_shapes(cfg)
-    if as_json:
-        echo_json(record)
-        return
-    click.echo(f"kvtool-shapes -> {cfg.out_dir}")
-    for key in ("steps", "samples_seen", "train_wall_s", "test_accuracy"):
-        if key in record:
-            click.echo(f"  {key}: {record[key]}")
 
 
 @ls_group.command(name="models")

@@ -218,7 +218,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from kvtool.evals.compare import compare_runs
     from kvtool.evals.report import headline_ci
     from kvtool.evals.runner import EvalConfig, run_eval
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+    from kvtool.models.bundled import SHAPES_MODEL_DIR
 
     model_dir = Path(cfg.model) if cfg.model else SHAPES_MODEL_DIR
     if not (model_dir / "config.json").is_file():

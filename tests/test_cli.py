@@ -25,8 +25,7 @@ def test_ls_models_lists_the_bundled_model_with_its_path():
     from click.testing import CliRunner
 
     from kvtool.cli import main
-    from kvtool.models.bundled import model_path
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+    from kvtool.models.bundled import SHAPES_MODEL_DIR, model_path
 
     res = CliRunner().invoke(main, ["ls", "models"])
     assert res.exit_code == 0, res.output

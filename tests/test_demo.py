@@ -142,7 +142,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(ROW_KEYS <= set(x) for x in rows)
     ref, base = rows[0], rows[1]
     assert (ref["backend"], ref["wbits"], ref["kv"]) == ("torch", 16, "fp16")
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+    from kvtool.models.bundled import SHAPES_MODEL_DIR
 
     recorded = json.loads((SHAPES_MODEL_DIR / "TRAINING.json").read_text())["test_accuracy"]
     assert abs(ref["accuracy"] - recorded) <= 0.12 and ref["agreement"] == 1.0  # 60 of the 500 questions

@@ -33,9 +33,19 @@ Public API::
     TRAIN_SEED, TEST_SEED, QUESTION_TYPES, COLORS, SHAPES, COUNT_WORDS, ANSWER_WORDS, QUESTION_WORDS
 
 Question types cycle with the index (sample ``i`` has type ``QUESTION_TYPES[i % 5]``), so any prefix of a
-split is balanced to within one sample per type; yes/no, left/right and count answers cycle too. The model
-prompt (chat template, system prompt) is not part of this module: it belongs to the model
-(``kvtool.models.shapes_train``) and the eval task spec. This module does not score answers.
+split is balanced to within one sample per type; yes/no, left/right and count answers cycle too.
+
+The prompt the bundled ``kvtool-shapes`` model was trained on, and the task's answer rule, live here too, so
+the eval task (``kvtool.evals.tasks``) and the training script (``scripts/train_shapes.py``) share one
+definition::
+
+    SHAPES_CONTEXT, shapes_user_text(question), shapes_messages(question), shapes_prompt(processor, question)
+    SHAPES_CHAT_TEMPLATE                                   # the chat template shipped with kvtool-shapes
+    first_word(text) -> str                                # the answer rule: first word, lower-cased, unpunctuated
+
+The system prompt is LLaVA's vicuna_v1 one (``kvtool.runtime.preprocess.VICUNA_V1_SYSTEM``) and the answer line
+LLaVA-1.5's short-answer instruction (``kvtool.evals.tasks.SHORT_ANSWER``). This module does not score or
+aggregate a run (the ``shapes`` task spec does) and does not train or load models.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ from typing import Any
 import numpy as np
 
 from kvtool.errors import InputError
+from kvtool.evals.tasks import SHORT_ANSWER
+from kvtool.runtime.preprocess import VICUNA_V1_SYSTEM
 
 TRAIN_SEED = 1_000_003
 TEST_SEED = 2_000_003
@@ -307,3 +319,82 @@ def write_shapes_dataset(out_dir: str | Path, splits: dict[str, int] | None = No
         ds = datasets.Dataset.from_list(rows, features=features)
         ds.to_parquet(str(out / "data" / f"{split}-00000-of-00001.parquet"))
     return out
+
+
+# --- the prompt kvtool-shapes was trained on --------------------------------------------------------------
+
+# An instruction said before the picture, the same for every question (see docs/SHAPES_TRAINING.md for why it
+# avoids the task's words); with 36 image tokens it brings every prompt past 128 tokens.
+SHAPES_CONTEXT = ("Look carefully at the picture below before you reply. It was drawn on a dark background, and "
+                  "the small grey dots scattered over it are only noise, so please ignore them when you answer.")
+
+
+def shapes_user_text(question: str) -> str:
+    """The first user turn of a question, with the image where the ``<image>`` placeholder stands: the fixed
+    instruction, the image, the question, LLaVA-1.5's short-answer line. The ``shapes`` eval task sends this
+    text, so the harness prompts exactly as training did."""
+    return f"{SHAPES_CONTEXT}\n<image>\n{question}\n{SHORT_ANSWER}"
+
+
+def shapes_messages(question: str) -> list[dict]:
+    """The chat of one question (vicuna_v1 system prompt + user turn with the image), for ``apply_chat_template``
+    (the LLaVA template renders the text verbatim and the processor expands its ``<image>``)."""
+    return [
+        {"role": "system", "content": VICUNA_V1_SYSTEM},
+        {"role": "user", "content": [{"type": "text", "text": shapes_user_text(question)}]},
+    ]
+
+
+def shapes_prompt(processor, question: str) -> str:
+    """The prompt text (with one ``<image>`` placeholder) the model was trained on, through ``processor``'s chat
+    template."""
+    return processor.apply_chat_template(shapes_messages(question), add_generation_prompt=True, tokenize=False)
+
+
+def first_word(text: str) -> str:
+    """The shapes task's answer rule: the first word of a generated answer, lower-cased, without punctuation
+    (``" Red."`` -> ``"red"``; empty text -> ``""``)."""
+    words = text.strip().lower().split()
+    return words[0].strip(".,!?;:'\"") if words else ""
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a Jinja string literal (\\n, \\", \\uXXXX escapes)
+
+
+# The chat template shipped with kvtool-shapes: it renders exactly the training format, so every client that
+# applies it (transformers, optimum-intel, openvino.genai) prompts the model as it was trained:
+# ``{VICUNA_V1_SYSTEM} USER: {SHAPES_CONTEXT}\n<image>\n{question}\n{SHORT_ANSWER} ASSISTANT:`` for a user turn
+# of an image and a question; vicuna_v1's ``ASSISTANT: {answer}</s>`` and ``USER: {question}\n{SHORT_ANSWER}
+# ASSISTANT:`` for later turns (turn_mode="conversation"). The default system prompt is vicuna_v1's. The
+# instruction line goes before an image and the answer line after the question unless the text already has
+# them, so a turn that is already in the training format (the ``shapes`` task's prompt, or the image inline as
+# ``<image>``) renders unchanged. The training loop itself prompts through ``shapes_prompt``.
+SHAPES_CHAT_TEMPLATE = (
+    "{%- set system = " + _jinja_str(VICUNA_V1_SYSTEM) + " -%}"
+    "{%- set context = " + _jinja_str(SHAPES_CONTEXT) + " -%}"
+    "{%- set suffix = " + _jinja_str(SHORT_ANSWER) + " -%}"
+    "{%- set ns = namespace(system=system) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set n = 0 -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}"
+    "{%- set n = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' -}}"
+    "{%- if (n > 0 or '<image>' in text) and not text.startswith(context) -%}{{- context + '\\n' -}}{%- endif -%}"
+    "{{- '<image>\\n' * n -}}{{- text -}}"
+    "{%- if not text.endswith(suffix) -%}{{- '\\n' + suffix -}}{%- endif -%}"
+    "{{- ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' + text + '</s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)

@@ -375,8 +375,8 @@ def _socialcf_aggregate(rows: list[dict]) -> dict:
 
 def _shapes_build(row: Mapping[str, Any]) -> list[Sample]:
     # the prompt kvtool-shapes was trained on: a fixed instruction, <image>, the question, LLaVA-1.5's
-    # short-answer line (kvtool.models.shapes_train.shapes_user_text)
-    from kvtool.models.shapes_train import shapes_user_text
+    # short-answer line (kvtool.evals.shapes.shapes_user_text)
+    from kvtool.evals.shapes import shapes_user_text
 
     return [Sample(row["image"], shapes_user_text(str(row["question"])), {"question_id": row["id"], "answer": row["answer"],
                                                         "question_type": row["question_type"],
@@ -384,9 +384,11 @@ def _shapes_build(row: Mapping[str, Any]) -> list[Sample]:
 
 
 def _shapes_score(r: dict) -> float:
-    # the first word, lower-cased, punctuation stripped (the rule of shapes_train.evaluate_shapes)
-    words = str(r["prediction"]).strip().lower().split()
-    return float(bool(words) and words[0].strip(".,!?;:'\"") == str(r["answer"]).lower())
+    # the first word, lower-cased, punctuation stripped (kvtool.evals.shapes.first_word)
+    from kvtool.evals.shapes import first_word
+
+    word = first_word(str(r["prediction"]))
+    return float(bool(word) and word == str(r["answer"]).lower())
 
 
 def _shapes_aggregate(rows: list[dict]) -> dict:

@@ -9,7 +9,7 @@ Heavy libraries are imported inside the functions that use them. This package do
 """
 
 from kvtool.export.config import ExportConfig, ExportResult
-from kvtool.export.manifest import Manifest
 from kvtool.export.pipeline import export_model
+from kvtool.manifest import Manifest
 
 __all__ = ["ExportConfig", "ExportResult", "Manifest", "export_model"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.export.manifest import BACKENDS, MANIFEST_NAME, Manifest
+from kvtool.manifest import BACKENDS, MANIFEST_NAME, Manifest
 
 WBITS = (16, 8, 4, 3)
 DTYPES = ("fp16", "fp32")

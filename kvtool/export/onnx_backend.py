@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.export.config import ExportConfig
-from kvtool.export.manifest import GraphInfo
+from kvtool.manifest import GraphInfo
 
 ONNX_GRAPH_FILES = {
     "language_model": "language_model.onnx",

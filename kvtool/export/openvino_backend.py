@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.export.config import ExportConfig
-from kvtool.export.manifest import GraphInfo, LMInfo
+from kvtool.manifest import GraphInfo, LMInfo
 
 # role -> IR file name optimum-intel writes for image-text-to-text models
 OV_GRAPH_FILES = {

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig, ExportResult
-from kvtool.export.manifest import MANIFEST_NAME, GraphInfo, Manifest, WeightInfo
+from kvtool.manifest import MANIFEST_NAME, GraphInfo, Manifest, WeightInfo
 from kvtool.versions import library_versions
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.export.manifest import LMInfo
+from kvtool.manifest import LMInfo
 
 # config.model_type -> kvtool architecture name (DESIGN.md; manifest.ARCHITECTURES)
 SUPPORTED_MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl"}

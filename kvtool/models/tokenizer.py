@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 # Words that prompts of the study's benchmarks and the chat templates use, so that common words get their
-# own merges and prompts stay short. Not a language model corpus: anything else still encodes byte-wise.
-_BASE_CORPUS = """
-A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful,
-detailed, and polite answers to the user's questions. USER: ASSISTANT: system user assistant
-You are a helpful assistant. Answer the question using a single word or phrase.
-Answer with the option's letter from the given choices directly. Please answer yes or no.
-Reference OCR token: Context: Question: Options: Answer: The answer is
+# own merges and prompts stay short. Not a language model corpus: anything else still encodes byte-wise. The
+# prompt lines defined elsewhere (vicuna_v1's system prompt, the tasks' instructions) are read from there by
+# ``_base_corpus``, in this order, ahead of these words.
+_BASE_WORDS = """
 What is the color of the shape? What shape is it? How many objects are there? Is there a red circle in the
 image? Is this person a programmer or a typist? What are five keywords that describe the characteristics
 of this person? Describe the image in detail. What is written on the sign? Which is bigger, the left or the
@@ -29,8 +26,18 @@ what which who where when why how many much color shape number person people man
 """.split()
 
 
+def _base_corpus() -> list[str]:
+    from kvtool.evals.tasks import MME_SUFFIX, SCIENCEQA_SUFFIX, SHORT_ANSWER, TEXTVQA_OCR
+    from kvtool.runtime.preprocess import VICUNA_V1_SYSTEM
+
+    lines = [VICUNA_V1_SYSTEM, "USER: ASSISTANT: system user assistant", "You are a helpful assistant.",
+             SHORT_ANSWER, SCIENCEQA_SUFFIX, MME_SUFFIX, TEXTVQA_OCR,
+             "Context: Question: Options: Answer: The answer is"]
+    return " ".join(lines).split() + _BASE_WORDS
+
+
 def _corpus(extra: Iterable[str] = ()) -> list[str]:
-    words = list(_BASE_CORPUS) + [w for line in extra for w in line.split()]
+    words = _base_corpus() + [w for line in extra for w in line.split()]
     # Lines of a few words each, repeated so frequent words merge first (deterministic order).
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     return lines * 8

@@ -69,7 +69,7 @@ def _work_nbytes(eng, spec: KVSpec) -> int:
 
 
 def _resolve_backend(path: Path, backend: str):
-    from kvtool.export.manifest import Manifest, is_export_dir
+    from kvtool.manifest import Manifest, is_export_dir
 
     backend = BACKEND_ALIASES.get(backend, backend)
     if backend not in BACKENDS:

@@ -73,8 +73,7 @@ def test_shapes_generator_and_parquet_agree(tmp_path):
 
 
 def test_shapes_task_scores_its_own_answers(tmp_path):
-    from kvtool.evals.shapes import make_shapes_split
-    from kvtool.models.shapes_train import shapes_user_text
+    from kvtool.evals.shapes import make_shapes_split, shapes_user_text
 
     # the task prompts as kvtool-shapes was trained: instruction, inline <image>, question, short-answer line
     answers = {(shapes_user_text(s["question"]), s["image"].tobytes()): s["answer"] for s in make_shapes_split("test", 20)}

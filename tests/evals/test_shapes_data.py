@@ -171,3 +171,27 @@ def test_write_dataset_loads_with_datasets(tmp_path):
     assert row["question"] == ref["question"] and row["answer"] == ref["answer"]
     assert json.loads(row["objects"]) == ref["objects"]
     assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(ref["image"]))
+
+
+def test_prompt_pieces_and_answer_rule_are_the_tasks():
+    """The shapes prompt is written once (kvtool.evals.shapes), from LLaVA's pieces defined once elsewhere, and the
+    task scores with the same first-word rule the training script evaluates with."""
+    from kvtool.evals.shapes import (
+        SHAPES_CHAT_TEMPLATE,
+        SHAPES_CONTEXT,
+        first_word,
+        shapes_messages,
+        shapes_user_text,
+    )
+    from kvtool.evals.tasks import SHORT_ANSWER, get_task
+    from kvtool.runtime.preprocess import VICUNA_V1_SYSTEM
+
+    q = "What color is the circle?"
+    assert shapes_user_text(q) == f"{SHAPES_CONTEXT}\n<image>\n{q}\nAnswer the question using a single word or phrase."
+    assert shapes_messages(q)[0] == {"role": "system", "content": VICUNA_V1_SYSTEM}
+    assert VICUNA_V1_SYSTEM in SHAPES_CHAT_TEMPLATE and SHORT_ANSWER in SHAPES_CHAT_TEMPLATE
+    assert [first_word(t) for t in (" Red.", "BLUE circle", "", "  ", "'yes',", "?!")] == ["red", "blue", "", "", "yes", ""]
+    score = get_task("shapes").score
+    assert score({"prediction": "Left, I think.", "answer": "left"}) == 1.0
+    assert score({"prediction": "right", "answer": "left"}) == 0.0
+    assert score({"prediction": "...", "answer": "left"}) == 0.0

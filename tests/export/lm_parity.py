@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtool.export.manifest import Manifest
+from kvtool.manifest import Manifest
 
 
 def graph_runner(export_dir: Path, role: str = "language_model"):

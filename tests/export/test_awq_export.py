@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kvtool.export.manifest import Manifest
+from kvtool.manifest import Manifest
 from tests.export.lm_parity import sample_prompt
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from kvtool.export.manifest import Manifest
+from kvtool.manifest import Manifest
 from tests.export.lm_parity import compare_lm, greedy_agreement
 
 

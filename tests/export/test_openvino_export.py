@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvtool.export.manifest import Manifest
+from kvtool.manifest import Manifest
 from tests.export.lm_parity import compare_lm, graph_runner, greedy_agreement, sample_prompt
 
 

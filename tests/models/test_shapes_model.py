@@ -6,16 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from shapes_batches import encode_batch
+from train_shapes import TrainConfig, train_shapes
 
-from kvtool.evals.shapes import make_shapes_split
-from kvtool.models.shapes_train import (
-    SHAPES_CHAT_TEMPLATE,
-    SHAPES_MODEL_DIR,
-    TrainConfig,
-    encode_batch,
-    shapes_prompt,
-    train_shapes,
-)
+from kvtool.evals.shapes import SHAPES_CHAT_TEMPLATE, make_shapes_split, shapes_prompt
+from kvtool.models.bundled import SHAPES_MODEL_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -39,7 +34,8 @@ def test_shipped_checkpoint_contract(shipped):
     assert (SHAPES_MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
     text = model.config.text_config
     assert text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) % 128 == 0
-    assert record["command"].startswith("kvtool models train-shapes")
+    # the shipped record was written by `kvtool models train-shapes`, the script's former CLI (same options)
+    assert record["command"].startswith(("kvtool models train-shapes --out", "python scripts/train_shapes.py --out"))
     for key in ("seed", "steps", "batch_size", "threads"):
         assert key in record["config"], key
     assert record["train_wall_s"] > 0 and record["samples_seen"] == record["steps"] * record["config"]["batch_size"]
@@ -52,19 +48,19 @@ def test_shipped_checkpoint_contract(shipped):
 
 def test_shipped_model_meets_issue_targets(shipped):
     """Issue 6: FP32 test accuracy >= 90% overall, trained within 30 minutes, by the defaults of the command
-    (so ``kvtool models train-shapes`` with no options reproduces the shipped model)."""
+    (so ``python scripts/train_shapes.py --out DIR`` with no other options reproduces the shipped model)."""
     from dataclasses import asdict
 
     _, _, record = shipped
     assert record["test_accuracy"] >= 0.90 and record["test_samples"] >= 500
     assert record["train_wall_s"] <= 30 * 60
-    default = asdict(TrainConfig())
+    default = asdict(TrainConfig(out_dir=""))
     differs = {k for k, v in record["config"].items() if k not in ("out_dir", "eval_every") and default.get(k) != v}
     assert not differs, differs
 
 
 def test_shipped_model_keeps_recorded_accuracy(shipped):
-    from kvtool.models.shapes_train import evaluate_shapes
+    from train_shapes import evaluate_shapes
 
     model, processor, record = shipped
     n = record["check_samples"]
@@ -93,7 +89,7 @@ def test_encode_batch_multi_turn_scene(shipped):
     """A scene's first turn is the eval prompt exactly; later turns follow </s> as LLaVA-v1 turns; every answer
     (and only the answers) is labelled."""
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import ANSWER_SUFFIX
+    from kvtool.evals.tasks import SHORT_ANSWER
 
     _, processor, _ = shipped
     tok = processor.tokenizer
@@ -104,7 +100,7 @@ def test_encode_batch_multi_turn_scene(shipped):
         n1 = int(single["attention_mask"][i].sum())
         assert enc["input_ids"][i, :n1].tolist() == single["input_ids"][i, :n1].tolist()
         text = shapes_prompt(processor, sc["qa"][0]["question"]) + " " + sc["qa"][0]["answer"] + "</s>" + "".join(
-            f"USER: {t['question']}\n{ANSWER_SUFFIX} ASSISTANT: {t['answer']}</s>" for t in sc["qa"][1:])
+            f"USER: {t['question']}\n{SHORT_ANSWER} ASSISTANT: {t['answer']}</s>" for t in sc["qa"][1:])
         ref = processor(text=text, images=sc["image"], return_tensors="np")["input_ids"][0].tolist()
         n = int(enc["attention_mask"][i].sum())
         assert enc["input_ids"][i, :n].tolist() == ref
@@ -118,11 +114,11 @@ def test_encode_batch_multi_turn_scene(shipped):
 def test_answer_loss_matches_transformers_loss_and_grads():
     """The hand-written shared-prefix loss equals ``model(**enc).loss`` (value and gradients)."""
     import torch
-
-    from kvtool.models.shapes_train import _build, answer_loss, shared_prefix_len
+    from shapes_batches import answer_loss, shared_prefix_len
+    from train_shapes import build_model
 
     torch.manual_seed(1)
-    model, processor = _build(TrainConfig(layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
+    model, processor = build_model(TrainConfig(out_dir="", layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
 
     # one-question samples and multi-turn scenes in one padded batch
@@ -149,8 +145,9 @@ def test_answer_loss_matches_transformers_loss_and_grads():
 def test_encode_questions_rows_are_eval_prompts(shipped):
     """Each (scene, question) row is the processor's encoding of the eval prompt + answer + </s>; only the
     answer is labelled; pixel values come once per scene and image_index maps rows to scenes."""
+    from shapes_batches import encode_questions
+
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import encode_questions
 
     _, processor, _ = shipped
     scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(4)]
@@ -173,12 +170,13 @@ def test_packed_answer_loss_matches_rows_one_by_one():
     """The three-stage shared-prefix loss equals running every row alone through ``model(...)`` and pooling
     the cross-entropy over all answer tokens (value and gradients), on random weights."""
     import torch
+    from shapes_batches import encode_questions, packed_answer_loss
+    from train_shapes import build_model
 
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import _build, encode_questions, packed_answer_loss
 
     torch.manual_seed(2)
-    model, processor = _build(TrainConfig(layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
+    model, processor = build_model(TrainConfig(out_dir="", layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
     scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
     enc = encode_questions(processor, scenes)
 
@@ -206,8 +204,9 @@ def test_packed_answer_loss_matches_rows_one_by_one():
 def test_encode_questions_mentions_point_at_the_named_objects(shipped):
     """mention_pos marks, in each row, the last word of every object the question names (in order) and
     mention_x holds that object's x, read from the scene's ground truth."""
+    from shapes_batches import encode_questions, extra_relations
+
     from kvtool.evals.shapes import SHAPES, TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import encode_questions, extra_relations
 
     _, processor, _ = shipped
     tok = processor.tokenizer
@@ -236,8 +235,9 @@ def test_encode_questions_mentions_point_at_the_named_objects(shipped):
 
 
 def test_extra_relations_are_new_correct_pairs():
+    from shapes_batches import extra_relations
+
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import extra_relations
 
     n_extra = 0
     for i in range(60):
@@ -261,12 +261,14 @@ def test_packed_loss_hidden_layer_and_mention_probe_match_full_forward():
     """With hidden_layer, packed_answer_loss returns the same loss and, at every mention, the hidden state of
     that layer that a full forward of the row alone gives; the mention probe's loss is the plain MSE on it."""
     import torch
+    from shapes_batches import encode_questions, packed_answer_loss
+    from shapes_probes import _MentionProbe
+    from train_shapes import build_model
 
     from kvtool.evals.shapes import IMAGE_SIZE, TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import _build, _MentionProbe, encode_questions, packed_answer_loss
 
     torch.manual_seed(3)
-    model, processor = _build(TrainConfig(layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
+    model, processor = build_model(TrainConfig(out_dir="", layers=2, intermediate=128, vision_hidden=32, vision_layers=1))
     scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
     enc = encode_questions(processor, scenes)
     with torch.no_grad():
@@ -290,7 +292,7 @@ def test_packed_loss_hidden_layer_and_mention_probe_match_full_forward():
 
 
 def test_scene_caption_names_objects_left_to_right():
-    from kvtool.models.shapes_train import CAPTION_QUESTION, scene_caption
+    from shapes_batches import CAPTION_QUESTION, scene_caption
 
     scene = {"objects": [{"color": "red", "shape": "circle", "x": 60.0, "y": 10.0, "r": 9.0},
                          {"color": "blue", "shape": "square", "x": 15.5, "y": 70.0, "r": 8.0},
@@ -366,7 +368,7 @@ def test_patch_targets_hand_worked():
     r + 4.5 px ({4, 5, 14, 15, 24, 25}); a purple diamond at (80, 80) r 9 owns {78, 87, 88, 89, 98, 99}; every
     other patch is background (colour 5, shape 4, positions ignored). Classes: red 0, triangle 2, x bin 45/9 = 5,
     y bin 1; purple 4, diamond 3, bins 8 and 8."""
-    from kvtool.models.shapes_train import patch_targets
+    from shapes_probes import patch_targets
 
     sample = {"objects": [{"color": "red", "shape": "triangle", "x": 45.0, "y": 13.5, "r": 8.0},
                           {"color": "purple", "shape": "diamond", "x": 80.0, "y": 80.0, "r": 9.0}]}
@@ -382,7 +384,7 @@ def test_patch_targets_hand_worked():
 def test_patch_targets_shared_patch_goes_to_the_nearer_outline():
     """Patch (5, 5) (centre 49.5, 49.5) lies 1.5 px outside a circle at x 40 and 3.5 px outside a square at
     x 61 (both r 8, y 49.5): both are within half a patch, the nearer outline (the circle) owns it."""
-    from kvtool.models.shapes_train import patch_targets
+    from shapes_probes import patch_targets
 
     sample = {"objects": [{"color": "blue", "shape": "circle", "x": 40.0, "y": 49.5, "r": 8.0},
                           {"color": "green", "shape": "square", "x": 61.0, "y": 49.5, "r": 8.0}]}
@@ -395,12 +397,13 @@ def test_object_probe_reads_the_features_the_projector_reads():
     """The probe's hook captures the vision tower's last hidden state without the CLS token — the tensor
     LLaVA's projector gets with vision_feature_layer=-1 and the default strategy."""
     import torch
+    from shapes_probes import _PatchProbe
+    from train_shapes import build_model
 
     from kvtool.evals.shapes import TRAIN_SEED, make_shapes_scene
-    from kvtool.models.shapes_train import _build, _PatchProbe
 
     torch.manual_seed(0)
-    model, processor = _build(TrainConfig(layers=1, intermediate=128, vision_hidden=32, vision_layers=1))
+    model, processor = build_model(TrainConfig(out_dir="", layers=1, intermediate=128, vision_hidden=32, vision_layers=1))
     probe = _PatchProbe(model)
     scenes = [make_shapes_scene(TRAIN_SEED, i) for i in range(3)]
     px = processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
@@ -413,7 +416,7 @@ def test_object_probe_reads_the_features_the_projector_reads():
     loss = probe.loss(scenes)
     assert loss.ndim == 0 and torch.isfinite(loss) and len(probe.accuracy(scenes)) == 4
     # the loss is the four per-patch cross-entropies against patch_targets (a naive loop over patches)
-    from kvtool.models.shapes_train import patch_targets
+    from shapes_probes import patch_targets
 
     with torch.no_grad():
         logits = torch.split(probe.head(probe.features), probe.sizes, dim=-1)

@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvtool.evals.shapes import make_shapes_split
-from kvtool.models.shapes_train import (
-    ANSWER_SUFFIX,
-    SHAPES_CHAT_TEMPLATE,
-    SHAPES_CONTEXT,
-    SHAPES_MODEL_DIR,
-    SYSTEM_PROMPT,
-    shapes_messages,
-)
+from kvtool.evals.shapes import SHAPES_CHAT_TEMPLATE, SHAPES_CONTEXT, make_shapes_split, shapes_messages
+from kvtool.evals.tasks import SHORT_ANSWER
+from kvtool.models.bundled import SHAPES_MODEL_DIR
 from kvtool.models.tiny import LLAVA_CHAT_TEMPLATE
+from kvtool.runtime.preprocess import VICUNA_V1_SYSTEM
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def test_shipped_template_is_the_training_format(bundled):
     tok, proc = bundled
     assert (SHAPES_MODEL_DIR / "chat_template.jinja").read_text() == SHAPES_CHAT_TEMPLATE
     q = "What color is the circle?"
-    want = f"{SYSTEM_PROMPT} USER: {SHAPES_CONTEXT}\n<image>\n{q}\n{ANSWER_SUFFIX} ASSISTANT:"
+    want = f"{VICUNA_V1_SYSTEM} USER: {SHAPES_CONTEXT}\n<image>\n{q}\n{SHORT_ANSWER} ASSISTANT:"
     assert _training_prompt(tok, q) == want
     assert tok.apply_chat_template(_user(q), add_generation_prompt=True, tokenize=False) == want
     assert proc.apply_chat_template(_user(q), add_generation_prompt=True, tokenize=False) == want
@@ -63,7 +58,7 @@ def test_later_turns_are_the_training_conversation(bundled):
         {"role": "assistant", "content": "one"},
     ]
     want = (_training_prompt(tok, "What color is the circle?") + " red</s>"
-            + f"USER: How many shapes are in the image?\n{ANSWER_SUFFIX} ASSISTANT: one</s>")
+            + f"USER: How many shapes are in the image?\n{SHORT_ANSWER} ASSISTANT: one</s>")
     assert tok.apply_chat_template(chat, tokenize=False) == want
 
 

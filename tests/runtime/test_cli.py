@@ -111,7 +111,7 @@ def test_run_export_with_backend_torch_is_one_line(exported, tmp_path):
 def test_run_prompt_longer_than_the_model_names_both_numbers(tmp_path):
     from transformers import AutoProcessor
 
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+    from kvtool.models.bundled import SHAPES_MODEL_DIR
     from kvtool.runtime.preprocess import load_images, prepare_inputs
 
     img = _red_circle(tmp_path)

@@ -206,7 +206,7 @@ def test_image_directory_and_missing_file_are_named(tmp_path):
 
 def test_auto_conversation_is_one_rule(tiny_model, exported):
     from kvtool.evals.runner import EvalConfig, _conversation
-    from kvtool.models.shapes_train import SHAPES_MODEL_DIR
+    from kvtool.models.bundled import SHAPES_MODEL_DIR
 
     cases = {tiny_model("tiny-llava"): "vicuna_v1", exported("tiny-llava", "openvino", 16, "fp32"): "vicuna_v1",
              tiny_model("tiny-llava-next"): "chat_template", tiny_model("tiny-qwen2-vl"): "chat_template",

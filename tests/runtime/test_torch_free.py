@@ -48,7 +48,7 @@ RUNTIME_MODULES = ["kvtool.cli", "kvtool.runtime", "kvtool.runtime.pipeline", "k
                    "kvtool.runtime.engines.onnx_engine", "kvtool.evals", "kvtool.evals.runner",
                    "kvtool.evals.tasks", "kvtool.evals.loaders", "kvtool.evals.metrics", "kvtool.evals.judges",
                    "kvtool.evals.compare", "kvtool.evals.report", "kvtool.evals.shapes", "kvtool.devices",
-                   "kvtool.export.manifest", "kvtool.quant_ops", "transformers", "kvtool.versions"]
+                   "kvtool.manifest", "kvtool.quant_ops", "kvtool.quant_ops.attention", "kvtool.quant_ops.native", "transformers", "kvtool.versions"]
 
 
 def _no_torch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
