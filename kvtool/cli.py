@@ -271,15 +271,17 @@ def ls_models(as_json) -> None:
                                     "or an eval task: shapes | TASK=LOCAL_COPY. Never downloaded.")
 @click.option("--num-samples", default=32, show_default=True, type=int, help="Calibration samples used.")
 @click.option("--dtype", default="fp16", show_default=True, help="fp16 | fp32 for the unquantized parts.")
-@click.option("--stateful", is_flag=True, help="OpenVINO stateful LM (KV inside the graph) for optimum-intel / genai.")
+@click.option("--stateful/--stateless", default=None,
+              help="OpenVINO LM with the KV cache inside the graph (default; what the fast engine, optimum-intel "
+                   "and openvino.genai read) or with explicit past/present K/V (--stateless).")
 @click.option("--onnx-quant", default="rtn", show_default=True, help="rtn | hqq (ONNX MatMulNBits algorithm).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (graphs, sizes, manifest) as JSON.")
 def export_cmd(model, output, as_json, **opts) -> None:
     """Export MODEL (a local Hugging Face checkpoint dir, or a hub id when online) to graphs + kvtool.json.
 
-    Graphs: language model (stateless: explicit past_key_values.{i}.key|value inputs, present.{i}.* outputs),
-    text embeddings, vision embeddings (+ merger for Qwen2-VL). Supported: llava, llava_next
+    Graphs: language model (OpenVINO: stateful by default; --stateless / ONNX: explicit
+    past_key_values.{i}.key|value inputs, present.{i}.* outputs; logits of the last position only), text embeddings, vision embeddings (+ merger for Qwen2-VL). Supported: llava, llava_next
     and qwen2_vl, on both backends.
     """
     from kvtool.export import ExportConfig, export_model

@@ -1,8 +1,10 @@
 """``export_model``: one export from checkpoint to a directory the runtime can rebuild from.
 
-Stages (one progress bar): resolve and load the checkpoint (fp32), read the calibration set and turn it
+Stages (one progress bar): resolve and load the checkpoint (OpenVINO: in its own dtype, never up-cast;
+ONNX: fp32), read the calibration set and turn it
 into language-model inputs, apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch
-weights when asked (``kvtool.export.awq``), convert with the chosen backend (with its weight compression),
+weights when asked (``kvtool.export.awq``), convert with the chosen backend (OpenVINO compresses each graph in memory before its first save and
+releases the torch weights of each converted graph; ONNX quantizes after),
 copy the processor/tokenizer files and ``config.json``, and write the manifest ``kvtool.json``.
 It does not run generation or check parity (tests and ``kvtool.runtime`` do).
 """
@@ -108,7 +110,7 @@ def _export_model(cfg: ExportConfig) -> ExportResult:
     total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
     with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step") as bar:
         bar.set_postfix_str("load")
-        model = source.load_torch_model(model_dir, cfg.trust_remote_code)
+        model = source.load_torch_model(model_dir, cfg.trust_remote_code, own_dtype=cfg.backend == "openvino")
         lm = source.lm_info(model.config)
         if cfg.recorded_group_size is not None:
             from kvtool.export.awq import check_group_size
@@ -151,7 +153,7 @@ def _export_model(cfg: ExportConfig) -> ExportResult:
                                calibration=calib.describe() if calib else None),
             graphs=graphs,
             lm=lm,
-            stateful=cfg.stateful,
+            stateful=cfg.is_stateful,
             versions=library_versions(),
             kvtool_version=__version__,
         )

@@ -8,8 +8,8 @@ their machine can hold before downloading 14 GB.
 
 Memory: the model is built on torch's ``meta`` device (no storage), and each parameter is drawn in the
 checkpoint dtype (fp16 for LLaVA, bf16 for Qwen2-VL, as published) and appended to the current safetensors
-shard; a shard is written and freed once it reaches ``shard_bytes`` (default 1 GiB). Peak RSS is about one
-shard plus the largest tensor, whatever the model size: a full 32-layer LLaVA-1.5-7B (13.5 GB of fp16) is
+shard; a shard is written and freed once it reaches ``shard_bytes`` (default 512 MiB). Peak RSS is about
+two shards (safetensors serialises a shard to bytes before writing) plus the largest tensor, whatever the model size: a full 32-layer LLaVA-1.5-7B (13.5 GB of fp16) is
 written on a 24 GB machine. No fp32 copy of the model ever exists.
 
 Weights: Linear/Embedding/conv weights ~ N(0, initializer_range) (0.02 in every published config), norm
@@ -258,7 +258,7 @@ def _random_tensor(name: str, shape: tuple, dtype: Any, seed: int, std: float):
     return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=g)
 
 
-def write_random_weights(model: Any, out: Path, dtype: Any, seed: int = 0, shard_bytes: int = 1 << 30,
+def write_random_weights(model: Any, out: Path, dtype: Any, seed: int = 0, shard_bytes: int = 512 << 20,
                          std: float = 0.02) -> dict[str, Any]:
     """Write random weights for every (untied) parameter of meta ``model`` as safetensors shards in ``out``
     (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``); at most one shard is held.
@@ -300,7 +300,7 @@ def _numel(shape: tuple) -> int:
 
 
 def make_real_shape_model(name: str, out_dir: str | Path, *, layers: int | None = None, seed: int = 0,
-                          dtype: str | None = None, shard_bytes: int = 1 << 30) -> dict[str, Any]:
+                          dtype: str | None = None, shard_bytes: int = 512 << 20) -> dict[str, Any]:
     """Write the random checkpoint of ``name`` (a ``PUBLISHED`` key) into ``out_dir``.
 
     ``layers``: decoder layers kept (default: all, as published); ``dtype``: ``float16`` | ``bfloat16``

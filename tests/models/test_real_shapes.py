@@ -41,23 +41,25 @@ def test_bad_layers_and_size_options_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_make_llava_7b_two_layers_loads_with_published_config(tmp_path):
-    """`models make llava-1.5-7b --layers 2` (real widths, 1.9 GiB fp16) in a subprocess: its peak RSS stays
-    near one 1 GiB shard (no whole-model or fp32 copy), and the checkpoint loads in transformers with the
+    """`models make llava-1.5-7b --layers 2` (real widths, 1.9 GiB fp16) in a subprocess: its peak RSS above
+    the imports stays near two 512 MiB shards (no whole-model or fp32 copy), and the checkpoint loads in transformers with the
     published config and ids."""
     import subprocess
     import sys
 
     out = tmp_path / "l7b"
-    code = ("import json, sys\nfrom kvtool.cli import main\n"
+    code = ("import json, sys\nimport torch, transformers, safetensors.torch\nfrom kvtool.cli import main\n"
+            "import kvtool.models.real_shapes\n"
+            "base = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]\n"
             "try:\n    main(['models', 'make', 'llava-1.5-7b', sys.argv[1], '--layers', '2', '--json'])\n"
             "except SystemExit:\n    pass\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-            "print('HWM', int(hwm) * 1024)\n")
+            "print('HWM', (int(hwm) - int(base)) * 1024)\n")
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
     info = json.loads(res.stdout[: res.stdout.rindex("}") + 1])
     hwm = int(res.stdout.split("HWM")[-1])
-    assert info["layers"] == 2 and info["bytes"] > 1.8 * 2**30 and info["files"] == 2
-    assert hwm < info["bytes"] * 0.9, (hwm, info["bytes"])  # never the whole checkpoint in memory
+    assert info["layers"] == 2 and info["bytes"] > 1.8 * 2**30 and info["files"] >= 4
+    assert hwm < info["bytes"] * 0.7, (hwm, info["bytes"])  # never the whole checkpoint in memory
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
