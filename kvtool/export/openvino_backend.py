@@ -202,6 +202,24 @@ def nncf_lm_options(cfg: ExportConfig) -> dict[str, Any]:
     raise ValueError(f"no NNCF mode for {cfg.wbits} bits")
 
 
+TOKENIZER_IRS = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+
+
+def save_tokenizer_irs(out: Path) -> None:
+    """Write ``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` for the tokenizer saved in ``out``
+    with openvino-tokenizers (``convert_tokenizer(..., with_detokenizer=True)``), left padding as
+    optimum-intel sets it for image-text-to-text: what openvino.genai's ``VLMPipeline`` reads."""
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.padding_side = tok.truncation_side = "left"
+    ov_tok, ov_detok = convert_tokenizer(tok, with_detokenizer=True)
+    for model, name in zip((ov_tok, ov_detok), TOKENIZER_IRS, strict=True):
+        ov.save_model(model, out / name)
+
+
 def graph_info(path: Path, out: Path) -> GraphInfo:
     """File (relative to ``out``) and the exact input/output names of a saved IR."""
     import openvino as ov

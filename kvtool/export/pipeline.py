@@ -5,7 +5,8 @@ ONNX: fp32), read the calibration set and turn it
 into language-model inputs, apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch
 weights when asked (``kvtool.export.awq``), convert with the chosen backend (OpenVINO compresses each graph in memory before its first save and
 releases the torch weights of each converted graph; ONNX quantizes after),
-copy the processor/tokenizer files and ``config.json``, and write the manifest ``kvtool.json``.
+copy the processor/tokenizer files and ``config.json`` (OpenVINO: also the tokenizer/detokenizer IRs of
+openvino-tokenizers), and write the manifest ``kvtool.json``.
 It does not run generation or check parity (tests and ``kvtool.runtime`` do).
 """
 
@@ -140,6 +141,10 @@ def _export_model(cfg: ExportConfig) -> ExportResult:
             graphs = export_onnx(model, arch, cfg, out, progress=bar)
         bar.set_postfix_str("processor")
         source.save_processor_files(model_dir, out, model)
+        if cfg.backend == "openvino":
+            from kvtool.export.openvino_backend import save_tokenizer_irs
+
+            save_tokenizer_irs(out)
         bar.update(1)
         manifest = Manifest(
             source={"model": cfg.model if not Path(cfg.model).exists() else str(model_dir.resolve()),
