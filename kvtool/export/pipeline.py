@@ -1,10 +1,10 @@
 """``export_model``: one export from checkpoint to a directory the runtime can rebuild from.
 
 Stages (one progress bar): resolve and load the checkpoint (OpenVINO: in its own dtype, never up-cast;
-ONNX: fp32), read the calibration set and turn it
-into language-model inputs, apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch
-weights when asked (``kvtool.export.awq``), convert with the chosen backend (OpenVINO compresses each graph in memory before its first save and
-releases the torch weights of each converted graph; ONNX quantizes after),
+ONNX: fp32), read the calibration set and turn it into language-model inputs (forward passes in the
+checkpoint's dtype), apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch weights
+when asked (``kvtool.export.awq``), convert with the chosen backend (OpenVINO compresses each graph in
+memory before its first save and releases the LM's torch weights once converted; ONNX quantizes after),
 copy the processor/tokenizer files and ``config.json`` (OpenVINO: also the tokenizer/detokenizer IRs of
 openvino-tokenizers), and write the manifest ``kvtool.json``.
 It does not run generation or check parity (tests and ``kvtool.runtime`` do).
