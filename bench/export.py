@@ -10,6 +10,15 @@ and each graph's size and weight format.
 
 Run:  python bench/export.py [--hidden 2048 --layers 8] [--backends openvino,onnx] [--wbits 16,8,4,3]
                              [--workdir /tmp/kvtool-bench-export] [--json out.json]
+
+Side by side with optimum-cli on a real-shape checkpoint (``kvtool models make``), one export at a time:
+
+      python bench/export.py --vs-optimum llava-1.5-7b --shape-layers 4 --wbits 4,8 [--json out.json]
+
+runs ``kvtool export --wbits N`` (OpenVINO, stateful default) and ``optimum-cli export openvino --task
+image-text-to-text --weight-format intN`` on the same fp16 checkpoint, each under ``/usr/bin/time -v``, and
+reports peak RSS (the child's maximum resident set, and its ratio to the checkpoint's bytes), wall and CPU
+seconds and output size.
 """
 
 from __future__ import annotations
@@ -54,6 +63,60 @@ def run_export(model: Path, out: Path, backend: str, wbits: int, extra: list[str
             "peak_rss_mib": round(int(peak_file.read_text()) / 2**20), "graphs": res["graphs"]}
 
 
+def timed(cmd: list[str]) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v``: wall, user+sys CPU seconds and peak RSS of the command."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    t0 = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    fields = dict(line.strip().rsplit(": ", 1) for line in res.stderr.splitlines() if ": " in line)
+    cpu = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "peak_rss_gib": round(int(fields["Maximum resident set size (kbytes)"]) / 2**20, 2)}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def vs_optimum(args) -> None:
+    """kvtool export vs optimum-cli export openvino on one real-shape checkpoint, one process at a time."""
+    from kvtool.models.real_shapes import make_real_shape_model
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"{args.vs_optimum}-l{args.shape_layers}"
+    if not (model / "model.safetensors.index.json").exists():
+        make_real_shape_model(args.vs_optimum, model, layers=args.shape_layers)
+    ckpt = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    rows = []
+    for wbits in (int(w) for w in args.wbits.split(",")):
+        for tool in ("kvtool", "optimum-cli"):
+            out = work / f"{tool}-w{wbits}"
+            if out.exists():
+                shutil.rmtree(out)
+            if tool == "kvtool":
+                cmd = [sys.executable, "-m", "kvtool.cli", "export", str(model), "-o", str(out), "--wbits", str(wbits)]
+            else:
+                cmd = [shutil.which("optimum-cli") or "optimum-cli", "export", "openvino", "--model", str(model),
+                       "--task", "image-text-to-text", "--weight-format", f"int{wbits}", str(out)]
+            row = {"tool": tool, "wbits": wbits, **timed(cmd), "output_gib": round(dir_bytes(out) / 2**30, 3)}
+            row["rss_vs_checkpoint"] = round(row["peak_rss_gib"] * 2**30 / ckpt, 2)
+            rows.append(row)
+            print(f"{tool:<12} int{wbits}  peak {row['peak_rss_gib']:>6.2f} GiB ({row['rss_vs_checkpoint']:.2f}x ckpt)  "
+                  f"wall {row['wall_s']:>7.1f} s  cpu {row['cpu_s']:>7.1f} s  output {row['output_gib']:.3f} GiB",
+                  flush=True)
+            if not args.keep:
+                shutil.rmtree(out)
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "model": {"shape": args.vs_optimum, "layers": args.shape_layers, "checkpoint_bytes": ckpt},
+              "rows": rows}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def lm_weight_bytes(row: dict, out: Path) -> int:
     """Bytes of the language model's weight file (.bin for OpenVINO, .onnx.data for ONNX)."""
     g = next(g for g in row["graphs"] if g["role"] == "language_model")
@@ -73,7 +136,13 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/kvtool-bench-export")
     ap.add_argument("--keep", action="store_true", help="Keep the exports (default: delete each after measuring).")
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--vs-optimum", metavar="SHAPE", help="Compare with optimum-cli on this real-shape checkpoint "
+                    "(llava-1.5-7b, qwen2-vl-2b, ...; see `kvtool ls models`).")
+    ap.add_argument("--shape-layers", type=int, help="Decoder layers of the --vs-optimum checkpoint (default: all).")
     args = ap.parse_args()
+    if args.vs_optimum:
+        vs_optimum(args)
+        return
 
     from kvtool.models import make_tiny_model
 

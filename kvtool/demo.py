@@ -87,7 +87,8 @@ def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4) -> Path:
     """The OpenVINO int``wbits`` export of ``model_dir`` in the cache, made on first use."""
     from kvtool.export import ExportConfig, export_model
 
-    out = cache_root / "demo" / f"openvino-w{wbits}-{_model_hash(model_dir)}"
+    # "stateful": the export default since issue 14; a cached stateless export of older kvtool is not reused
+    out = cache_root / "demo" / f"openvino-w{wbits}-stateful-{_model_hash(model_dir)}"
     if not (out / "kvtool.json").is_file():
         export_model(ExportConfig(model=str(model_dir), output=str(out), backend="openvino", wbits=wbits))
     return out

@@ -32,6 +32,8 @@ def exported(tmp_path_factory, tiny_model):
 
     def build(name: str = "tiny-llava", backend: str = "openvino", wbits: int = 16, dtype: str = "fp32",
               **extra) -> Path:
+        # the OpenVINO export is stateful unless stateful=False: one cache entry for both spellings
+        extra.setdefault("stateful", backend == "openvino")
         key = (name, backend, wbits, dtype, tuple(sorted(extra.items())))
         if key not in cache:
             from kvtool.export import ExportConfig, export_model

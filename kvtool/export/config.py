@@ -33,8 +33,9 @@ class ExportConfig:
     ``scale_estimation`` adds NNCF's scale estimation (OpenVINO, 4 bits). Without ``calibration``, OpenVINO
     4-bit AWQ is NNCF's data-free AWQ (recorded with ``calibration: null``); ONNX and 3-bit AWQ use kvtool's
     own data-aware search and refuse to run without data. ``dtype`` is the precision of
-    everything left unquantized. ``stateful`` exports optimum-intel's stateful LM (KV inside the graph)
-    instead of the stateless one kvtool's runtime drives. ``onnx_quant`` picks the MatMulNBits algorithm.
+    everything left unquantized. ``stateful`` (None: True for OpenVINO) exports optimum-intel's stateful LM
+    (KV inside the graph; what the fast engine, ``OVModelForVisualCausalLM`` and openvino.genai read); False
+    the stateless one (explicit past/present K/V); ONNX is always stateless. ``onnx_quant`` picks the MatMulNBits algorithm.
     ``force`` lets the export replace another export found in ``output`` (refused otherwise); ``verbose``
     shows the exporting libraries' own log lines and warnings (hidden by default).
     """
@@ -51,7 +52,7 @@ class ExportConfig:
     calibration: str | None = None
     num_samples: int = 32
     dtype: str = "fp16"
-    stateful: bool = False
+    stateful: bool | None = None
     onnx_quant: str = "rtn"
     trust_remote_code: bool = False
     force: bool = False
@@ -91,7 +92,7 @@ class ExportConfig:
         if self.group_size == -1 and self.backend == "onnx" and self.wbits in (8, 4):
             raise InputError("--group-size -1: per-channel weights are not available with --backend onnx "
                              "(MatMulNBits quantizes in blocks; pass a block size such as 128)")
-        if self.stateful and self.backend != "openvino":
+        if self.stateful is True and self.backend != "openvino":
             raise InputError("--stateful: only the openvino backend has a stateful export")
         if self.onnx_quant == "hqq" and (self.backend != "onnx" or self.wbits != 4):
             raise InputError("--onnx-quant hqq: applies to --backend onnx --wbits 4 only")
@@ -124,6 +125,11 @@ class ExportConfig:
         if self.wbits == 16 or self.group_size == -1 or (self.wbits == 8 and self.backend == "openvino"):
             return None
         return self.group_size
+
+    @property
+    def is_stateful(self) -> bool:
+        """The LM graph keeps its KV cache inside (OpenVINO default); ONNX is always stateless."""
+        return self.backend == "openvino" and self.stateful is not False
 
     @property
     def storage(self) -> str:

@@ -5,7 +5,7 @@ the PyTorch submodules itself — written here by hand, mirroring the graph role
 ``[B, H, N, D]`` KV layout of the OpenVINO export so that one runtime drives both:
 
 * ``language_model``: ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value``
-  -> ``logits``, ``present.{i}.key|value`` (the past fills a transformers ``DynamicCache``; an empty past works);
+  -> ``logits`` (last position only, [B, 1, V]), ``present.{i}.key|value`` (the past fills a transformers ``DynamicCache``; an empty past works);
 * ``text_embeddings``: ``input`` (token ids) -> ``inputs_embeds``;
 * ``vision_embeddings``: ``pixel_values`` [num_images_or_tiles, 3, H, W] -> ``last_hidden_state`` (vision tower
   feature layer, CLS dropped per the config's select strategy, projector applied; LLaVA-NeXT tile packing and
@@ -56,7 +56,7 @@ def _wrappers(model: Any):
             hidden = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True).last_hidden_state
             present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            return (self.head(hidden), *present)
+            return (self.head(hidden[:, -1:]), *present)  # logits of the last position only: [B, 1, V]
 
     class TextEmbeddings(torch.nn.Module):
         def __init__(self):

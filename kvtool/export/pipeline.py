@@ -1,9 +1,12 @@
 """``export_model``: one export from checkpoint to a directory the runtime can rebuild from.
 
-Stages (one progress bar): resolve and load the checkpoint (fp32), read the calibration set and turn it
-into language-model inputs, apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch
-weights when asked (``kvtool.export.awq``), convert with the chosen backend (with its weight compression),
-copy the processor/tokenizer files and ``config.json``, and write the manifest ``kvtool.json``.
+Stages (one progress bar): resolve and load the checkpoint (OpenVINO: in its own dtype, never up-cast;
+ONNX: fp32), read the calibration set and turn it into language-model inputs (forward passes in the
+checkpoint's dtype), apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch weights
+when asked (``kvtool.export.awq``), convert with the chosen backend (OpenVINO compresses each graph in
+memory before its first save and releases the LM's torch weights once converted; ONNX quantizes after),
+copy the processor/tokenizer files and ``config.json`` (OpenVINO: also the tokenizer/detokenizer IRs of
+openvino-tokenizers), and write the manifest ``kvtool.json``.
 It does not run generation or check parity (tests and ``kvtool.runtime`` do).
 """
 
@@ -137,7 +140,7 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
     total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
     with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step", file=progress_stream) as bar:
         bar.set_postfix_str("load")
-        model = source.load_torch_model(model_dir, cfg.trust_remote_code)
+        model = source.load_torch_model(model_dir, cfg.trust_remote_code, own_dtype=cfg.backend == "openvino")
         lm = source.lm_info(model.config)
         if cfg.recorded_group_size is not None:
             from kvtool.export.awq import check_group_size
@@ -167,6 +170,10 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
             graphs = export_onnx(model, arch, cfg, out, progress=bar)
         bar.set_postfix_str("processor")
         source.save_processor_files(model_dir, out, model)
+        if cfg.backend == "openvino":
+            from kvtool.export.openvino_backend import save_tokenizer_irs
+
+            save_tokenizer_irs(out)
         bar.update(1)
         manifest = Manifest(
             source={"model": cfg.model if not Path(cfg.model).exists() else str(model_dir.resolve()),
@@ -180,7 +187,7 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
                                calibration=calib.describe() if calib else None),
             graphs=graphs,
             lm=lm,
-            stateful=cfg.stateful,
+            stateful=cfg.is_stateful,
             versions=library_versions(),
             kvtool_version=__version__,
         )

@@ -1,4 +1,5 @@
-"""OpenVINO export: stateless graphs match PyTorch (fp32), manifest is exact, int4/int8 weights are real."""
+"""OpenVINO export: stateless graphs (--stateless) match PyTorch (fp32) with last-position logits, manifest is
+exact, int4/int8 weights are real."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tests.export.lm_parity import compare_lm, graph_runner, greedy_agreement, s
 
 @pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow), "tiny-qwen2-vl"])
 def test_fp32_prefill_and_decode_match_pytorch(name, exported, tiny_model, torch_model):
-    out = exported(name, "openvino", 16, "fp32")
+    out = exported(name, "openvino", 16, "fp32", stateful=False)
     m = Manifest.load(out)
     if name == "tiny-qwen2-vl":  # 3-D mRoPE positions and the vision merger graph
         assert "vision_embeddings_merger" in m.graphs and m.architecture == "qwen2_vl"
@@ -24,7 +25,7 @@ def test_fp32_prefill_and_decode_match_pytorch(name, exported, tiny_model, torch
 def test_manifest_records_graph_names_and_kv_geometry(exported, torch_model):
     import openvino as ov
 
-    out = exported("tiny-llava", "openvino", 16, "fp32")
+    out = exported("tiny-llava", "openvino", 16, "fp32", stateful=False)
     m = Manifest.load(out)
     tc = torch_model("tiny-llava").config.get_text_config()
     assert m.architecture == "llava" and m.backend == "openvino" and m.dtype == "fp32" and not m.stateful
@@ -49,7 +50,7 @@ def test_vision_and_text_embedding_graphs_match_pytorch(backend, exported, tiny_
     import torch
 
     name = "tiny-llava"
-    out, model = exported(name, backend, 16, "fp32"), torch_model(name)
+    out, model = exported(name, backend, 16, "fp32", stateful=False), torch_model(name)
     m = Manifest.load(out)
     inputs = sample_prompt(tiny_model(name))
     vis = graph_runner(out, "vision_embeddings")({"pixel_values": inputs["pixel_values"].numpy()})
@@ -114,7 +115,7 @@ def test_qwen2_vl_vision_graphs_match_pytorch(backend, exported, tiny_model, tor
     import torch
 
     name = "tiny-qwen2-vl"
-    out, model = exported(name, backend, 16, "fp32"), torch_model(name)
+    out, model = exported(name, backend, 16, "fp32", stateful=False), torch_model(name)
     m = Manifest.load(out)
     inputs = sample_prompt(tiny_model(name))
     pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]

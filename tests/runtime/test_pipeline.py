@@ -20,7 +20,7 @@ def llava(tiny_model):
 
 @pytest.fixture(scope="module")
 def llava_ov(exported):
-    return exported("tiny-llava", "openvino", 16, "fp32")
+    return exported("tiny-llava", "openvino", 16, "fp32", stateful=False)
 
 
 @pytest.fixture(scope="module")

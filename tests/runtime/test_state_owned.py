@@ -56,7 +56,7 @@ def test_quantized_state_owned_matches_torch_and_stateless(llava, stateful, expo
     kw = dict(kv=scheme, k_bits=bits, v_bits=bits, kv_mode="packed")
     img = random_image()
     t = VLMPipeline.load(llava, backend="torch", **kw).generate(img, QUESTION, max_new_tokens=6)
-    stateless = VLMPipeline.load(exported("tiny-llava", "openvino", 16, "fp32"), **kw)
+    stateless = VLMPipeline.load(exported("tiny-llava", "openvino", 16, "fp32", stateful=False), **kw)
     s = stateless.generate(img, QUESTION, max_new_tokens=6, keep_logits=True)
     pipe = VLMPipeline.load(stateful, **kw) if owner == "paged" else VLMPipeline.load(stateful, kv_owner=owner, **kw)
     o = pipe.generate(img, QUESTION, max_new_tokens=6, keep_logits=True)
@@ -100,7 +100,7 @@ def test_first_token_sees_the_compressed_cache(stateful, owner):
 def test_simulate_matches_the_stateless_engine(stateful, exported, owner):
     kw = dict(kv="g-KC128VT128", k_bits=2, v_bits=2, kv_mode="simulate")
     img = random_image()
-    s = VLMPipeline.load(exported("tiny-llava", "openvino", 16, "fp32"), **kw)
+    s = VLMPipeline.load(exported("tiny-llava", "openvino", 16, "fp32", stateful=False), **kw)
     o = VLMPipeline.load(stateful, kv_owner=owner, **kw)
     a = s.generate(img, QUESTION, max_new_tokens=5, keep_logits=True)
     b = o.generate(img, QUESTION, max_new_tokens=5, keep_logits=True)
