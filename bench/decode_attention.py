@@ -20,12 +20,13 @@ Run:  python bench/decode_attention.py [--json out.json]   (``--markdown out.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+
+from benchio import run_and_report
 
 
 def _times_ms(fn, repeats: int) -> tuple[list[float], list[float]]:
@@ -161,17 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median of the medians)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="print the table of a saved --json run and exit")
-    args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown, encoding="utf-8") as fh:
-            print(markdown(json.load(fh)))
-        return 0
-    res = run(args)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res, fh, indent=2)
-    print(markdown(res))
-    return 0
+    return run_and_report(p.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+
+from benchio import run_and_report
 
 
 def _time(fn) -> tuple[float, float]:
@@ -173,17 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see BENCHMARKS.md)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="print the table of a saved --json run and exit")
-    args = p.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown, encoding="utf-8") as fh:
-            print(markdown(json.load(fh)))
-        return 0
-    res = run(args)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res, fh, indent=2)
-    print(markdown(res))
-    return 0
+    return run_and_report(p.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":
