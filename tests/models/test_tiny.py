@@ -85,4 +85,4 @@ def test_cli_models_make(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "model.safetensors").is_file()
     r = CliRunner().invoke(main, ["models", "make", "tiny-llava", str(tmp_path / "x"), "--hidden", "130"])
-    assert r.exit_code == 2 and r.output.startswith("error: hidden=130")
+    assert r.exit_code == 2 and r.output.startswith("error: --hidden 130")

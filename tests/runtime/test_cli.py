@@ -91,7 +91,7 @@ def test_run_refuses_empty_prompt_and_directory_image_before_loading(tmp_path, m
     img = _red_circle(tmp_path)
     for prompt in ("", "   "):
         assert _one_line_error(["run", "kvtool-shapes", "--image", str(img), "--prompt", prompt]) == (
-            f"error: prompt: {prompt!r} is empty; expected a question")
+            f"error: --prompt: {prompt!r} is empty; expected a question")
     assert _one_line_error(["run", "kvtool-shapes", "--image", str(tmp_path), "--prompt", "q"]) == (
         f"error: image {tmp_path}: is a directory; expected an image file")
     bad = tmp_path / "bad.png"
@@ -122,5 +122,5 @@ def test_run_prompt_longer_than_the_model_names_both_numbers(tmp_path):
     assert res.exit_code == 2, res.output
     # the last line (transformers' weight-loading bar before it is library chatter, issue 16 item 18)
     assert res.output.strip().splitlines()[-1] == (
-        f"error: prompt: {n} tokens + 64 new tokens = {n + 64}, more than the model's 1024 positions "
+        f"error: --prompt: {n} tokens + 64 new tokens = {n + 64}, more than the model's 1024 positions "
         "(max_position_embeddings); shorten the prompt or lower --max-new-tokens")

@@ -60,6 +60,9 @@ def test_eval_config_records_null_bits_for_fp16():
     ["eval", "no/such/model", "--tasks", "shapes", "-o", "runs/none"],
 ])
 def test_cli_refuses_bits_with_fp16_naming_the_flags(cmd, tmp_path):
+    if cmd[0] == "run":  # a valid image, so that the KV options are what is refused
+        random_image().save(tmp_path / "img.png")
+        cmd = cmd + ["--image", str(tmp_path / "img.png")]
     res = CliRunner().invoke(main, cmd + ["--kv", "fp16", "--kv-bits", "2"])
     assert res.exit_code == 2
     assert res.output == ("error: --kv fp16 keeps K and V unquantized: --kv-bits 2 does not apply (bits are for "
@@ -151,13 +154,19 @@ def test_window_engines_agree_and_record_it(tiny_model, llava_ov):
     assert c.stats["kv_residual"] is None
 
 
-def test_fp16_kv_is_held_in_fp16_and_the_reference_in_fp32(tiny_model, llava_ov):
-    o = VLMPipeline.load(llava_ov)  # an fp32 export: the graph computes in f32, kvtool holds fp16 as named
+@pytest.mark.parametrize("stateful", [True, False])
+def test_fp16_kv_is_held_in_fp16_and_the_reference_in_fp32(tiny_model, exported, stateful):
+    # an fp32 export: the graph computes in f32, the cache is held in fp16 as named — in the stateful graph's
+    # states (the default export) or in kvtool's own buffers (the stateless one)
+    path = exported("tiny-llava", "openvino", 16, "fp32", stateful=stateful)
+    o = VLMPipeline.load(path)
     st = o.generate(random_image(), QUESTION, max_new_tokens=3).stats
-    assert st["kv_dtype"] == "float16" and o.engine.kv.dtype == np.float16
+    assert st["kv_dtype"] == "float16"
+    if not stateful:
+        assert o.engine.kv.dtype == np.float16
     assert st["kv_bytes"] == st["kv_fp16_bytes"] > 0
     assert o.info()["k_bits"] is None and o.info()["v_bits"] is None
-    f32 = VLMPipeline.load(llava_ov, kv_precision="f32")
+    f32 = VLMPipeline.load(path, kv_precision="f32")
     st32 = f32.generate(random_image(), QUESTION, max_new_tokens=3).stats
     assert st32["kv_dtype"] == "float32" and st32["kv_bytes"] == 2 * st32["kv_fp16_bytes"]
     t = VLMPipeline.load(tiny_model("tiny-llava"), backend="torch")  # the fp32 reference: labelled fp32
