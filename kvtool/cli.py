@@ -379,6 +379,8 @@ def run_cmd(model, images, prompt, backend, device, kv, kv_bits, k_bits, v_bits,
     click.echo(f"prompt {st['prompt_tokens']} tokens, prefill {st['prefill_ms']:.1f} ms | {st['new_tokens']} new, "
                f"{st['decode_ms_per_token']:.2f} ms/token ({st['tokens_per_s']:.1f} tok/s)")
     held = f" {st['kv_dtype']}" if st.get("kv_dtype") else ""
+    if info["k_bits"] is not None:  # a quantizing scheme: the dtype is that of its unquantized residual
+        held = f" = K{info['k_bits']}V{info['v_bits']} codes + group params +{held or ' fp'} residual"
     click.echo(f"KV {st['kv_bytes'] / 2**20:.3f} MiB{held} (fp16 {st['kv_fp16_bytes'] / 2**20:.3f} MiB) | "
                f"peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
 
@@ -684,7 +686,7 @@ def submission_cmd(run_dir, output, task, question_ids, as_json) -> None:
 
 
 @main.command(name="demo")
-@click.option("--out", "out_dir", default="kvtool-demo", show_default=True, help="Directory for runs, JSON and plot.")
+@click.option("--out", "-o", "out_dir", default="kvtool-demo", show_default=True, help="Directory for runs, JSON and plot.")
 @click.option("--cache-dir", default=None, help="Export cache (default $KVTOOL_CACHE or ~/.cache/kvtool).")
 @click.option("--n", "n", type=int, default=300, show_default=True, help="shapes test questions per row.")
 @click.option("--quick", is_flag=True, help="Fewer questions (60), for CI.")

@@ -5,6 +5,7 @@ the backend aliases, and error lines that name CLI flags."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -185,6 +186,9 @@ def test_cli_run_reports_dtype_window_and_takes_the_onnx_alias(llava_ov, tmp_pat
     res = CliRunner().invoke(main, base + ["--kv", "g-KC128VT128", "--kv-bits", "2", "--kv-residual", "128",
                                            "--json"])
     d = json.loads(res.output)
+    res = CliRunner().invoke(main, base + ["--kv", "g-KC128VT128", "--kv-bits", "2"])
+    assert res.exit_code == 0, res.output  # a 2-bit cache is not labelled as a float cache
+    assert re.search(r"KV [0-9.]+ MiB = K2V2 codes \+ group params \+ float(16|32) residual \(fp16 ", res.output)
     assert d["stats"]["kv_residual"] == 128 and d["config"]["kv_residual"] == 128
     res = CliRunner().invoke(main, base + ["--backend", "onnx"])  # accepted, and means onnxruntime
     assert res.exit_code == 2
