@@ -105,6 +105,18 @@ def _yerr(value: float, ci: Sequence[float] | None) -> list[list[float]] | None:
     return [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]]
 
 
+def _panel_grid(plt, n: int, max_cols: int, size: tuple[float, float]):
+    """A figure of ``n`` panels in rows of at most ``max_cols``, each ``size`` inches (w, h); the grid's unused
+    cells are hidden. Returns (figure, the axes as a flat list)."""
+    ncols = min(max_cols, n)
+    nrows = -(-n // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def accuracy_vs_bits_figure(points: list[dict[str, Any]], tasks: list[str], titles: dict[str, str] | None = None,
                             title: str | None = None):
     """Headline vs KV bits, one panel per task in ``tasks``.
@@ -119,12 +131,7 @@ def accuracy_vs_bits_figure(points: list[dict[str, Any]], tasks: list[str], titl
     from matplotlib.ticker import FixedLocator, NullLocator
 
     titles = titles or {}
-    ncols = min(4, len(tasks))
-    nrows = -(-len(tasks) // ncols)
-    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
-    axes = list(grid.flat)
-    for ax in axes[len(tasks):]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(plt, len(tasks), max_cols=4, size=(4.2, 3.6))
     series_names = list(dict.fromkeys(p["series"] for p in points if not p.get("reference")))
     ref_names = list(dict.fromkeys(p["series"] for p in points if p.get("reference")))
     n = len(series_names)
@@ -204,12 +211,7 @@ def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    ncols = min(3, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, grid = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.2 * nrows), squeeze=False)
-    axes = list(grid.flat)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(plt, len(panels), max_cols=3, size=(5.6, 4.2))
     schemes = list(dict.fromkeys(p["scheme"] for pan in panels for p in pan["points"]))
     marker = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(schemes)}
     bits_seen = sorted({p["bits"] for pan in panels for p in pan["points"]}, key=lambda b: (isinstance(b, str), b))

@@ -134,6 +134,8 @@ def test_rerun_generates_nothing_and_a_changed_cell_runs_alone(local_sweep):
     ({"limit": 0}, "", "limit"),
     ({"tasks_extra": 1}, "", "tasks_extra"),
     ({"limits": {"vqav2": 5}}, "", "limits.vqav2"),
+    ({"data": {"vqav2": "x"}}, "", "data.vqav2"),
+    ({"limits": 5}, "", "limits"),
 ])
 def test_bad_grid_one_line_exit_2_before_any_unit(tmp_path, tiny_model, top, body, key):
     text = grid_text({"a": (tiny_model("tiny-llava"), "torch")}, [], **{**TOP, **top}) + body

@@ -152,6 +152,18 @@ def _int(src: str, key: str, v: Any, lo: int = 0, none_ok: bool = True) -> int |
     return v
 
 
+def _per_task_table(src: str, raw: dict, key: str, tasks: list[str], shape: str) -> dict:
+    """``raw[key]`` (default empty): a table keyed by the grid's tasks, e.g. ``[limits]``; its values are the
+    caller's to check. Raises InputError naming the key for another type or an unknown task."""
+    table = raw.get(key, {})
+    if not isinstance(table, dict):
+        raise _err(src, key, f"expected a table {shape}")
+    for t in table:
+        if t not in tasks:
+            raise _err(src, f"{key}.{t}", f"not one of the grid's tasks ({', '.join(tasks)})")
+    return table
+
+
 def _str_list(src: str, key: str, v: Any) -> list[str]:
     vals = [v] if isinstance(v, str) else v
     if not isinstance(vals, list) or not vals or not all(isinstance(x, str) and x.strip() for x in vals):
@@ -292,12 +304,8 @@ def check_grid(raw: dict[str, Any], src: str, base: Path) -> Grid:
            "shards": _int(src, "shards", raw.get("shards", 1), 1, none_ok=False),
            "seed": _int(src, "seed", raw.get("seed", 0)),
            "max_new_tokens": _int(src, "max_new_tokens", raw.get("max_new_tokens"), 1)}
-    limits = raw.get("limits", {})
-    if not isinstance(limits, dict):
-        raise _err(src, "limits", "expected a table { task = rows }")
+    limits = _per_task_table(src, raw, "limits", tasks, "{ task = rows }")
     for t, v in limits.items():
-        if t not in tasks:
-            raise _err(src, f"limits.{t}", f"not one of the grid's tasks ({', '.join(tasks)})")
         _int(src, f"limits.{t}", v, 1, none_ok=False)
     run["limits"] = dict(limits)
     seeds = raw.get("seeds")
@@ -309,12 +317,8 @@ def check_grid(raw: dict[str, Any], src: str, base: Path) -> Grid:
         if not isinstance(data_dir, str) or not Path(_resolve(base, data_dir)).is_dir():
             raise _err(src, "data_dir", f"{data_dir!r} is not a folder")
         data_dir = _resolve(base, data_dir)
-    data = raw.get("data", {})
-    if not isinstance(data, dict):
-        raise _err(src, "data", "expected a table { task = \"path or hub id\" }")
+    data = _per_task_table(src, raw, "data", tasks, "{ task = \"path or hub id\" }")
     for t, v in data.items():
-        if t not in tasks:
-            raise _err(src, f"data.{t}", f"not one of the grid's tasks ({', '.join(tasks)})")
         if not isinstance(v, str):
             raise _err(src, f"data.{t}", f"expected a path or hub id, got {v!r}")
     data = {t: (_resolve(base, v) if (base / v).exists() or Path(v).is_absolute() else v) for t, v in data.items()}
