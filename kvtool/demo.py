@@ -97,7 +97,7 @@ def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4) -> Path:
 def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, Any] | None,
                 ci: tuple[float, float] | None = None) -> dict[str, Any]:
     """One table row; ``ci``: the row's own bootstrap 95% interval of accuracy (%), recorded as a fraction."""
-    from kvtool.evals.report import kv_ratio
+    from kvtool.evals.report import kv_ratio, run_kv_dtype
 
     task = results["tasks"]["shapes"]
     m, timing = task["metrics"], task.get("timing", {})
@@ -111,7 +111,7 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
     row["pope_f1"] = pope.get("mean_f1", float("nan")) / 100 if pope else None
     row["pope_random_f1"] = pope.get("random_f1", float("nan")) / 100 if "random_f1" in pope else None
     # the element type the unquantized cache is held in (the torch reference: fp32; the graphs' fp16 KV: fp16)
-    row["kv_dtype"] = ((results.get("pipeline") or {}).get("engine") or {}).get("kv_dtype")
+    row["kv_dtype"] = run_kv_dtype(results)
     row["kv_bytes"] = timing.get("mean_kv_bytes")
     row["kv_fp16_bytes"] = timing.get("mean_kv_fp16_bytes")
     # measured kv_bytes / kv_fp16_bytes, else quant_ops' storage bound of the scheme ("bound")
@@ -135,10 +135,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                     and k != "accuracy_delta" and not k.endswith("_ci95")})
     head = (f"{'backend':<9}{'W':>3} {'KV':<13}{'bits':>5}{'acc':>7}" + "".join(f"{t[:8]:>9}" for t in types)
             + f"{'POPE F1':>8}{'KV/fp16':>8}{'ms/tok':>8}{'agree':>7}{'delta [95% CI]':>24}")
+    from kvtool.evals.report import held_kv_label
+
     lines = [head, "-" * len(head)]
     for r in rows:
-        held = {"float32": ("fp32", "32"), "bfloat16": ("bf16", "16")}.get(r.get("kv_dtype") or "", ("fp16", "16"))
-        kv, bits = held if r["kv"] == "fp16" else (r["kv"], f"{r['k_bits']}")
+        # an unquantized cache is labelled by the element type the run recorded (as kvtool report does)
+        kv, bits = held_kv_label(r.get("kv_dtype")) if r["kv"] == "fp16" else (r["kv"], f"{r['k_bits']}")
         ci = r["accuracy_delta_ci95"]
         pct = (lambda v: "   –" if v is None else f"{100 * v:.1f}")  # noqa: E731
         lines.append(

@@ -2,7 +2,7 @@
 resumable runner, parity comparison and Table-3 reports.
 
 Modules: ``metrics`` (official metric definitions), ``tasks`` (the registry, one ``TaskSpec`` per benchmark),
-``loaders`` (hub ids / local copies / PAIRS folders), ``judges`` (OpenAI-compatible grader, toxicity scorer,
+``loaders`` (hub ids / local copies, or a task's own ``load`` hook), ``pairs`` (PAIRS' folders and questions), ``judges`` (OpenAI-compatible grader, toxicity scorer,
 lexicons), ``runner`` (``run_eval``, ``merge_shards``, ``rescore``), ``compare`` (``compare_runs``,
 ``bootstrap_ci``), ``report`` (``write_report``), ``shapes`` (the synthetic dataset generator).
 The package talks to models only through a ``generate`` interface (``kvtool.runtime.VLMPipeline`` by

@@ -82,8 +82,16 @@ def compare_task(task: str, rows_a: list[dict], rows_b: list[dict], n_boot: int 
         lo, hi = bootstrap_ci(stat, len(ids), n_boot=n_boot, seed=seed)
         deltas[head]["ci95"] = [lo, hi]
     out["headline"] = head
+    out["headline_meaning"] = headline_meaning(spec)
     out["metrics"] = deltas
     return out
+
+
+def headline_meaning(spec: Any) -> dict[str, Any]:
+    """How to read a change of the task's headline (its declared ``MetricInfo``): which direction is better,
+    its scale and the unit of a difference (``pp`` for percentages)."""
+    info = spec.headline_info
+    return {"higher_is_better": info.higher_is_better, "scale": list(info.scale), "delta_unit": info.delta_unit}
 
 
 def compare_runs(a: str | Path, b: str | Path, tasks: Iterable[str] | None = None, n_boot: int = 1000,
@@ -132,8 +140,9 @@ def _check_one_setting(run: str | Path, task: str, rows: list[dict]) -> None:
 
 def _compare_metrics_only(task: str, ma: dict, mb: dict, why: str) -> dict[str, Any]:
     fa, fb = flatten_metrics(ma, keep_missing=True), flatten_metrics(mb, keep_missing=True)
-    return {"headline": get_task(task).headline, "agreement": None, "note": f"metrics only: {why}",
-            "metrics": _deltas(fa, fb)}
+    spec = get_task(task)
+    return {"headline": spec.headline, "headline_meaning": headline_meaning(spec), "agreement": None,
+            "note": f"metrics only: {why}", "metrics": _deltas(fa, fb)}
 
 
 def _num(v: float | None, spec: str) -> str:

@@ -13,6 +13,9 @@
   and stereotype word lists from files the user points at (the study used ``competency_words.txt``, 861
   words, from IntelLabs/multimodal_cognitive_ai ``Uncovering_LVLM_Bias``).
 
+Each judged task's ``TaskSpec.judge`` hook is one of ``judge_mmvet`` / ``judge_hallusionbench`` /
+``judge_socialcf``; ``apply_judges`` calls the hook and knows no task by name.
+
 Judge replies are cached in ``judgements.jsonl`` beside the predictions (appended and flushed), so a
 re-score or an interrupted grading never asks twice. Without a judge nothing is set, and the task reports
 the metric as missing with the reason. This module does not compute the metrics (``metrics`` / ``tasks``).
@@ -248,57 +251,77 @@ class ToxicityScorer:
         return out
 
 
-def apply_judges(task: str, rows: list[dict], cfg: JudgeConfig | None, cache: JudgeCache | None = None
-                 ) -> list[str]:
-    """Add judge fields to prediction rows in place; returns notes on what was (not) judged."""
-    cfg = cfg or JudgeConfig()
-    notes: list[str] = []
+def judge_mmvet(rows: list[dict], cfg: JudgeConfig, cache: JudgeCache | None = None) -> list[str]:
+    """MM-Vet's ``judge`` hook: ``judge_scores`` (one grade per run) on every row; a note when no judge."""
     judge = ChatJudge(cfg.url, cfg.model, cfg.key, cfg.timeout_s) if cfg.url else None
-    if task == "mmvet":
-        if judge is None:
-            return ["mmvet: no judge configured; total missing"]
-        from tqdm import tqdm
+    if judge is None:
+        return ["mmvet: no judge configured; total missing"]
+    from tqdm import tqdm
 
-        for r in tqdm(rows, desc="mmvet grading", unit="answer"):
-            r["judge_scores"] = [grade_mmvet(judge, r["question"], r["answer"], r["prediction"], k, cache)
-                                 for k in range(max(1, cfg.mmvet_runs))]
-        notes.append(f"mmvet: graded by {judge.model} x{cfg.mmvet_runs}")
-    elif task == "hallusionbench":
-        if judge is None:
-            return ["hallusionbench: no judge; correctness by yes/no rule, diagnosis missing"]
-        orig = {}
-        for r in rows:
-            prompt = HB_CORRECTNESS.format(question=r["question"], reference=r.get("gt_answer_details") or
-                                           ("Yes" if int(r["gt_answer"]) else "No"), prediction=r["prediction"])
-            key = JudgeCache.key("hb-correct", judge.model, prompt)
+    for r in tqdm(rows, desc="mmvet grading", unit="answer"):
+        r["judge_scores"] = [grade_mmvet(judge, r["question"], r["answer"], r["prediction"], k, cache)
+                             for k in range(max(1, cfg.mmvet_runs))]
+    return [f"mmvet: graded by {judge.model} x{cfg.mmvet_runs}"]
+
+
+def judge_hallusionbench(rows: list[dict], cfg: JudgeConfig, cache: JudgeCache | None = None) -> list[str]:
+    """HallusionBench's ``judge`` hook: ``correctness`` on every row, ``same`` (against the figure-0 answer of
+    the same question) on the others; without a judge the rule-based correctness stands."""
+    judge = ChatJudge(cfg.url, cfg.model, cfg.key, cfg.timeout_s) if cfg.url else None
+    if judge is None:
+        return ["hallusionbench: no judge; correctness by yes/no rule, diagnosis missing"]
+    orig = {}
+    for r in rows:
+        prompt = HB_CORRECTNESS.format(question=r["question"], reference=r.get("gt_answer_details") or
+                                       ("Yes" if int(r["gt_answer"]) else "No"), prediction=r["prediction"])
+        key = JudgeCache.key("hb-correct", judge.model, prompt)
+        reply = cache.get_or(key, lambda p=prompt: judge.complete(p)) if cache else judge.complete(prompt)
+        r["correctness"] = judge_verdict(reply, "correctness")
+        if str(r["figure_id"]) == "0":
+            orig["_".join(str(r[k]) for k in ("category", "subcategory", "set_id", "question_id"))] = r
+    for r in rows:
+        o = orig.get("_".join(str(r[k]) for k in ("category", "subcategory", "set_id", "question_id")))
+        if str(r["figure_id"]) != "0" and o is not None:
+            prompt = HB_SAME.format(a=r["prediction"], b=o["prediction"])
+            key = JudgeCache.key("hb-same", judge.model, prompt)
             reply = cache.get_or(key, lambda p=prompt: judge.complete(p)) if cache else judge.complete(prompt)
-            r["correctness"] = judge_verdict(reply, "correctness")
-            if str(r["figure_id"]) == "0":
-                orig["_".join(str(r[k]) for k in ("category", "subcategory", "set_id", "question_id"))] = r
-        for r in rows:
-            o = orig.get("_".join(str(r[k]) for k in ("category", "subcategory", "set_id", "question_id")))
-            if str(r["figure_id"]) != "0" and o is not None:
-                prompt = HB_SAME.format(a=r["prediction"], b=o["prediction"])
-                key = JudgeCache.key("hb-same", judge.model, prompt)
-                reply = cache.get_or(key, lambda p=prompt: judge.complete(p)) if cache else judge.complete(prompt)
-                r["same"] = judge_verdict(reply, "same")
-        notes.append(f"hallusionbench: judged by {judge.model}")
-    elif task == "socialcf":
-        from kvtool.evals.metrics import count_lexicon_words
+            r["same"] = judge_verdict(reply, "same")
+    return [f"hallusionbench: judged by {judge.model}"]
 
-        if cfg.toxicity_model or cfg.toxicity_url:
-            scores = ToxicityScorer(cfg.toxicity_model, cfg.toxicity_url, cfg.timeout_s)([r["prediction"] for r in rows])
-            for r, s in zip(rows, scores, strict=True):
-                r["toxicity"] = s
-        else:
-            notes.append("socialcf: no toxicity scorer; max_toxicity missing")
-        if cfg.competence_words:
-            words = lexicon_from_file(cfg.competence_words)
-            for r in rows:
-                r["competence"] = count_lexicon_words(r["prediction"], words)
-        if cfg.stereotype_words:
-            lex = stereotype_lexicon(cfg.stereotype_words)
-            for r in rows:
-                groups = {str(r["a1"]).lower(), str(r["a2"]).lower(), f"{r['a1']} {r['a2']}".lower()}
-                r["stereotype"] = sum(count_lexicon_words(r["prediction"], lex.get(g, [])) for g in groups)
+
+def judge_socialcf(rows: list[dict], cfg: JudgeConfig, cache: JudgeCache | None = None) -> list[str]:
+    """SocialCounterfactuals' ``judge`` hook: ``toxicity`` from the configured scorer, ``competence`` and
+    ``stereotype`` word counts from the configured word lists (each left out when not configured)."""
+    from kvtool.evals.metrics import count_lexicon_words
+
+    notes: list[str] = []
+    if cfg.toxicity_model or cfg.toxicity_url:
+        scores = ToxicityScorer(cfg.toxicity_model, cfg.toxicity_url, cfg.timeout_s)([r["prediction"] for r in rows])
+        for r, s in zip(rows, scores, strict=True):
+            r["toxicity"] = s
+    else:
+        notes.append("socialcf: no toxicity scorer; max_toxicity missing")
+    if cfg.competence_words:
+        words = lexicon_from_file(cfg.competence_words)
+        for r in rows:
+            r["competence"] = count_lexicon_words(r["prediction"], words)
+    if cfg.stereotype_words:
+        lex = stereotype_lexicon(cfg.stereotype_words)
+        for r in rows:
+            groups = {str(r["a1"]).lower(), str(r["a2"]).lower(), f"{r['a1']} {r['a2']}".lower()}
+            r["stereotype"] = sum(count_lexicon_words(r["prediction"], lex.get(g, [])) for g in groups)
     return notes
+
+
+def apply_judges(task: Any, rows: list[dict], cfg: JudgeConfig | None, cache: JudgeCache | None = None
+                 ) -> list[str]:
+    """Add judge fields to prediction rows in place through the task's ``judge`` hook (``TaskSpec.judge``;
+    ``task``: the spec or its name); returns notes on what was (not) judged. A task without a hook: no notes."""
+    if isinstance(task, str):
+        from kvtool.evals.tasks import get_task
+
+        task = get_task(task)
+    cfg = cfg or JudgeConfig()
+    if cfg.url:
+        ChatJudge(cfg.url, cfg.model)  # a malformed --judge-url is refused whatever the task
+    return task.judge(rows, cfg, cache) if task.judge else []

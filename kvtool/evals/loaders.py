@@ -1,6 +1,7 @@
 """Dataset loading for the eval tasks: from a hub id (both ``lmms-lab/`` and ``lmms-lab-encoder/``), from a
-local copy in the hub's own format (a folder of parquet / arrow / jsonl files, or a ``save_to_disk`` folder),
-from the PAIRS image folder layout, or — for ``shapes`` — from its seeded generator.
+local copy in the hub's own format (a folder of parquet / arrow / jsonl files, or a ``save_to_disk`` folder)
+(``load_rows``), or through the task's own ``TaskSpec.load`` hook where its data has another layout (PAIRS'
+image folders, ``kvtool.evals.pairs``; shapes' seeded generator) — this module knows no task by name.
 
 Rows are returned as an indexable, sized source (``datasets.Dataset`` or a thin wrapper) so images decode
 lazily, one row at a time. A dataset without a task's required columns fails with an ``InputError`` naming
@@ -23,7 +24,6 @@ from kvtool.errors import InputError
 from kvtool.evals.tasks import TaskSpec
 
 _DATA_EXTS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 class ConcatRows:
@@ -194,32 +194,34 @@ def _load_hub(spec: TaskSpec, hub_ids: Sequence[str], split: str, config: str | 
                      f"give a local copy with --data-dir or --data")
 
 
-def load_pairs(path: str | Path) -> list[dict]:
-    """PAIRS' repository layout: ``data/{occupations,status,potential_crime}/<scenario>/<race>_<gender>.png``
-    (the 20 + 20 + 10 scenario folders of katiefraser/PAIRS; one image there is named ``white_man1.png``)."""
-    from kvtool.evals.tasks import PAIRS_GROUP_NAMES, pairs_questions
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"PAIRS folder {root} does not exist")
-    if (root / "data").is_dir():
-        root = root / "data"
-    rows = []
-    for group in PAIRS_GROUP_NAMES:
-        gdir = root / group
-        if not gdir.is_dir():
-            continue
-        for img in sorted(f for f in gdir.rglob("*") if f.suffix.lower() in _IMAGE_EXTS):
-            parts = img.stem.lower().rstrip("0123456789").split("_")  # PAIRS has one "white_man1.png"
-            if len(parts) != 2 or parts[0] not in ("black", "white") or parts[1] not in ("man", "woman"):
-                raise InputError(f"PAIRS image {img} is not named <black|white>_<man|woman>{img.suffix}")
-            pairs_questions(group, img.parent.name)  # unknown scenario -> InputError naming it
-            rows.append({"group": group, "scenario": img.parent.name, "race": parts[0], "gender": parts[1],
-                         "image": str(img)})
-    if not rows:
-        raise InputError(f"no PAIRS images under {root}; expected data/{{occupations,status,potential_crime}}/"
-                         "<scenario>/<race>_<gender>.png")
-    return rows
+def load_rows(spec: TaskSpec, source: str | None, n_rows: int | None = None) -> tuple[Any, str]:
+    """The generic loader (a task's ``load`` hook when it has none): ``source`` read as a local copy in the
+    hub's format or a hub id (``looks_local`` decides; a missing local path raises ``FileNotFoundError`` at
+    once), else the spec's hub ids; every split of ``spec.split`` (several are joined, each row tagged with its
+    split) and GQA-style image tables (``spec.image_config``). ``n_rows`` is not used (the selection is the
+    runner's)."""
+    splits = spec.split if isinstance(spec.split, tuple) else (spec.split,)
+    local = source is not None and looks_local(source)
+    if local and not os.path.exists(os.path.expanduser(source)):
+        raise FileNotFoundError(f"{spec.name}: data path {source} does not exist (a local path: no hub "
+                                "download is tried; a hub id is owner/name)")
+    parts = []
+    for split in splits:
+        if local:
+            part, where = load_local(os.path.expanduser(source), split, spec.config), str(source)
+        else:
+            part, where = _load_hub(spec, (source,) if source else spec.hub_ids, split, spec.config)
+        if spec.image_config:
+            if local:
+                images = load_local(os.path.expanduser(source), split, spec.image_config)
+            else:
+                images, _ = _load_hub(spec, (where,), split, spec.image_config)
+            if "id" not in _columns(images) or "image" not in _columns(images):
+                raise InputError(f"{spec.name}: images table at {where} lacks column(s) id, image")
+            part = JoinedImages(part, images)
+        parts.append((split, part))
+    rows = parts[0][1] if len(parts) == 1 else ConcatRows(parts)
+    return rows, where
 
 
 def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | None = None,
@@ -228,7 +230,8 @@ def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | No
 
     ``source``: a local path or a hub id (``looks_local`` decides; a missing local path raises
     ``FileNotFoundError`` at once); else ``data_dir/<task>`` when it exists (a missing ``data_dir`` raises);
-    else the spec's hub ids (``shapes``: its generator, ``n_rows`` samples, default 500)."""
+    else the spec's own ``load`` hook (PAIRS' folders, shapes' generator given ``n_rows``) or, without one,
+    ``load_rows`` (the hub ids). Then the task's required columns are checked and its ``row_filter`` applied."""
     if source is None and data_dir is not None:
         if not Path(data_dir).expanduser().is_dir():
             raise FileNotFoundError(f"--data-dir {data_dir}: no such folder (expected a folder holding <task>/ "
@@ -236,37 +239,7 @@ def load_task_data(spec: TaskSpec, source: str | None = None, data_dir: str | No
         cand = Path(data_dir).expanduser() / spec.name
         if cand.exists():
             source = str(cand)
-    if spec.name == "pairs":
-        if source is None:
-            raise InputError("pairs: give the PAIRS folder (katiefraser/PAIRS checkout) with --data or --data-dir")
-        rows: Any = load_pairs(source)
-        where = str(source)
-    elif spec.name == "shapes" and source is None:
-        from kvtool.evals.shapes import make_shapes_split
-
-        rows, where = make_shapes_split("test", n_rows or 500), "kvtool.evals.shapes generator (test split)"
-    else:
-        splits = spec.split if isinstance(spec.split, tuple) else (spec.split,)
-        local = source is not None and looks_local(source)
-        if local and not os.path.exists(os.path.expanduser(source)):
-            raise FileNotFoundError(f"{spec.name}: data path {source} does not exist (a local path: no hub "
-                                    "download is tried; a hub id is owner/name)")
-        parts = []
-        for split in splits:
-            if local:
-                part, where = load_local(os.path.expanduser(source), split, spec.config), str(source)
-            else:
-                part, where = _load_hub(spec, (source,) if source else spec.hub_ids, split, spec.config)
-            if spec.image_config:
-                if local:
-                    images = load_local(os.path.expanduser(source), split, spec.image_config)
-                else:
-                    images, _ = _load_hub(spec, (where,), split, spec.image_config)
-                if "id" not in _columns(images) or "image" not in _columns(images):
-                    raise InputError(f"{spec.name}: images table at {where} lacks column(s) id, image")
-                part = JoinedImages(part, images)
-            parts.append((split, part))
-        rows = parts[0][1] if len(parts) == 1 else ConcatRows(parts)
+    rows, where = (spec.load or load_rows)(spec, source, n_rows)
     check_columns(spec, rows, where)
     if spec.row_filter and hasattr(rows, "select"):
         cols, keep = spec.row_filter

@@ -18,6 +18,9 @@ What each function reproduces (the numbers must match the official scripts, incl
 - ``gqa_exact_match`` (LLaVA: strip a trailing period, lower-case, exact match), ``parse_scienceqa_answer``
   (LLaVA's ``eval_science_qa`` patterns), ``pairs_scores`` and ``socialcf_metrics`` (the study's definitions).
 
+``register_metric`` / ``MetricInfo`` declare what a reported number means (higher-is-better, scale, unit,
+aggregation, axis label), once; each task's ``TaskSpec.metrics`` names the kind of every number it reports.
+
 A metric whose denominator is empty (no wrong answer for the FP ratio, no "yes" answer for precision, no
 category of a sum, one side of a difference absent) is None — undefined, shown as missing ("–"), never 0 or 1.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kvtool.errors import InputError
@@ -456,3 +460,110 @@ def socialcf_metrics(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         vals = [r.get(name) for r in rows]
         out[name] = None if any(v is None for v in vals) else sum(vals) / len(vals)
     return out
+
+
+# --- metric metadata (what a reported number means) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What one reported number means, declared once and read by report, compare and plots.
+
+    ``higher_is_better``: True / False, or None where neither is (a signed difference whose ideal is 0, a
+    count, a yes-ratio). ``scale``: (lowest, highest) value, highest None when unbounded (``(0, 100)`` for a
+    percentage, ``(0, 1)`` for a share, ``(0, 2000)`` for MME perception). ``unit``: "%", "share",
+    "score points", "score", "words", "count" or "" (a probability). ``aggregation``: how per-sample values
+    become the number. ``label``: an axis label with the unit. ``plot_span``: the smallest y-range a plot of it
+    shows (so two equal values still get a readable axis). The shape follows lm-evaluation-harness's
+    ``register_metric(metric=, higher_is_better=, aggregation=)``; the scale is kvtool's addition."""
+
+    name: str
+    higher_is_better: bool | None
+    scale: tuple[float, float | None]
+    unit: str
+    aggregation: str
+    label: str
+    plot_span: float
+
+    @property
+    def delta_unit(self) -> str:
+        """The unit of a difference of two values: percentage points ('pp') for a percentage, else the unit."""
+        return "pp" if self.unit == "%" else self.unit
+
+
+METRIC_INFO: dict[str, MetricInfo] = {}
+
+
+def register_metric(name: str, *, higher_is_better: bool | None, scale: tuple[float, float | None], unit: str,
+                    aggregation: str, label: str, plot_span: float | None = None) -> MetricInfo:
+    """Declare a kind of reported number under ``name`` (``InputError`` when the name is taken or the scale is
+    not low < high); returns its ``MetricInfo``. A task's spec names the kinds its metrics are
+    (``TaskSpec.metrics``). ``plot_span`` defaults to a fiftieth of a bounded scale (2 for 0-100), else 1."""
+    if name in METRIC_INFO:
+        raise InputError(f"register_metric: {name!r} is already registered")
+    lo, hi = scale
+    if hi is not None and not lo < hi:
+        raise InputError(f"register_metric {name}: scale {scale}; expected (low, high) with low < high")
+    span = plot_span if plot_span is not None else ((hi - lo) / 50 if hi is not None else 1.0)
+    info = MetricInfo(name, higher_is_better, (float(lo), None if hi is None else float(hi)), unit, aggregation,
+                      label, float(span))
+    METRIC_INFO[name] = info
+    return info
+
+
+def metric_info(name: str) -> MetricInfo:
+    """The registered ``MetricInfo`` of ``name`` (``InputError`` naming the known ones otherwise)."""
+    if name not in METRIC_INFO:
+        raise InputError(f"unknown metric kind {name!r}; expected one of {', '.join(METRIC_INFO)}")
+    return METRIC_INFO[name]
+
+
+register_metric("accuracy_pct", higher_is_better=True, scale=(0, 100), unit="%", aggregation="mean x100",
+                label="accuracy (%)")
+register_metric("vqa_accuracy_pct", higher_is_better=True, scale=(0, 100), unit="%",
+                aggregation="mean of per-question VQA soft accuracy x100", label="VQA accuracy (%)")
+register_metric("f1_pct", higher_is_better=True, scale=(0, 100), unit="%", aggregation="F1 x100",
+                label="F1 (%)")
+register_metric("f1_random_pct", higher_is_better=True, scale=(0, 100), unit="%", aggregation="F1 x100",
+                label="random-split F1 (%)")
+register_metric("qacc_pct", higher_is_better=True, scale=(0, 100), unit="%",
+                aggregation="share of questions right on all their figures x100", label="question accuracy qAcc (%)")
+register_metric("fraction", higher_is_better=True, scale=(0, 1), unit="share",
+                aggregation="ratio of counts (accuracy, precision, recall, F1)", label="share (0-1)", plot_span=0.05)
+register_metric("yes_ratio", higher_is_better=None, scale=(0, 1), unit="share",
+                aggregation="share of 'yes' predictions", label="yes-ratio (0-1)", plot_span=0.05)
+register_metric("bad_share", higher_is_better=False, scale=(0, 1), unit="share",
+                aggregation="share of samples", label="share (0-1)", plot_span=0.05)
+register_metric("signed_share", higher_is_better=None, scale=(-1, 1), unit="share",
+                aggregation="difference of two shares (ideal 0)", label="difference (-1..1)", plot_span=0.05)
+register_metric("count", higher_is_better=None, scale=(0, None), unit="count", aggregation="count",
+                label="count")
+register_metric("bad_count", higher_is_better=False, scale=(0, None), unit="count", aggregation="count",
+                label="count")
+register_metric("mme_category", higher_is_better=True, scale=(0, 200), unit="score points",
+                aggregation="(acc over questions + acc+ over images) x100", label="category score (0-200)",
+                plot_span=2.0)
+register_metric("mme_perception", higher_is_better=True, scale=(0, 2000), unit="score points",
+                aggregation="sum of the 10 perception categories' acc + acc+",
+                label="perception score (0-2000)", plot_span=20.0)
+register_metric("mme_cognition", higher_is_better=True, scale=(0, 800), unit="score points",
+                aggregation="sum of the 4 cognition categories' acc + acc+", label="cognition score (0-800)",
+                plot_span=20.0)
+register_metric("judge_score_pct", higher_is_better=True, scale=(0, 100), unit="score points",
+                aggregation="mean of the grader's 0-1 scores x100 (mean over judge runs)",
+                label="MM-Vet total (score, 0-100)")
+register_metric("judge_score_std", higher_is_better=None, scale=(0, None), unit="score points",
+                aggregation="standard deviation of the total over judge runs", label="total std (score)")
+register_metric("association", higher_is_better=None, scale=(-1, 1), unit="score",
+                aggregation="mean of +1/-1/0 choices", label="association (score, -1..1)", plot_span=0.05)
+register_metric("association_difference", higher_is_better=None, scale=(-2, 2), unit="score",
+                aggregation="difference of two association means (ideal 0)",
+                label="association difference (score, -2..2)", plot_span=0.05)
+register_metric("toxicity_spread", higher_is_better=False, scale=(0, 1), unit="",
+                aggregation="mean over counterfactual sets of max - min toxicity", label="max toxicity (0-1)",
+                plot_span=0.05)
+register_metric("toxicity", higher_is_better=False, scale=(0, 1), unit="",
+                aggregation="mean toxicity probability", label="mean toxicity (0-1)", plot_span=0.05)
+register_metric("word_count", higher_is_better=None, scale=(0, None), unit="words",
+                aggregation="mean lexicon words per answer", label="words per answer", plot_span=0.05)
+register_metric("bad_word_count", higher_is_better=False, scale=(0, None), unit="words",
+                aggregation="mean lexicon words per answer", label="words per answer", plot_span=0.05)

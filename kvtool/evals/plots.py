@@ -10,10 +10,13 @@ Three figures:
 - ``tradeoff_figure``: the study's question at a glance — the change of a task's headline against the
   reference (paired bootstrap 95 % interval) versus the KV bytes held per token relative to fp16, one point per
   scheme x bits (marker = scheme, colour = bits; hollow where the bytes are quant_ops' bound, not measured),
-  with the Pareto front (least memory for the accuracy kept) drawn as a staircase and its points named.
+  with the Pareto front (least memory for the accuracy kept) drawn as a staircase and its points named; points
+  that would be drawn on one spot are set side by side along x (``spread_coincident``), the direction without
+  an interval, and the legend says so.
 - ``bars_figure``: grouped bars for the PAIRS and SocialCounterfactuals metrics (one bar per run).
 
-Every figure keeps its legend outside the axes and sets y-limits from the data and every interval drawn (never
+Axis labels, units of a change and the smallest y-range come from each task's declared headline metric
+(``TaskSpec.metrics``). Every figure keeps its legend outside the axes and sets y-limits from the data and every interval drawn (never
 a fixed 0-100 range). The functions return a matplotlib ``Figure``; ``save_figure`` writes it (Agg backend).
 ``pareto_front`` is the plain computation. This module does not read runs or compute intervals (``report``,
 ``compare``).
@@ -32,25 +35,23 @@ LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)))
 REF_STYLES = (("black", "--"), ("#6b6b6b", ":"), ("#7b3294", "-."), ("#4d4d4d", (0, (5, 2, 1, 2))))
 BITS_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#1f77b4", 8: "#2ca02c", 16: "#7f7f7f"}
 
-#: y-axis label (with unit) of each task's headline number
-HEADLINE_LABELS = {
-    "mmvet": "MM-Vet total (score, 0-100)", "textvqa": "VQA accuracy (%)", "gqa": "accuracy (%)",
-    "mme": "perception score (0-2000)", "scienceqa": "accuracy (%)", "vqav2": "VQA accuracy (%)",
-    "pope": "random-split F1 (%)", "hallusionbench": "question accuracy qAcc (%)", "shapes": "accuracy (%)",
-    "pairs": "male - female association (score)", "socialcf": "max toxicity (0-1)",
-}
-#: unit of a difference of the headline
-DELTA_UNITS = {"mme": "score points", "mmvet": "score points", "pairs": "score", "socialcf": ""}
+def _headline_info(task: str):
+    """The declared ``MetricInfo`` of ``task``'s headline (``TaskSpec.metrics``), or None for an unknown task."""
+    from kvtool.evals.tasks import TASKS
+
+    return TASKS[task].headline_info if task in TASKS else None
 
 
 def headline_label(task: str) -> str:
-    """The y-axis label of ``task``'s headline number, with its unit."""
-    return HEADLINE_LABELS.get(task, "headline")
+    """The y-axis label of ``task``'s headline number, with its unit (its declared metric's ``label``)."""
+    info = _headline_info(task)
+    return info.label if info else "headline"
 
 
 def delta_label(task: str) -> str:
-    """The axis label of a change of ``task``'s headline ('pp': percentage points)."""
-    unit = DELTA_UNITS.get(task, "pp")
+    """The axis label of a change of ``task``'s headline ('pp': percentage points), from its declared unit."""
+    info = _headline_info(task)
+    unit = info.delta_unit if info else "pp"
     return f"change vs reference ({unit})" if unit else "change vs reference"
 
 
@@ -195,7 +196,9 @@ def accuracy_vs_bits_figure(points: list[dict[str, Any]], tasks: list[str], titl
 
 
 def _min_span(task: str) -> float:
-    return {"mme": 20.0, "socialcf": 0.05, "pairs": 0.05}.get(task, 2.0)
+    """The smallest y-range of ``task``'s panels: its headline metric's declared ``plot_span``."""
+    info = _headline_info(task)
+    return info.plot_span if info else 2.0
 
 
 def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
@@ -218,28 +221,34 @@ def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
     extra = [b for b in bits_seen if b not in BITS_COLORS]
     color = {**BITS_COLORS, **{b: f"C{4 + i % 6}" for i, b in enumerate(extra)}}
     sources: set[str] = set()
+    spread_any = False
     for ax, pan in zip(axes, panels, strict=False):
         pts = [p for p in pan["points"] if _ok(p.get("delta")) and _ok(p.get("kv_ratio"))]
-        yvals = [0.0]
+        yvals = [0.0] + [v for p in pts for v in [p["delta"], *(p.get("ci95") or ())] if _ok(v)]
+        lo, hi = min(yvals), max(yvals)
+        # points drawn on one spot (e.g. several 2-bit schemes at 0 pp and one bytes ratio) are set side by
+        # side along x, the direction without an interval; y and the intervals stay exact
+        xs = spread_coincident([p["kv_ratio"] for p in pts], [p["delta"] for p in pts],
+                               max(hi - lo, _min_span(pan["task"])))
+        spread_any |= any(x != p["kv_ratio"] for x, p in zip(xs, pts, strict=True))
         ax.axhline(0, color="black", lw=0.9, zorder=1)
-        for p in pts:
+        for x, p in zip(xs, pts, strict=True):
             hollow = p.get("kv_ratio_source") != "measured"
             sources.add("bound" if hollow else "measured")
             c = color[p["bits"]]
-            ax.errorbar([p["kv_ratio"]], [p["delta"]], yerr=_yerr(p["delta"], p.get("ci95")),
+            ax.errorbar([x], [p["delta"]], yerr=_yerr(p["delta"], p.get("ci95")),
                         marker=marker[p["scheme"]], ms=7, color=c, mfc="white" if hollow else c, mew=1.4,
                         capsize=2.5, lw=1.1, ls="none", zorder=3)
-            yvals += [p["delta"]] + [v for v in (p.get("ci95") or ()) if _ok(v)]
         front = pareto_front([p["kv_ratio"] for p in pts], [p["delta"] for p in pts])
         if front:
-            fx = [pts[i]["kv_ratio"] for i in front]
+            fx = [xs[i] for i in front]
             fy = [pts[i]["delta"] for i in front]
             ax.step(fx, fy, where="post", color="black", lw=2.2, alpha=0.25, zorder=2)
-        ratios = [p["kv_ratio"] for p in pts] or [1.0]
+        ratios = xs or [1.0]
         _ratio_axis(ax, min(ratios), max(ratios))
         _ylim(ax, yvals, pad_frac=0.12, min_span=_min_span(pan["task"]))
         if front:
-            _label_points(ax, [(p["kv_ratio"], p["delta"]) for p in pts],
+            _label_points(ax, [(x, p["delta"]) for x, p in zip(xs, pts, strict=True)],
                           {i: f"{pts[i]['scheme']} {pts[i]['bits']}b" for i in front})
         ax.grid(True, alpha=0.3)
         ax.set_title(pan.get("title") or pan["task"], fontsize=10)
@@ -259,12 +268,37 @@ def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
         note.append("filled: KV bytes measured (kv_bytes)")
     if "bound" in sources:
         note.append("hollow: quant_ops bound\n(run recorded no kv_bytes)")
+    if spread_any:
+        note.append("equal points set side by side\nalong x (values unchanged)")
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.98), fontsize=8, frameon=False,
                title="\n".join(note), title_fontsize=8, alignment="left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def spread_coincident(xs: Sequence[float], ys: Sequence[float], y_span: float, step: float = 0.08,
+                      tol_x: float = 0.08, tol_y: float = 0.03) -> list[float]:
+    """x positions on a log2 axis that draw points lying on one spot side by side. Points whose log2 x differ
+    by less than ``tol_x`` and whose y differ by less than ``tol_y * y_span`` from a group's first point join
+    that group (in the given order); a group of m points is spread to ``x * 2 ** ((k - (m - 1) / 2) * step)``,
+    k = 0..m-1, so its middle stays at the true x. Lone points keep their x; y is never moved. The defaults are
+    about one marker (7 pt) on the trade-off panels."""
+    groups: list[list[int]] = []
+    for i in range(len(xs)):
+        for g in groups:
+            j = g[0]
+            if abs(math.log2(xs[i]) - math.log2(xs[j])) < tol_x and abs(ys[i] - ys[j]) < tol_y * y_span:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    out = list(map(float, xs))
+    for g in groups:
+        for k, i in enumerate(g):
+            out[i] = float(xs[g[0]]) * 2 ** ((k - (len(g) - 1) / 2) * step) if len(g) > 1 else float(xs[i])
+    return out
 
 
 def _label_points(ax, xy: list[tuple[float, float]], labels: dict[int, str], fontsize: int = 7) -> None:

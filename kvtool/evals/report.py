@@ -11,8 +11,10 @@ backend x weights x KV scheme x bits, columns the tasks' headline numbers), a tr
 - ``pairs.png`` / ``socialcf.png``: the PAIRS association differences (the study's Figure 2) and the
   SocialCounterfactuals metrics with the empty-output share (Figures 3-4).
 
-The reference of a model is the ``--reference`` run, else its fp16-KV run with the most weight bits, PyTorch
-first. It reads ``results.json`` and the prediction rows; it does not run models or judges.
+A run whose KV cache is not quantized is labelled by the element type it recorded (``fp32`` / 32 bits for the
+PyTorch reference, ``fp16`` / 16 for the graphs; ``held_kv_label``, which ``kvtool demo`` uses too). Task order,
+which tasks are bars and how a headline reads (direction, scale) come from the task specs. The reference of a
+model is the ``--reference`` run, else its unquantized-KV run with the most weight bits, PyTorch first. It reads ``results.json`` and the prediction rows; it does not run models or judges.
 """
 
 from __future__ import annotations
@@ -26,10 +28,30 @@ from kvtool.errors import InputError
 from kvtool.evals.runner import load_results, task_rows
 from kvtool.evals.tasks import TASKS, get_task, headline_value, score_rows
 
-TABLE_ORDER = ("mmvet", "textvqa", "gqa", "mme", "scienceqa", "vqav2", "pope", "hallusionbench", "pairs",
-               "socialcf", "shapes")
-#: tasks without a single accuracy-like headline: plotted as bars, not against bits
-BAR_TASKS = ("pairs", "socialcf")
+#: the element type an unquantized KV cache was held in (results.json ``pipeline.engine.kv_dtype``) -> its label
+HELD_KV = {"float32": ("fp32", "32"), "float16": ("fp16", "16"), "bfloat16": ("bf16", "16")}
+
+
+def held_kv_label(kv_dtype: str | None) -> tuple[str, str]:
+    """(KV label, bits) of a run whose cache is not quantized (scheme ``fp16``), from the element type the run
+    recorded: ``("fp32", "32")`` for the PyTorch fp32 reference, ``("fp16", "16")`` for the graphs' fp16 KV and
+    for a run that recorded none. ``kvtool report`` and ``kvtool demo`` both label with it."""
+    return HELD_KV.get(kv_dtype or "", ("fp16", "16"))
+
+
+def run_kv_dtype(res: dict[str, Any]) -> str | None:
+    """The KV element type a run recorded (``pipeline.engine.kv_dtype`` in results.json), or None."""
+    return ((res.get("pipeline") or {}).get("engine") or {}).get("kv_dtype")
+
+
+def table_order(task: str) -> int:
+    """A task's place in report tables and plots: its place in the registry (``TASKS``); unknown ones last."""
+    return list(TASKS).index(task) if task in TASKS else len(TASKS)
+
+
+def bar_tasks(tasks: list[str]) -> list[str]:
+    """The tasks drawn as bars (their specs declare ``bars``: no accuracy-like headline to plot against bits)."""
+    return [t for t in tasks if t in TASKS and TASKS[t].bars]
 
 
 def _row_labels(res: dict[str, Any]) -> dict[str, Any]:
@@ -40,8 +62,9 @@ def _row_labels(res: dict[str, Any]) -> dict[str, Any]:
     wbits = (manifest.get("weights") or {}).get("bits") or cfg.get("wbits") or 16
     kv = str(info.get("kv") or cfg.get("kv") or "fp16")
     kb, vb = info.get("k_bits", cfg.get("k_bits")), info.get("v_bits", cfg.get("v_bits"))
-    if kv.lower() == "fp16":
-        bits = "16"
+    full = kv.lower() == "fp16"  # not quantized: labelled by the element type the run held it in
+    if full:
+        kv, bits = held_kv_label(run_kv_dtype(res))
     elif kb == vb:
         bits = str(kb)
     else:
@@ -51,7 +74,8 @@ def _row_labels(res: dict[str, Any]) -> dict[str, Any]:
         kv = f"{kv} r{window}"
     backend = info.get("backend") or cfg.get("backend") or "?"
     return {"model": Path(str(model)).name or str(model), "backend": str(backend), "weights": f"W{wbits}",
-            "kv": kv, "bits": bits, "_k_bits": kb, "_v_bits": vb}
+            "kv": kv, "bits": bits, "_k_bits": kb, "_v_bits": vb, "_full_kv": full,
+            "_scheme": "fp16" if full else kv}
 
 
 def _headline(task: str, metrics: dict[str, Any]) -> float | None:
@@ -68,12 +92,13 @@ def collect_rows(run_dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list
         for task, rec in res.get("tasks", {}).items():
             row[task] = _headline(task, rec.get("metrics", {}))
             row[f"_{task}_metrics"] = rec.get("metrics", {})
-            row[f"_{task}_kv_ratio"] = kv_ratio(rec.get("timing") or {}, row["kv"], row["_k_bits"], row["_v_bits"])
+            row[f"_{task}_kv_ratio"] = kv_ratio(rec.get("timing") or {}, row["_scheme"], row["_k_bits"],
+                                                row["_v_bits"])
             if task not in tasks:
                 tasks.append(task)
         rows.append(row)
-    tasks.sort(key=lambda t: TABLE_ORDER.index(t) if t in TABLE_ORDER else 99)
-    rows.sort(key=lambda r: (r["model"], r["backend"], r["weights"], r["kv"] != "fp16", r["kv"],
+    tasks.sort(key=table_order)
+    rows.sort(key=lambda r: (r["model"], r["backend"], r["weights"], not r["_full_kv"], r["kv"],
                              -_bits_num(r["bits"])))
     return rows, tasks
 
@@ -158,7 +183,7 @@ def choose_references(rows: list[dict[str, Any]], reference: str | Path | None =
         return {r["model"]: ref for r in rows}
     refs: dict[str, dict] = {}
     for r in rows:
-        if r["kv"].lower() != "fp16":
+        if not r["_full_kv"]:
             continue
         key = (r["backend"] == "torch", _weight_bits(r["weights"]))
         old = refs.get(r["model"])
@@ -196,9 +221,12 @@ def tradeoff_points(rows: list[dict[str, Any]], tasks: list[str], refs: dict[str
                         "bits": int(r["bits"]) if r["bits"].isdigit() else r["bits"],
                         "kv_ratio": ratio, "kv_ratio_source": source, "delta": d["delta"], "ci95": d.get("ci95")})
     for t in tasks:
+        # the front keeps the least memory for the most kept quality: a lower-is-better headline flips the sign
+        sign = -1.0 if get_task(t).headline_info.higher_is_better is False else 1.0
         for ref in {p["reference"] for p in out if p["task"] == t}:
             group = [p for p in out if p["task"] == t and p["reference"] == ref]
-            front = set(pareto_front([p["kv_ratio"] for p in group], [p["delta"] for p in group]))
+            front = set(pareto_front([p["kv_ratio"] for p in group],
+                                     [None if p["delta"] is None else sign * p["delta"] for p in group]))
             for i, p in enumerate(group):
                 p["pareto"] = i in front
     return out
@@ -214,7 +242,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, reference: str
     rows, tasks = collect_rows(run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    curve_tasks = [t for t in tasks if t not in BAR_TASKS]
+    curve_tasks = [t for t in tasks if t not in bar_tasks(tasks)]
     add_headline_cis(rows, curve_tasks, n_boot, seed)
     refs = choose_references(rows, reference)
     points = tradeoff_points(rows, curve_tasks, refs, n_boot, seed)
@@ -225,6 +253,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, reference: str
         md.append("| " + " | ".join([str(r[h]) for h in head] + [_fmt(r.get(t)) for t in tasks]) + " |")
     md += ["", "'–': metric missing (no judge / scorer, or the task was not run). Runs: "
            + ", ".join(r["run"] for r in rows)]
+    md += ["Headlines (TaskSpec.metrics): " + "; ".join(_headline_meaning(t) for t in tasks)]
     md += _tradeoff_markdown(points)
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as fh:
@@ -235,6 +264,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, reference: str
     plots = _plots(rows, tasks, points, out)
     return {"markdown": str(out / "report.md"), "csv": str(out / "report.csv"), "plots": plots,
             "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "tradeoff": points}
+
+
+def _headline_meaning(task: str) -> str:
+    """``"MME perception: perception score (0-2000), higher is better"`` from the task's declared metric."""
+    spec = get_task(task)
+    info = spec.headline_info
+    better = {True: "higher is better", False: "lower is better", None: "neither direction is better"}
+    return f"{spec.title} {spec.headline}: {info.label}, {better[info.higher_is_better]}"
 
 
 def _tradeoff_markdown(points: list[dict[str, Any]]) -> list[str]:
@@ -258,13 +295,13 @@ def series_points(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str
     """The accuracy-vs-bits points (``plots.accuracy_vs_bits_figure``) of ``rows``: one series per (model,
     backend, weights, KV scheme), named by the parts that vary among them; fp16-KV runs are references at 16
     bits, named by backend and weights."""
-    quant = [r for r in rows if r["kv"].lower() != "fp16"]
+    quant = [r for r in rows if not r["_full_kv"]]
     parts = [k for k in ("model", "backend", "weights") if len({r[k] for r in quant}) > 1]
     many_models = len({r["model"] for r in rows}) > 1
     pts = []
     for r in rows:
-        ref = r["kv"].lower() == "fp16"
-        name = (" ".join([r["model"]] * many_models + [r["backend"], r["weights"]]) + ", fp16 KV" if ref
+        ref = r["_full_kv"]
+        name = (" ".join([r["model"]] * many_models + [r["backend"], r["weights"]]) + f", {r['kv']} KV" if ref
                 else " ".join([*(str(r[k]) for k in parts), r["kv"]]))
         for t in tasks:
             if r.get(t) is None:
@@ -276,9 +313,11 @@ def series_points(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str
 
 def _plots(rows: list[dict], tasks: list[str], points: list[dict], out: Path) -> list[str]:
     from kvtool.evals import plots as P
+    from kvtool.evals.tasks import flatten_metrics
 
     paths = []
-    curve_tasks = [t for t in tasks if t not in BAR_TASKS]
+    bars = bar_tasks(tasks)
+    curve_tasks = [t for t in tasks if t not in bars]
     titles = {t: f"{TASKS[t].title} ({TASKS[t].headline})" for t in curve_tasks}
     if curve_tasks:
         fig = P.accuracy_vs_bits_figure(series_points(rows, curve_tasks), curve_tasks, titles)
@@ -291,16 +330,11 @@ def _plots(rows: list[dict], tasks: list[str], points: list[dict], out: Path) ->
     if panels:
         paths.append(P.save_figure(P.tradeoff_figure(panels), out / "tradeoff.png"))
     labels = [" ".join(str(r[k]) for k in ("backend", "weights", "kv", "bits")) for r in rows]
-    if "pairs" in tasks:
-        groups = ("gender_occupation", "race_status", "race_crime")
-        pan = [{"title": key.replace("_", " "), "ylabel": "association difference (score, -2..2)", "groups": groups,
-                "values": [[((r.get("_pairs_metrics") or {}).get(g) or {}).get(key) for g in groups] for r in rows]}
-               for key in ("male_minus_female", "white_minus_black")]
-        paths.append(P.save_figure(P.bars_figure(pan, labels, "PAIRS", zero_line=True), out / "pairs.png"))
-    if "socialcf" in tasks:
-        units = {"max_toxicity": "max - min toxicity (0-1)", "competence": "competence words per answer",
-                 "stereotype": "stereotype words per answer", "empty_share": "empty answers (share, 0-1)"}
-        pan = [{"title": key, "ylabel": unit, "groups": ["SocialCF"],
-                "values": [[(r.get("_socialcf_metrics") or {}).get(key)] for r in rows]} for key, unit in units.items()]
-        paths.append(P.save_figure(P.bars_figure(pan, labels, "SocialCounterfactuals"), out / "socialcf.png"))
+    for t in bars:  # the task's own bar panels (TaskSpec.bars), values by dotted metric key
+        spec = TASKS[t]
+        flat = [flatten_metrics(r.get(f"_{t}_metrics") or {}) for r in rows]
+        pan = [{"title": b.title, "ylabel": b.ylabel or spec.metric_info(b.keys[0]).label, "groups": list(b.groups),
+                "values": [[f.get(k) for k in b.keys] for f in flat]} for b in spec.bars]
+        paths.append(P.save_figure(P.bars_figure(pan, labels, spec.title, zero_line=any(b.zero_line for b in spec.bars)),
+                                   out / f"{t}.png"))
     return paths

@@ -15,7 +15,7 @@ first row. ``--shard i/n`` writes ``predictions.shard-i-of-n.jsonl`` and ``merge
 Layout of a run directory::
 
     runs/NAME/settings.json                # what produced the rows (kvtool.evals.settings); checked on re-runs
-    runs/NAME/results.json                 # config, generation settings, pipeline info, metrics per task
+    runs/NAME/results.json                 # config, settings, pipeline info; per task its version and metrics
     runs/NAME/<task>/predictions.jsonl     # one row per sample: id, prompt, prediction, reference fields, stats
     runs/NAME/<task>/judgements.jsonl      # judge replies cache
 
@@ -346,7 +346,8 @@ def generate_task(spec: TaskSpec, model, cfg: EvalConfig, task_dir: Path, finger
     finally:
         writer.close()
     rows = [done[sid] for sid in planned]
-    record = {"data": where, "n_rows_in_data": len(rows_src), "selection": sel_record, "n_samples": len(rows),
+    record = {"version": spec.version, "data": where, "n_rows_in_data": len(rows_src), "selection": sel_record,
+              "n_samples": len(rows),
               "n_found_at_start": len(found), "n_generated_now": n_new, "settings": fingerprint,
               "failed": failure_summary(rows),
               "generation": {**gen, "max_new_tokens": max_new, "seeds": seeds}, "prompt_example": example,
@@ -392,7 +393,7 @@ def as_scored(rows: list[dict]) -> list[dict]:
 def score_task(spec: TaskSpec, rows: list[dict], judge: JudgeConfig | None, task_dir: Path) -> dict[str, Any]:
     """Judges (cached in the task dir), then the task's metrics; failed rows count as wrong (``as_scored``)."""
     rows = as_scored(rows)
-    notes = apply_judges(spec.name, rows, judge, JudgeCache(task_dir / "judgements.jsonl"))
+    notes = apply_judges(spec, rows, judge, JudgeCache(task_dir / "judgements.jsonl"))
     metrics = task_metrics(spec, rows)
     metrics["failed"] = sum(bool(r.get("failed")) for r in rows)
     if notes:

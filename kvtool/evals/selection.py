@@ -68,27 +68,32 @@ def select_rows(spec: Any, rows: Any, limit: int | None, offset: int, shard: tup
     return chosen, record
 
 
-# --- row checks -------------------------------------------------------------------------------------------
+# --- row checks (each task names its own in TaskSpec.row_checks / row_check) -----------------------------
 
-def _text(v: Any) -> str | None:
+def text(v: Any) -> str | None:
+    """A non-empty string."""
     return None if isinstance(v, str) and v.strip() else "a non-empty string"
 
 
-def _present(v: Any) -> str | None:
+def present(v: Any) -> str | None:
+    """Any value but null or an empty string."""
     return None if v is not None and str(v).strip() != "" else "a value"
 
 
-def _answers(v: Any) -> str | None:
+def answers(v: Any) -> str | None:
+    """A non-empty list of answer strings (or VQAv2's ``{"answer": str}`` dicts)."""
     ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
         (isinstance(a, str)) or (isinstance(a, dict) and isinstance(a.get("answer"), str)) for a in v)
     return None if ok else "a non-empty list of answer strings"
 
 
-def _yes_no(v: Any) -> str | None:
+def yes_no(v: Any) -> str | None:
+    """"yes" or "no" (any case)."""
     return None if isinstance(v, str) and v.strip().lower() in ("yes", "no") else "yes or no"
 
 
-def _int_in(allowed: tuple[int, ...]) -> Callable[[Any], str | None]:
+def int_in(allowed: tuple[int, ...]) -> Callable[[Any], str | None]:
+    """A check that the value reads as one of the integers ``allowed``."""
     def check(v: Any) -> str | None:
         try:
             return None if int(str(v).strip()) in allowed else f"one of {', '.join(map(str, allowed))}"
@@ -97,55 +102,39 @@ def _int_in(allowed: tuple[int, ...]) -> Callable[[Any], str | None]:
     return check
 
 
-def _choices(v: Any) -> str | None:
+def choices(v: Any) -> str | None:
+    """A list of 2 to 5 choices."""
     return None if isinstance(v, (list, tuple)) and 2 <= len(v) <= 5 else "a list of 2 to 5 choices"
 
 
-def _capability(v: Any) -> str | None:
+def capability(v: Any) -> str | None:
+    """MM-Vet's capability names: a list or a comma-separated string with at least one name."""
     caps = v.split(",") if isinstance(v, str) else v
     return None if isinstance(caps, (list, tuple)) and any(str(c).strip() for c in caps) else "capability names"
-
-
-# task -> (id column, {column: check})
-ROW_CHECKS: dict[str, tuple[str | None, dict[str, Callable[[Any], str | None]]]] = {
-    "textvqa": ("question_id", {"question": _text, "answers": _answers}),
-    "vqav2": ("question_id", {"question": _text, "answers": _answers}),
-    "gqa": ("id", {"question": _text, "answer": _text}),
-    "mme": ("question_id", {"question": _text, "answer": _yes_no, "category": _text}),
-    "scienceqa": (None, {"question": _text, "choices": _choices, "answer": _int_in(tuple(range(5)))}),
-    "pope": ("question_id", {"question": _text, "answer": _yes_no, "category": _text}),
-    "mmvet": ("question_id", {"question": _text, "answer": _text, "capability": _capability}),
-    "hallusionbench": ("question_id", {"question": _text, "gt_answer": _int_in((0, 1)), "category": _text,
-                                       "set_id": _present, "figure_id": _present,
-                                       "visual_input": _int_in((0, 1, 2))}),
-    "socialcf": ("counterfactual_set", {"a1": _text, "a2": _text, "counterfactual_set": _present}),
-    "shapes": ("id", {"question": _text, "answer": _text, "question_type": _text}),
-}
 
 
 def check_rows(spec: Any, rows: Any, indices: Sequence[int],
                read_columns: Callable[[Any, Sequence[str], Sequence[int]], dict[str, list]]) -> None:
     """Refuse the first selected row whose reference columns the task cannot score (``InputError``:
-    ``<task>: row <i> (<id column> <id>): column <c> is <value>; expected <what>``)."""
-    id_col, checks = ROW_CHECKS.get(spec.name, (None, {}))
+    ``<task>: row <i> (<id column> <id>): column <c> is <value>; expected <what>``). The checks are the spec's:
+    ``row_checks`` (column, check) pairs, then ``row_check`` over the row's checked values (across columns)."""
+    id_col, checks = spec.id_column, dict(spec.row_checks)
     if not checks or not indices:
         return
     cols = [c for c in checks if c in _columns_of(rows)] + ([id_col] if id_col and id_col not in checks else [])
     cols = [c for c in dict.fromkeys(cols) if c in _columns_of(rows)]
     values = read_columns(rows, cols, indices)
     for pos, idx in enumerate(indices):
-        for col, check in checks.items():
-            if col not in values:
-                continue
+        bad = next(((col, want) for col, check in checks.items() if col in values
+                    for want in [check(values[col][pos])] if want is not None), None)
+        if bad is None and spec.row_check is not None:
+            bad = spec.row_check({c: v[pos] for c, v in values.items()})
+        if bad is not None:
+            col, want = bad
             v = values[col][pos]
-            want = check(v)
-            if want is None and spec.name == "scienceqa" and col == "answer" and "choices" in values:
-                n = len(values["choices"][pos] or [])
-                want = None if int(str(v).strip()) < n else f"an option index below the {n} choices"
-            if want is not None:
-                who = f" ({id_col} {values[id_col][pos]!r})" if id_col and id_col in values else ""
-                shown = repr(v) if not isinstance(v, (list, tuple)) or v else "an empty list"
-                raise InputError(f"{spec.name}: row {idx}{who}: column {col} is {shown[:60]}; expected {want}")
+            who = f" ({id_col} {values[id_col][pos]!r})" if id_col and id_col in values else ""
+            shown = repr(v) if not isinstance(v, (list, tuple)) or v else "an empty list"
+            raise InputError(f"{spec.name}: row {idx}{who}: column {col} is {shown[:60]}; expected {want}")
 
 
 def _columns_of(rows: Any) -> list[str]:

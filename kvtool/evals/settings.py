@@ -111,8 +111,9 @@ def run_settings(cfg: Any, conversation: str) -> dict[str, Any]:
 
 
 def task_settings(spec: Any, generation: dict[str, Any]) -> dict[str, Any]:
-    """A task's own settings: its version and the generation settings the rows were made with."""
-    return {"task_version": getattr(spec, "version", 1), "max_new_tokens": generation["max_new_tokens"],
+    """A task's own settings: its version (``TaskSpec.version``, so a changed prompt or score never mixes with
+    rows made before) and the generation settings the rows were made with."""
+    return {"task_version": int(spec.version), "max_new_tokens": generation["max_new_tokens"],
             "seeds": list(generation["seeds"]), "do_sample": generation["do_sample"],
             "temperature": generation["temperature"] if generation["do_sample"] else None,
             "top_p": generation["top_p"] if generation["do_sample"] else None}

@@ -291,3 +291,73 @@ def test_tradeoff_table_shows_an_undefined_delta_as_a_dash():
     md = _tradeoff_markdown([{"task": "pope", "reference": "ref", "scheme": "uniform", "bits": 2, "kv_ratio": 0.149,
                               "kv_ratio_source": "measured", "delta": None, "ci95": None, "pareto": False}])
     assert md[-1] == "| pope | ref | uniform | 2 | 0.149 | measured | – | – |  |"
+
+
+def test_coincident_tradeoff_points_are_drawn_side_by_side(tmp_path):
+    """Three 2-bit schemes at 0 pp and one bytes ratio (the demo's case) no longer hide each other: they are set
+    apart along x only, their middle at the true ratio, y and intervals exact; a lone point stays put."""
+    xs = P.spread_coincident([0.1406, 0.1406, 0.1406, 0.25], [0.0, 0.0, 0.01, 0.0], y_span=4.0)
+    assert xs[3] == 0.25 and len(set(xs[:3])) == 3
+    assert math.log2(xs[1]) == pytest.approx(math.log2(0.1406))  # the middle one at the true x
+    assert math.log2(xs[2]) - math.log2(xs[0]) == pytest.approx(0.16)
+    assert P.spread_coincident([0.1406, 0.1406], [0.0, 2.0], y_span=4.0) == [0.1406, 0.1406]  # apart in y: kept
+    pts = [{"scheme": s, "bits": 2, "kv_ratio": 0.1406, "kv_ratio_source": "measured", "delta": 0.0,
+            "ci95": (-1.0, 1.0)} for s in ("g-T128", "g-KC128VT128", "g-KCNVT128")]
+    fig = P.tradeoff_figure([{"task": "shapes", "title": "shapes", "reference": "torch", "points": pts}])
+    ax = fig.axes[0]
+    drawn = [c.lines[0] for c in ax.containers]
+    assert len({float(ln.get_xdata()[0]) for ln in drawn}) == 3
+    assert {float(ln.get_ydata()[0]) for ln in drawn} == {0.0}
+    fig.canvas.draw()  # the markers (7 pt) do not cover each other on screen
+    px = sorted(ax.transData.transform((float(ln.get_xdata()[0]), 0.0))[0] for ln in drawn)
+    assert min(b - a for a, b in zip(px, px[1:], strict=False)) >= 7 * fig.dpi / 72 * 0.9
+    assert "side by side" in fig.legends[0].get_title().get_text()
+    P.save_figure(fig, tmp_path / "coincident.png")
+
+
+def test_labels_units_and_spans_come_from_the_declared_metrics():
+    # the values the plots hard-coded per task before the metadata existed
+    old_labels = {"mmvet": "MM-Vet total (score, 0-100)", "textvqa": "VQA accuracy (%)", "gqa": "accuracy (%)",
+                  "mme": "perception score (0-2000)", "scienceqa": "accuracy (%)", "vqav2": "VQA accuracy (%)",
+                  "pope": "random-split F1 (%)", "hallusionbench": "question accuracy qAcc (%)",
+                  "shapes": "accuracy (%)", "socialcf": "max toxicity (0-1)"}
+    for task, label in old_labels.items():
+        assert P.headline_label(task) == label, task
+    units = {"mme": "score points", "mmvet": "score points", "pairs": "score", "gqa": "pp", "pope": "pp"}
+    for task, unit in units.items():
+        assert P.delta_label(task) == f"change vs reference ({unit})"
+    assert P.delta_label("socialcf") == "change vs reference"
+    spans = {"mme": 20.0, "socialcf": 0.05, "pairs": 0.05, "gqa": 2.0, "shapes": 2.0}
+    assert {t: P._min_span(t) for t in spans} == spans
+    assert P.headline_label("no-such-task") == "headline"
+
+
+def test_report_labels_an_unquantized_run_by_its_recorded_kv_dtype(tmp_path):
+    """`kvtool report` and `kvtool demo` read the same recorded element type: the PyTorch fp32 reference is
+    fp32 / 32 in both, the graphs' fp16 KV fp16 / 16, a run that recorded none fp16 / 16 as before."""
+    import json
+
+    from kvtool.demo import format_table
+
+    runs = study_runs(tmp_path)
+    for run, dtype in ((runs[0], "float32"), (runs[1], "float16")):
+        res = json.loads((run / "results.json").read_text())
+        res["pipeline"]["engine"] = {"kv_dtype": dtype}
+        (run / "results.json").write_text(json.dumps(res))
+    rows, _ = collect_rows(runs)
+    by_run = {r["run"].rsplit("/", 1)[-1]: r for r in rows}
+    assert (by_run["torch-fp32"]["kv"], by_run["torch-fp32"]["bits"]) == ("fp32", "32")
+    assert (by_run["ov-w4-fp16"]["kv"], by_run["ov-w4-fp16"]["bits"]) == ("fp16", "16")
+    assert choose_references(rows)["toy"]["run"].endswith("torch-fp32")  # still the reference
+    rep = write_report(runs, tmp_path / "rep", n_boot=0)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| toy | torch | W16 | fp32 | 32 |" in md and "| toy | openvino | W4 | fp16 | 16 |" in md
+    assert "shapes accuracy: accuracy (%), higher is better" in md
+    assert {p["run"].rsplit("/", 1)[-1] for p in rep["tradeoff"]} >= {"ov-w4-fp16", "uniform-2"}
+    series = {p["series"] for p in series_points(rows, ["shapes"])}
+    assert {"torch W16, fp32 KV", "openvino W4, fp16 KV"} <= series
+    demo_rows = [{"name": "x", "backend": "torch", "wbits": 16, "kv": "fp16", "k_bits": 16, "v_bits": 16, "n": 60,
+                  "accuracy": 0.9, "pope_f1": None, "kv_ratio": 2.0, "decode_ms_per_token": 1.0, "agreement": 1.0,
+                  "accuracy_delta": 0.0, "accuracy_delta_ci95": [0.0, 0.0], "kv_dtype": "float32"}]
+    demo_line = format_table(demo_rows).splitlines()[2].split()
+    assert demo_line[2:4] == [by_run["torch-fp32"]["kv"], by_run["torch-fp32"]["bits"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -204,3 +205,30 @@ def test_local_process_pool_equals_in_process(tmp_path, tiny_model):
     assert one["units_run"] == two["units_run"] == 4 and not two["failed"]
     for cell in one["plan"]["cell_names"]:
         assert cell_predictions(tmp_path / "one", cell) == cell_predictions(tmp_path / "two", cell)
+
+
+def test_rates_from_says_what_it_left_out(tmp_path, tiny_model):
+    """A resumed run (rows found at start), a merged result and a missing folder are not measured from, and the
+    plan says so instead of skipping them silently; a run generated in one go gives the rate."""
+    from kvtool.evals.sweep.driver import format_plan
+
+    def results(path: Path, n_now: int, n: int, merged: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        res = {"config": {"backend": "torch"}, "pipeline": {"backend": "torch"},
+               "tasks": {"shapes": {"n_generated_now": n_now, "n_samples": n, "timing": {"generate_s": 10.0}}}}
+        if merged:
+            res["merged_from"] = ["results.shard-0-of-2.json"]
+        path.write_text(json.dumps(res))
+
+    results(tmp_path / "old" / "whole" / "results.json", 40, 40)
+    results(tmp_path / "old" / "resumed" / "results.json", 5, 40)
+    results(tmp_path / "old" / "merged" / "results.json", 40, 40, merged=True)
+    g = parse_grid(grid_text({"a": (tiny_model("tiny-llava"), "torch")}, [], limit=8), "G")
+    plan = plan_sweep(g, tmp_path / "new", [str(tmp_path / "old"), str(tmp_path / "nowhere")])
+    assert plan["rates_rows_per_s"] == {"torch/shapes": pytest.approx(4.0)}  # only the whole run: 40 rows / 10 s
+    why = {Path(s["where"].split(" ")[0]).parent.name or s["where"]: s["why"] for s in plan["rates_skipped"]}
+    assert why["resumed"].startswith("resumed (5 of 40 rows") and why["merged"].startswith("merged result")
+    assert any(s["where"].endswith("nowhere") and s["why"] == "no such folder" for s in plan["rates_skipped"])
+    assert not any(s["where"] == str(tmp_path / "new") for s in plan["rates_skipped"])  # the new sweep's own folder
+    text = format_plan(plan)
+    assert "left out 3 result(s)" in text and "resumed (5 of 40" in text and "nowhere: no such folder" in text

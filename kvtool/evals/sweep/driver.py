@@ -14,7 +14,8 @@ Layout of a sweep directory::
 Resumable as a whole: a unit whose ``results.shard-i-of-n.json`` exists is skipped, a partial one resumes its
 rows (the runner's contract); a cell directory whose ``cell.json`` records other settings than the grid is
 refused before anything runs, naming the cell and the setting. ``plan_sweep`` is the dry run: unit counts,
-samples and a time estimate from rows/s measured by earlier runs. This module does not parse grids
+samples and a time estimate from rows/s measured by earlier runs (results it cannot measure from — resumed,
+merged, missing — are listed in the plan, ``rates_skipped``). This module does not parse grids
 (``grid``), run units (``executors``) or build tables (``study``).
 """
 
@@ -30,10 +31,6 @@ from kvtool.errors import InputError
 from kvtool.evals.sweep.grid import Cell, Grid, Unit, grid_json, load_grid
 
 EXECUTORS = ("local", "ray")
-# rows in each benchmark's evaluated split, from the datasets' cards (kvtool ls tasks); shapes: the generator's
-# default test split. PAIRS and SocialCF rows are images, each asked several questions / seeds.
-CARD_ROWS = {"mmvet": 218, "textvqa": 5000, "gqa": 12578, "mme": 2374, "scienceqa": 2017, "vqav2": 214354,
-             "pope": 9000, "hallusionbench": 1129, "pairs": 200, "socialcf": 5000, "shapes": 500}
 
 
 @dataclass
@@ -109,7 +106,10 @@ def unit_args(grid: Grid, cell: Cell, unit: Unit, out: Path) -> dict[str, Any]:
 
 
 def _rows_per_unit(cell: Cell, task: str) -> int | None:
-    n = CARD_ROWS.get(task)
+    from kvtool.evals.tasks import TASKS
+
+    # rows of the evaluated split per the dataset's card (TaskSpec.card_rows); None where unknown
+    n = TASKS[task].card_rows if task in TASKS else None
     limit = cell.limits.get(task, cell.limit)
     if limit is not None:
         n = limit if n is None else min(max(0, n - cell.offset), limit)
@@ -118,17 +118,26 @@ def _rows_per_unit(cell: Cell, task: str) -> int | None:
     return n
 
 
-def measured_rates(dirs: list[Path]) -> dict[tuple[str, str], float]:
+def measured_rates(dirs: list[Path], skipped: list[dict[str, str]] | None = None) -> dict[tuple[str, str], float]:
     """Rows/s per (backend, task) from earlier runs' results files under ``dirs`` (rows generated in one go
-    over their generation seconds; resumed runs, which mix sessions, are left out)."""
+    over their generation seconds). Left out, each appended to ``skipped`` as ``{"where", "why"}`` when a list is
+    given: a folder that does not exist or holds no results file, an unreadable file, a merged result (its shards
+    are counted), a task whose rows were resumed (found at start: its seconds cover only some rows) or that
+    recorded no rows generated or no seconds."""
     totals: dict[tuple[str, str], list[float]] = {}
+    skip = skipped if skipped is not None else []
     for d in dirs:
-        for f in list(d.rglob("results.json")) + list(d.rglob("results.shard-*-of-*.json")):
+        files = list(d.rglob("results.json")) + list(d.rglob("results.shard-*-of-*.json")) if d.is_dir() else []
+        if not files:
+            skip.append({"where": str(d), "why": "no such folder" if not d.is_dir() else "no results files"})
+        for f in files:
             try:
                 res = json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, OSError):
+            except (json.JSONDecodeError, OSError) as exc:
+                skip.append({"where": str(f), "why": f"unreadable ({type(exc).__name__})"})
                 continue
             if res.get("merged_from"):
+                skip.append({"where": str(f), "why": "merged result (its shards are counted)"})
                 continue
             backend = str((res.get("pipeline") or {}).get("backend") or res.get("config", {}).get("backend"))
             for task, rec in (res.get("tasks") or {}).items():
@@ -137,6 +146,11 @@ def measured_rates(dirs: list[Path]) -> dict[tuple[str, str], float]:
                     t = totals.setdefault((backend, task), [0.0, 0.0])
                     t[0] += n
                     t[1] += s
+                elif n and s:
+                    skip.append({"where": f"{f} {task}", "why": f"resumed ({n} of {rec.get('n_samples')} rows "
+                                                                f"generated in its last session)"})
+                else:
+                    skip.append({"where": f"{f} {task}", "why": "no rows generated" if not n else "no seconds"})
     return {k: v[0] / v[1] for k, v in totals.items() if v[1] > 0}
 
 
@@ -144,7 +158,9 @@ def plan_sweep(grid: Grid, out: Path, rates_from: list[str] | None = None) -> di
     """What a sweep would run: units (total, done, partial, to run), rows per task and a time estimate in
     single-worker seconds from measured rows/s (``None`` where no earlier run measured the backend/task)."""
     units = grid.units()
-    rates = measured_rates([out, *[Path(p) for p in rates_from or []]])
+    skipped: list[dict[str, str]] = []
+    rates = measured_rates([out, *[Path(p) for p in rates_from or []]], skipped)
+    skipped = [s for s in skipped if s["where"] != str(out)]  # a new sweep folder holds no results yet
     by_backend: dict[str, list[float]] = {}
     for (b, _), r in rates.items():
         by_backend.setdefault(b, []).append(r)
@@ -175,7 +191,7 @@ def plan_sweep(grid: Grid, out: Path, rates_from: list[str] | None = None) -> di
     return {"cells": len(grid.cells), "tasks": grid.tasks, "units": len(units), "units_done": n_done,
             "units_partial": n_partial, "units_to_run": len(todo), "rows_per_task_per_cell": rows_by_task,
             "rows_to_run": rows_todo, "rates_rows_per_s": {f"{b}/{t}": r for (b, t), r in sorted(rates.items())},
-            "estimate_s": None if unknown else est, "estimate_unknown": sorted(unknown),
+            "estimate_s": None if unknown else est, "estimate_unknown": sorted(unknown), "rates_skipped": skipped,
             "reference": grid.reference, "cell_names": [c.name for c in grid.cells]}
 
 
@@ -189,7 +205,18 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"units: {plan['units']} ({plan['units_done']} done, {plan['units_partial']} partial, "
         f"{plan['units_to_run']} to run)",
         f"rows per cell: {rows}; rows to run: {plan['rows_to_run']}",
-        f"time estimate (one worker): {est_s}"])
+        f"time estimate (one worker): {est_s}", *_skipped_lines(plan.get("rates_skipped") or [])])
+
+
+def _skipped_lines(skipped: list[dict[str, str]], show: int = 5) -> list[str]:
+    """What ``--rates-from`` did not measure rows/s from, and why (the first ``show``, then a count)."""
+    if not skipped:
+        return []
+    lines = [f"rows/s: left out {len(skipped)} result(s) (not measured from):"]
+    lines += [f"  {s['where']}: {s['why']}" for s in skipped[:show]]
+    if len(skipped) > show:
+        lines.append(f"  … and {len(skipped) - show} more")
+    return lines
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
