@@ -244,12 +244,17 @@ def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
             fx = [xs[i] for i in front]
             fy = [pts[i]["delta"] for i in front]
             ax.step(fx, fy, where="post", color="black", lw=2.2, alpha=0.25, zorder=2)
-        ratios = xs or [1.0]
+        ratios = [p["kv_ratio"] for p in pts] or [1.0]  # ticks from the true ratios; room for the spread ones
         _ratio_axis(ax, min(ratios), max(ratios))
+        if xs:
+            x0, x1 = ax.get_xlim()
+            ax.set_xlim(min(x0, min(xs) / 1.08), max(x1, max(xs) * 1.08))
         _ylim(ax, yvals, pad_frac=0.12, min_span=_min_span(pan["task"]))
         if front:
             _label_points(ax, [(x, p["delta"]) for x, p in zip(xs, pts, strict=True)],
-                          {i: f"{pts[i]['scheme']} {pts[i]['bits']}b" for i in front})
+                          {i: f"{pts[i]['scheme']} {pts[i]['bits']}b" for i in front},
+                          obstacles=[(x, c) for x, p in zip(xs, pts, strict=True) for c in (p.get("ci95") or ())
+                                     if _ok(c)])
         ax.grid(True, alpha=0.3)
         ax.set_title(pan.get("title") or pan["task"], fontsize=10)
         ax.set_xlabel("KV bytes held per token / fp16 (log scale)")
@@ -278,44 +283,62 @@ def tradeoff_figure(panels: list[dict[str, Any]], title: str | None = None):
     return fig
 
 
-def spread_coincident(xs: Sequence[float], ys: Sequence[float], y_span: float, step: float = 0.08,
-                      tol_x: float = 0.08, tol_y: float = 0.03) -> list[float]:
-    """x positions on a log2 axis that draw points lying on one spot side by side. Points whose log2 x differ
-    by less than ``tol_x`` and whose y differ by less than ``tol_y * y_span`` from a group's first point join
-    that group (in the given order); a group of m points is spread to ``x * 2 ** ((k - (m - 1) / 2) * step)``,
-    k = 0..m-1, so its middle stays at the true x. Lone points keep their x; y is never moved. The defaults are
-    about one marker (7 pt) on the trade-off panels."""
-    groups: list[list[int]] = []
-    for i in range(len(xs)):
-        for g in groups:
-            j = g[0]
-            if abs(math.log2(xs[i]) - math.log2(xs[j])) < tol_x and abs(ys[i] - ys[j]) < tol_y * y_span:
-                g.append(i)
-                break
+def spread_coincident(xs: Sequence[float], ys: Sequence[float], y_span: float, min_sep: float = 0.12,
+                      tol_y: float = 0.03) -> list[float]:
+    """x positions on a log2 axis that keep points from covering each other, y never moved (it carries the
+    interval). Points whose y lie within ``tol_y * y_span`` of each other (chained) form a band; within a band,
+    points closer than ``min_sep`` in log2 x (chained) form a cluster, laid out ``min_sep`` apart in their x
+    order around the cluster's mean log2 x, and clusters that then come too close are merged and laid out
+    again. Lone points keep their x exactly. ``min_sep`` 0.12 is about 1.5 markers (7 pt) on the trade-off
+    panels. Returns the x values in the input order."""
+    n = len(xs)
+    lx = [math.log2(x) for x in xs]
+    out = list(lx)
+    by_y = sorted(range(n), key=lambda i: ys[i])
+    bands: list[list[int]] = []
+    for i in by_y:
+        if bands and ys[i] - ys[bands[-1][-1]] < tol_y * y_span:
+            bands[-1].append(i)
         else:
-            groups.append([i])
-    out = list(map(float, xs))
-    for g in groups:
-        for k, i in enumerate(g):
-            out[i] = float(xs[g[0]]) * 2 ** ((k - (len(g) - 1) / 2) * step) if len(g) > 1 else float(xs[i])
-    return out
+            bands.append([i])
+    for band in bands:
+        clusters = [[i] for i in sorted(band, key=lambda i: (lx[i], i))]
+        while True:
+            for c in clusters:  # lay each cluster out around its mean, in x order
+                if len(c) > 1:
+                    mid = sum(lx[i] for i in c) / len(c)
+                    for k, i in enumerate(c):
+                        out[i] = mid + (k - (len(c) - 1) / 2) * min_sep
+            merged = False
+            for j in range(len(clusters) - 1):
+                if out[clusters[j + 1][0]] - out[clusters[j][-1]] < min_sep - 1e-12:
+                    clusters[j:j + 2] = [clusters[j] + clusters[j + 1]]
+                    merged = True
+                    break
+            if not merged:
+                break
+    return [float(xs[i]) if out[i] == lx[i] else 2.0 ** out[i] for i in range(n)]
 
 
-def _label_points(ax, xy: list[tuple[float, float]], labels: dict[int, str], fontsize: int = 7) -> None:
-    """Write ``labels[i]`` beside point ``xy[i]``, on the side (of four) whose text box lies farthest from the
-    other points and the labels already placed (limits and scales must be set)."""
+def _label_points(ax, xy: list[tuple[float, float]], labels: dict[int, str], fontsize: int = 7,
+                  obstacles: Sequence[tuple[float, float]] = ()) -> None:
+    """Write ``labels[i]`` beside point ``xy[i]``, at the place (of six: four sides, above, below) whose text
+    box lies farthest from the other points, the ``obstacles`` (data coordinates, e.g. interval ends) and the
+    labels already placed (limits and scales must be set)."""
     fig = ax.figure
     px = ax.transData.transform(xy)  # pixels
     scale = fig.dpi / 72
     taken = [tuple(p) for p in px]
+    blocked = [tuple(p) for p in ax.transData.transform(list(obstacles))] if len(obstacles) else []
     for i, text in labels.items():
         w, h = 0.55 * fontsize * len(text) * scale, fontsize * scale
-        best, best_score = None, -1.0
-        for dx, dy, ha in ((6, 4, "left"), (6, -12, "left"), (-6, 4, "right"), (-6, -12, "right")):
-            x0 = px[i][0] + dx * scale + (0 if ha == "left" else -w)
+        best, best_score = None, -1e18
+        for dx, dy, ha in ((6, 4, "left"), (6, -12, "left"), (-6, 4, "right"), (-6, -12, "right"),
+                           (0, 12, "center"), (0, -20, "center")):
+            x0 = px[i][0] + dx * scale + {"left": 0, "right": -w, "center": -w / 2}[ha]
             y0 = px[i][1] + dy * scale
             cx, cy = x0 + w / 2, y0 + h / 2
-            others = [(qx, qy) for k, (qx, qy) in enumerate(taken) if k != i]
+            others = [(qx, qy) for k, (qx, qy) in enumerate(taken) if k != i] + blocked
             # distance from the box to the nearest other point (0 when one lies inside it)
             score = min((math.hypot(max(x0 - qx, 0, qx - x0 - w), max(y0 - qy, 0, qy - y0 - h))
                          for qx, qy in others), default=1e9)

@@ -299,8 +299,13 @@ def test_coincident_tradeoff_points_are_drawn_side_by_side(tmp_path):
     xs = P.spread_coincident([0.1406, 0.1406, 0.1406, 0.25], [0.0, 0.0, 0.01, 0.0], y_span=4.0)
     assert xs[3] == 0.25 and len(set(xs[:3])) == 3
     assert math.log2(xs[1]) == pytest.approx(math.log2(0.1406))  # the middle one at the true x
-    assert math.log2(xs[2]) - math.log2(xs[0]) == pytest.approx(0.16)
+    assert math.log2(xs[2]) - math.log2(xs[0]) == pytest.approx(0.24)  # min_sep 0.12 apart
     assert P.spread_coincident([0.1406, 0.1406], [0.0, 2.0], y_span=4.0) == [0.1406, 0.1406]  # apart in y: kept
+    # a neighbour pushed into by a spread cluster joins it: all at least min_sep apart, in their x order
+    xs = P.spread_coincident([0.125, 0.1406, 0.1406, 0.1406, 0.5], [0.0] * 5, y_span=4.0)
+    lx = [math.log2(x) for x in xs]
+    assert lx == sorted(lx) and min(b - a for a, b in zip(lx, lx[1:], strict=False)) >= 0.12 - 1e-9
+    assert xs[4] == 0.5 and sum(lx[:4]) / 4 == pytest.approx((math.log2(0.125) + 3 * math.log2(0.1406)) / 4)
     pts = [{"scheme": s, "bits": 2, "kv_ratio": 0.1406, "kv_ratio_source": "measured", "delta": 0.0,
             "ci95": (-1.0, 1.0)} for s in ("g-T128", "g-KC128VT128", "g-KCNVT128")]
     fig = P.tradeoff_figure([{"task": "shapes", "title": "shapes", "reference": "torch", "points": pts}])
