@@ -98,25 +98,28 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
                 ci: tuple[float, float] | None = None) -> dict[str, Any]:
     """One table row; ``ci``: the row's own bootstrap 95% interval of accuracy (%), recorded as a fraction."""
     from kvtool.evals.report import kv_ratio, run_kv_dtype
+    from kvtool.evals.tasks import get_task
 
+    # the task's accuracies are declared on a 0-100 scale (TaskSpec.metrics); the demo records fractions
+    pct = get_task("shapes").headline_info.scale[1]
     task = results["tasks"]["shapes"]
     m, timing = task["metrics"], task.get("timing", {})
     row: dict[str, Any] = {k: plan[k] for k in ("name", "backend", "wbits", "kv", "k_bits", "v_bits")}
-    row["accuracy"] = m["accuracy"] / 100
+    row["accuracy"] = m["accuracy"] / pct
     row["n"] = m["n"]
     for k, v in m.items():
         if k.startswith("accuracy_"):
-            row[k] = v / 100
+            row[k] = v / pct
     pope = m.get("pope") or {}
-    row["pope_f1"] = pope.get("mean_f1", float("nan")) / 100 if pope else None
-    row["pope_random_f1"] = pope.get("random_f1", float("nan")) / 100 if "random_f1" in pope else None
+    row["pope_f1"] = pope.get("mean_f1", float("nan")) / pct if pope else None
+    row["pope_random_f1"] = pope.get("random_f1", float("nan")) / pct if "random_f1" in pope else None
     # the element type the unquantized cache is held in (the torch reference: fp32; the graphs' fp16 KV: fp16)
     row["kv_dtype"] = run_kv_dtype(results)
     row["kv_bytes"] = timing.get("mean_kv_bytes")
     row["kv_fp16_bytes"] = timing.get("mean_kv_fp16_bytes")
     # measured kv_bytes / kv_fp16_bytes, else quant_ops' storage bound of the scheme ("bound")
     row["kv_ratio"], row["kv_ratio_source"] = kv_ratio(timing, plan["kv"], plan["k_bits"], plan["v_bits"])
-    row["accuracy_ci95"] = None if ci is None else [c / 100 for c in ci]
+    row["accuracy_ci95"] = None if ci is None else [c / pct for c in ci]
     row["decode_ms_per_token"] = timing.get("mean_decode_ms_per_token")
     row["prefill_ms"] = timing.get("mean_prefill_ms")
     if cmp is None:  # the reference itself
@@ -124,8 +127,8 @@ def _row_record(plan: dict[str, Any], results: dict[str, Any], cmp: dict[str, An
     else:
         t = cmp["tasks"]["shapes"]
         d = t["metrics"]["accuracy"]
-        row.update(agreement=t["agreement"], accuracy_delta=d["delta"] / 100,
-                   accuracy_delta_ci95=[x / 100 for x in d.get("ci95", [float("nan")] * 2)])
+        row.update(agreement=t["agreement"], accuracy_delta=d["delta"] / pct,
+                   accuracy_delta_ci95=[x / pct for x in d.get("ci95", [float("nan")] * 2)])
     return row
 
 
