@@ -18,25 +18,27 @@ A new engine is its module (a class answering ``Engine``, built as ``cls(path, s
 one ``EngineEntry`` here, placed before the entries it should win over. Engine classes are imported only when
 chosen, so only the chosen runtime library is loaded.
 
-Why each engine is kept (figures: docs/BENCHMARKS.md, "runtime — decode speed"; OpenVINO 2026.4 CPU):
+Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a stateful export's cache", OpenVINO
+2026.4 CPU, tiny-LM benchmark; "x" = decode time over the anchor's, own process / interleaved):
 
 - ``OpenVINOStatefulEngine`` (kv_owner ``openvino``): the stateful export with the KV inside the graph — the
   anchor deployment (what optimum-intel and openvino.genai run) for ``fp16``, and the only home of OpenVINO's
   own compression (``ov-u8``/``ov-u4``). Default for those on a stateful export, any device.
 - ``OpenVINOPagedEngine`` (kv_owner ``paged``): kvtool's schemes on the stateful export through PagedAttention
-  with caller-owned blocks: decode 0.83-1.01x the anchor's time for g-KC128VT128 K2V2 packed, against 2.3-3.0x
-  on the stateless graph. Default for kvtool schemes on a stateful export on ``CPU`` (the device its in-place,
-  host-memory blocks were built and measured on) for LLaVA and LLaVA-NeXT (PagedAttention takes 1-D positions,
-  not Qwen2-VL's 3-D ones).
-- ``OpenVINOStateOwnedEngine`` (kv_owner ``kvtool``): kvtool's schemes on the stateful export through
-  OpenVINO's variable-state API. Slower than paged (1.95-3.2x the anchor with a quantizing scheme: whole states
-  are rewritten) and not lower in memory than the fp cache; kept because it is what runs kvtool's schemes on the
-  stateful export (the export's default) where paged does not: Qwen2-VL (any device) and non-CPU OpenVINO
-  devices, whose state API needs no host-memory blocks. Default there.
-- ``OpenVINOEngine`` (stateless graphs, kv_owner not applicable): 2.1-2.8x the anchor, about 2x the paged
-  engine; kept because ``kvtool export --stateless`` still writes that export (graphs with explicit past
-  inputs, which no other OpenVINO engine runs) and because it is the reference the stateful engines are tested
-  against (``tests/runtime/test_state_owned.py``: logits within 1e-4). Default for any stateless OpenVINO export.
+  with caller-owned blocks: 1.01x / 0.83x for g-KC128VT128 K2V2 packed (the stateless graph: 3.00x / 2.40x).
+  Default for kvtool schemes on a stateful export on ``CPU`` (the device its in-place host-memory blocks were
+  built and measured on), for LLaVA and LLaVA-NeXT only: PagedAttention takes 1-D positions, not Qwen2-VL's 3-D.
+- ``OpenVINOStateOwnedEngine`` (kv_owner ``kvtool``): kvtool's schemes on the stateful export through OpenVINO's
+  variable-state API. With a quantizing scheme it rewrites whole states (3.20x / 1.95x, about the stateless
+  graph's speed) and its states are a dequantized copy the size of the fp cache, so on CPU LLaVA paged replaces
+  it. Kept because it runs kvtool's schemes on the stateful export — the export's default — where paged cannot:
+  Qwen2-VL (``tests/runtime/test_state_owned.py``: the stateless graph's tokens and logits within 1e-4; before
+  the registry this load failed naming kv_owner=paged) and non-CPU OpenVINO devices (the state API needs no
+  host-memory blocks; no OpenVINO GPU/NPU was available to measure it). Default there.
+- ``OpenVINOEngine`` (stateless graphs; no kv_owner): 2.81x / 2.18x for fp16, about 3x the paged engine's
+  time. Kept because ``kvtool export --stateless`` still writes that export (explicit past inputs, which no
+  other OpenVINO engine runs), and it is the reference the stateful engines are tested against
+  (``tests/runtime/test_state_owned.py``: logits within 1e-4). Default for every stateless OpenVINO export.
 - ``ONNXEngine``: every ONNX export (stateless by construction), CPU or CUDA execution provider.
 - ``TorchEngine``: the HF checkpoint itself, the fp32 reference (CPU or CUDA).
 """
@@ -50,8 +52,7 @@ from pathlib import Path
 from kvtool.errors import InputError
 from kvtool.runtime.engines.protocol import Engine
 
-__all__ = ["ENGINES", "Engine", "EngineEntry", "EngineKey", "engine_key", "load_engine",
-           "select_engine"]
+__all__ = ["ENGINES", "Default", "Engine", "EngineEntry", "EngineKey", "engine_key", "load_engine", "select_engine"]
 
 ANY = None  # in an EngineEntry / Default field: matches every value
 
@@ -137,6 +138,7 @@ ENGINES: tuple[EngineEntry, ...] = (
 )
 """The registry, in priority order (module docstring: the selection rule and why each engine is kept)."""
 
+
 def engine_key(backend: str, spec, device: str, manifest=None, kv_owner: str | None = None) -> EngineKey:
     """The ``EngineKey`` of a load: ``spec`` is the ``KVSpec``, ``manifest`` the export's (None: an HF checkpoint,
     export kind ``checkpoint``)."""
@@ -174,7 +176,7 @@ def _no_engine_message(key: EngineKey, engines: tuple[EngineEntry, ...]) -> str:
     """One line: what was asked (scheme, kv_owner, backend, export kind, architecture, device) and, from the entries
     that answer to that kv_owner (or run that scheme family), what would run it."""
     asked = f"kv={key.kv or key.family}" + (f" with kv_owner={key.owner}" if key.owner else "")
-    where = f"a {key.export} {key.backend} export" if key.export != "checkpoint" else "an HF checkpoint (torch)"
+    where = f"a {key.export} {key.backend} export" if key.export != "checkpoint" else f"an HF checkpoint (backend {key.backend})"
     arch = f" of {key.arch}" if key.arch else ""
     hints: list[str] = []
     for e in engines:
