@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from kvtool.errors import InputError
 from kvtool.export.config import ExportConfig
 from kvtool.manifest import GraphInfo, LMInfo
 
@@ -34,7 +35,24 @@ OV_GRAPH_FILES = {
 
 
 def check_architecture(arch: str) -> None:
-    """All of kvtool's architectures export with optimum-intel (Qwen2-VL through ``_qwen2_vl_patches``)."""
+    """Refuse ``arch`` (a ``config.model_type`` such as ``llava``) unless the installed optimum-intel registers an
+    OpenVINO export config for it with task ``image-text-to-text`` (its ``TasksManager``), the task
+    ``export_openvino`` converts with. kvtool's three architectures all have one in optimum-intel 2.2 (Qwen2-VL
+    exported through ``_qwen2_vl_patches``). Raises ``InputError`` naming the architecture and the optimum-intel
+    version."""
+    from optimum.exporters.openvino import model_configs  # noqa: F401  (registers the OpenVINO configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(arch, exporter="openvino", library_name="transformers")
+    except KeyError:
+        tasks = {}
+    if "image-text-to-text" not in tasks:
+        from kvtool.versions import library_versions
+
+        version = library_versions(("optimum-intel",)).get("optimum-intel")
+        raise InputError(f"architecture {arch}: optimum-intel {version} has no OpenVINO image-text-to-text export "
+                         f"for it (use --backend onnx, or an optimum-intel that supports it)")
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvtool.errors import InputError, PromptTooLong
+from kvtool.runtime.engines.protocol import Engine
 from kvtool.runtime.kvspec import KVSpec, check_scheme_fits, make_kv_spec
 from kvtool.runtime.preprocess import check_question, load_images, prepare_inputs, resolve_conversation
 from kvtool.runtime.sampling import check_sampling, next_token
@@ -61,13 +62,6 @@ def _peak_rss_bytes() -> int:
     return peak_rss_bytes()
 
 
-def _work_nbytes(eng, spec: KVSpec) -> int:
-    """Bytes of the dequantized working copy a graph engine feeds its graph (0 where there is none)."""
-    if hasattr(eng, "kv_work_nbytes"):
-        return int(eng.kv_work_nbytes())
-    return int(getattr(getattr(eng, "kv", None), "work_nbytes", 0)) if spec.quantizes else 0
-
-
 def _resolve_backend(path: Path, backend: str):
     from kvtool.manifest import Manifest, is_export_dir
 
@@ -104,7 +98,7 @@ class VLMPipeline:
     After each ``generate``, ``last_first_logits`` holds the logits ([V], numpy) the first new token was
     chosen from — what parity checks compare across engines and KV settings."""
 
-    def __init__(self, engine, processor, spec: KVSpec, path: Path, manifest, conversation: str,
+    def __init__(self, engine: Engine, processor, spec: KVSpec, path: Path, manifest, conversation: str,
                  requested_device: str):
         self.engine = engine
         self.processor = processor
@@ -136,8 +130,9 @@ class VLMPipeline:
         ``conversation``: ``chat_template`` | ``vicuna_v1`` | ``auto`` (``preprocess.resolve_conversation``: what
         ``kvtool run`` and ``kvtool eval`` use by default). ``engine_kwargs`` go to the engine (OpenVINO:
         ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``; on a stateful export ``kv_owner``:
-        ``"paged"`` (PagedAttention with caller-owned blocks, the default for kvtool schemes on CPU) or
-        ``"kvtool"`` (states rewritten), either also for fp16; ONNX Runtime: ``threads``; torch: ``dtype``)."""
+        ``"paged"`` (PagedAttention with caller-owned blocks, the default for kvtool schemes on CPU),
+        ``"kvtool"`` (states rewritten) or ``"openvino"`` (fp16 / ov-*: the graph owns it); ONNX Runtime:
+        ``threads``; torch: ``dtype``). Which engine runs: ``kvtool.runtime.engines``' registry and its rule."""
         from kvtool.devices import resolve_device
 
         path = Path(path)
@@ -250,11 +245,11 @@ class VLMPipeline:
             "kv_fp16_bytes": int(kv_fp16),
             # graph engines: the preallocated buffers the graph reads its past from (packed mode dequantizes
             # into them), counted apart from kv_bytes
-            "kv_work_bytes": _work_nbytes(eng, spec),
+            "kv_work_bytes": int(eng.kv_work_nbytes()),
             "peak_rss_bytes": _peak_rss_bytes(),
             "kv": spec.scheme, "kv_mode": spec.mode, "first_token": spec.first_token, "kv_residual": spec.residual,
             # the element type the cache's unquantized values are held in (kv_bytes counts them in it)
-            "kv_dtype": eng.kv_dtype_name() if hasattr(eng, "kv_dtype_name") else None,
+            "kv_dtype": eng.kv_dtype_name(),
         }
         self.last_first_logits = first_logits
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -8,6 +8,7 @@ import pytest
 
 from kvtool.errors import InputError
 from kvtool.runtime import VLMPipeline
+from kvtool.runtime.engines import Engine
 from tests.runtime.helpers import QUESTION, hf_greedy, random_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -30,6 +31,7 @@ def reference(llava):
 
 def test_torch_engine_matches_hf_generate(llava, reference):
     pipe = VLMPipeline.load(llava, backend="torch")
+    assert type(pipe.engine).__name__ == "TorchEngine" and isinstance(pipe.engine, Engine)
     out = pipe.generate(random_image(), QUESTION, max_new_tokens=8)
     assert out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)
@@ -41,6 +43,7 @@ def test_torch_engine_matches_hf_generate(llava, reference):
 def test_openvino_engine_matches_hf_generate(llava_ov, reference):
     pipe = VLMPipeline.load(llava_ov, kv_precision="f32")  # exact parity: the cache in fp32 like the reference
     out = pipe.generate(random_image(), QUESTION, max_new_tokens=8, keep_logits=True)
+    assert type(pipe.engine).__name__ == "OpenVINOEngine" and isinstance(pipe.engine, Engine)
     assert pipe.engine.backend == "openvino" and out.token_ids == reference[0]
     np.testing.assert_allclose(pipe.last_first_logits, reference[1], atol=1e-4)
     for mine, ref in zip(out.logits, reference[2], strict=True):

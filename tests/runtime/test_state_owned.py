@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kvtool.runtime import VLMPipeline
+from kvtool.runtime.engines import Engine
 from tests.runtime.helpers import QUESTION, hf_greedy, random_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -32,6 +33,7 @@ def test_fp16_owned_by_kvtool_matches_hf_generate(llava, stateful, owner):
     pipe = VLMPipeline.load(stateful, kv_owner=owner, kv_precision="f32")  # exact parity: fp32 like the reference
     out = pipe.generate(random_image(), QUESTION, max_new_tokens=6, keep_logits=True)
     info = pipe.info()["engine"]
+    assert isinstance(pipe.engine, Engine)
     assert info["kv_owner"] == owner and info.get("state_writes", 0) == info.get("token_writes", 0) == 0
     assert out.token_ids == ids
     for mine, ref in zip(out.logits, logits, strict=True):
@@ -106,6 +108,26 @@ def test_simulate_matches_the_stateless_engine(stateful, exported, owner):
     b = o.generate(img, QUESTION, max_new_tokens=5, keep_logits=True)
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(np.stack(a.logits), np.stack(b.logits), atol=1e-4)
+
+
+@slow
+@pytest.mark.parametrize("scheme,bits", [("g-KC128VT128", 2), ("uniform", 4)])
+def test_qwen2_vl_stateful_export_runs_kvtool_schemes_state_owned(exported, tiny_model, scheme, bits):
+    """Qwen2-VL's 3-D positions do not fit PagedAttention's 1-D position input, so a kvtool scheme on its
+    (default) stateful export runs the state-owned engine, on CPU too, and gives the stateless graph's tokens and
+    logits and the torch engine's tokens and KV bytes."""
+    kw = dict(kv=scheme, k_bits=bits, v_bits=bits)
+    img = random_image(3, (70, 110))
+    pipe = VLMPipeline.load(exported("tiny-qwen2-vl", "openvino", 16, "fp32"), **kw)
+    assert type(pipe.engine).__name__ == "OpenVINOStateOwnedEngine" and pipe.engine.device == "CPU"
+    o = pipe.generate(img, QUESTION, max_new_tokens=6, keep_logits=True)
+    s = VLMPipeline.load(exported("tiny-qwen2-vl", "openvino", 16, "fp32", stateful=False), **kw).generate(
+        img, QUESTION, max_new_tokens=6, keep_logits=True)
+    t = VLMPipeline.load(tiny_model("tiny-qwen2-vl"), backend="torch", **kw).generate(img, QUESTION, max_new_tokens=6)
+    assert pipe.info()["engine"]["state_writes"] > 0
+    assert o.token_ids == s.token_ids == t.token_ids and o.stats["kv_bytes"] == t.stats["kv_bytes"]
+    for mine, ref in zip(o.logits, s.logits, strict=True):
+        np.testing.assert_allclose(mine, ref, atol=1e-4)
 
 
 def test_bf16_block_conversion_matches_torch():

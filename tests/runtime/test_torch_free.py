@@ -172,6 +172,32 @@ def test_llava_next_packing_equals_transformers():
         np.testing.assert_array_equal(mine, torch.cat(list(ref), dim=0).numpy())
 
 
+def test_llava_next_packing_equals_the_tiny_models_own(tiny_model):
+    """The same rule on the tiny LLaVA-NeXT checkpoint's own config (its pinpoints, 48-px tiles, 4-px patches) and
+    its loaded ``LlavaNextModel`` as ``self`` (no stand-in), with the model's learned ``image_newline``."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from kvtool.runtime.vision_layout import anyres_num_patches, pack_llava_next_features
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(str(tiny_model("tiny-llava-next"))).eval()
+    cfg = model.config
+    tile, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    newline = model.model.image_newline.detach()
+    rng = np.random.default_rng(3)
+    sizes = np.array([[70, 110], [48, 48], [130, 40], [97, 96]])
+    n_tiles = [anyres_num_patches(s, cfg.image_grid_pinpoints, tile) for s in sizes]
+    hidden = cfg.text_config.hidden_size
+    feats = [rng.standard_normal((n, (tile // patch) ** 2, hidden)).astype(np.float32) for n in n_tiles]
+    mine = pack_llava_next_features(feats, sizes, cfg.image_grid_pinpoints, tile, patch, newline.numpy())
+    with torch.no_grad():
+        ref, lens = model.model.pack_image_features([torch.from_numpy(f) for f in feats], torch.from_numpy(sizes),
+                                                    vision_feature_select_strategy="default", image_newline=newline)
+    ref = torch.cat(list(ref), dim=0).numpy() if isinstance(ref, (list, tuple)) else ref.numpy()
+    assert mine.shape == ref.shape and mine.shape[0] == int(sum(lens))
+    np.testing.assert_array_equal(mine, ref)
+
+
 def test_qwen2_vl_vision_rotary_equals_transformers():
     import types
 

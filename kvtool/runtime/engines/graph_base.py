@@ -20,7 +20,12 @@ from kvtool.runtime.kvspec import KVSpec
 
 
 class GraphEngine:
-    backend = "graph"
+    """The graph engines' common part (answers ``protocol.Engine``): loads the manifest's geometry and the config,
+    builds ``inputs_embeds`` and positions in ``start``, and runs the LM one step at a time against
+    ``self.kv`` (``GraphKVCache``, preallocated for the prompt plus ``max_new_tokens``). Subclasses load and run
+    the graphs (``_load_graphs``, ``_run``, ``_run_lm``)."""
+
+    backend = "graph"  # each subclass names its runtime library
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str, manifest):
         from transformers import AutoConfig
@@ -66,6 +71,9 @@ class GraphEngine:
 
     # -- the engine interface ------------------------------------------------------------------------
     def start(self, prepared, max_new_tokens: int = 64) -> None:
+        """``Engine.start``: reset the cache for ``prepared.n_tokens + max_new_tokens`` tokens, build the prompt's
+        ``inputs_embeds`` [1, T, hidden] (image features written at the image tokens) and its positions
+        ([1, T], or Qwen2-VL's M-RoPE [3, 1, T]). ``InputError`` when image tokens and features disagree."""
         self.kv.reset(capacity=prepared.n_tokens + max_new_tokens)
         ids = prepared.input_ids
         embeds = self._text_embeddings(ids)
@@ -87,10 +95,11 @@ class GraphEngine:
         else:
             self.positions, self.delta = np.arange(ids.shape[1], dtype=np.int64)[None], 0
 
-    def set_quantize(self, enabled: bool) -> None:  # the graph engines' cache quantizes between calls only
-        pass
+    def set_quantize(self, enabled: bool) -> None:
+        """``Engine.set_quantize``: nothing to do, the graph engines' cache quantizes between calls only."""
 
     def run_prompt(self, start: int, end: int) -> np.ndarray:
+        """``Engine.run_prompt``: prompt positions [start, end) through the LM; the last one's logits [V]."""
         pos = self.positions[..., start:end]
         return self._step(self.embeds[:, start:end], np.ascontiguousarray(pos))
 
@@ -98,6 +107,8 @@ class GraphEngine:
         return self.kv.n_tokens
 
     def run_token(self, token_id: int) -> np.ndarray:
+        """``Engine.run_token``: one generated token at the next position (n cached, plus Qwen2-VL's rope
+        delta); its logits [V]."""
         embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))
         n = self._n_cached()
         if self.arch == "qwen2_vl":
@@ -107,13 +118,20 @@ class GraphEngine:
         return self._step(embeds, pos)
 
     def kv_nbytes(self) -> tuple[int, int]:
+        """``Engine.kv_nbytes``: (bytes ``self.kv`` holds, the same tokens' bytes in fp16)."""
         return self.kv.nbytes, self.kv.fp16_nbytes
+
+    def kv_work_nbytes(self) -> int:
+        """``Engine.kv_work_nbytes``: the buffers a quantizing scheme dequantizes into for the graph's past
+        inputs (0 for fp16, whose buffers are the cache itself)."""
+        return int(self.kv.work_nbytes) if self.spec.quantizes else 0
 
     def kv_dtype_name(self) -> str:
         """The element type kvtool holds the KV cache's unquantized values in (numpy name)."""
         return np.dtype(self.kv_dtype).name
 
     def info(self) -> dict:
+        """``Engine.info``: the KV element type; subclasses add their compile settings."""
         return {"kv_dtype": self.kv_dtype_name()}
 
     # -- internals -----------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ def _token_major_past(model, names: list[str]) -> None:
 
 
 class ONNXEngine(GraphEngine):
+    """An ONNX export's stateless graphs on ONNX Runtime, KV held by kvtool (see module doc for its graph edits)."""
+
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPUExecutionProvider", manifest=None,
@@ -180,5 +182,6 @@ class ONNXEngine(GraphEngine):
         return outs["logits"][0, -1], new
 
     def info(self) -> dict:
+        """``Engine.info``: the execution provider, whether the graph edits applied, the KV element type."""
         return {**super().info(), "provider": self.device, "new_kv_outputs": self.kv_is_new,
                 "token_major_past": self.token_major}

@@ -110,6 +110,8 @@ class _OpenVINOGraphs(GraphEngine):
 
 
 class OpenVINOEngine(_OpenVINOGraphs):
+    """The stateless LM export (explicit ``past_key_values`` inputs), KV held by kvtool (``GraphKVCache``); the
+    engine of ``kvtool export --stateless`` exports (see module doc for its graph edits)."""
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
                  inference_precision: str | None = None, kv_precision: str | None = None,
@@ -172,6 +174,7 @@ class OpenVINOEngine(_OpenVINOGraphs):
         return outs[self.out_index["logits"]][0, -1], new
 
     def info(self) -> dict:
+        """``Engine.info``: compile config, whether the graph edits applied (new-K/V outputs, token-major past)."""
         return {**super().info(), "config": self._base_config(), "new_kv_outputs": self.kv_is_new,
                 "token_major_past": self.token_major}
 
@@ -224,6 +227,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         self.lm_names = [i.get_any_name() for i in model.inputs]
 
     def start(self, prepared, max_new_tokens: int = 64) -> None:
+        """``Engine.start``: empty OpenVINO's states (``reset_state``), then the prompt as in ``GraphEngine``."""
         self.lm_req.reset_state()
         self.n_tokens = 0
         super().start(prepared, max_new_tokens)
@@ -252,6 +256,8 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
                 "bf16": "bfloat16", "bfloat16": "bfloat16"}.get(prec, prec)
 
     def kv_nbytes(self) -> tuple[int, int]:
+        """``Engine.kv_nbytes``: the states' bytes — OpenVINO's u8/u4 layout for ``ov-*`` (``ov_kv_nbytes``),
+        else the tokens in the precision the states are held in — and the fp16 bytes of the same tokens."""
         from kvtool.runtime.kvspec import ov_kv_nbytes
 
         fp16 = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.n_tokens * 2
@@ -260,5 +266,10 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[self.kv_dtype_name()]
         return fp16 // 2 * itemsize, fp16  # the states, in the precision they are held in
 
+    def kv_work_nbytes(self) -> int:
+        """``Engine.kv_work_nbytes``: 0, kvtool holds no copy of the cache here."""
+        return 0
+
     def info(self) -> dict:
+        """``Engine.info``: the compile config (KV precision / group / mode), stateful, the KV element type."""
         return {"config": self._config(), "stateful": True, "kv_dtype": self.kv_dtype_name()}

@@ -1,5 +1,5 @@
 """The OpenVINO paged engine: the stateful LM export turned into OpenVINO's PagedAttention form
-(``paged_attention_transformation``), whose K/V cache blocks are *caller-owned* tensors that the fused
+(``paged_attention_transformation``, private API: called through ``ov_private.paged_attention``), whose K/V cache blocks are *caller-owned* tensors that the fused
 attention op reads and appends to in place. kvtool allocates those blocks, reads each step's new K/V out of
 them into its own cache (``GraphKVCache``: packed ``QuantizedKVStore`` per layer, or an fp mirror), and
 writes back in place only the tokens whose stored value changed (tokens that became quantized), so a step
@@ -53,16 +53,18 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
 
     def _load_graphs(self) -> None:
         import openvino as ov
-        from openvino._offline_transformations import paged_attention_transformation
+
+        from kvtool.runtime.engines.ov_private import paged_attention
 
         if self.spec.is_ov:
             raise InputError(f"kv: {self.spec.scheme} is OpenVINO's own compression; kvtool cannot own that cache")
         if self.arch == "qwen2_vl":
-            raise InputError("kv_owner=paged: Qwen2-VL's 3-D positions are not supported by the paged engine")
+            raise InputError("kv_owner=paged: Qwen2-VL's 3-D positions are not supported by the paged engine "
+                             "(kv_owner=kvtool runs it)")
         core = ov.Core()
         self._compile_aux_graphs(core)
         model = self._read_language_model(core, stateful_needed_by="the paged engine")
-        paged_attention_transformation(model)
+        paged_attention(model, self.num_layers)
         self.lm = self._compile(core, model, self._config(), "language_model (PagedAttention)")
         self.lm_req = self.lm.create_infer_request()
         self._cache_inputs = {}
@@ -128,6 +130,7 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
 
     # -- the engine interface ------------------------------------------------------------------------
     def start(self, prepared, max_new_tokens: int = 64) -> None:
+        """``Engine.start``: as ``GraphEngine``, then cache blocks for the prompt plus ``max_new_tokens``."""
         super().start(prepared, max_new_tokens)
         self._ensure_blocks(prepared.n_tokens + max_new_tokens)
 
@@ -169,10 +172,11 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
                     self._write((i, side), starts[side], arr[:, :, starts[side]:ends[side]])
 
     def kv_work_nbytes(self) -> int:
-        """The caller-owned cache blocks plus kvtool's dequantization buffers (packed/simulate)."""
+        """``Engine.kv_work_nbytes``: the caller-owned cache blocks plus kvtool's dequantization buffers."""
         blocks = sum(b[0].nbytes for b in self._blocks.values())
         return int(blocks + (self.kv.work_nbytes if self.spec.quantizes else 0))
 
     def info(self) -> dict:
+        """``Engine.info``: compile config, kv_owner ``paged``, block element type and size, token rows written."""
         return {**super().info(), "config": self._config(), "stateful": True, "kv_owner": "paged",
                 "cache_type": str(self.cache_type), "block_size": self.block, "token_writes": self.token_writes}

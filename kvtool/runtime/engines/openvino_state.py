@@ -112,6 +112,7 @@ class OpenVINOStateOwnedEngine(_OpenVINOGraphs):
 
     # -- the engine interface ------------------------------------------------------------------------
     def start(self, prepared, max_new_tokens: int = 64) -> None:
+        """``Engine.start``: empty OpenVINO's states (``reset_state``), then the prompt as in ``GraphEngine``."""
         self.lm_req.reset_state()
         super().start(prepared, max_new_tokens)
 
@@ -170,10 +171,12 @@ class OpenVINOStateOwnedEngine(_OpenVINOGraphs):
         return hit[1]
 
     def kv_work_nbytes(self) -> int:
-        """kvtool's dequantization buffers plus OpenVINO's states (the working copy the graph attends to)."""
+        """``Engine.kv_work_nbytes``: kvtool's dequantization buffers plus OpenVINO's states (the working copy
+        the graph attends to)."""
         state = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv.n_tokens
         return int((self.kv.work_nbytes if self.spec.quantizes else 0) + state * np.dtype(self.kv_dtype).itemsize)
 
     def info(self) -> dict:
+        """``Engine.info``: compile config, kv_owner ``kvtool``, the number of state rewrites."""
         return {**super().info(), "config": self._config(), "stateful": True, "kv_owner": "kvtool",
                 "state_writes": self.state_writes}

@@ -17,9 +17,12 @@ from kvtool.runtime.kvspec import KVSpec
 
 
 class TorchEngine:
+    """The HF checkpoint in transformers (answers ``protocol.Engine``), KV in ``make_quant_cache``'s ``Cache``."""
+
     backend = "torch"
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "cpu", dtype: str | None = None):
+        """``dtype``: ``fp32`` | ``fp16`` | ``bf16`` weights and activations (None: fp16 on CUDA, fp32 on CPU)."""
         import torch
         from transformers import AutoModelForImageTextToText
 
@@ -40,6 +43,8 @@ class TorchEngine:
         self.mrope = self.model.config.model_type in ("qwen2_vl",)
 
     def start(self, prepared, max_new_tokens: int = 64) -> None:
+        """``Engine.start``: a fresh quantizing ``Cache`` for ``spec`` and, for Qwen2-VL, the prompt's M-RoPE
+        positions (``max_new_tokens`` is not needed: the cache grows)."""
         self.prepared = prepared
         self.cache = make_quant_cache(self.spec, self.num_layers)
         self.n = 0
@@ -51,6 +56,7 @@ class TorchEngine:
                                                          v.get("mm_token_type_ids"), v.get("image_grid_thw"))
 
     def set_quantize(self, enabled: bool) -> None:
+        """``Engine.set_quantize``: switch the simulate cache's in-call quantization (``first_token="fp"``)."""
         if hasattr(self.cache, "set_quantize"):
             self.cache.set_quantize(enabled)
 
@@ -79,6 +85,8 @@ class TorchEngine:
         return out.logits[0, -1].float().cpu().numpy()
 
     def run_prompt(self, start: int, end: int) -> np.ndarray:
+        """``Engine.run_prompt``: prompt ids [start, end) through the HF model (vision inputs with the first
+        call); the last position's logits [V] as float32."""
         import torch
 
         extra = {}
@@ -89,14 +97,21 @@ class TorchEngine:
         return self._forward(self.prepared.input_ids[:, start:end], extra)
 
     def run_token(self, token_id: int) -> np.ndarray:
+        """``Engine.run_token``: one generated token; its logits [V] as float32."""
         return self._forward(np.array([[token_id]], dtype=np.int64), {})
 
     def kv_nbytes(self) -> tuple[int, int]:
+        """``Engine.kv_nbytes``: (bytes the cache holds, fp16 bytes of the same tokens): ``torch_cache_nbytes``."""
         return torch_cache_nbytes(self.cache, self.spec, self.num_layers, self.num_kv_heads, self.head_dim)
 
     def kv_dtype_name(self) -> str:
         """The cache holds K/V in the model's dtype (float32 on CPU: the fp32 reference), whatever ``kv``."""
         return str(self.dtype).replace("torch.", "")
 
+    def kv_work_nbytes(self) -> int:
+        """``Engine.kv_work_nbytes``: 0, the HF model reads the cache's own tensors."""
+        return 0
+
     def info(self) -> dict:
+        """``Engine.info``: the model's dtype and the KV element type."""
         return {"dtype": str(self.dtype).replace("torch.", ""), "kv_dtype": self.kv_dtype_name()}
