@@ -119,7 +119,7 @@ def _bits_option(name: str, help_text: str, multiple: bool = False):
 def ls_schemes(bits, k_bits, v_bits, tokens, d_model, as_json) -> None:
     """List every KV scheme with its meaning and storage cost in bits per value (K and V averaged; fp16
     scale and min per group, 48 bits per or<s> outlier)."""
-    from kvtool.quant_ops.demo import scheme_table
+    from kvtool.quant_ops.tables import scheme_table
 
     b = int(bits or 4)
     rows = scheme_table(int(k_bits or b), int(v_bits or b), n_tokens=tokens, d_model=d_model)
@@ -146,7 +146,7 @@ def ls_schemes(bits, k_bits, v_bits, tokens, d_model, as_json) -> None:
 def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, as_json) -> None:
     """Quantization round trip on a random fp16 KV block with outlier channels: relative error, max error
     and bytes held vs fp16 per scheme (through the packed store)."""
-    from kvtool.quant_ops.demo import roundtrip
+    from kvtool.quant_ops.tables import roundtrip
 
     rows = roundtrip(list(schemes) or None, [int(b) for b in bits] or None,
                      int(k_bits) if k_bits else None, int(v_bits) if v_bits else None,
