@@ -487,7 +487,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     p = p if p.is_file() else p / RESULTS
     if not p.is_file():
-        raise FileNotFoundError(f"no {RESULTS} at {p} (run kvtool eval, or kvtool eval --merge for shards)")
+        raise FileNotFoundError(f"no {RESULTS} at {p} (run kvtool eval, or kvtool eval merge RUN_DIR for shards)")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
