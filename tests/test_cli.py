@@ -174,10 +174,12 @@ def test_eval_group_routes_to_run_by_default():
     assert res.output.startswith("error: -o/--output: missing"), res.output
 
 
-def test_transformers_progress_bars_only_with_verbose(monkeypatch):
-    """A model load's transformers progress bar ("Loading weights") is shown by run and eval only with --verbose;
-    the bars' state is restored after."""
+def test_library_progress_bars_only_with_verbose(monkeypatch):
+    """A model load's transformers progress bar ("Loading weights") is shown by run and eval only with --verbose,
+    and eval's datasets bars likewise; the bars' state is restored after."""
     from click.testing import CliRunner
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils.tqdm import tqdm as datasets_tqdm
     from transformers.utils import logging as hf_logging
 
     from kvtool.cli import main
@@ -185,18 +187,24 @@ def test_transformers_progress_bars_only_with_verbose(monkeypatch):
     def fake_load(cfg, *a, **k):
         for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
             pass
+        if hasattr(cfg, "tasks"):  # eval: a local copy read through datasets
+            for _ in datasets_tqdm(range(3), desc="Generating train split"):
+                pass
         raise SystemExit(0)
 
     monkeypatch.setattr("kvtool.runtime.run.run_once", fake_load)
     monkeypatch.setattr("kvtool.evals.runner.run_eval", fake_load)
-    was_on = hf_logging.is_progress_bar_enabled()
+    was_on, ds_was_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
     hf_logging.enable_progress_bar()
+    enable_progress_bars()
     try:
-        for cmd in (["run", "m", "--text-only", "--prompt", "q"], ["eval", "m", "--tasks", "shapes", "-o", "r"]):
+        for cmd, bars in ((["run", "m", "--text-only", "--prompt", "q"], ["Loading weights"]),
+                          (["eval", "m", "--tasks", "shapes", "-o", "r"], ["Loading weights", "Generating train"])):
             res = CliRunner().invoke(main, cmd)
-            assert res.exit_code == 0 and "Loading weights" not in res.output, res.output
-            assert hf_logging.is_progress_bar_enabled()
+            assert res.exit_code == 0 and not any(b in res.output for b in bars), res.output
+            assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
             res = CliRunner().invoke(main, [*cmd, "--verbose"])
-            assert res.exit_code == 0 and "Loading weights" in res.stderr, res.output
+            assert res.exit_code == 0 and all(b in res.stderr for b in bars), res.output
     finally:
         (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+        (disable_progress_bars if ds_was_off else enable_progress_bars)()

@@ -120,26 +120,35 @@ def model_argument(name: str = "model", required: bool = True):
 
 def verbose_option(f):
     return click.option("--verbose", is_flag=True,
-                        help="Show the libraries' own progress bars and log lines while the model loads "
-                             "(transformers' 'Loading weights').")(f)
+                        help="Show the libraries' own progress bars (transformers' 'Loading weights' while the "
+                             "model loads; for eval also datasets' while a local copy is read).")(f)
 
 
 @contextmanager
-def quiet_loading(verbose: bool = False):
-    """Unless ``verbose``: transformers' progress bars (its "Loading weights" bar on torch loads) are off for
-    the duration and restored after. kvtool's own progress and results are not affected."""
+def quiet_loading(verbose: bool = False, datasets: bool = False):
+    """Unless ``verbose``: transformers' progress bars (its "Loading weights" bar on torch loads) and, with
+    ``datasets``, the datasets library's ("Generating train split" on a local copy's first read) are off for the
+    duration and restored after. kvtool's own progress bar and results are not affected."""
     if verbose:
         yield
         return
     from transformers.utils import logging as hf_logging
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    restore = []
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        restore.append(hf_logging.enable_progress_bar)
+    if datasets:
+        from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            restore.append(enable_progress_bars)
     try:
         yield
     finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
+        for undo in restore:
+            undo()
 
 
 @click.group(cls=KvtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})

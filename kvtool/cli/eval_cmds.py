@@ -157,7 +157,7 @@ def eval_run(model_or_dir, tasks, output, kv_spec, data, seeds, shard, merge, re
                      shard=parse_shard(shard), data=parse_data(data), seeds=parse_seeds(seeds), judge=judge,
                      progress=not no_progress)
     try:
-        with quiet_loading(verbose):
+        with quiet_loading(verbose, datasets=True):
             results = run_eval(cfg)
     except EvalInterrupted as exc:
         click.echo(str(exc), err=True)
