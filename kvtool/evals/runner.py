@@ -151,11 +151,16 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
     return rows
 
 
-def _conversation(cfg: EvalConfig) -> str:
-    # one rule for `kvtool run` and `kvtool eval` (kvtool.runtime.preprocess.resolve_conversation)
-    from kvtool.runtime.preprocess import resolve_conversation
+def _conversation(cfg: EvalConfig, model: Any = None) -> str:
+    """The prompt format the rows are generated in, as the runtime resolves it: the loaded model's own
+    (``VLMPipeline.conversation``), or, before the model loads (the settings check comes first), what its load
+    will resolve (``VLMPipeline.prompt_format``). The runner reads no model files for it."""
+    own = getattr(model, "conversation", None)
+    if isinstance(own, str) and own:
+        return own
+    from kvtool.runtime import VLMPipeline
 
-    return resolve_conversation(cfg.model, cfg.conversation)
+    return VLMPipeline.prompt_format(cfg.model, cfg.conversation)
 
 
 def load_model(cfg: EvalConfig):
@@ -168,7 +173,7 @@ def load_model(cfg: EvalConfig):
 
     return VLMPipeline.load(cfg.model, backend=cfg.backend, device=cfg.device, kv=cfg.kv, k_bits=cfg.k_bits,
                             v_bits=cfg.v_bits, kv_mode=cfg.kv_mode, first_token=cfg.first_token,
-                            conversation=_conversation(cfg), kv_residual=cfg.kv_residual)
+                            conversation=cfg.conversation, kv_residual=cfg.kv_residual)  # load resolves auto
 
 
 def _sample_id(idx: int, j: int, n_samples: int, seed: int, n_seeds: int) -> str:
@@ -441,7 +446,7 @@ def run_eval(cfg: EvalConfig, model=None) -> dict[str, Any]:
 
     specs = parse_tasks(cfg.tasks)
     out = Path(cfg.output)
-    run_set = run_settings(cfg, _conversation(cfg))
+    run_set = run_settings(cfg, _conversation(cfg, model))
     task_sets = {s.name: task_settings(s, task_generation(s, cfg)) for s in specs}
     for s in specs:
         task_sets[s.name]["fingerprint"] = fingerprint(run_set, task_sets[s.name])
@@ -483,7 +488,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     p = p if p.is_file() else p / RESULTS
     if not p.is_file():
-        raise FileNotFoundError(f"no {RESULTS} at {p} (run kvtool eval, or kvtool eval --merge for shards)")
+        raise FileNotFoundError(f"no {RESULTS} at {p} (run kvtool eval, or kvtool eval merge RUN_DIR for shards)")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -25,31 +25,36 @@ MAX_TOKENS = 4096  # calibration tokens kept per linear group during the search
 
 
 def fake_quantize_groups(w: Any, bits: int, group_size: int, sym: bool = False) -> Any:
-    """Quantize-dequantize a weight [out, in] group-wise along ``in`` (group_size -1: one group per row).
+    """Quantize-dequantize a weight [out, in] group-wise along ``in`` (group_size -1: one group per row);
+    returns a tensor of ``w``'s shape and dtype.
 
-    Asymmetric: ``q = round((w - min)/Δ)``, ``Δ = (max - min)/(2^b - 1)``; symmetric: ``Δ = max|w|/(2^(b-1) - 1)``
-    with q in [-2^(b-1), 2^(b-1) - 1]. Round half to even; a constant group dequantizes to itself.
+    Asymmetric: eq. (2) of the study, computed by ``kvtool.quant_ops.affine`` (``choose_qparams_affine``,
+    ``quantize_affine``, ``dequantize_affine`` with block size ``(1, group)`` on the float32 weight): the same
+    function the KV cache uses, not a second derivation. Symmetric (no equivalent in quant_ops):
+    ``Δ = max|w|/(2^(b-1) - 1)`` with q in [-2^(b-1), 2^(b-1) - 1]. Round half to even; a constant group
+    dequantizes to itself. Raises ``InputError`` when the group does not divide ``in``.
     """
     import torch
+
+    from kvtool.quant_ops.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
     if in_f % g:
         raise InputError(f"--group-size {group_size}: does not divide a layer width {in_f}")
-    x = w.reshape(out_f, in_f // g, g).float()
+    x = w.float().contiguous()
     if sym:
+        xg = x.reshape(out_f, in_f // g, g)
         qmax = 2 ** (bits - 1) - 1
-        delta = x.abs().amax(-1, keepdim=True) / qmax
+        delta = xg.abs().amax(-1, keepdim=True) / qmax
         safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-        q = torch.clamp(torch.round(x / safe), -qmax - 1, qmax)
-        deq = torch.where(delta > 0, q * safe, x)
-    else:
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        delta = (hi - lo) / (2**bits - 1)
-        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-        q = torch.clamp(torch.round((x - lo) / safe), 0, 2**bits - 1)
-        deq = torch.where(delta > 0, q * safe + lo, x)
-    return deq.reshape(out_f, in_f).to(w.dtype)
+        q = torch.clamp(torch.round(xg / safe), -qmax - 1, qmax)
+        return torch.where(delta > 0, q * safe, xg).reshape(out_f, in_f).to(w.dtype)
+    block = (1, g)
+    delta, mn = choose_qparams_affine(x, block, bits)  # float32, [out, in / g]
+    deq = dequantize_affine(quantize_affine(x, block, delta, mn, bits), block, delta, mn)
+    flat = (delta > 0).repeat_interleave(g, dim=1)  # a group whose delta underflows keeps its values
+    return torch.where(flat, deq, x).to(w.dtype)
 
 
 def decoder_layers(model: Any) -> Any:

@@ -136,7 +136,7 @@ class VLMPipeline:
         from kvtool.devices import resolve_device
 
         path = Path(path)
-        conversation = resolve_conversation(path, conversation)
+        conversation = cls.prompt_format(path, conversation)
         spec = make_kv_spec(kv, k_bits, v_bits, kv_mode, first_token, ov_group_size, ov_key_by_channel,
                             residual=kv_residual)
         backend, manifest = _resolve_backend(path, backend)
@@ -156,6 +156,15 @@ class VLMPipeline:
 
         processor = load_processor(path)  # torch-free (PIL image processing) and fast; kvtool.runtime.processing
         return cls(engine, processor, spec, path, manifest, conversation, device)
+
+    @staticmethod
+    def prompt_format(path: str | Path | None, conversation: str = "auto") -> str:
+        """The prompt format (``chat_template`` or ``vicuna_v1``) ``load`` gives the model in ``path`` when asked
+        for ``conversation`` (``auto`` resolved by ``preprocess.resolve_conversation``'s one rule; other values
+        checked, ``InputError`` naming ``conversation``). Loading resolves the format here, and a caller that
+        needs it before loading (the eval runner's settings check) asks here; neither reads the files itself.
+        A loaded pipeline's ``conversation`` holds the result."""
+        return resolve_conversation(path, conversation)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -236,11 +236,36 @@ def test_cli_rescore_and_merge(tmp_path, data_dir):
     for i in range(2):
         run_eval(_cfg(tmp_path, data_dir, ["pope", "mme"], "sh", shard=(i, 2)), model=ScriptedModel())
     r = CliRunner()
+    res = r.invoke(main, ["eval", "merge", str(tmp_path / "sh"), "--json"])
+    assert res.exit_code == 0, res.output
+    merged = json.loads(res.stdout)  # pure JSON on stdout
+    assert merged["tasks"]["mme"]["metrics"]["perception"] == pytest.approx(100.0)
+    res = r.invoke(main, ["eval", "rescore", str(tmp_path / "sh"), "--tasks", "pope"])
+    assert res.exit_code == 0 and "random_f1" in res.output, res.output
+    res = r.invoke(main, ["eval", "rescore", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and res.output.startswith("error:") and res.output.count("\n") == 1, res.output
+    res = r.invoke(main, ["eval", "merge"])
+    assert res.exit_code == 2 and "RUN_DIR" in res.output
+
+
+def test_deprecated_merge_and_rescore_flags_still_work_and_say_so(tmp_path, data_dir):
+    """``kvtool eval --merge -o DIR`` / ``--rescore DIR`` (the old spellings) do what the subcommands do, after one
+    line on stderr naming the subcommand."""
+    from click.testing import CliRunner
+
+    from kvtool.cli import main
+
+    for i in range(2):
+        run_eval(_cfg(tmp_path, data_dir, ["pope", "mme"], "sh", shard=(i, 2)), model=ScriptedModel())
+    r = CliRunner()
     res = r.invoke(main, ["eval", "--merge", "-o", str(tmp_path / "sh"), "--json"])
     assert res.exit_code == 0, res.output
-    merged = json.loads(res.output[res.output.index("{"):])
-    assert merged["tasks"]["mme"]["metrics"]["perception"] == pytest.approx(100.0)
+    assert res.stderr == "warning: kvtool eval --merge -o RUN_DIR is deprecated; use kvtool eval merge RUN_DIR\n"
+    assert json.loads(res.stdout)["tasks"]["mme"]["metrics"]["perception"] == pytest.approx(100.0)
     res = r.invoke(main, ["eval", "--rescore", str(tmp_path / "sh"), "--tasks", "pope"])
-    assert res.exit_code == 0 and "random_f1" in res.output, res.output
+    assert res.exit_code == 0 and "random_f1" in res.stdout, res.output
+    assert res.stderr.startswith("warning: kvtool eval --rescore RUN_DIR is deprecated; use kvtool eval rescore")
     res = r.invoke(main, ["eval", "--rescore", str(tmp_path / "nothing")])
-    assert res.exit_code == 2 and res.output.startswith("error:")
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1].startswith("error:"), res.output
+    res = r.invoke(main, ["eval", "--merge"])
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == "error: --merge: give the run directory with -o"

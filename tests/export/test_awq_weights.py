@@ -45,6 +45,34 @@ def test_fake_quant_matches_naive(bits, g, sym):
     assert levels <= 2**bits
 
 
+def _eq2_in_torch(w: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """Eq. (2) written out in float32 torch ops (what awq computed before it called quant_ops.affine)."""
+    x = w.reshape(w.shape[0], -1, g).float()
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    delta = (hi - lo) / (2**bits - 1)
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    q = torch.clamp(torch.round((x - lo) / safe), 0, 2**bits - 1)
+    return torch.where(delta > 0, q * safe + lo, x).reshape(w.shape).to(w.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,g", [(2, 16), (3, 32), (4, 128), (8, 64)])
+def test_asymmetric_fake_quant_is_quant_ops_affine_bit_for_bit(bits, g, dtype):
+    """The asymmetric path is quant_ops.affine's eq. (2) (one definition): identical bits to the formula written
+    out, and to fake-quantizing through quant_ops' own choose/quantize/dequantize on the float32 weight."""
+    from kvtool.quant_ops.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+
+    gen = torch.Generator().manual_seed(bits * 1000 + g)
+    w = (torch.randn(16, 256, generator=gen) * 0.05).to(dtype)
+    w[2, :g] = 0.25  # constant group
+    got = fake_quantize_groups(w, bits, g)
+    assert got.dtype == dtype and got.shape == w.shape
+    assert torch.equal(got, _eq2_in_torch(w, bits, g))
+    x = w.float()
+    d, m = choose_qparams_affine(x, (1, g), bits)
+    assert torch.equal(got, dequantize_affine(quantize_affine(x, (1, g), d, m, bits), (1, g), d, m).to(dtype))
+
+
 def test_fake_quant_refuses_bad_group():
     with pytest.raises(InputError, match="group-size"):
         fake_quantize_groups(torch.zeros(4, 96), 4, 64)

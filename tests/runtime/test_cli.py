@@ -79,6 +79,7 @@ def test_run_bundled_model_by_name_answers_red(tmp_path):
     d = json.loads(res.output[res.output.index("{"):])
     assert d["text"].split()[0].strip(".").lower() == "red"
     assert d["pipeline"]["conversation"] == "chat_template"  # auto: the template is its training format
+    assert "Loading weights" not in res.stderr  # transformers' bar only with --verbose
 
 
 def test_run_refuses_empty_prompt_and_directory_image_before_loading(tmp_path, monkeypatch):

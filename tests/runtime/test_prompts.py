@@ -207,6 +207,7 @@ def test_image_directory_and_missing_file_are_named(tmp_path):
 def test_auto_conversation_is_one_rule(tiny_model, exported):
     from kvtool.evals.runner import EvalConfig, _conversation
     from kvtool.models.bundled import SHAPES_MODEL_DIR
+    from kvtool.runtime import VLMPipeline
 
     cases = {tiny_model("tiny-llava"): "vicuna_v1", exported("tiny-llava", "openvino", 16, "fp32"): "vicuna_v1",
              tiny_model("tiny-llava-next"): "chat_template", tiny_model("tiny-qwen2-vl"): "chat_template",
@@ -214,9 +215,15 @@ def test_auto_conversation_is_one_rule(tiny_model, exported):
     for path, want in cases.items():
         assert resolve_conversation(path, "auto") == want, path
         assert _conversation(EvalConfig(model=str(path), tasks=["shapes"], output="x")) == want
+        assert VLMPipeline.prompt_format(path, "auto") == want  # what the runner asks, and load uses
         assert resolve_conversation(path, "vicuna_v1") == "vicuna_v1"
     with pytest.raises(InputError, match="conversation"):
         resolve_conversation(SHAPES_MODEL_DIR, "llama3")
+
+    class Loaded:  # a loaded pipeline says which format it uses; the runner records that, reading no files
+        conversation = "vicuna_v1"
+
+    assert _conversation(EvalConfig(model=str(SHAPES_MODEL_DIR), tasks=["shapes"], output="x"), Loaded()) == "vicuna_v1"
 
 
 def _png16(a) -> bytes:
