@@ -66,3 +66,22 @@ def test_a_load_parses_the_scheme_once(tiny_model, exported, parses, backend, mo
     out = pipe.generate(random_image(), QUESTION, max_new_tokens=3)
     assert parses == ["g-KC16VT16"]
     assert out.stats["kv_bytes"] > 0 and pipe.spec.scheme == "g-KC16VT16"
+
+
+@pytest.mark.parametrize("layout", ["token_major", "head_major"])
+def test_graph_cache_simulate_holds_one_dense_copy(layout):
+    """Simulate mode delegates to the store, whose dense cache lives in the graph's own buffers (one copy)."""
+    import numpy as np
+
+    from kvtool.runtime.kv_cache import GraphKVCache
+
+    kv = GraphKVCache(make_kv_spec("g-KC16VT16", 2, 2, "simulate"), 1, 2, 32, token_major=layout == "token_major",
+                      head_major=layout == "head_major")
+    rng = np.random.default_rng(0)
+    for t in (20, 1, 1):
+        x = rng.standard_normal((1, 2, t, 32)).astype(np.float32)
+        kv.append(0, x, x)
+        kv.advance(t)
+        kv.past(0)
+    dense = kv._stores[0].side_layout("k").dense
+    assert dense.shape == (1, 2, 22, 32) and np.shares_memory(dense, kv._kbuf[0])
