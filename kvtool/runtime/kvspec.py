@@ -1,7 +1,8 @@
 """What KV compression a pipeline applies, checked once at load time: ``KVSpec``.
 
-``KVSpec`` names the scheme (a quant_ops scheme, ``fp16`` for none, or OpenVINO's own ``ov-u8`` / ``ov-u4``),
-K and V bits (None for fp16: nothing is quantized), the mode (``packed`` deployment storage or the study's
+``KVSpec`` holds the scheme (a quant_ops scheme, ``fp16`` for none, or OpenVINO's own ``ov-u8`` / ``ov-u4``) as
+the ``KVQuantSpec`` ``make_kv_spec`` parsed from its name — the one parse of a load; downstream code reads
+``spec.quant`` and ``spec.scheme`` is only its display name —, K and V bits (None for fp16: nothing is quantized), the mode (``packed`` deployment storage or the study's
 ``simulate``), where the first generated token comes from (``compressed`` context, as in the study, or KIVI's
 ``fp`` prefill) and KIVI's full-precision window of the newest ``residual`` tokens. It validates
 these against the model's KV geometry (a group must divide D_model for per-token schemes), and computes the
