@@ -1,18 +1,9 @@
 """One affine quantization primitive family, parameterised by grouping (the torchao shape).
 
 ``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine`` take an array and a ``block_size``
-(one entry per dimension; each block shares one ``delta`` and one ``min``). ``block_for`` turns a KV grouping
-into a block size for a ``[B, H, N, D]`` tensor — the only place that knows what "per-channel" means:
-
-    =====================  ==================================  =====================================
-    grouping               block_size on [B, H, N, D]           params shape
-    =====================  ==================================  =====================================
-    per-tensor (uniform)   (1, H, N, D)                         (B, 1, 1, 1)
-    per-channel, g tokens  (1, 1, g, 1)                         (B, H, N/g, D)
-    per-token, g | D       (1, 1, 1, g)                         (B, H, N, D/g)
-    per-token, D | g       (1, g/D, 1, D)                       (B, H*D/g, N, 1)
-    per-token, otherwise   (1, 1, 1, g) on the view [B,1,N,H*D] (B, 1, N, H*D/g)
-    =====================  ==================================  =====================================
+(one entry per dimension; each block shares one ``delta`` and one ``min``). Which block size a KV grouping
+means is decided in one place, ``granularity.block_size`` (``PerTensor``, ``PerChannel``, ``PerToken`` on
+``[B, H, N, D]``, with its table); ``block_for`` is its form for an ``(axis, group)`` pair.
 
 Eq. (2) of the study: ``delta = (max - min) / (2^b - 1)``, ``q = round((x - min) / delta)`` (round half to
 even, clipped to [0, 2^b - 1]), ``x_hat = q * delta + min``; a constant block (delta = 0) gives q = 0 and
@@ -33,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvtool.errors import InputError
+from kvtool.quant_ops.granularity import block_size, granularity
 
 Array = Any  # numpy.ndarray | torch.Tensor
 
@@ -102,31 +94,10 @@ def nbytes(x: Array | None) -> int:
 
 # ---- groupings -> block sizes -------------------------------------------------------------------------
 def block_for(axis: str, group: int | None, shape: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
-    """``(block_size, flat)`` for quantizing a ``[B, H, N, D]`` tensor with grouping ``(axis, group)``.
-
-    ``flat`` = True means the block applies to the head-major view ``[B, 1, N, H*D]`` (see ``to_flat``),
-    needed only for per-token groups that neither divide D nor are a multiple of it."""
-    if len(shape) != 4:
-        raise InputError(f"KV tensor shape {tuple(shape)}: expected rank 4 [B, H, N, D]")
-    _, h, n, d = shape
-    if axis == "tensor":
-        return (1, h, n, d), False
-    if axis == "channel":
-        g = n if group is None else group
-        if n % max(g, 1):
-            raise InputError(f"per-channel group {g}: {n} tokens is not a multiple of it")
-        return (1, 1, g, 1), False
-    if axis == "token":
-        g = group
-        if (h * d) % g:
-            raise InputError(f"per-token group size {g}: D_model = H*D = {h}*{d} = {h * d} is not a "
-                             f"multiple of it")
-        if d % g == 0:
-            return (1, 1, 1, g), False
-        if g % d == 0:
-            return (1, g // d, 1, d), False
-        return (1, 1, 1, g), True
-    raise InputError(f"grouping axis {axis!r}: expected tensor, channel or token")
+    """``(block_size, flat)`` for a ``[B, H, N, D]`` tensor grouped by the ``(axis, group)`` pair
+    (``"tensor" | "channel" | "token"``): ``granularity.block_size(granularity.granularity(axis, group), shape)``,
+    the one mapping (see ``granularity``). ``flat`` = True: the block applies to the view ``[B, 1, N, H*D]``."""
+    return block_size(granularity(axis, group), shape)
 
 
 def to_flat(x: Array) -> Array:

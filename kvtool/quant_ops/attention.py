@@ -24,8 +24,8 @@ with all its query heads, so a kv head's codes are unpacked once per step.
 Runs natively when ``native.available()``, both sides are per-channel-g / per-token groups or unquantized
 (bits 16, fp16 scheme), in ``packed`` mode, on numpy or CPU torch float16/float32. Otherwise (uniform, or<s>,
 g-CN, simulate mode, CUDA, no build) the portable path dequantizes the store and runs the same softmax in
-numpy float32 — ``attention_path(store)`` says which and why. This module does not own the store's layout
-(``store``, ``packing``) or know about models.
+numpy float32 — ``attention_path(store)`` says which and why. It reads the store through its public members
+(``format``, ``side_layout``); it does not own the store's layout (``store``, ``packing``) or know about models.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import numpy as np
 from kvtool.errors import InputError
 from kvtool.quant_ops import native
 from kvtool.quant_ops.affine import is_torch
+from kvtool.quant_ops.granularity import PerChannel
 
 
 def _np(x):
@@ -47,29 +48,24 @@ def _np(x):
     return x.detach().numpy() if is_torch(x) else x
 
 
-def _side_kind(side) -> str:
-    name = type(side).__name__
-    return {"_GridSide": "grid", "_DenseSide": "dense"}.get(name, name)
-
-
 def attention_path(store) -> tuple[str, str]:
     """``("native" | "portable", reason)`` for ``decode_attention`` on this store."""
     if not native.available():
         return "portable", native.reason()
     if store.mode != "packed":
         return "portable", f"store mode {store.mode!r}: the fused kernel reads packed stores"
-    proto = store._proto
-    if proto is None:
+    fmt = store.format
+    if fmt is None:
         return "portable", "the store is empty"
-    if proto["device"] != "cpu" or str(proto["dtype"]).split(".")[-1] not in ("float16", "float32"):
-        return "portable", f"{proto['dtype']} on {proto['device']}: the fused kernel takes CPU float16/float32"
-    for which, side in (("K", store._k), ("V", store._v)):
-        kind = _side_kind(side)
-        if kind == "dense" and side.simulate:
+    if fmt.device != "cpu" or str(fmt.dtype).split(".")[-1] not in ("float16", "float32"):
+        return "portable", f"{fmt.dtype} on {fmt.device}: the fused kernel takes CPU float16/float32"
+    for which in ("k", "v"):
+        lay = store.side_layout(which)
+        if lay.simulate:
             return "portable", "simulate mode"
-        if kind not in ("grid", "dense"):
-            return "portable", (f"{which} of scheme {str(store.spec)!r} has statistics spanning the token axis "
-                                f"(uniform / or<s> / g-CN): no fused kernel")
+        if lay.kind not in ("grid", "dense"):
+            return "portable", (f"{which.upper()} of scheme {str(store.spec)!r} has statistics spanning the token "
+                                f"axis (uniform / or<s> / g-CN): no fused kernel")
     return "native", native.reason()
 
 
@@ -99,24 +95,25 @@ def _segments(block: tuple[int, ...], flat: bool, h: int, d: int, sh: int, sg: i
     return seg, np.array([len(r) for r in runs], np.int64)
 
 
-def _side_tuple(side, bits: int) -> tuple:
-    """The 13-tuple ``_native.decode_attention`` reads for one side (see ``_native.cpp``)."""
-    if _side_kind(side) == "dense":
-        return (2, 16, 0, 1, None, None, None, 0, 0, 0, None, None, _np(side.data.view()))
-    resid = _np(side.resid.view()) if side.resid.n else None
-    if side.nq == 0:
-        return (2, bits, 0, 1, None, None, None, 0, 0, 0, None, None, resid)
-    block, flat, (b, h, d), _ = side.meta
-    codes = _np(side.codes.view())
-    ng = side.nq // side.tb
-    delta, mn = _np(side.delta.buf)[:, :, :ng], _np(side.mn.buf)[:, :, :ng]
+def _side_tuple(lay) -> tuple:
+    """The 13-tuple ``_native.decode_attention`` reads for one side (see ``_native.cpp``), from the store's
+    ``SideLayout``."""
+    if lay.kind == "dense":
+        return (2, 16, 0, 1, None, None, None, 0, 0, 0, None, None, _np(lay.dense))
+    resid = _np(lay.residual)
+    if lay.n_quantized == 0:
+        return (2, lay.bits, 0, 1, None, None, None, 0, 0, 0, None, None, resid)
+    b, h, d = lay.head_shape
+    codes = _np(lay.codes)
+    delta, mn = _np(lay.delta), _np(lay.mn)
     ps = tuple(s // delta.itemsize for s in delta.strides)
-    if flat:  # [B, 1, rows, H*D] -> [B, H, rows, D] (a strided view)
+    if lay.flat:  # [B, 1, rows, H*D] -> [B, H, rows, D] (a strided view)
         codes = codes.reshape(b, codes.shape[2], h, d).transpose(0, 2, 1, 3)
-    if side.axis == "channel":
-        return (0, bits, side.nq, side.tb, codes, delta, mn, ps[0], ps[1], ps[2], None, None, resid)
-    seg, nseg = _segments(tuple(block), bool(flat), h, d, ps[1], ps[3])
-    return (1, bits, side.nq, 1, codes, delta, mn, ps[0], 0, ps[2], seg, nseg, resid)
+    if isinstance(lay.granularity, PerChannel):
+        return (0, lay.bits, lay.n_quantized, lay.token_block, codes, delta, mn, ps[0], ps[1], ps[2], None, None,
+                resid)
+    seg, nseg = _segments(lay.block_size, lay.flat, h, d, ps[1], ps[3])
+    return (1, lay.bits, lay.n_quantized, 1, codes, delta, mn, ps[0], 0, ps[2], seg, nseg, resid)
 
 
 def _threads(threads: int | None) -> int:
@@ -145,7 +142,7 @@ def decode_attention(q, store, scale: float | None = None, threads: int | None =
     if store.n_tokens == 0:
         raise InputError("decode_attention: the store is empty; append tokens first")
     qn = _np(q)
-    (bk, hk, dk), (_, hv, dv) = store._proto["k"], store._proto["v"]
+    (bk, hk, dk), (_, hv, dv) = store.format.k, store.format.v
     if qn.ndim != 3 or qn.shape[0] != bk or qn.shape[2] != dk or qn.shape[1] % hk or dv != dk or hv != hk:
         raise InputError(f"decode_attention q {tuple(qn.shape)}: expected [B={bk}, Hq (a multiple of H={hk}), "
                          f"D={dk}] with K and V of one head dim")
@@ -154,7 +151,7 @@ def decode_attention(q, store, scale: float | None = None, threads: int | None =
     if path == "native":
         qf = np.ascontiguousarray(qn, dtype=np.float32)
         out = np.empty(qf.shape, np.float32)
-        ks, vs = _side_tuple(store._k, store.k_bits), _side_tuple(store._v, store.v_bits)
+        ks, vs = _side_tuple(store.side_layout("k")), _side_tuple(store.side_layout("v"))
         native._load()[0].decode_attention(qf, out, ks, vs, scale, _threads(threads))
     else:
         k, v = store.dequantize()

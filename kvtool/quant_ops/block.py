@@ -4,7 +4,7 @@ Fields (``b`` = bits; the "view" is the tensor itself, or ``[B, 1, T, H*D]`` whe
 
     qdata      uint8 token tiles of the view: [B, H', rows, L] with rows = ceil(T / P) * R (see ``packing``)
     delta, mn  per-block step and min, shape view_shape // block_size, float16 for float16 input
-    block_size per-dim block of the view (see ``affine.block_for``)
+    block_size per-dim block of the view (see ``granularity.block_size``)
     idx, vals  or<s> only: flat int32 outlier positions (into the [B, H*T*D] rows) and their exact values
     shape      the original [B, H, T, D]; dtype the input dtype
 
@@ -23,7 +23,6 @@ from kvtool.quant_ops import kernels, native
 from kvtool.quant_ops.affine import (
     Array,
     _contig,
-    block_for,
     choose_qparams_affine,
     empty,
     from_flat,
@@ -35,6 +34,8 @@ from kvtool.quant_ops.affine import (
     to_flat,
     view_as,
 )
+from kvtool.quant_ops.granularity import Granularity
+from kvtool.quant_ops.granularity import block_size as block_size_for
 from kvtool.quant_ops.outliers import scatter_outliers, split_outliers
 from kvtool.quant_ops.packing import dequantize_packed, pack_tokens
 
@@ -53,13 +54,14 @@ class QuantizedBlock:
     vals: Array | None = None
 
     @classmethod
-    def from_float(cls, x: Array, axis: str, group: int | None, bits: int, outlier_pct: float = 0.0,
+    def from_float(cls, x: Array, gran: Granularity, bits: int, outlier_pct: float = 0.0,
                    offset: int = 0) -> QuantizedBlock:
-        """Quantize all of ``x`` [B, H, T, D] with grouping ``(axis, group)`` (or<s>: axis "tensor" and
-        ``outlier_pct`` > 0) at ``bits`` in 2, 3, 4, 8. ``offset`` starts the first token at that position
-        of its packing tile (for OR-ing into a partly filled tile; see ``packing``)."""
+        """Quantize all of ``x`` [B, H, T, D] with granularity ``gran`` (``granularity.PerTensor`` /
+        ``PerChannel`` / ``PerToken``; or<s>: ``PerTensor()`` and ``outlier_pct`` > 0) at ``bits`` in 2, 3, 4,
+        8. ``offset`` starts the first token at that position of its packing tile (for OR-ing into a partly
+        filled tile; see ``packing``)."""
         shape = tuple(x.shape)
-        block, flat = block_for(axis, group, shape)
+        block, flat = block_size_for(gran, shape)
         v = to_flat(x) if flat else x
         torch_path = is_torch(v)
         idx = vals = None

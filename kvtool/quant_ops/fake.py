@@ -15,8 +15,9 @@ tokens exact and quantizes only the tokens before them.
 from __future__ import annotations
 
 from kvtool.errors import InputError
-from kvtool.quant_ops.affine import Array, block_for, empty, is_torch
+from kvtool.quant_ops.affine import Array, empty, is_torch
 from kvtool.quant_ops.block import QuantizedBlock
+from kvtool.quant_ops.granularity import Granularity, PerChannel, PerToken, block_size
 from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32")
@@ -33,12 +34,6 @@ def check_kv(x: Array, what: str) -> None:
         raise InputError(f"{what} dtype {x.dtype}: expected one of {', '.join(_FLOAT_DTYPES)}")
 
 
-def side_groups(spec: KVQuantSpec, which: str) -> tuple[str, int | None, float]:
-    """``(axis, group, outlier_pct)`` of one side of a quantizing spec."""
-    axis, group = spec.side(which)
-    return axis, group, spec.outlier_pct if spec.kind == "outlier" else 0.0
-
-
 def check_residual(spec: KVQuantSpec, residual: int | None) -> int | None:
     """Validate a residual window ``R`` against ``spec``: None (no window) or a positive integer, a multiple of
     every per-channel token group of the scheme (KIVI asserts ``residual_length % group_size == 0``: the window
@@ -51,10 +46,10 @@ def check_residual(spec: KVQuantSpec, residual: int | None) -> int | None:
         raise InputError(f"residual={residual}: scheme {str(spec)} keeps every token exact; a full-precision "
                          f"window applies to quantizing schemes only")
     for which in ("k", "v"):
-        axis, group, _ = side_groups(spec, which)
-        if axis == "channel" and group is not None and residual % group:
+        g = spec.granularity(which)
+        if isinstance(g, PerChannel) and g.tokens is not None and residual % g.tokens:
             raise InputError(f"residual={residual}: expected a multiple of {str(spec)}'s per-channel group of "
-                             f"{group} tokens (the window is quantized in whole groups, as in KIVI)")
+                             f"{g.tokens} tokens (the window is quantized in whole groups, as in KIVI)")
     return residual
 
 
@@ -71,28 +66,28 @@ def residual_window(spec: KVQuantSpec, which: str, n: int, residual: int | None)
     0 without a window (per-channel groups of g still wait for g tokens, see ``quantized_tokens``)."""
     if not residual or not spec.is_quantized:
         return 0
-    axis, _, _ = side_groups(spec, which)
-    return min(n, residual) if axis == "token" else n % residual
+    return min(n, residual) if isinstance(spec.granularity(which), PerToken) else n % residual
 
 
-def quantized_tokens(axis: str, group: int | None, n: int) -> int:
-    """How many of n tokens a block quantizes now (per-channel g: whole groups only)."""
-    if axis == "channel" and group is not None:
-        return (n // group) * group
+def quantized_tokens(gran: Granularity, n: int) -> int:
+    """How many of n tokens a block quantizes now (per-channel groups of g tokens: whole groups only)."""
+    if isinstance(gran, PerChannel) and gran.tokens is not None:
+        return (n // gran.tokens) * gran.tokens
     return n
 
 
 def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int, residual: int | None = None) -> Array:
-    """Quantize-dequantize one side ([B, H, N, D]) as ``fake_quant_kv`` does."""
-    axis, group, pct = side_groups(spec, which)
+    """Quantize-dequantize one side ([B, H, N, D]) as ``fake_quant_kv`` does (a new array, or ``x`` itself
+    where nothing is quantized: bits 16, an unquantized scheme, N = 0)."""
     n = x.shape[2]
     if bits == 16 or not spec.is_quantized or n == 0:
         return x
-    nq = quantized_tokens(axis, group, n - residual_window(spec, which, n, residual))
+    gran = spec.granularity(which)
+    nq = quantized_tokens(gran, n - residual_window(spec, which, n, residual))
     if nq == 0:
         return _copy(x)
     out = empty(tuple(x.shape), x.dtype, x)
-    QuantizedBlock.from_float(x[:, :, :nq], axis, group, bits, pct).dequantize(out[:, :, :nq])
+    QuantizedBlock.from_float(x[:, :, :nq], gran, bits, spec.outlier_pct).dequantize(out[:, :, :nq])
     if nq < n:
         out[:, :, nq:] = x[:, :, nq:]
     return out
@@ -100,7 +95,8 @@ def fake_quant_side(x: Array, spec: KVQuantSpec, which: str, bits: int, residual
 
 def fake_quant_kv(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int = 4,
                   v_bits: int = 4, residual: int | None = None) -> tuple[Array, Array]:
-    """Quantize-dequantize K and V ([B, H, N, D], numpy or torch) under ``scheme`` at ``k_bits`` / ``v_bits``
+    """Quantize-dequantize K and V ([B, H, N, D], numpy or torch) under ``scheme`` (a parsed ``KVQuantSpec``,
+    or a name, parsed here) at ``k_bits`` / ``v_bits``
     (2, 3, 4, 8; 16 = leave the side alone). ``residual=R`` leaves each side's newest
     ``residual_window(spec, side, N, R)`` tokens exact (KIVI's window) and quantizes the tokens before them as
     one block. Returns ``(k_hat, v_hat)`` of the same shape, type, device and dtype. Raises ``InputError`` (a
@@ -112,7 +108,7 @@ def fake_quant_kv(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int = 4
 
 def check_args(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int, v_bits: int) -> KVQuantSpec:
     spec = parse_scheme(scheme)
-    if spec.kind == "ov":
+    if spec.is_ov:
         raise InputError(f"KV scheme {str(spec)!r} is OpenVINO's in-graph KV compression, not a quant_ops "
                          f"scheme; use it as a runtime option")
     check_bits(k_bits, "k_bits")
@@ -131,9 +127,10 @@ def check_args(k: Array, v: Array, scheme: str | KVQuantSpec, k_bits: int, v_bit
 
 def check_side_shape(spec: KVQuantSpec, which: str, shape: tuple[int, ...]) -> None:
     """Raise ``InputError`` when a side's grouping cannot tile ``shape`` (e.g. D_model % g != 0)."""
-    axis, group, _ = side_groups(spec, which)
+    gran = spec.granularity(which)
     b, h, n, d = shape
-    block_for(axis, group, (b, h, group if (axis == "channel" and group) else max(n, 1), d))
+    tokens = gran.token_block if isinstance(gran, PerChannel) and gran.token_block else max(n, 1)
+    block_size(gran, (b, h, tokens, d))
 
 
 def _copy(x: Array) -> Array:

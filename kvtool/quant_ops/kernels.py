@@ -20,7 +20,7 @@ So here:
   ``_dequantize_half``). float32 data, and short (decode-step) outputs, take the float32 path.
 
 Hand-written because neither torch nor torchao offers 3-bit packing or a fused packed dequantize for eager
-CPU. It does not decide groupings (``affine.block_for``) or hold state (``store``).
+CPU. It does not decide groupings (``granularity.block_size``) or hold state (``store``).
 """
 
 from __future__ import annotations

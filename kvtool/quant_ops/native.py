@@ -16,7 +16,7 @@ import here) and says why it is not used when it is not:
 ``KVTOOL_NATIVE_ISA=baseline`` keeps the portable (non-AVX2) code of the binary, for
 comparisons and tests of the fallback.
 Results are bit-identical to the numpy path (``affine`` + ``packing``); tests check it. This module does not
-decide groupings (``affine.block_for``) or hold state (``store``); the fused attention is in ``attention``.
+decide groupings (``granularity.block_size``) or hold state (``store``); the fused attention is in ``attention``.
 """
 
 from __future__ import annotations

@@ -18,11 +18,12 @@ arrival and the others wait for g / ``stream_block`` tokens as above. A per-toke
 per decode step, so such a step copies (and an incremental ``dequantize`` rewrites) the R window tokens: O(R),
 as in KIVI, instead of O(1).
 
-``mode="simulate"`` (the study's semantics) holds the cache densely in the input dtype and, after each
-append, replaces every token but the newest by its quantize-dequantize over the current cache (statistics
-re-taken each time, so error accumulates); with ``residual=R`` the window of the past (all but the newest
-token) stays exact. Its ``nbytes`` is the dense cache; ``bits_per_value`` gives the
-theory.
+``mode="simulate"`` (the study's semantics; the one implementation of it, which both runtime caches use)
+holds the cache densely in the input dtype and, after each append, replaces every token but the newest
+``keep_newest`` (1, or 0 for a graph's cache, see ``QuantizedKVStore``) by its quantize-dequantize over those
+tokens (statistics re-taken each time, so error accumulates); with ``residual=R`` the window of those tokens
+stays exact. Its ``nbytes`` is the dense cache; ``bits_per_value`` gives the theory. Given ``out`` buffers,
+a simulate store moves its dense cache into them (one copy of the cache, not two).
 
 Cost model of ``dequantize``. Without ``out`` it allocates and fills the whole ``[B, H, N, D]`` pair:
 O(N) work (for torch: chunk by chunk, a few in-cache passes per chunk, see ``kernels``; about 3-4x the time
@@ -43,16 +44,64 @@ This module does not run attention or know about models; it holds one layer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from kvtool.errors import InputError
 from kvtool.quant_ops.affine import Array, concat, empty, is_torch, nbytes
 from kvtool.quant_ops.block import QuantizedBlock
-from kvtool.quant_ops.fake import check_kv, check_residual, check_side_shape, fake_quant_side, side_groups
+from kvtool.quant_ops.fake import check_kv, check_residual, check_side_shape, fake_quant_side
+from kvtool.quant_ops.granularity import Granularity, PerToken
 from kvtool.quant_ops.packing import packed_rows, tile_rows, tile_tokens
-from kvtool.quant_ops.schemes import KVQuantSpec, check_bits, parse_scheme
+from kvtool.quant_ops.schemes import KV_MODES, KVQuantSpec, check_bits, check_mode, parse_scheme
 
-MODES = ("packed", "simulate")
+MODES = KV_MODES  # the one definition is ``schemes.KV_MODES``
+
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """What the first append fixed: array library, dtype, device, and ``(B, H, D)`` of K and of V."""
+
+    torch: bool
+    dtype: Any
+    device: str
+    k: tuple[int, int, int]
+    v: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class SideLayout:
+    """One side's storage as a kernel reads it (``QuantizedKVStore.side_layout``); arrays are views of the
+    store's buffers (valid until the next ``append`` / ``reset``; do not write into them).
+
+    ``kind``: ``"dense"`` (every token held unquantized in the input dtype: an unquantized side, or simulate
+    mode, ``simulate`` True), ``"grid"`` (per-token groups or per-channel groups of g tokens, ``token_block``
+    = 1 or g: codes in token tiles + per-group params, then the exact residual) or ``"spanning"`` (statistics
+    over a block of tokens: uniform, or<s>, g-CN; a list of ``QuantizedBlock`` s, not described further here).
+
+    - ``n_tokens``: tokens held; ``n_quantized``: the first of them held as codes (the rest in ``residual``)
+    - ``codes``: uint8 ``[B, H', rows, L]`` token tiles (``packing``) of the quantized tokens (grid), else None
+    - ``delta`` / ``mn``: the per-group params of the quantized tokens, ``[B, ., n_quantized/token_block or
+      n_quantized, .]`` (grid), else None; ``block_size`` / ``flat`` as ``granularity.block_size`` gave them
+    - ``residual``: ``[B, H, n_tokens - n_quantized, D]`` exact tokens (None when there are none)
+    - ``dense``: ``[B, H, n_tokens, D]`` (dense sides), else None
+    """
+
+    kind: str
+    bits: int
+    granularity: Granularity | None
+    n_tokens: int
+    n_quantized: int = 0
+    token_block: int = 1
+    head_shape: tuple[int, int, int] | None = None  # (B, H, D) of the quantized part
+    codes: Array | None = None
+    delta: Array | None = None
+    mn: Array | None = None
+    block_size: tuple[int, ...] | None = None
+    flat: bool = False
+    residual: Array | None = None
+    dense: Array | None = None
+    simulate: bool = False
 
 
 def _contig_owned(x: Array) -> bool:
@@ -94,6 +143,15 @@ class _Grow:
     def view(self) -> Array | None:
         return None if self.buf is None else self.buf[:, :, :self.n]
 
+    def adopt(self, buf: Array) -> None:
+        """Hold the tokens in ``buf`` (``[B, H, >=n, ...]``, a caller's array or a view of one) from now on:
+        the tokens held so far are copied into it unless it already is the buffer."""
+        if buf is self.buf:
+            return
+        if self.n:
+            buf[:, :, :self.n] = self.buf[:, :, :self.n]
+        self.buf = buf
+
     def take_all(self) -> None:
         self.n = 0
 
@@ -107,29 +165,45 @@ class _Grow:
 
 
 class _DenseSide:
-    """Unquantized side (fp16 scheme, bits 16) and the simulate mode's cache."""
+    """Every token held unquantized in the input dtype: an unquantized side (fp16 scheme, bits 16), and the
+    simulate mode's cache (``simulate``), re-quantized in place by ``requantize``."""
+
+    kind = "dense"
 
     def __init__(self, spec: KVQuantSpec, which: str, bits: int, simulate: bool, max_tokens: int | None,
                  residual: int | None = None):
         self.spec, self.which, self.bits, self.simulate, self.residual = spec, which, bits, simulate, residual
         self.data = _Grow(max_tokens)
         self.dirty_from = 0
+        self.nq = 0  # tokens held as codes: none
 
     @property
     def n(self) -> int:
         return self.data.n
 
     def append(self, x: Array) -> None:
-        n0 = self.n
+        self.dirty_from = min(self.dirty_from, self.n)
         self.data.append(x)
-        if self.simulate and self.n > 1:
-            past = self.data.buf[:, :, :self.n - 1]
-            past[...] = fake_quant_side(past, self.spec, self.which, self.bits, self.residual)
-            n0 = 0
-        self.dirty_from = min(self.dirty_from, n0)
+
+    def requantize(self, keep_newest: int) -> None:
+        """Simulate mode: replace every token but the newest ``keep_newest`` by its quantize-dequantize over
+        those tokens (``fake.fake_quant_side``: statistics re-taken, the residual window kept exact)."""
+        m = self.n - keep_newest
+        if not self.simulate or m < 1:
+            return
+        past = self.data.buf[:, :, :m]
+        q = fake_quant_side(past, self.spec, self.which, self.bits, self.residual)
+        if q is not past:
+            past[...] = q
+        self.dirty_from = 0
 
     def write(self, out: Array, start: int) -> None:
-        out[:, :, start:self.n] = self.data.buf[:, :, start:self.n]
+        if out is not self.data.buf:
+            out[:, :, start:self.n] = self.data.buf[:, :, start:self.n]
+
+    def layout(self) -> SideLayout:
+        return SideLayout("dense", self.bits, self.spec.granularity(self.which) if self.simulate else None,
+                          self.n, dense=self.data.view(), simulate=self.simulate)
 
     nbytes = property(lambda self: self.data.nbytes)
     capacity_nbytes = property(lambda self: self.data.capacity_nbytes)
@@ -142,13 +216,16 @@ class _GridSide:
     tokens, a per-token side keeps the newest R in the residual (``slide``) and a per-channel side flushes R
     tokens (R/g groups) at a time."""
 
+    kind = "grid"
+
     def __init__(self, spec: KVQuantSpec, which: str, bits: int, max_tokens: int | None,
                  residual: int | None = None):
-        self.axis, self.group, _ = side_groups(spec, which)
+        self.gran = spec.granularity(which)
         self.bits = bits
-        self.tb = self.group if self.axis == "channel" else 1
-        self.slide = residual if (residual and self.axis == "token") else 0
-        self.flush = residual if (residual and self.axis == "channel") else self.tb
+        self.tb = self.gran.token_block  # 1 (per-token) or g (per-channel groups of g tokens)
+        per_token = isinstance(self.gran, PerToken)
+        self.slide = residual if (residual and per_token) else 0
+        self.flush = residual if (residual and not per_token) else self.tb
         self.p, self.r = tile_tokens(bits), tile_rows(bits)
         self.align = math.lcm(self.tb, self.p)  # dequantize restarts at a token both tile and group start
         grid_max = None if max_tokens is None else -(-max_tokens // self.tb)
@@ -175,7 +252,7 @@ class _GridSide:
             nq = (whole.shape[2] // self.flush) * self.flush
         if nq:
             off = self.nq % self.p
-            blk = QuantizedBlock.from_float(whole[:, :, :nq], self.axis, self.group, self.bits, offset=off)
+            blk = QuantizedBlock.from_float(whole[:, :, :nq], self.gran, self.bits, offset=off)
             rows = blk.qdata
             if off:  # complete the partly filled last tile in place
                 last = self.codes.buf[:, :, self.codes.n - self.r:self.codes.n]
@@ -206,6 +283,15 @@ class _GridSide:
             s = max(start, self.nq)
             out[:, :, s:self.n] = self.resid.buf[:, :, s - self.nq:self.resid.n]
 
+    def layout(self) -> SideLayout:
+        resid = self.resid.view() if self.resid.n else None
+        if self.nq == 0:
+            return SideLayout("grid", self.bits, self.gran, self.n, 0, self.tb, residual=resid)
+        block_size, flat, head_shape, _ = self.meta
+        ng = self.nq // self.tb
+        return SideLayout("grid", self.bits, self.gran, self.n, self.nq, self.tb, head_shape, self.codes.view(),
+                          self.delta.buf[:, :, :ng], self.mn.buf[:, :, :ng], tuple(block_size), bool(flat), resid)
+
     @property
     def nbytes(self) -> int:
         return sum(g.nbytes for g in (self.codes, self.delta, self.mn, self.resid))
@@ -220,8 +306,10 @@ class _BlockSide:
     tokens are quantized in blocks of ``stream_block`` tokens. With a window of ``residual`` = R tokens the
     first append quantizes its first ``T - T mod R`` tokens and later blocks are R tokens."""
 
+    kind = "spanning"
+
     def __init__(self, spec: KVQuantSpec, which: str, bits: int, stream_block: int, residual: int | None = None):
-        self.axis, self.group, self.pct = side_groups(spec, which)
+        self.gran, self.pct = spec.granularity(which), spec.outlier_pct
         self.bits, self.stream_block, self.residual = bits, residual or stream_block, residual
         self.blocks: list[tuple[int, QuantizedBlock]] = []
         self.resid = _Grow(self.stream_block)
@@ -233,7 +321,7 @@ class _BlockSide:
         return self.nq + self.resid.n
 
     def _quantize(self, x: Array) -> None:
-        self.blocks.append((self.nq, QuantizedBlock.from_float(x, self.axis, None, self.bits, self.pct)))
+        self.blocks.append((self.nq, QuantizedBlock.from_float(x, self.gran, self.bits, self.pct)))
         self.dirty_from = min(self.dirty_from, self.nq)
         self.nq += x.shape[2]
 
@@ -261,6 +349,10 @@ class _BlockSide:
             s = max(start, self.nq)
             out[:, :, s:self.n] = self.resid.buf[:, :, s - self.nq:self.resid.n]
 
+    def layout(self) -> SideLayout:
+        return SideLayout("spanning", self.bits, self.gran, self.n, self.nq,
+                          residual=self.resid.view() if self.resid.n else None)
+
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for _, b in self.blocks) + self.resid.nbytes
@@ -273,23 +365,33 @@ class _BlockSide:
 class QuantizedKVStore:
     """One layer's K/V cache, quantized under ``scheme`` at ``k_bits`` / ``v_bits`` (16 = keep that side).
 
-    ``append(k, v)`` takes ``[B, H, T, D]`` numpy arrays or torch tensors (CPU or CUDA); ``dequantize()``
-    returns the full ``(k, v)`` ``[B, H, N, D]`` of the same type, device and dtype. ``residual``: KIVI's
-    full-precision window of the newest R tokens (None: none). See the module docstring for the modes, the
-    window and the cost model."""
+    ``scheme``: a parsed ``KVQuantSpec`` (what the runtime passes) or a name (parsed here). ``append(k, v)``
+    takes ``[B, H, T, D]`` numpy arrays or torch tensors (CPU or CUDA); ``dequantize()`` returns the full
+    ``(k, v)`` ``[B, H, N, D]`` of the same type, device and dtype. ``residual``: KIVI's full-precision window of
+    the newest R tokens (None: none). ``keep_newest`` (simulate mode): how many of the newest tokens an append
+    leaves exact — 1, the study's code, whose cache is handed to the attention of the same forward pass (the
+    newest token is the query's own); 0 for a cache read only as the next step's past (a graph attends to its
+    new tokens itself). See the module docstring for the modes, the window and the cost model.
+
+    What callers read (public; nothing else of the store is): ``spec``, ``k_bits``, ``v_bits``, ``mode``,
+    ``residual``, ``n_tokens``, ``format`` (``StoreFormat`` or None while empty), ``quantized_counts``,
+    ``side_layout(which)`` (the kernel's view of a side), ``nbytes``, ``capacity_nbytes``, ``fp16_nbytes``,
+    ``bits_per_value``, ``kernel_info()``."""
 
     def __init__(self, scheme: str | KVQuantSpec, k_bits: int = 4, v_bits: int = 4, mode: str = "packed",
-                 stream_block: int = 128, max_tokens: int | None = None, residual: int | None = None) -> None:
+                 stream_block: int = 128, max_tokens: int | None = None, residual: int | None = None,
+                 keep_newest: int = 1) -> None:
         self.spec = parse_scheme(scheme)
-        if self.spec.kind == "ov":
+        if self.spec.is_ov:
             raise InputError(f"KV scheme {str(self.spec)!r} is OpenVINO's in-graph KV compression; "
                              f"QuantizedKVStore holds quant_ops schemes only")
         self.k_bits, self.v_bits = check_bits(k_bits, "k_bits"), check_bits(v_bits, "v_bits")
-        if mode not in MODES:
-            raise InputError(f"store mode {mode!r}: expected one of {MODES}")
+        self.mode = check_mode(mode, "store mode")
         if not isinstance(stream_block, int) or stream_block < 1:
             raise InputError(f"stream_block={stream_block!r}: expected a positive integer")
-        self.mode, self.stream_block, self.max_tokens = mode, stream_block, max_tokens
+        if keep_newest not in (0, 1):
+            raise InputError(f"keep_newest={keep_newest!r}: expected 0 or 1")
+        self.stream_block, self.max_tokens, self.keep_newest = stream_block, max_tokens, keep_newest
         self.residual = check_residual(self.spec, residual)
         self.reset()
 
@@ -298,8 +400,7 @@ class QuantizedKVStore:
         if self.mode == "simulate" or not quant:
             return _DenseSide(self.spec, which, bits, self.mode == "simulate" and quant, self.max_tokens,
                               self.residual)
-        axis, group, pct = side_groups(self.spec, which)
-        if axis == "token" or (axis == "channel" and group is not None):
+        if self.spec.granularity(which).token_block is not None:  # per-token, per-channel groups of g tokens
             return _GridSide(self.spec, which, bits, self.max_tokens, self.residual)
         return _BlockSide(self.spec, which, bits, self.stream_block, self.residual)
 
@@ -307,7 +408,7 @@ class QuantizedKVStore:
         """Forget every token (and the remembered ``out`` buffers)."""
         self._k = self._make_side("k", self.k_bits)
         self._v = self._make_side("v", self.v_bits)
-        self._proto: dict[str, Any] | None = None
+        self.format: StoreFormat | None = None
         self._last_out: tuple | None = None
 
     # -- input checks -------------------------------------------------------------------------------------
@@ -317,53 +418,67 @@ class QuantizedKVStore:
         if is_torch(k) != is_torch(v) or k.dtype != v.dtype or tuple(k.shape[:3]) != tuple(v.shape[:3]):
             raise InputError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype}: expected the "
                              f"same array type, dtype and B, H, T")
-        proto = {"torch": is_torch(k), "dtype": k.dtype, "device": str(getattr(k, "device", "cpu")),
-                 "k": (k.shape[0], k.shape[1], k.shape[3]), "v": (v.shape[0], v.shape[1], v.shape[3])}
-        if self._proto is None:
+        fmt = StoreFormat(is_torch(k), k.dtype, str(getattr(k, "device", "cpu")),
+                          (k.shape[0], k.shape[1], k.shape[3]), (v.shape[0], v.shape[1], v.shape[3]))
+        if self.format is None:
             if self.mode == "packed":
                 for which, x, bits in (("k", k, self.k_bits), ("v", v, self.v_bits)):
                     if bits != 16 and self.spec.is_quantized:
                         check_side_shape(self.spec, which, tuple(x.shape))
-            self._proto = proto
-        elif proto != self._proto:
-            raise InputError(f"appended k/v {proto}: expected the same type, dtype, device, B, H and D as "
-                             f"the first append {self._proto}")
+            self.format = fmt
+        elif fmt != self.format:
+            raise InputError(f"appended k/v {fmt}: expected the same type, dtype, device, B, H and D as "
+                             f"the first append {self.format}")
 
     # -- API ----------------------------------------------------------------------------------------------
-    def append(self, k: Array, v: Array) -> None:
-        """Add ``T`` new tokens: k, v ``[B, H, T, D]`` (T = prefill length or 1)."""
+    def append(self, k: Array, v: Array, *, requantize: bool = True) -> None:
+        """Add ``T`` new tokens: k, v ``[B, H, T, D]`` (T = prefill length or 1). Simulate mode then replaces
+        every held token but the newest ``keep_newest`` by its quantize-dequantize over them (the study's
+        semantics: statistics re-taken each time, error accumulates; the ``residual`` window of those tokens
+        stays exact); ``requantize=False`` skips that for this append (a full-precision prefill, the runtime's
+        ``first_token="fp"``). Packed mode quantizes each group once, and refuses ``requantize=False``."""
+        if not requantize and self.mode != "simulate":
+            raise InputError("append requantize=False: applies to simulate mode only (packed mode quantizes "
+                             "each group once, as it arrives)")
         self._check(k, v)
         if k.shape[2] == 0:
             return
         self._k.append(k)
         self._v.append(v)
+        if self.mode == "simulate" and requantize:
+            self._k.requantize(self.keep_newest)
+            self._v.requantize(self.keep_newest)
 
     def dequantize(self, out: tuple[Array, Array] | None = None, *,
                    incremental: bool = True) -> tuple[Array, Array]:
         """The full cache ``(k, v)``, ``[B, H, N, D]`` each. With ``out=(k_buf, v_buf)`` (``[B, H, >=N, D]``,
         same type/dtype/device) fills them — only the changed tokens when they are the pair filled last time
-        and ``incremental`` — and returns views of their first N tokens."""
-        if self._proto is None:
+        and ``incremental`` — and returns views of their first N tokens. In simulate mode the store then
+        keeps its dense cache in ``out`` itself (no second copy; the caller must not write into them)."""
+        fmt = self.format
+        if fmt is None:
             raise InputError("dequantize: the store is empty; append tokens first")
         n = self.n_tokens
-        p = self._proto
         if out is None:
-            bufs = tuple(empty((p[w][0], p[w][1], n, p[w][2]), p["dtype"], self._like())
-                         for w in ("k", "v"))
+            bufs = tuple(empty((shape[0], shape[1], n, shape[2]), fmt.dtype, self._like())
+                         for shape in (fmt.k, fmt.v))
             starts = (0, 0)
         else:
             bufs = tuple(out)
             if len(bufs) != 2:
                 raise InputError(f"dequantize out: expected a pair (k_buf, v_buf), got {len(bufs)} items")
-            for w, buf in zip(("k", "v"), bufs, strict=True):
-                ok = (len(buf.shape) == 4 and (buf.shape[0], buf.shape[1], buf.shape[3]) == p[w]
-                      and buf.shape[2] >= n and buf.dtype == p["dtype"] and is_torch(buf) == p["torch"])
+            for w, shape, buf in zip(("k", "v"), (fmt.k, fmt.v), bufs, strict=True):
+                ok = (len(buf.shape) == 4 and (buf.shape[0], buf.shape[1], buf.shape[3]) == shape
+                      and buf.shape[2] >= n and buf.dtype == fmt.dtype and is_torch(buf) == fmt.torch)
                 if not ok:
                     raise InputError(f"dequantize out {w} buffer {tuple(buf.shape)} {buf.dtype}: expected "
-                                     f"[{p[w][0]}, {p[w][1]}, >={n}, {p[w][2]}] {p['dtype']}")
+                                     f"[{shape[0]}, {shape[1]}, >={n}, {shape[2]}] {fmt.dtype}")
             same = incremental and self._last_out is not None and all(
                 a is b for a, b in zip(self._last_out, bufs, strict=True))
             starts = (self._k.dirty_from, self._v.dirty_from) if same else (0, 0)
+            if self.mode == "simulate":
+                for side, buf in zip((self._k, self._v), bufs, strict=True):
+                    side.data.adopt(buf)  # the dense cache lives in the caller's buffers from now on
         for side, buf, start in zip((self._k, self._v), bufs, starts, strict=True):
             if start < n:
                 side.write(buf, start)
@@ -371,6 +486,20 @@ class QuantizedKVStore:
             self._last_out = bufs
             self._k.dirty_from = self._v.dirty_from = n
         return bufs[0][:, :, :n], bufs[1][:, :, :n]
+
+    @property
+    def quantized_counts(self) -> tuple[int, int]:
+        """Tokens of K and of V held as codes (packed mode); 0 for an unquantized side and in simulate mode,
+        which holds every token dense. A count that grew across an ``append`` means tokens last seen exact
+        are now held as their quantization."""
+        return int(self._k.nq), int(self._v.nq)
+
+    def side_layout(self, which: str) -> SideLayout:
+        """How side ``which`` ("k" or "v") is held now, for a kernel that reads the storage directly (the
+        fused decode attention); see ``SideLayout``."""
+        if which not in ("k", "v"):
+            raise InputError(f"side {which!r}: expected 'k' or 'v'")
+        return (self._k if which == "k" else self._v).layout()
 
     def _like(self) -> Array:
         for side in (self._k, self._v):
@@ -399,16 +528,16 @@ class QuantizedKVStore:
     @property
     def fp16_nbytes(self) -> int:
         """What an fp16 cache of the same tokens takes (2 bytes per value, K and V)."""
-        if self._proto is None:
+        if self.format is None:
             return 0
-        (bk, hk, dk), (bv, hv, dv) = self._proto["k"], self._proto["v"]
+        (bk, hk, dk), (bv, hv, dv) = self.format.k, self.format.v
         return 2 * self.n_tokens * (bk * hk * dk + bv * hv * dv)
 
     @property
     def bits_per_value(self) -> float:
         """Theoretical storage cost (mean of K and V) for the current cache size; see ``KVQuantSpec``."""
         n = max(self.n_tokens, 1)
-        d_model = 4096 if self._proto is None else self._proto["k"][1] * self._proto["k"][2]
+        d_model = 4096 if self.format is None else self.format.k[1] * self.format.k[2]
         return self.spec.bits_per_value(self.k_bits, self.v_bits, n_tokens=n, d_model=d_model)
 
     def kernel_info(self) -> dict:
@@ -418,10 +547,10 @@ class QuantizedKVStore:
         from kvtool.quant_ops import native
 
         info = native.info()
-        p = self._proto
-        if info["native"] and p is not None and (p["device"] != "cpu" or str(p["dtype"]).split(".")[-1]
+        p = self.format
+        if info["native"] and p is not None and (p.device != "cpu" or str(p.dtype).split(".")[-1]
                                                  not in ("float16", "float32")):
-            info = {**info, "path": "portable", "reason": f"{p['dtype']} on {p['device']}: not a native dtype/device"}
+            info = {**info, "path": "portable", "reason": f"{p.dtype} on {p.device}: not a native dtype/device"}
         return info
 
     def __repr__(self) -> str:

@@ -1,20 +1,20 @@
 """The KV cache the runtime holds outside the graph, for the graph engines and for the torch engine.
 
 ``GraphKVCache`` (numpy, graph engines): per layer, the past K/V handed to the language-model graph and the
-new K/V taken from it. ``fp16`` keeps them in preallocated buffers of the graph's KV element type; ``packed``
-keeps a ``quant_ops.QuantizedKVStore`` per layer (each group quantized once, dequantized for the next step);
-``simulate`` keeps the dequantized cache and re-quantizes all of it (statistics over the current cache) before
-every step, as the study's code does. ``spec.residual`` = R (KIVI's window) leaves the newest tokens of the
-past exact in every mode (``quant_ops.fake.residual_window``): the graph then attends to that window plus the
-exact new tokens, as KIVI's attention does.
+new K/V taken from it. ``fp16`` keeps them in preallocated buffers of the graph's KV element type; a quantizing
+scheme keeps a ``quant_ops.QuantizedKVStore`` per layer in the spec's mode, which the cache delegates to:
+``packed`` quantizes each group once and dequantizes into those buffers for the next step (only the tokens
+that changed); ``simulate`` re-quantizes everything held (statistics over the current cache) at every append,
+as the study's code does before every step, in the buffers themselves. ``spec.residual`` = R (KIVI's window)
+leaves the newest tokens of the past exact in every mode (``quant_ops.fake.residual_window``): the graph then
+attends to that window plus the exact new tokens, as KIVI's attention does.
 
-``QuantKVCache`` (torch engine): a transformers ``Cache`` whose layers do the same inside the HF model's
-attention: ``packed`` returns the dequantized past plus the exact new tokens and stores the new tokens
-compressed; ``simulate`` appends and then replaces every cached token but the newest by its
-quantize-dequantize, in every forward pass, the prefill included.
+The torch engine's cache (``make_quant_cache``; the classes are in ``torch_cache``, which imports
+transformers) is a transformers ``Cache`` whose layers delegate to the same store inside the HF model's
+attention. ``simulated_nbytes`` gives what packed stores would hold, for simulate mode's byte counts.
 
-The quantizers themselves live in ``kvtool.quant_ops``; this module only decides what is quantized when.
-It does not run graphs or models.
+Both modes are quant_ops' (``QuantizedKVStore``); this module only decides where the buffers live and what
+the graph sees. It does not run graphs or models.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ class GraphKVCache:
     def reset(self, capacity: int = 256) -> None:
         """Forget every token; preallocate room for ``capacity`` tokens (it grows when needed)."""
         self.n_tokens = 0
-        if self.spec.mode == "packed" and self.spec.quantizes:
+        if self.spec.quantizes:  # packed or simulate: quant_ops' store holds each layer
             from kvtool.quant_ops import QuantizedKVStore
 
-            self._stores = [QuantizedKVStore(self.spec.scheme, k_bits=self.spec.k_bits, v_bits=self.spec.v_bits,
-                                             mode="packed", residual=self.spec.residual)
+            # keep_newest=0 (simulate): the graph attends to its new tokens itself and reads the store as the
+            # next step's past, so an append re-quantizes every token held
+            self._stores = [QuantizedKVStore(self.spec.quant, k_bits=self.spec.k_bits, v_bits=self.spec.v_bits,
+                                             mode=self.spec.mode, residual=self.spec.residual, keep_newest=0)
                             for _ in range(self.num_layers)]
         else:
             self._stores = None
@@ -91,29 +93,19 @@ class GraphKVCache:
         return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
     def dequantized(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """``[1, H, N, D]`` views of layer ``i``'s cache as attention must see it: the packed stores'
-        dequantization (only tokens changed since the last call are rewritten) or, in simulate mode, the whole
-        cache re-quantized."""
+        """``[1, H, N, D]`` views of layer ``i``'s cache as attention must see it, from its store: the packed
+        dequantization (only tokens changed since the last call are rewritten) or, in simulate mode, the
+        dense cache the store re-quantized at the last append (held in these buffers themselves)."""
         n = self.n_tokens
         if n and self._stores is not None:
-            self._stores[i].dequantize(out=(self._k4[i], self._v4[i]))  # rewrites only what changed
-        elif n and self.spec.mode == "simulate" and self.spec.quantizes:
-            from kvtool.quant_ops import fake_quant_kv
-
-            # the study re-quantizes the whole cache before it is attended to (error accumulates)
-            kq, vq = fake_quant_kv(np.ascontiguousarray(self._k4[i][:, :, :n]),
-                                   np.ascontiguousarray(self._v4[i][:, :, :n]), self.spec.scheme,
-                                   k_bits=self.spec.k_bits, v_bits=self.spec.v_bits, residual=self.spec.residual)
-            self._k4[i][:, :, :n], self._v4[i][:, :, :n] = kq, vq
+            self._stores[i].dequantize(out=(self._k4[i], self._v4[i]))
         return self._k4[i][:, :, :n], self._v4[i][:, :, :n]
 
     def quantized_counts(self, i: int) -> tuple[int, int]:
-        """Tokens of layer ``i``'s K and V held quantized (packed stores); (0, 0) otherwise. A count that grew
-        across an ``append`` means tokens the graph last saw exact are now held as their quantization."""
-        if self._stores is None:
-            return 0, 0
-        st = self._stores[i]  # quant_ops' sides count their quantized tokens as ``nq`` (dense sides: none)
-        return int(getattr(st._k, "nq", 0)), int(getattr(st._v, "nq", 0))
+        """Tokens of layer ``i``'s K and V held quantized (packed stores, ``QuantizedKVStore.quantized_counts``);
+        (0, 0) otherwise. A count that grew across an ``append`` means tokens the graph last saw exact are now
+        held as their quantization."""
+        return (0, 0) if self._stores is None else self._stores[i].quantized_counts
 
     def append(self, i: int, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """Store the new tokens' K, V (``[1, H, t, D]``) of layer ``i``; call for every layer, then ``advance``."""
@@ -154,93 +146,32 @@ class GraphKVCache:
 
 
 def simulated_nbytes(spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int, n_tokens: int) -> int:
-    """Bytes a packed store would hold for ``n_tokens`` (measured on a store fed zeros, so the accounting is
-    quant_ops' own)."""
+    """Bytes a packed store would hold for ``n_tokens`` of ``spec``: measured on one packed store fed
+    ``n_tokens`` of standard normal noise (seed 0; ``[1, H, n, D]`` float32, the same array as K and V) and
+    multiplied by ``num_layers``, so the accounting is quant_ops' own. Only or<s>'s outlier count depends on the
+    values (ties at its thresholds), which noise does not produce."""
     if n_tokens == 0:
         return 0
     from kvtool.quant_ops import QuantizedKVStore
 
-    store = QuantizedKVStore(spec.scheme, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed",
+    store = QuantizedKVStore(spec.quant, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed",
                              residual=spec.residual)
     z = np.random.default_rng(0).standard_normal((1, num_kv_heads, n_tokens, head_dim)).astype(np.float32)
     store.append(z, z)
     return int(store.nbytes) * num_layers
 
 
-# ----------------------------------------------------------------------------------------------------------
-# torch: a transformers Cache backed by quant_ops
-# ----------------------------------------------------------------------------------------------------------
-
-
 def make_quant_cache(spec: KVSpec, num_layers: int):
-    """A transformers ``Cache`` applying ``spec`` (``DynamicCache`` for fp16)."""
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+    """A transformers ``Cache`` applying ``spec`` for the torch engine (``DynamicCache`` for an unquantized
+    scheme); see ``torch_cache``, where it lives (it imports transformers)."""
+    from kvtool.runtime.torch_cache import make_quant_cache as make
 
-    if not spec.quantizes:
-        return DynamicCache()
-
-    class PackedLayer(DynamicLayer):
-        """Stores new K/V compressed; attention sees the dequantized past plus the exact new tokens."""
-
-        def __init__(self):
-            super().__init__()
-            from kvtool.quant_ops import QuantizedKVStore
-
-            self.store = QuantizedKVStore(spec.scheme, k_bits=spec.k_bits, v_bits=spec.v_bits, mode="packed",
-                                          residual=spec.residual)
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            import torch
-
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            # key_states: [B, H, t, D]
-            if self.store.n_tokens:
-                pk, pv = self.store.dequantize()
-                k = torch.cat([pk.to(key_states.dtype), key_states], dim=-2)
-                v = torch.cat([pv.to(value_states.dtype), value_states], dim=-2)
-            else:
-                k, v = key_states, value_states
-            self.store.append(key_states, value_states)
-            return k, v
-
-        def get_seq_length(self) -> int:
-            return int(self.store.n_tokens)
-
-    class SimulateLayer(DynamicLayer):
-        """The study's semantics: after appending, every cached token but the newest is re-quantized."""
-
-        enabled = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            import torch
-
-            from kvtool.quant_ops import fake_quant_kv
-
-            keys, values = super().update(key_states, value_states)
-            if self.enabled and keys.shape[-2] > 1:
-                kq, vq = fake_quant_kv(keys[..., :-1, :], values[..., :-1, :], spec.scheme,
-                                       k_bits=spec.k_bits, v_bits=spec.v_bits, residual=spec.residual)
-                self.keys = torch.cat([kq.to(keys.dtype), keys[..., -1:, :]], dim=-2)
-                self.values = torch.cat([vq.to(values.dtype), values[..., -1:, :]], dim=-2)
-            return self.keys, self.values
-
-    layer_cls = PackedLayer if spec.mode == "packed" else SimulateLayer
-
-    class QuantKVCache(Cache):
-        def __init__(self):
-            super().__init__(layers=[layer_cls() for _ in range(num_layers)])
-
-        def set_quantize(self, enabled: bool) -> None:
-            """Simulate mode only: ``False`` lets a prefill run at full precision (``first_token="fp"``)."""
-            for layer in self.layers:
-                layer.enabled = enabled
-
-    return QuantKVCache()
+    return make(spec, num_layers)
 
 
 def torch_cache_nbytes(cache, spec: KVSpec, num_layers: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
-    """(kv_bytes, kv_fp16_bytes) of a torch-engine cache."""
+    """(kv_bytes, kv_fp16_bytes) of a torch-engine cache: the stores' bytes (packed), what packed stores
+    would hold (simulate, ``simulated_nbytes``), or the tensors held (unquantized, in the model's dtype)."""
     n = int(cache.get_seq_length())
     fp16 = 2 * num_layers * num_kv_heads * head_dim * n * 2
     if not spec.quantizes:  # held in the model's dtype

@@ -273,7 +273,8 @@ def _family(kv: str) -> tuple[str, int | None, int | None] | None:
     s = parse_scheme(kv)
     if s.kind != "group":
         return None
-    return f"{s.k_axis[0].upper()}/{s.v_axis[0].upper()}", s.k_group, s.v_group
+    k, v = s.granularity("k"), s.granularity("v")
+    return f"{k.axis[0].upper()}/{v.axis[0].upper()}", k.group, v.group
 
 
 def _fig6(cells: list[Cell], tasks: list[str], vals: dict, path: Path) -> Path | None:
