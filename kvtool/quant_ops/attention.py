@@ -156,6 +156,16 @@ def _check_extra(extra, b: int, h: int, d: int) -> tuple:
     return kx, vx
 
 
+def native_decode(q: np.ndarray, store, scale: float, threads: int, kx=None, vx=None) -> np.ndarray:
+    """The native kernel without ``decode_attention``'s checks, for a caller that has checked once that
+    ``attention_path(store)`` is native and that q (C-contiguous float32 [B, Hq, D]) and the extra tokens
+    (C-contiguous [B, H, X, D] float16/32, or None) match the store: the runtime's per-layer op."""
+    out = np.empty(q.shape, np.float32)
+    ks, vs = _side_tuple(store._k, store.k_bits), _side_tuple(store._v, store.v_bits)
+    native._load()[0].decode_attention(q, out, ks, vs, scale, threads, kx, vx)
+    return out
+
+
 def decode_attention(q, store, scale: float | None = None, threads: int | None = None, extra=None):
     """One decode step's attention output ``[B, Hq, D]`` float32 from ``store`` (see the module docstring),
     over its N tokens plus, with ``extra=(k_x, v_x)``, X exact tokens after them.
@@ -173,10 +183,7 @@ def decode_attention(q, store, scale: float | None = None, threads: int | None =
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     path, _ = attention_path(store)
     if path == "native":
-        qf = np.ascontiguousarray(qn, dtype=np.float32)
-        out = np.empty(qf.shape, np.float32)
-        ks, vs = _side_tuple(store._k, store.k_bits), _side_tuple(store._v, store.v_bits)
-        native._load()[0].decode_attention(qf, out, ks, vs, scale, _threads(threads), kx, vx)
+        out = native_decode(np.ascontiguousarray(qn, dtype=np.float32), store, scale, _threads(threads), kx, vx)
     else:
         k, v = store.dequantize()
         k, v = _np(k.cpu() if is_torch(k) else k), _np(v.cpu() if is_torch(v) else v)

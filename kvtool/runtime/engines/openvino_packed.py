@@ -61,6 +61,10 @@ class _Layer:
         self.store = None
         self.calls = {"fp": 0, "native": 0, "portable": 0}
         self.path: tuple[str, str] | None = None  # decode path of the last (b)/(c) call, with its reason
+        self.native: bool | None = None  # whether the fused kernel reads this layer's store (found once)
+        self.decode_path: tuple[str, str] = ("none", "")  # attention_path of the store, found with native
+        self.bf16: tuple | None = None  # which op inputs / output are bf16 (fixed once compiled)
+        self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.work_peak = 0  # bytes of the largest dequantized K/V one call held (portable path)
         self.scratch_peak = 0  # bytes of the largest other temporary (kernel scratch, scores)
 
@@ -80,6 +84,7 @@ class _PackedKV:
             layer.store = QuantizedKVStore(s.scheme, k_bits=s.k_bits, v_bits=s.v_bits, mode="packed",
                                            residual=s.residual)
             layer.work_peak = layer.scratch_peak = 0
+            layer.native = None
         self.n_tokens = 0
 
     def advance(self, t: int) -> None:
@@ -112,10 +117,10 @@ def _is_bf16(t) -> bool:
     return t.get_element_type() == ov.Type.bf16
 
 
-def _as_np(t) -> np.ndarray:
+def _as_np(t, bf16: bool) -> np.ndarray:
     """An ``ov.Tensor`` as a numpy view (bf16 — raw uint16 bits in OpenVINO's numpy view — widened to f32)."""
     a = t.data
-    if _is_bf16(t):
+    if bf16:
         return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return a
 
@@ -152,7 +157,7 @@ def _portable_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kx: np.ndar
 
 def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out) -> np.ndarray | None:
     """The op's semantics (module docstring); returns the output, or None for "the SDPA's own" (case a)."""
-    from kvtool.quant_ops.attention import attention_path, decode_attention
+    from kvtool.quant_ops.attention import attention_path, native_decode
 
     st = layer.store
     t = q.shape[2]
@@ -160,12 +165,16 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out) -> np.ndarray | None:
     if st.n_tokens == 0:
         layer.calls["fp"] += 1
     else:
-        path = attention_path(st)
-        if t == 1 and path[0] == "native":
-            out = decode_attention(q[:, :, 0], st, layer.scale, extra=(k_new, v_new))[:, :, None]
+        if layer.native is None:  # the scheme, bits and dtype decide it: the same for every later call
+            layer.decode_path = attention_path(st)
+            layer.native = layer.decode_path[0] == "native"
+        path = layer.decode_path
+        if t == 1 and layer.native:
+            qf = np.ascontiguousarray(q[:, :, 0], dtype=np.float32)
+            out = native_decode(qf, st, layer.scale, layer.threads, np.ascontiguousarray(k_new),
+                                np.ascontiguousarray(v_new))[:, :, None]
             rep, d = q.shape[1] // k_new.shape[1], q.shape[3]
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            scratch = threads * 4 * (rep * (st.n_tokens + 1) + (4 * rep + 2) * d)  # per thread, _native.cpp
+            scratch = layer.threads * 4 * (rep * (st.n_tokens + 1) + (4 * rep + 2) * d)  # per thread, _native.cpp
             layer.scratch_peak = max(layer.scratch_peak, scratch + out.nbytes)
         else:
             if t > 1:
@@ -206,12 +215,15 @@ def _op_class():
             return True
 
         def evaluate(self, outputs, inputs):
-            sd = inputs[3]
-            out = _evaluate(self.layer, _as_np(inputs[0]), _as_np(inputs[1]), _as_np(inputs[2]), sd)
+            layer, sd = self.layer, inputs[3]
+            if layer.bf16 is None:
+                layer.bf16 = tuple(_is_bf16(x) for x in (*inputs, outputs[0]))
+            bf = layer.bf16
+            out = _evaluate(layer, *(_as_np(inputs[j], bf[j]) for j in range(3)), sd)
             outputs[0].shape = sd.shape
             if out is None:
                 sd.copy_to(outputs[0])
-            elif _is_bf16(outputs[0]):
+            elif bf[4]:
                 b = np.ascontiguousarray(out, np.float32).view(np.uint32)
                 outputs[0].data.view(np.uint16)[...] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
             else:
