@@ -7,9 +7,10 @@
 //       Bit-identical to kvtool.quant_ops.affine + packing (same float32 operations in the same order).
 //   dequantize(packed, delta, mn, out, bh, bt, bl, bits)
 //       unpack + (float)q * delta + min (a float32 multiply then add, no FMA) -> out [B, H, T, L] (f16/f32).
-//   decode_attention(q, out, kside, vside, scale, threads)
+//   decode_attention(q, out, kside, vside, scale, threads[, k_extra, v_extra])
 //       softmax(q K^T * scale) V for one decode step straight from packed codes + params (+ fp16
-//       residual), GQA, std::threads over (batch, kv head). See _native_impl.h and kvtool/quant_ops/attention.py.
+//       residual, + the caller's extra exact tokens [B, H, X, D] f16/f32 after them, in the same softmax),
+//       GQA, std::threads over (batch, kv head). See _native_impl.h and kvtool/quant_ops/attention.py.
 //   isa() -> "avx2+fma+f16c" or "baseline": the code path cpuid picked.
 //
 // Plain CPython API + the buffer protocol (numpy arrays; torch CPU tensors via .numpy()), no numpy headers,
@@ -69,6 +70,10 @@ struct Side {
     long nseg_max = 0;
     const void* resid = nullptr;
     long rs[3] = {0, 0, 0};  // residual strides (elements) over batch, head, token
+    long nres = 0;           // residual tokens; tokens after them are the caller's extra exact tokens
+    const void* extra = nullptr;
+    long xs[3] = {0, 0, 0};  // extra tokens' strides (elements) over batch, head, token
+    int x16 = 0;
 };
 
 struct AArgs {
@@ -303,6 +308,20 @@ bool parse_side(PyObject* t, Side& s, std::vector<Buf>& keep, long B, long H, lo
     return true;
 }
 
+// the caller's extra exact tokens of one side ([B, H, X, D] float16/float32, or None): X, or -1 + error
+long parse_extra(PyObject* x, Side& s, Buf& keep, long B, long H, long D, const char* name) {
+    if (x == nullptr || x == Py_None) return 0;
+    View4 xv;
+    if (!get_view(x, keep, xv, name, 0, false)) return -1;
+    if (xv.n[0] != B || xv.n[1] != H || xv.n[3] != D) {
+        PyErr_Format(PyExc_ValueError, "%s: extra tokens do not match [B, H, X, D]", name);
+        return -1;
+    }
+    s.extra = xv.p; s.x16 = xv.esz == 2;
+    s.xs[0] = xv.s[0]; s.xs[1] = xv.s[1]; s.xs[2] = xv.s[2];
+    return xv.n[2];
+}
+
 long resid_len(PyObject* t) {
     PyObject* r = PyTuple_GET_ITEM(t, 12);
     if (r == Py_None) return 0;
@@ -314,10 +333,11 @@ long resid_len(PyObject* t) {
 }
 
 PyObject* py_decode_attention(PyObject*, PyObject* args) {
-    PyObject *qo, *oo, *ko, *vo;
+    PyObject *qo, *oo, *ko, *vo, *kxo = nullptr, *vxo = nullptr;
     float scale;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOO!O!fi", &qo, &oo, &PyTuple_Type, &ko, &PyTuple_Type, &vo, &scale, &threads))
+    if (!PyArg_ParseTuple(args, "OOO!O!fi|OO", &qo, &oo, &PyTuple_Type, &ko, &PyTuple_Type, &vo, &scale, &threads,
+                          &kxo, &vxo))
         return nullptr;
     Buf bq, bo;
     View4 q, o;
@@ -342,15 +362,19 @@ PyObject* py_decode_attention(PyObject*, PyObject* args) {
         PyErr_Format(PyExc_ValueError, "decode_attention: %ld query heads is not a multiple of %ld kv heads", Hq, H);
         return nullptr;
     }
-    std::vector<Buf> kk(6), vk(6);
+    std::vector<Buf> kk(7), vk(7);
     AArgs a{};
     if (!parse_side(ko, a.k, kk, B, H, D, "k side") || !parse_side(vo, a.v, vk, B, H, D, "v side")) return nullptr;
     const long rk = resid_len(ko), rv = resid_len(vo);
     if (rk < 0 || rv < 0) return nullptr;
-    a.N = a.k.nq + rk;
-    if (a.v.nq + rv != a.N || a.N < 1) {
+    const long xk = parse_extra(kxo, a.k, kk[6], B, H, D, "k extra"), xv = parse_extra(vxo, a.v, vk[6], B, H, D,
+                                                                                           "v extra");
+    if (xk < 0 || xv < 0) return nullptr;
+    a.k.nres = rk; a.v.nres = rv;
+    a.N = a.k.nq + rk + xk;
+    if (a.v.nq + rv + xv != a.N || a.N < 1) {
         PyErr_Format(PyExc_ValueError, "decode_attention: K holds %ld tokens, V %ld: expected the same, >= 1",
-                     a.N, a.v.nq + rv);
+                     a.N, a.v.nq + rv + xv);
         return nullptr;
     }
     a.q = (const float*)q.p; a.out = (float*)o.p;

@@ -65,7 +65,14 @@ static inline void side_codes(const Side& s, long b, long h, long n, long D, flo
     unpack_row(row, s.cs[2], s.bits, (int)(n % P), D, cf);
 }
 
+// token r of the exact tail: the residual's tokens, then the caller's extra tokens
 static inline void resid_row(const Side& s, long b, long h, long r, long D, float* dst) {
+    if (r >= s.nres) {
+        r -= s.nres;
+        const char* p = (const char*)s.extra + (b * s.xs[0] + h * s.xs[1] + r * s.xs[2]) * (s.x16 ? 2 : 4);
+        row_ld(p, 0, s.x16, dst, D);
+        return;
+    }
     const char* p = (const char*)s.resid + (b * s.rs[0] + h * s.rs[1] + r * s.rs[2]) * (s.r16 ? 2 : 4);
     row_ld(p, 0, s.r16, dst, D);
 }

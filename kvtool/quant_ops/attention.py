@@ -6,6 +6,9 @@ portable fallback.
     q      [B, Hq, D] float (numpy or CPU torch); Hq a multiple of the store's kv heads H (GQA: query head
            j reads kv head j // (Hq / H), as transformers' ``repeat_kv``)
     store  a packed ``QuantizedKVStore`` holding N >= 1 tokens of K and V ``[B, H, N, D]``
+    extra  optional ``(k_x, v_x)`` ``[B, H, X, D]`` float16/float32: X exact tokens after the store's N, in
+           the same softmax (the current step's own K/V, which DESIGN.md's semantics attend to exactly before
+           they are stored compressed; the runtime's packed OpenVINO engine passes them)
     ->     [B, Hq, D] float32 (numpy, or torch for torch q)
 
 The native kernel (``_native.cpp``, hand-written) never materialises K or V: it reads the packed codes and
@@ -134,11 +137,38 @@ def sdpa_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) ->
     return np.einsum("bhrn,bhnd->bhrd", s, v.astype(np.float32, copy=False)).reshape(b, hq, d)
 
 
-def decode_attention(q, store, scale: float | None = None, threads: int | None = None):
-    """One decode step's attention output ``[B, Hq, D]`` float32 from ``store`` (see the module docstring).
+def _check_extra(extra, b: int, h: int, d: int) -> tuple:
+    if extra is None:
+        return None, None
+    if len(extra) != 2:
+        raise InputError(f"decode_attention extra: expected a pair (k_x, v_x), got {len(extra)} items")
+    kx, vx = (np.ascontiguousarray(_np(x)) for x in extra)
+    for name, x in (("k_x", kx), ("v_x", vx)):
+        if x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (b, h, d) or x.dtype not in (np.float16,
+                                                                                              np.float32):
+            raise InputError(f"decode_attention extra {name} {tuple(x.shape)} {x.dtype}: expected [B={b}, "
+                             f"H={h}, X, D={d}] float16/float32")
+    if kx.shape[2] != vx.shape[2]:
+        raise InputError(f"decode_attention extra: k_x holds {kx.shape[2]} tokens, v_x {vx.shape[2]}")
+    return kx, vx
+
+
+def native_decode(q: np.ndarray, store, scale: float, threads: int, kx=None, vx=None) -> np.ndarray:
+    """The native kernel without ``decode_attention``'s checks, for a caller that has checked once that
+    ``attention_path(store)`` is native and that q (C-contiguous float32 [B, Hq, D]) and the extra tokens
+    (C-contiguous [B, H, X, D] float16/32, or None) match the store: the runtime's per-layer op."""
+    out = np.empty(q.shape, np.float32)
+    ks, vs = _side_tuple(store.side_layout("k")), _side_tuple(store.side_layout("v"))
+    native._load()[0].decode_attention(q, out, ks, vs, scale, threads, kx, vx)
+    return out
+
+
+def decode_attention(q, store, scale: float | None = None, threads: int | None = None, extra=None):
+    """One decode step's attention output ``[B, Hq, D]`` float32 from ``store`` (see the module docstring),
+    over its N tokens plus, with ``extra=(k_x, v_x)``, X exact tokens after them.
 
     ``scale`` defaults to ``1/sqrt(D)``; ``threads`` to the CPUs this process may use. Raises InputError for
-    a q that does not match the store (rank, B, D, Hq not a multiple of H) or an empty store."""
+    a q or extra tokens that do not match the store (rank, B, D, Hq not a multiple of H) or an empty store."""
     if store.n_tokens == 0:
         raise InputError("decode_attention: the store is empty; append tokens first")
     qn = _np(q)
@@ -146,16 +176,18 @@ def decode_attention(q, store, scale: float | None = None, threads: int | None =
     if qn.ndim != 3 or qn.shape[0] != bk or qn.shape[2] != dk or qn.shape[1] % hk or dv != dk or hv != hk:
         raise InputError(f"decode_attention q {tuple(qn.shape)}: expected [B={bk}, Hq (a multiple of H={hk}), "
                          f"D={dk}] with K and V of one head dim")
+    kx, vx = _check_extra(extra, bk, hk, dk)
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     path, _ = attention_path(store)
     if path == "native":
-        qf = np.ascontiguousarray(qn, dtype=np.float32)
-        out = np.empty(qf.shape, np.float32)
-        ks, vs = _side_tuple(store.side_layout("k")), _side_tuple(store.side_layout("v"))
-        native._load()[0].decode_attention(qf, out, ks, vs, scale, _threads(threads))
+        out = native_decode(np.ascontiguousarray(qn, dtype=np.float32), store, scale, _threads(threads), kx, vx)
     else:
         k, v = store.dequantize()
-        out = sdpa_reference(qn, _np(k.cpu() if is_torch(k) else k), _np(v.cpu() if is_torch(v) else v), scale)
+        k, v = _np(k.cpu() if is_torch(k) else k), _np(v.cpu() if is_torch(v) else v)
+        if kx is not None:
+            k = np.concatenate([k.astype(np.float32, copy=False), kx.astype(np.float32, copy=False)], axis=2)
+            v = np.concatenate([v.astype(np.float32, copy=False), vx.astype(np.float32, copy=False)], axis=2)
+        out = sdpa_reference(qn, k, v, scale)
     if is_torch(q):
         import torch
 

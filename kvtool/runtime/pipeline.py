@@ -130,9 +130,10 @@ class VLMPipeline:
         ``conversation``: ``chat_template`` | ``vicuna_v1`` | ``auto`` (``preprocess.resolve_conversation``: what
         ``kvtool run`` and ``kvtool eval`` use by default). ``engine_kwargs`` go to the engine (OpenVINO:
         ``inference_precision``, ``kv_precision="f16"``, ``edit_graph``; on a stateful export ``kv_owner``:
-        ``"paged"`` (PagedAttention with caller-owned blocks, the default for kvtool schemes on CPU),
-        ``"kvtool"`` (states rewritten) or ``"openvino"`` (fp16 / ov-*: the graph owns it); ONNX Runtime:
-        ``threads``; torch: ``dtype``). Which engine runs: ``kvtool.runtime.engines``' registry and its rule."""
+        ``"packed"`` (cache held only packed, attention over the codes; the default for kvtool schemes in
+        packed mode on CPU), ``"paged"`` (PagedAttention with caller-owned blocks, the default for simulate
+        mode on CPU) or ``"kvtool"`` (states rewritten), the last two also for fp16; ONNX Runtime: ``threads``;
+        torch: ``dtype``). Which engine runs: ``kvtool.runtime.engines``' registry and its rule."""
         from kvtool.devices import resolve_device
 
         path = Path(path)

@@ -60,9 +60,12 @@ def _kv(rng, b, h, n, d, dtype):
     return k.astype(dtype), v.astype(dtype)
 
 
-def _check(scheme, kb, vb, b, h, rep, d, n, dtype, seed=0, steps=3):
+def _check(scheme, kb, vb, b, h, rep, d, n, dtype, seed=0, steps=3, extra=0, extra_dtype=np.float32):
+    """``extra`` > 0: that many exact tokens (of ``extra_dtype``) passed beside the store, in the softmax."""
     rng = np.random.default_rng(seed)
-    k, v = _kv(rng, b, h, n, d, dtype)
+    k, v = _kv(rng, b, h, n + extra, d, dtype)
+    kx, vx = k[:, :, n:].astype(extra_dtype), v[:, :, n:].astype(extra_dtype)
+    k, v = k[:, :, :n], v[:, :, :n]
     store = QuantizedKVStore(scheme, kb, vb)
     n0 = max(n - steps, 0)
     if n0:
@@ -72,8 +75,11 @@ def _check(scheme, kb, vb, b, h, rep, d, n, dtype, seed=0, steps=3):
     assert attention_path(store)[0] == "native"
     q = rng.standard_normal((b, h * rep, d)).astype(np.float32)
     scale = 1 / math.sqrt(d)
-    out = decode_attention(q, store)
+    out = decode_attention(q, store, extra=(kx, vx) if extra else None)
     kk, vv = store.dequantize()
+    if extra:  # the reference attends to the dequantized store plus the exact extra tokens
+        kk = np.concatenate([kk.astype(np.float32), kx.astype(np.float32)], axis=2)
+        vv = np.concatenate([vv.astype(np.float32), vx.astype(np.float32)], axis=2)
     ref = _reference(q, kk, vv, scale)
     err = np.abs(out.astype(np.float64) - ref)
     tol = _tolerance(q, kk, vv, scale)
@@ -111,6 +117,37 @@ def test_float16_store(scheme, h):
 def test_k_and_v_bits_apart(kb, vb):
     """One side unquantized (bits 16, read as the residual) or at other bits than the other side."""
     _check("g-KC16VT16", kb, vb, 1, 2, 2, 80, 35, np.float32)
+
+
+@pytest.mark.parametrize("scheme,kb,vb", [("g-KC32VT32", 2, 4), ("g-KT32VC32", 3, 2), ("g-C32", 8, 8),
+                                          ("g-T16", 4, 3), ("g-KC128VT128", 2, 2)])
+@pytest.mark.parametrize("d,n,rep,x", [(64, 1, 1, 1), (80, 45, 4, 1), (128, 130, 2, 3), (64, 7, 7, 2)])
+def test_extra_exact_tokens(scheme, kb, vb, d, n, rep, x):
+    """The current step's exact K/V passed beside the store (``extra``) join the same softmax: ragged N,
+    N = 1, GQA, head dims 64/80/128, per-channel and per-token groups, outlier channels, float16 extras."""
+    h = 8 if d == 80 else 2  # H*D a multiple of the per-token group 128 of g-KC128VT128
+    _check(scheme, kb, vb, 1, h, rep, d, n, np.float16 if d == 80 else np.float32, seed=d + n + x, extra=x,
+           extra_dtype=np.float16 if n == 45 else np.float32)
+
+
+def test_extra_tokens_portable_path_and_bad_extra():
+    """The portable path (g-CN) takes the extra tokens too; extra tokens of the wrong shape are refused."""
+    rng = np.random.default_rng(5)
+    k, v = _kv(rng, 1, 2, 25, 64, np.float32)
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    k[:, :, 24] = 20 * q.reshape(1, 2, 2, 64)[:, :, 0]  # an extra token that takes a visible share of the weight
+    v[:, :, 24] = 10.0
+    store = QuantizedKVStore("g-CN", 4, 4)
+    store.append(k[:, :, :24], v[:, :, :24])
+    assert attention_path(store)[0] == "portable"
+    kk, vv = store.dequantize()
+    ref = _reference(q, np.concatenate([kk, k[:, :, 24:]], 2), np.concatenate([vv, v[:, :, 24:]], 2), 1 / 8)
+    np.testing.assert_allclose(decode_attention(q, store, extra=(k[:, :, 24:], v[:, :, 24:])), ref, atol=1e-5)
+    assert np.abs(decode_attention(q, store) - ref).max() > 1e-3  # the extra token matters
+    with pytest.raises(InputError, match="extra k_x"):
+        decode_attention(q, store, extra=(k[:, :1, 24:], v[:, :, 24:]))
+    with pytest.raises(InputError, match="k_x holds 1 tokens, v_x 2"):
+        decode_attention(q, store, extra=(k[:, :, 24:], v[:, :, 23:]))
 
 
 def test_fp16_scheme_and_torch():

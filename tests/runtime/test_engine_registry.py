@@ -23,6 +23,8 @@ ENGINES_DIR = Path(__file__).resolve().parents[2] / "kvtool" / "runtime" / "engi
 SPECS = {"fp16": ("fp16", None), "kvtool": ("g-KC128VT128", 2), "ov": ("ov-u8", None)}  # one scheme per family
 
 STATEFUL, STATE_OWNED, PAGED = "OpenVINOStatefulEngine", "OpenVINOStateOwnedEngine", "OpenVINOPagedEngine"
+PACKED = "OpenVINOPackedEngine"
+PACKED_FAMILIES = "kv_owner=packed takes kvtool's schemes"
 STATELESS = "OpenVINOEngine"
 NEEDS_STATEFUL = "it needs a stateful export (export with stateful=True)"
 # stateful OpenVINO export of LLaVA: (family, kv_owner) -> (engine or error on CPU, on GPU)
@@ -39,20 +41,26 @@ STATEFUL_LLAVA = {
     ("ov", "openvino"): (STATEFUL, STATEFUL),
     ("ov", "paged"): ("kv_owner=paged takes fp16 or kvtool's schemes",) * 2,
     ("ov", "kvtool"): ("kv_owner=kvtool takes fp16 or kvtool's schemes",) * 2,
+    ("fp16", "packed"): (PACKED_FAMILIES,) * 2,
+    ("kvtool", "packed"): (PACKED, PACKED),  # asking is an override; the engine itself refuses a non-CPU device
+    ("ov", "packed"): (PACKED_FAMILIES,) * 2,
 }
+# kvtool schemes in packed mode on CPU: the packed engine (any architecture); simulate mode keeps the tables above
+PACKED_CPU = {("kvtool", None): (PACKED, STATE_OWNED)}
 # Qwen2-VL differs where the paged engine would run: PagedAttention takes 1-D positions only
 PAGED_NO_QWEN = "OpenVINOPagedEngine runs llava, llava_next only"
 STATEFUL_QWEN = {**STATEFUL_LLAVA, ("kvtool", None): (STATE_OWNED, STATE_OWNED),
                  ("fp16", "paged"): (PAGED_NO_QWEN,) * 2, ("kvtool", "paged"): (PAGED_NO_QWEN,) * 2}
 # stateless OpenVINO export (any architecture, any device): family -> kv_owner -> engine or error
 STATELESS_OV = {
-    "fp16": {None: STATELESS, "openvino": NEEDS_STATEFUL, "paged": NEEDS_STATEFUL, "kvtool": NEEDS_STATEFUL},
+    "fp16": {None: STATELESS, "openvino": NEEDS_STATEFUL, "paged": NEEDS_STATEFUL, "kvtool": NEEDS_STATEFUL,
+             "packed": PACKED_FAMILIES},
     "kvtool": {None: STATELESS, "openvino": "kv_owner=openvino takes fp16 or ov-u8/ov-u4", "paged": NEEDS_STATEFUL,
-               "kvtool": NEEDS_STATEFUL},
+               "kvtool": NEEDS_STATEFUL, "packed": NEEDS_STATEFUL},
     "ov": {None: NEEDS_STATEFUL, "openvino": NEEDS_STATEFUL, "paged": "kv_owner=paged takes fp16 or kvtool's",
-           "kvtool": "kv_owner=kvtool takes fp16 or kvtool's"},
+           "kvtool": "kv_owner=kvtool takes fp16 or kvtool's", "packed": PACKED_FAMILIES},
 }
-OWNERS = (None, "openvino", "paged", "kvtool")
+OWNERS = (None, "openvino", "paged", "kvtool", "packed")
 
 
 def _spec(family: str, mode: str = "packed"):
@@ -86,6 +94,7 @@ def _check(got: str, want: str) -> None:
                                         ("qwen2_vl", STATEFUL_QWEN)])
 def test_stateful_openvino_selection_table(arch, table, mode):
     manifest = SimpleNamespace(stateful=True, architecture=arch)
+    table = {**table, **PACKED_CPU} if mode == "packed" else table
     for (family, owner), wants in table.items():
         for device, want in zip(("CPU", "GPU.0"), wants, strict=True):
             _check(_pick("openvino", family, device, manifest, owner, mode), want)
@@ -114,14 +123,14 @@ def test_onnxruntime_and_torch_selection_table(backend, device, manifest, engine
     for mode in ("packed", "simulate"):
         for family in ("fp16", "kvtool"):
             assert _pick(backend, family, device, manifest, None, mode) == engine
-            for owner in ("openvino", "paged", "kvtool"):  # kv_owner is an OpenVINO stateful-export option
+            for owner in ("openvino", "paged", "kvtool", "packed"):  # kv_owner is an OpenVINO stateful-export option
                 _check(_pick(backend, family, device, manifest, owner, mode), "it needs backend openvino")
         _check(_pick(backend, "ov", device, manifest, None, mode), "it needs backend openvino")
 
 
 def test_unknown_kv_owner_and_backend_are_refused():
     m = SimpleNamespace(stateful=True, architecture="llava")
-    with pytest.raises(InputError, match="kv_owner: expected one of kvtool, openvino, paged, got 'state'"):
+    with pytest.raises(InputError, match="kv_owner: expected one of kvtool, openvino, packed, paged, got 'state'"):
         select_engine(engine_key("openvino", _spec("fp16"), "CPU", m, "state"))
     with pytest.raises(InputError, match="backend: expected one of onnxruntime, openvino, torch, got 'tvm'"):
         load_engine("tvm", "/nowhere", _spec("fp16"), "CPU", manifest=m)
@@ -132,9 +141,10 @@ def test_unknown_kv_owner_and_backend_are_refused():
 
 def test_a_new_engine_is_one_entry_placed_before_those_it_wins_over():
     """What adding an engine takes: one ``EngineEntry``. An engine for packed kvtool schemes on a stateful CPU
-    export, placed first, wins there and only there; the others keep their loads, and it answers its kv_owner."""
-    new = EngineEntry("kvtool.runtime.engines.openvino_paged:OpenVINOPagedEngine", "openvino", "stateful",
-                      frozenset({"fp16", "kvtool"}), owner="packed",
+    export (here a hypothetical "fused" one), placed first, wins there and only there; the others keep their
+    loads, and it answers its kv_owner (how ``OpenVINOPackedEngine`` was added)."""
+    new = EngineEntry("kvtool.runtime.engines.openvino_packed:OpenVINOPackedEngine", "openvino", "stateful",
+                      frozenset({"fp16", "kvtool"}), owner="fused",
                       default=Default(frozenset({"kvtool"}), devices=frozenset({"CPU"}), modes=frozenset({"packed"})))
     reg = (new, *ENGINES)
     m = SimpleNamespace(stateful=True, architecture="llava")
@@ -146,8 +156,9 @@ def test_a_new_engine_is_one_entry_placed_before_those_it_wins_over():
     assert pick("kvtool", "simulate").owner == "paged"
     assert pick("kvtool", "packed", device="GPU").owner == "kvtool"
     assert pick("fp16", "packed").owner == "openvino"
-    assert pick("fp16", "packed", owner="packed") is new
-    assert select_engine(engine_key("openvino", _spec("kvtool"), "CPU", m)).owner == "paged"  # ENGINES unchanged
+    assert pick("fp16", "packed", owner="fused") is new
+    assert pick("kvtool", "packed", owner="packed").owner == "packed"
+    assert select_engine(engine_key("openvino", _spec("kvtool"), "CPU", m)).owner == "packed"  # ENGINES unchanged
 
 
 def _protocol_members() -> tuple[list[str], list[str]]:

@@ -60,10 +60,10 @@ def test_quantized_state_owned_matches_torch_and_stateless(llava, stateful, expo
     t = VLMPipeline.load(llava, backend="torch", **kw).generate(img, QUESTION, max_new_tokens=6)
     stateless = VLMPipeline.load(exported("tiny-llava", "openvino", 16, "fp32", stateful=False), **kw)
     s = stateless.generate(img, QUESTION, max_new_tokens=6, keep_logits=True)
-    pipe = VLMPipeline.load(stateful, **kw) if owner == "paged" else VLMPipeline.load(stateful, kv_owner=owner, **kw)
+    pipe = VLMPipeline.load(stateful, kv_owner=owner, **kw)  # (the default is the packed engine, its own tests)
     o = pipe.generate(img, QUESTION, max_new_tokens=6, keep_logits=True)
     info = pipe.info()["engine"]
-    assert info["kv_owner"] == owner  # paged is the default for a kvtool scheme on a stateful CPU export
+    assert info["kv_owner"] == owner
     assert info.get("state_writes", 0) + info.get("token_writes", 0) > 0
     assert o.token_ids == t.token_ids == s.token_ids
     assert o.stats["kv_bytes"] == t.stats["kv_bytes"] == s.stats["kv_bytes"]
@@ -84,10 +84,10 @@ def test_quantized_state_owned_matches_torch_and_stateless(llava, stateful, expo
 
 
 @slow
-@pytest.mark.parametrize("owner", ["kvtool", "paged"])
+@pytest.mark.parametrize("owner", ["kvtool", "paged", "packed"])
 def test_first_token_sees_the_compressed_cache(stateful, owner):
     img = random_image()
-    ref = VLMPipeline.load(stateful, kv_owner=owner)
+    ref = VLMPipeline.load(stateful, kv_owner=owner if owner != "packed" else "paged")  # packed holds no fp16
     ref.generate(img, QUESTION, max_new_tokens=1)
     diffs = {}
     for first in ("compressed", "fp"):

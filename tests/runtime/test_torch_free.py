@@ -45,6 +45,7 @@ RUNTIME_MODULES = ["kvtool.cli", "kvtool.runtime", "kvtool.runtime.pipeline", "k
                    "kvtool.runtime.positions", "kvtool.runtime.kv_cache", "kvtool.runtime.engines",
                    "kvtool.runtime.engines.graph_base", "kvtool.runtime.engines.openvino_engine",
                    "kvtool.runtime.engines.openvino_state", "kvtool.runtime.engines.openvino_paged",
+                   "kvtool.runtime.engines.openvino_packed",
                    "kvtool.runtime.engines.onnx_engine", "kvtool.evals", "kvtool.evals.runner",
                    "kvtool.evals.tasks", "kvtool.evals.loaders", "kvtool.evals.metrics", "kvtool.evals.judges",
                    "kvtool.evals.compare", "kvtool.evals.report", "kvtool.evals.shapes", "kvtool.devices",

@@ -24,10 +24,17 @@ Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a st
 - ``OpenVINOStatefulEngine`` (kv_owner ``openvino``): the stateful export with the KV inside the graph — the
   anchor deployment (what optimum-intel and openvino.genai run) for ``fp16``, and the only home of OpenVINO's
   own compression (``ov-u8``/``ov-u4``). Default for those on a stateful export, any device.
+- ``OpenVINOPackedEngine`` (kv_owner ``packed``): kvtool's schemes in packed mode on the stateful export with
+  the cache held *only* packed: the graph's KV state is removed and a Python OpenVINO op per layer appends to
+  the layer's ``QuantizedKVStore`` and runs the fused attention over the codes (``quant_ops.attention``).
+  All three architectures (positions stay a graph input). Default for kvtool schemes in packed mode on
+  ``CPU`` (docs/BENCHMARKS.md, "packed engine": KV held 37.6 MiB where paged also holds a 512 MiB working
+  copy at 8k tokens). Simulate mode keeps the paged engine.
 - ``OpenVINOPagedEngine`` (kv_owner ``paged``): kvtool's schemes on the stateful export through PagedAttention
   with caller-owned blocks: 1.01x / 0.83x for g-KC128VT128 K2V2 packed (the stateless graph: 3.00x / 2.40x).
-  Default for kvtool schemes on a stateful export on ``CPU`` (the device its in-place host-memory blocks were
-  built and measured on), for LLaVA and LLaVA-NeXT only: PagedAttention takes 1-D positions, not Qwen2-VL's 3-D.
+  Default for kvtool schemes in simulate mode on a stateful export on ``CPU`` (the device its in-place
+  host-memory blocks were built and measured on), for LLaVA and LLaVA-NeXT only: PagedAttention takes 1-D
+  positions, not Qwen2-VL's 3-D.
 - ``OpenVINOStateOwnedEngine`` (kv_owner ``kvtool``): kvtool's schemes on the stateful export through OpenVINO's
   variable-state API. With a quantizing scheme it rewrites whole states (3.20x / 1.95x, about the stateless
   graph's speed) and its states are a dequantized copy the size of the fp cache, so on CPU LLaVA paged replaces
@@ -129,6 +136,8 @@ ENGINES: tuple[EngineEntry, ...] = (
                 default=Default(_S({"fp16", "kvtool"}))),
     EngineEntry(_E + "openvino_engine:OpenVINOEngine", "openvino", "stateless", _S({"fp16", "kvtool"}),
                 default=Default(_S({"fp16", "kvtool"}))),
+    EngineEntry(_E + "openvino_packed:OpenVINOPackedEngine", "openvino", "stateful", _S({"kvtool"}),
+                owner="packed", default=Default(_S({"kvtool"}), devices=_S({"CPU"}), modes=_S({"packed"}))),
     EngineEntry(_E + "openvino_paged:OpenVINOPagedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="paged", default=Default(_S({"kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),
     EngineEntry(_E + "openvino_state:OpenVINOStateOwnedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),

@@ -1,0 +1,375 @@
+"""The OpenVINO packed engine: the stateful LM export with its KV cache held by kvtool *only* packed
+(``QuantizedKVStore`` per layer: codes + group params + the fp residual the scheme defines) and an attention
+that reads the packed codes (``quant_ops.attention.decode_attention``, the native fused kernel).
+
+Route: an OpenVINO *Python* custom operation (``openvino.Op`` with ``evaluate``) inserted per layer at load
+time. The graph is edited (a graph edit written here, as no library offers it):
+
+- each ``ReadValue`` of past K/V is replaced by an empty constant ``[1, H, 0, D]`` and the ``Assign`` sinks
+  and variables are removed, so the graph's own ``Concat(past, new)`` and SDPA see only the current call's
+  K/V (causal inside the call, exact) and OpenVINO holds no KV state at all;
+- after each ``ScaledDotProductAttention`` a ``PackedKVAttention(q, k_new, v_new, sdpa_out)`` op (k_new /
+  v_new: the Concat's new input, before any GQA broadcast, so the store holds the kv heads) replaces the
+  SDPA's output for the rest of the graph.
+
+The op follows DESIGN.md's semantics (the graph attends to the dequantized past plus the exact new tokens,
+which are then stored compressed), by the state of its layer's store:
+
+(a) empty store, T tokens (a prefill): the SDPA's own output (full precision, causal); ``first_token="fp"``
+    is this case for the whole prompt;
+(b) T = 1 (decode, and the last prompt token of ``first_token="compressed"``): ``decode_attention`` over
+    the packed store plus the exact new token in the same softmax — native where ``attention_path`` says so
+    (per-channel-g / per-token groups), else portable;
+(c) T > 1 on a non-empty store: portable — this layer's store dequantized, then causal attention over it
+    plus the new tokens;
+
+then appends the new K/V to the store. The portable path dequantizes one layer at a time (never silently:
+``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
+``kv_work_nbytes`` is the largest dequantized working copy a call held: 0 on the native path (it reads the
+codes), one layer's K/V in the held dtype (f16 by default, f32 for fp32 exports) on the portable path;
+``info()["scratch_bytes"]`` the kernel's scratch or the portable scores.
+
+Why a Python op: it plugs the tested native kernel into the graph with no second build system. Its cost,
+measured on the CPU plugin (32 identity ops on a small graph: 3.21 vs 0.44 ms per inference), is ~0.09 ms
+per op call, ~0.7 ms per token at 8 layers; docs/BENCHMARKS.md has the engine's own figures. A C++ OpenVINO
+extension calling the same kernel would remove that overhead and is the next step. Runs on CPU only (the
+Python op is evaluated on the host), batch 1; it does not run ``simulate`` mode (the paged engine does) or
+OpenVINO's own compression (``ov-u8`` / ``ov-u4``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kvtool.errors import InputError
+from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs
+from kvtool.runtime.kvspec import KVSpec
+
+_PASS_THROUGH = ("Reshape", "Broadcast", "Unsqueeze", "Convert", "Tile", "Squeeze")
+
+
+class _Layer:
+    """One layer's packed store and what its op did (shared by the op and the engine)."""
+
+    def __init__(self, index: int, scale: float, dtype):
+        self.index, self.scale, self.dtype = index, scale, np.dtype(dtype)
+        self.store = None
+        self.calls = {"fp": 0, "native": 0, "portable": 0}
+        self.path: tuple[str, str] | None = None  # decode path of the last (b)/(c) call, with its reason
+        self.native: bool | None = None  # whether the fused kernel reads this layer's store (found once)
+        self.decode_path: tuple[str, str] = ("none", "")  # attention_path of the store, found with native
+        self.bf16: tuple | None = None  # which op inputs / output are bf16 (fixed once compiled)
+        self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.work_peak = 0  # bytes of the largest dequantized K/V one call held (portable path)
+        self.scratch_peak = 0  # bytes of the largest other temporary (kernel scratch, scores)
+
+
+class _PackedKV:
+    """The engine's cache: the layers' packed stores (``GraphEngine`` calls ``reset`` at each start)."""
+
+    def __init__(self, spec: KVSpec, layers: list[_Layer], num_kv_heads: int, head_dim: int):
+        self.spec, self.layers, self.num_kv_heads, self.head_dim = spec, layers, num_kv_heads, head_dim
+        self.n_tokens = 0
+
+    def reset(self, capacity: int = 0) -> None:
+        from kvtool.quant_ops import QuantizedKVStore
+
+        s = self.spec
+        for layer in self.layers:
+            layer.store = QuantizedKVStore(s.quant, k_bits=s.k_bits, v_bits=s.v_bits, mode="packed",
+                                           residual=s.residual)
+            layer.work_peak = layer.scratch_peak = 0
+            layer.native = None
+        self.n_tokens = 0
+
+    def advance(self, t: int) -> None:
+        self.n_tokens += t
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really held: packed codes + group params (+ outliers) + the fp residual, all layers."""
+        return sum(int(layer.store.nbytes) for layer in self.layers if layer.store is not None)
+
+    @property
+    def fp16_nbytes(self) -> int:
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.n_tokens * 2
+
+    @property
+    def work_nbytes(self) -> int:
+        """The largest dequantized working copy one op call held: one layer's K/V in the stores' dtype on the
+        portable path, 0 where only the native kernel ran (it reads the codes)."""
+        return max((layer.work_peak for layer in self.layers), default=0)
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """The largest other temporary of one call: the kernel's per-thread scratch or the portable scores."""
+        return max((layer.scratch_peak for layer in self.layers), default=0)
+
+
+def _is_bf16(t) -> bool:
+    import openvino as ov
+
+    return t.get_element_type() == ov.Type.bf16
+
+
+def _as_np(t, bf16: bool) -> np.ndarray:
+    """An ``ov.Tensor`` as a numpy view (bf16 — raw uint16 bits in OpenVINO's numpy view — widened to f32)."""
+    a = t.data
+    if bf16:
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return a
+
+
+def _portable_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kx: np.ndarray, vx: np.ndarray,
+                        scale: float, layer: _Layer) -> np.ndarray:
+    """Attention of T new queries ``q`` [1, Hq, T, D] over the past ``k, v`` [1, H, N, D] (any float dtype)
+    plus the new tokens ``kx, vx`` [1, H, T, D] (causal among themselves), in float32, token chunks of the
+    past upcast at a time (no float32 copy of the whole layer). -> [1, Hq, T, D] float32."""
+    _, hq, t, d = q.shape
+    h, n = k.shape[1], k.shape[2]
+    rep = hq // h
+    qg = q[0].reshape(h, rep * t, d).astype(np.float32) * np.float32(scale)
+    chunk = 1024
+    s_past = np.empty((h, rep * t, n), np.float32)
+    for c in range(0, n, chunk):
+        s_past[:, :, c:c + chunk] = qg @ k[0, :, c:c + chunk].astype(np.float32).transpose(0, 2, 1)
+    s_new = qg @ kx[0].astype(np.float32).transpose(0, 2, 1)  # [h, rep*t, t]
+    causal = np.triu(np.ones((t, t), bool), 1)
+    s_new.reshape(h, rep, t, t)[:, :, causal] = -np.inf
+    mx = np.maximum(s_past.max(axis=-1, initial=-np.inf), s_new.max(axis=-1))[..., None]
+    s_past -= mx
+    np.exp(s_past, out=s_past)
+    s_new = np.exp(s_new - mx)
+    denom = s_past.sum(-1, keepdims=True) + s_new.sum(-1, keepdims=True)
+    out = s_new @ vx[0].astype(np.float32)
+    for c in range(0, n, chunk):
+        out += s_past[:, :, c:c + chunk] @ v[0, :, c:c + chunk].astype(np.float32)
+    out /= denom
+    layer.work_peak = max(layer.work_peak, k.nbytes + v.nbytes)
+    layer.scratch_peak = max(layer.scratch_peak, s_past.nbytes + 2 * min(chunk, n) * d * h * 4 + out.nbytes)
+    return out.reshape(1, hq, t, d)
+
+
+def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out) -> np.ndarray | None:
+    """The op's semantics (module docstring); returns the output, or None for "the SDPA's own" (case a)."""
+    from kvtool.quant_ops.attention import attention_path, native_decode
+
+    st = layer.store
+    t = q.shape[2]
+    out = None
+    if st.n_tokens == 0:
+        layer.calls["fp"] += 1
+    else:
+        if layer.native is None:  # the scheme, bits and dtype decide it: the same for every later call
+            layer.decode_path = attention_path(st)
+            layer.native = layer.decode_path[0] == "native"
+        path = layer.decode_path
+        if t == 1 and layer.native:
+            qf = np.ascontiguousarray(q[:, :, 0], dtype=np.float32)
+            out = native_decode(qf, st, layer.scale, layer.threads, np.ascontiguousarray(k_new),
+                                np.ascontiguousarray(v_new))[:, :, None]
+            rep, d = q.shape[1] // k_new.shape[1], q.shape[3]
+            scratch = layer.threads * 4 * (rep * (st.n_tokens + 1) + (4 * rep + 2) * d)  # per thread, _native.cpp
+            layer.scratch_peak = max(layer.scratch_peak, scratch + out.nbytes)
+        else:
+            if t > 1:
+                path = ("portable", f"{t} new tokens on a non-empty store: this layer dequantized (the fused "
+                                    f"kernel takes one query token)")
+            k, v = st.dequantize()  # this layer only, in the store's dtype
+            out = _portable_attention(q, k, v, k_new, v_new, layer.scale, layer)
+        layer.path = path
+        layer.calls[path[0]] += 1
+    st.append(np.array(k_new, dtype=layer.dtype), np.array(v_new, dtype=layer.dtype))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _op_class():
+    """``PackedKVAttention``, an ``openvino.Op`` (defined on first use: openvino is imported lazily)."""
+    import openvino as ov
+
+    class PackedKVAttention(ov.Op):
+        """(q [1, Hq, T, D], k_new / v_new [1, H, T, D], sdpa_out [1, Hq, T, D]) -> [1, Hq, T, D]."""
+
+        def __init__(self, inputs=None, layer: _Layer | None = None):
+            super().__init__(self, inputs)
+            self.layer = layer
+            if inputs:
+                self.constructor_validate_and_infer_types()
+
+        def validate_and_infer_types(self):
+            self.set_output_type(0, self.get_input_element_type(3), self.get_input_partial_shape(3))
+
+        def clone_with_new_inputs(self, new_inputs):
+            return PackedKVAttention(new_inputs, self.layer)
+
+        def visit_attributes(self, visitor):
+            return True
+
+        def has_evaluate(self):
+            return True
+
+        def evaluate(self, outputs, inputs):
+            layer, sd = self.layer, inputs[3]
+            if layer.bf16 is None:
+                layer.bf16 = tuple(_is_bf16(x) for x in (*inputs, outputs[0]))
+            bf = layer.bf16
+            out = _evaluate(layer, *(_as_np(inputs[j], bf[j]) for j in range(3)), sd)
+            outputs[0].shape = sd.shape
+            if out is None:
+                sd.copy_to(outputs[0])
+            elif bf[4]:
+                b = np.ascontiguousarray(out, np.float32).view(np.uint32)
+                outputs[0].data.view(np.uint16)[...] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+            else:
+                outputs[0].data[...] = out
+            return True
+
+    return PackedKVAttention
+
+
+def _source(value, stop: set):
+    """Walk up from ``value`` through shape-only ops (GQA broadcast, converts) to a node in ``stop``."""
+    node = value.get_node()
+    for _ in range(8):
+        if node in stop:
+            return node
+        if node.get_type_name() not in _PASS_THROUGH:
+            return None
+        node = node.input_value(0).get_node()
+    return None
+
+
+def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
+    """Edit the stateful LM ``model`` in place (module docstring): no KV state, one ``PackedKVAttention``
+    per layer after its SDPA. Returns the layers' shared objects, in layer order. InputError for a graph whose
+    attention is not ``SDPA(q, Concat(ReadValue-past, new) ...)`` as optimum-intel's stateful export writes it."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    sinks = list(model.get_sinks())
+    concats = {}
+    for a in sinks:
+        src = a.input_value(0).get_node()
+        if src.get_type_name() != "Concat" or len(src.input_values()) != 2:
+            raise InputError("language model: a state is not written as Concat(past, new); the packed engine "
+                             "cannot follow this stateful graph (export it with kvtool export)")
+        concats[src] = a
+    stop = set(concats)
+    sdpas = [op for op in model.get_ordered_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    if len(sdpas) != num_layers or len(concats) != 2 * num_layers:
+        raise InputError(f"language model: {len(sdpas)} SDPA ops and {len(concats)} KV states for {num_layers} "
+                         f"layers; the packed engine needs one SDPA and two states per layer")
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "ReadValue":
+            ps = op.get_output_partial_shape(0)
+            empty = ops.constant(ov.Tensor(op.get_output_element_type(0), ov.Shape([1, ps[1].get_length(), 0,
+                                                                                  ps[3].get_length()])))
+            op.output(0).replace(empty.output(0))
+    for a in sinks:
+        model.remove_sink(a)
+    for var in list(model.get_variables()):
+        model.remove_variable(var)
+    cls = _op_class()
+    layers = []
+    for i, sdpa in enumerate(sdpas):
+        kc, vc = _source(sdpa.input_value(1), stop), _source(sdpa.input_value(2), stop)
+        if kc is None or vc is None:
+            raise InputError(f"language model: layer {i}'s SDPA does not read Concat(past, new) K/V")
+        d = sdpa.get_input_partial_shape(0)[3].get_length()
+        scale = 1.0 / math.sqrt(d)
+        if len(sdpa.input_values()) > 4:
+            s = sdpa.input_value(4).get_node()
+            if s.get_type_name() != "Constant":
+                raise InputError(f"language model: layer {i}'s SDPA scale is not a constant")
+            scale = float(np.asarray(s.get_data()).reshape(-1)[0])
+        layer = _Layer(i, scale, dtype)
+        targets = list(sdpa.output(0).get_target_inputs())
+        node = cls([sdpa.input_value(0), kc.input_value(1), vc.input_value(1), sdpa.output(0)], layer)
+        for t in targets:
+            t.replace_source_output(node.output(0))
+        layers.append(layer)
+    model.validate_nodes_and_infer_types()
+    return layers
+
+
+class OpenVINOPackedEngine(_OpenVINOGraphs):
+    """Stateful LM graph without KV state; per-layer packed stores read by a fused attention (module doc)."""
+
+    def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
+                 inference_precision: str | None = None, kv_precision: str | None = None):
+        """``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
+        inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16)."""
+        if kv_precision not in (None, "f16", "f32"):
+            raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
+        where = f"kv={spec.scheme} with the packed engine (kv_owner=packed)"
+        if device != "CPU":
+            raise InputError(f"{where}: runs on CPU only (its attention is a Python op the host evaluates), "
+                             f"not {device}")
+        if spec.is_ov or not spec.quantizes:
+            raise InputError(f"{where}: needs a kvtool quantizing scheme (g-KC128VT128, uniform, ...); fp16 and "
+                             f"OpenVINO's own ov-u8/ov-u4 run the stateful engine")
+        if spec.mode != "packed":
+            raise InputError(f"{where}: holds packed stores only; kv_mode={spec.mode} runs the paged engine")
+        self.inference_precision = inference_precision
+        self.kv_precision = kv_precision
+        super().__init__(path, spec, device, manifest)
+        # GraphEngine made a GraphKVCache (fp buffers, never touched here): the packed stores replace it
+        self.kv = _PackedKV(spec, self.layers, self.num_kv_heads, self.head_dim)
+
+    def _load_graphs(self) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self._compile_aux_graphs(core)
+        cfg = self._base_config()
+        prec = self.kv_precision or ("f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32" else "f16")
+        self.kv_dtype = np.float32 if prec == "f32" else np.float16
+        model = self._read_language_model(core, stateful_needed_by="the packed engine")
+        self.layers = _packed_lm(model, self.num_layers, self.kv_dtype)
+        self.lm_names = [i.get_any_name() for i in model.inputs]
+        self.lm = self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
+        self.lm_req = self.lm.create_infer_request()
+        self.n_states = len(self.lm_req.query_state())
+        if self.n_states:
+            raise InputError(f"language model: {self.n_states} KV states left after the packed engine's edit")
+
+    # -- the engine interface ------------------------------------------------------------------------
+    def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        t = embeds.shape[1]
+        # the graph sees no past: its mask covers the call's own tokens (positions come from the caller)
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, t), dtype=np.int64),
+                 "position_ids": pos, "beam_idx": np.zeros(1, dtype=np.int32)}
+        feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
+        req = self.lm_req
+        req.infer(feeds, share_inputs=True, share_outputs=True)  # the ops append to the stores
+        self.kv.advance(t)
+        return req.get_tensor("logits").data[0, -1].copy()
+
+    def kv_work_nbytes(self) -> int:
+        """Bytes of dequantized scratch held for attention beyond the packed stores: 0 on the native path, at
+        most one layer's K/V (held dtype) on the portable path."""
+        return self.kv.work_nbytes
+
+    def layer_paths(self) -> list[dict]:
+        """Per layer: ``{"layer", "path": "native" | "portable" | "none", "reason", "calls"}`` (the attention
+        path its op ran, why, and how many calls of each kind)."""
+        return [{"layer": la.index, "path": (la.path or ("none", "no decode step yet"))[0],
+                 "reason": (la.path or ("none", "no decode step yet"))[1], "calls": dict(la.calls)}
+                for la in self.layers]
+
+    def info(self) -> dict:
+        """The base engine's info plus ``kv_owner="packed"``, the route, each layer's attention path and the
+        scratch/state figures (what ``kvtool run --json`` shows)."""
+        paths = self.layer_paths()
+        kinds = sorted({p["path"] for p in paths})
+        return {**super().info(), "config": self._base_config(), "stateful": True, "kv_owner": "packed",
+                "route": "openvino python op", "ov_states": self.n_states,
+                "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
+                "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
+                "scratch_bytes": self.kv.scratch_nbytes}

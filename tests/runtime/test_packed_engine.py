@@ -1,0 +1,161 @@
+"""The packed OpenVINO engine (``engines.openvino_packed``): KV held only packed, attention reading the codes
+through a Python custom op in the stateful LM graph.
+
+Reference: today's packed path on the same stateful export — the paged engine (parity-tested against the
+torch engine and the stateless graph in test_state_owned.py), or the state-owned engine for Qwen2-VL (whose
+3-D positions the paged engine cannot take). Both hold the same packed stores (same codes: same inputs, same
+quantizer), so ``kv_bytes`` must be equal and the only difference is the attention arithmetic.
+
+First-step logits tolerance, atol 1e-4: per layer the fused kernel's output differs from an exact attention
+over the same dequantized cache by at most max|v| (2.2 delta_s + 2.4e-6 + 3 (N + D + 16) u), u = 2^-24
+(derived in tests/quant_ops/test_attention.py); at N <= 600 tokens and D <= 64 that is <= 1.5e-4 max|v|
+in the worst case (every rounding the same sign), ~1e-6 typical (observed max 4e-6 on these models). The
+reference's own attention (OpenVINO's f32 PagedAttention / SDPA) has an error of the same order. The tiny
+models' residual stream adds, never amplifies, each layer's attention output after an output projection of
+gain < 1 (init std 0.02), so 1e-4 on logits of magnitude ~0.1-1 bounds the worst case; a wrong cache (a token
+missing, the exact instead of the quantized past) changes the logits by 1e-3 or more (see
+test_new_token_exact_past_quantized). The tiny stateful exports take ~25-60 s to build (shared per session):
+tiny-llava runs by default, the matrix over architectures, schemes and bits is marked slow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvtool.errors import InputError
+from kvtool.runtime import VLMPipeline
+from tests.runtime.helpers import QUESTION, random_image
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+slow = pytest.mark.slow
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def stateful(exported):
+    return exported("tiny-llava", "openvino", 16, "fp32", stateful=True)
+
+
+def _reference_owner(path) -> str:
+    return "kvtool" if "qwen2" in str(path) else "paged"
+
+
+def _compare(path, scheme, kb, vb, new=6, **kw):
+    args = dict(kv=scheme, k_bits=kb, v_bits=vb, **kw)
+    img = random_image()
+    pipe = VLMPipeline.load(path, kv_owner="packed", **args)
+    o = pipe.generate(img, QUESTION, max_new_tokens=new, keep_logits=True, ignore_eos=True)
+    ref = VLMPipeline.load(path, kv_owner=_reference_owner(path), **args)
+    r = ref.generate(img, QUESTION, max_new_tokens=new, keep_logits=True, ignore_eos=True)
+    assert o.token_ids == r.token_ids
+    assert o.stats["kv_bytes"] == r.stats["kv_bytes"]  # the same packed stores
+    np.testing.assert_allclose(pipe.last_first_logits, ref.last_first_logits, rtol=0, atol=ATOL)
+    for mine, theirs in zip(o.logits, r.logits, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=ATOL)
+    return pipe, o
+
+
+def _one_layer(pipe, itemsize: int) -> int:
+    e = pipe.engine
+    return 2 * e.num_kv_heads * e.head_dim * e.kv.n_tokens * itemsize
+
+
+@pytest.mark.parametrize("scheme,kb,vb,path", [("g-KC128VT128", 2, 2, "native"), ("g-KT32VC32", 3, 8, "native"),
+                                               ("uniform", 4, 2, "portable")])
+def test_matches_the_paged_engine(stateful, scheme, kb, vb, path):
+    pipe, out = _compare(stateful, scheme, kb, vb)
+    info = pipe.info()["engine"]
+    assert info["kv_owner"] == "packed" and info["route"] == "openvino python op"
+    assert info["attention_path"] == path and info["ov_states"] == 0
+    assert all(la["calls"]["fp"] == 1 and la["calls"][path] == 6 for la in info["layers"])
+    if path == "portable":
+        assert "uniform" in info["attention_reason"]
+        # one layer dequantized at a time, in the held dtype (f32 here: an fp32 export)
+        assert 0 < out.stats["kv_work_bytes"] <= _one_layer(pipe, 4)
+    else:
+        assert out.stats["kv_work_bytes"] == 0  # the kernel reads the codes
+
+
+def test_default_engine_and_no_openvino_state(stateful):
+    """A kvtool scheme in packed mode on a stateful CPU export runs the packed engine; the compiled graph holds
+    no KV state (no ReadValue/Assign, no variables); simulate mode keeps the paged engine."""
+    pipe = VLMPipeline.load(stateful, kv="g-KC128VT128", k_bits=2, v_bits=2)
+    eng = pipe.engine
+    assert type(eng).__name__ == "OpenVINOPackedEngine"
+    assert eng.lm_req.query_state() == [] or len(eng.lm_req.query_state()) == 0
+    kinds = {op.get_type_name() for op in eng.lm.get_runtime_model().get_ops()}
+    assert not kinds & {"ReadValue", "Assign", "ReadValueWithSubgraph"}
+    sim = VLMPipeline.load(stateful, kv="g-KC128VT128", k_bits=2, v_bits=2, kv_mode="simulate")
+    assert type(sim.engine).__name__ == "OpenVINOPagedEngine"
+
+
+def test_f16_store_work_within_one_layer(stateful):
+    """Held in f16 (the default for non-fp32 exports): the portable path's working copy is at most one
+    layer's fp16 cache, the native path has none; what is held is far below the fp16 cache."""
+    for scheme, path in (("g-CN", "portable"), ("g-KC128VT128", "native")):
+        pipe = VLMPipeline.load(stateful, kv=scheme, k_bits=2, v_bits=2, kv_precision="f16")
+        out = pipe.generate(random_image(), QUESTION, max_new_tokens=4, ignore_eos=True)
+        assert pipe.info()["engine"]["attention_path"] == path
+        assert out.stats["kv_work_bytes"] <= _one_layer(pipe, 2)
+        assert (out.stats["kv_work_bytes"] > 0) == (path == "portable")
+        assert out.stats["kv_bytes"] < 0.35 * out.stats["kv_fp16_bytes"]
+        assert pipe.info()["engine"]["kv_dtype"] == "float16"
+
+
+def test_new_token_exact_past_quantized(stateful):
+    """Several tokens on a non-empty store (case c, portable, causal inside the call) and one token (case b)
+    give the reference's logits; attending to the exact instead of the quantized past would not."""
+    kw = dict(kv="g-KC128VT128", k_bits=2, v_bits=2)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **kw)
+    ref = VLMPipeline.load(stateful, kv_owner="paged", **kw)
+    fp = VLMPipeline.load(stateful, kv="fp16")
+    from kvtool.runtime.preprocess import prepare_inputs
+
+    prepared = prepare_inputs(pipe.processor, [random_image()], QUESTION, pipe.conversation)
+    n = prepared.n_tokens
+    got = []
+    for p in (pipe, ref, fp):
+        p.engine.start(prepared, 4)
+        p.engine.run_prompt(0, n - 5)
+        got.append(p.engine.run_prompt(n - 5, n))
+    np.testing.assert_allclose(got[0], got[1], rtol=0, atol=ATOL)
+    assert np.abs(got[0] - got[2]).max() > 10 * ATOL  # 2-bit past: visibly not the fp16 answer
+    layers = pipe.info()["engine"]["layers"]
+    assert all(la["calls"] == {"fp": 1, "native": 0, "portable": 1} for la in layers)
+    assert "5 new tokens" in layers[0]["reason"]
+
+
+def test_first_token_fp_matches(stateful):
+    _compare(stateful, "g-KC128VT128", 4, 2, new=3, first_token="fp")
+
+
+def test_bad_input(stateful):
+    from kvtool.manifest import Manifest
+    from kvtool.runtime.engines.openvino_packed import OpenVINOPackedEngine
+    from kvtool.runtime.kvspec import make_kv_spec
+
+    m = Manifest.load(stateful)
+    spec = make_kv_spec("g-KC128VT128", 2, 2, "packed", "compressed", None, False)
+    with pytest.raises(InputError, match=r"^kv=g-KC128VT128 with the packed engine .*CPU only.*GPU"):
+        OpenVINOPackedEngine(stateful, spec, "GPU", m)
+    for kv, bits, mode in (("ov-u4", None, "packed"), ("fp16", None, "packed"), ("uniform", 4, "simulate")):
+        # the registry refuses the schemes the engine does not take; the engine refuses simulate mode itself
+        with pytest.raises(InputError, match=f"^kv={kv} with (the packed engine|kv_owner=packed: .*packed takes)"):
+            VLMPipeline.load(stateful, kv=kv, k_bits=bits, v_bits=bits, kv_mode=mode, kv_owner="packed")
+
+
+ARCHS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"]
+FAMILIES = ["g-KC32VT32", "g-KT32VC32", "g-C32", "g-CN", "g-T32", "uniform", "or2"]
+BITS = [(2, 2), (3, 3), (4, 8), (8, 2)]  # 2, 3, 4 and 8 bits; K and V apart
+
+
+@slow
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", FAMILIES)
+@pytest.mark.parametrize("kb,vb", BITS)
+def test_matrix(exported, arch, scheme, kb, vb):
+    """Every scheme family at 2, 3, 4 and 8 bits, K and V bits apart, on the three architectures."""
+    pipe, _ = _compare(exported(arch, "openvino", 16, "fp32", stateful=True), scheme, kb, vb, new=4)
+    native = scheme.startswith("g-") and scheme != "g-CN"
+    assert pipe.info()["engine"]["attention_path"] == ("native" if native else "portable")
