@@ -14,11 +14,14 @@ Run:  python bench/export.py [--hidden 2048 --layers 8] [--backends openvino,onn
 Side by side with optimum-cli on a real-shape checkpoint (``kvtool models make``), one export at a time:
 
       python bench/export.py --vs-optimum llava-1.5-7b --shape-layers 4 --wbits 4,8 [--json out.json]
+      python bench/export.py --vs-optimum llava-1.5-7b --shape-layers 4 \
+          --rows kvtool:int4,optimum-cli:int4,kvtool:int8,optimum-cli:int8,kvtool:int4-awq,optimum-cli:int4-awq
 
-runs ``kvtool export --wbits N`` (OpenVINO, stateful default) and ``optimum-cli export openvino --task
-image-text-to-text --weight-format intN`` on the same fp16 checkpoint, each under ``/usr/bin/time -v``, and
-reports peak RSS (the child's maximum resident set, and its ratio to the checkpoint's bytes), wall and CPU
-seconds and output size.
+runs ``kvtool export --wbits N`` (OpenVINO, stateful default; ``kvtool-onnx``: ``--backend onnx``) and
+``optimum-cli export openvino --task image-text-to-text --weight-format intN`` (``int4-awq``: ``--awq`` on
+both, data-free) on the same fp16 checkpoint, each under ``/usr/bin/time -v``, and reports peak RSS (the
+child's maximum resident set, and its ratio to the checkpoint's bytes), wall and CPU seconds and output
+size; ``--json`` is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -63,9 +66,9 @@ def run_export(model: Path, out: Path, backend: str, wbits: int, extra: list[str
             "peak_rss_mib": round(int(peak_file.read_text()) / 2**20), "graphs": res["graphs"]}
 
 
-def timed(cmd: list[str]) -> dict:
+def timed(cmd: list[str], extra_env: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` under ``/usr/bin/time -v``: wall, user+sys CPU seconds and peak RSS of the command."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", **(extra_env or {}))
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -81,40 +84,68 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+ROW_TOOLS = ("kvtool", "kvtool-keep-pages", "kvtool-onnx", "optimum-cli")
+ROW_FORMATS = ("int4", "int8", "int4-awq")
+
+
+def parse_rows(spec: str) -> list[tuple[str, str]]:
+    """``tool:format,...`` (tools ``ROW_TOOLS``, formats ``ROW_FORMATS``) -> [(tool, format)]."""
+    rows = []
+    for item in spec.split(","):
+        tool, _, fmt = item.strip().partition(":")
+        if tool not in ROW_TOOLS or fmt not in ROW_FORMATS:
+            raise SystemExit(f"--rows {item!r}: expected TOOL:FORMAT with TOOL in {', '.join(ROW_TOOLS)} and "
+                             f"FORMAT in {', '.join(ROW_FORMATS)}")
+        rows.append((tool, fmt))
+    return rows
+
+
+def row_command(tool: str, fmt: str, model: Path, out: Path) -> tuple[list[str], dict[str, str]]:
+    """Command line and extra environment of one --vs-optimum row. ``int4-awq`` is data-free AWQ on both
+    sides (NNCF's, no calibration data: the hub is offline here); ``kvtool-keep-pages`` is kvtool with the
+    checkpoint's pages left resident (``KVTOOL_EXPORT_KEEP_PAGES``), to measure what reclaiming them saves."""
+    bits, awq = fmt[3], fmt.endswith("-awq")
+    if tool.startswith("kvtool"):
+        backend = "onnx" if tool == "kvtool-onnx" else "openvino"
+        cmd = [sys.executable, "-m", "kvtool.cli", "export", str(model), "-o", str(out), "--wbits", bits,
+               "--backend", backend, *(["--awq"] if awq else [])]
+        return cmd, ({"KVTOOL_EXPORT_KEEP_PAGES": "1"} if tool == "kvtool-keep-pages" else {})
+    cmd = [shutil.which("optimum-cli") or "optimum-cli", "export", "openvino", "--model", str(model),
+           "--task", "image-text-to-text", "--weight-format", f"int{bits}", *(["--awq"] if awq else []), str(out)]
+    return cmd, {}
+
+
 def vs_optimum(args) -> None:
     """kvtool export vs optimum-cli export openvino on one real-shape checkpoint, one process at a time."""
     from kvtool.models.real_shapes import make_real_shape_model
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    model = work / f"{args.vs_optimum}-l{args.shape_layers}"
+    model = work / f"{args.vs_optimum}-l{args.shape_layers or 'all'}"
     if not (model / "model.safetensors.index.json").exists():
         make_real_shape_model(args.vs_optimum, model, layers=args.shape_layers)
     ckpt = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    spec = args.rows or ",".join(f"{t}:int{w}" for w in args.wbits.split(",") for t in ("kvtool", "optimum-cli"))
     rows = []
-    for wbits in (int(w) for w in args.wbits.split(",")):
-        for tool in ("kvtool", "optimum-cli"):
-            out = work / f"{tool}-w{wbits}"
-            if out.exists():
-                shutil.rmtree(out)
-            if tool == "kvtool":
-                cmd = [sys.executable, "-m", "kvtool.cli", "export", str(model), "-o", str(out), "--wbits", str(wbits)]
-            else:
-                cmd = [shutil.which("optimum-cli") or "optimum-cli", "export", "openvino", "--model", str(model),
-                       "--task", "image-text-to-text", "--weight-format", f"int{wbits}", str(out)]
-            row = {"tool": tool, "wbits": wbits, **timed(cmd), "output_gib": round(dir_bytes(out) / 2**30, 3)}
-            row["rss_vs_checkpoint"] = round(row["peak_rss_gib"] * 2**30 / ckpt, 2)
-            rows.append(row)
-            print(f"{tool:<12} int{wbits}  peak {row['peak_rss_gib']:>6.2f} GiB ({row['rss_vs_checkpoint']:.2f}x ckpt)  "
-                  f"wall {row['wall_s']:>7.1f} s  cpu {row['cpu_s']:>7.1f} s  output {row['output_gib']:.3f} GiB",
-                  flush=True)
-            if not args.keep:
-                shutil.rmtree(out)
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "model": {"shape": args.vs_optimum, "layers": args.shape_layers, "checkpoint_bytes": ckpt},
-              "rows": rows}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    for tool, fmt in parse_rows(spec):
+        out = work / f"{tool}-{fmt}"
+        if out.exists():
+            shutil.rmtree(out)
+        cmd, env = row_command(tool, fmt, model, out)
+        row = {"tool": tool, "format": fmt, **timed(cmd, env), "output_gib": round(dir_bytes(out) / 2**30, 3)}
+        row["rss_vs_checkpoint"] = round(row["peak_rss_gib"] * 2**30 / ckpt, 2)
+        rows.append(row)
+        print(f"{tool:<18} {fmt:<9} peak {row['peak_rss_gib']:>6.2f} GiB ({row['rss_vs_checkpoint']:.2f}x ckpt)  "
+              f"wall {row['wall_s']:>7.1f} s  cpu {row['cpu_s']:>7.1f} s  output {row['output_gib']:.3f} GiB",
+              flush=True)
+        if not args.keep:
+            shutil.rmtree(out)
+        if args.json_out:  # after every row: a long run interrupted keeps what it measured
+            result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                  "loadavg_1min": os.getloadavg()[0]},
+                      "model": {"shape": args.vs_optimum, "layers": args.shape_layers, "checkpoint_bytes": ckpt},
+                      "rows": rows}
+            Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def lm_weight_bytes(row: dict, out: Path) -> int:
@@ -139,6 +170,8 @@ def main() -> None:
     ap.add_argument("--vs-optimum", metavar="SHAPE", help="Compare with optimum-cli on this real-shape checkpoint "
                     "(llava-1.5-7b, qwen2-vl-2b, ...; see `kvtool ls models`).")
     ap.add_argument("--shape-layers", type=int, help="Decoder layers of the --vs-optimum checkpoint (default: all).")
+    ap.add_argument("--rows", help="--vs-optimum rows, TOOL:FORMAT,... (tools: " + ", ".join(ROW_TOOLS) + "; formats: "
+                    + ", ".join(ROW_FORMATS) + "; default: kvtool and optimum-cli at each --wbits).")
     args = ap.parse_args()
     if args.vs_optimum:
         vs_optimum(args)

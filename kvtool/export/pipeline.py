@@ -4,7 +4,8 @@ Stages (one progress bar): resolve and load the checkpoint (OpenVINO: in its own
 ONNX: fp32), read the calibration set and turn it into language-model inputs (forward passes in the
 checkpoint's dtype), apply kvtool's own AWQ scales and/or simulated 3-bit weights to the PyTorch weights
 when asked (``kvtool.export.awq``), convert with the chosen backend (OpenVINO compresses each graph in
-memory before its first save and releases the LM's torch weights once converted; ONNX quantizes after),
+memory before its first save and releases the LM's torch weights once converted; ONNX quantizes after) —
+all the while the memory-mapped checkpoint's pages are reclaimed as they are consumed (``pages.paging_out``),
 copy the processor/tokenizer files and ``config.json`` (OpenVINO: also the tokenizer/detokenizer IRs of
 openvino-tokenizers), and write the manifest ``kvtool.json``.
 It does not run generation or check parity (tests and ``kvtool.runtime`` do).
@@ -117,6 +118,7 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
     from kvtool import __version__
     from kvtool.export import source
     from kvtool.export.calibration import lm_inputs, load_calibration
+    from kvtool.export.pages import paging_out
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -138,7 +140,8 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
-    with tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step", file=progress_stream) as bar:
+    with (tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step", file=progress_stream) as bar,
+          paging_out(source.weight_files(model_dir))):
         bar.set_postfix_str("load")
         model = source.load_torch_model(model_dir, cfg.trust_remote_code, own_dtype=cfg.backend == "openvino")
         lm = source.lm_info(model.config)

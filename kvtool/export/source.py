@@ -66,9 +66,14 @@ def lm_linear_widths(config: dict[str, Any]) -> set[int]:
     return {int(w) for w in widths if w}
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, sorted: its safetensors shards, else its ``*.bin`` files."""
+    return sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+
+
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over the weight files (name and bytes, in sorted order) of a checkpoint."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    files = weight_files(model_dir)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
