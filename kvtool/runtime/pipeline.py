@@ -157,9 +157,15 @@ class VLMPipeline:
         else:
             engine = load_engine(backend, path, spec, dev, **engine_kwargs)
             check_scheme_fits(spec, engine.num_kv_heads, engine.head_dim)
-        from kvtool.runtime.processing import load_processor
+        processor = None
+        if backend != "torch":  # transformers' processor classes import torch (~850 MiB): lean_processor's doc
+            from kvtool.runtime.lean_processor import load_lean_processor
 
-        processor = load_processor(path)  # torch-free (PIL image processing) and fast; kvtool.runtime.processing
+            processor = load_lean_processor(path)
+        if processor is None:
+            from kvtool.runtime.processing import load_processor
+
+            processor = load_processor(path)  # PIL image processing and fast; kvtool.runtime.processing
         return cls(engine, processor, spec, path, manifest, conversation, device)
 
     def _eos_ids(self) -> set[int]:
