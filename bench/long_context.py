@@ -88,11 +88,12 @@ def image():
 def make_question(export: Path, n_tokens: int) -> tuple[str, int]:
     """A question of filler text plus ``QUESTION_TAIL`` whose prompt (chat template + image tokens) is as
     close to ``n_tokens`` as word granularity allows; returns (question, its prompt's token count)."""
-    from kvtool.runtime.preprocess import load_images, prepare_inputs, resolve_conversation
+    from kvtool.runtime.lean_processor import load_lean_processor
+    from kvtool.runtime.preprocess import load_images, prepare_inputs
     from kvtool.runtime.processing import load_processor
 
-    proc, img = load_processor(export), load_images(image())
-    conv = resolve_conversation(export, "auto")
+    proc, img = load_lean_processor(export) or load_processor(export), load_images(image())
+    conv = "chat_template"  # what both runtimes apply here (VLMPipeline.load's default; genai's only one)
     words = (FILLER * 4).split()
 
     def text(n_words: int) -> str:
