@@ -295,9 +295,12 @@ def run(a) -> dict:
             cmd += ["--kv-owner", a.kv_owner]
         if a.kv_owner_fp16:
             cmd += ["--kv-owner-fp16", a.kv_owner_fp16]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if a.child_pythonpath:
+            env["PYTHONPATH"] = a.child_pythonpath
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.child_timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.child_timeout, env=env)
         except subprocess.TimeoutExpired:
             failures.append(f"{name} @ {n}: timed out after {a.child_timeout} s")
             continue
@@ -309,6 +312,9 @@ def run(a) -> dict:
             continue
         row = json.loads(line[0][7:])
         rows.setdefault((name, n), []).append(row)
+        if a.json:  # what is measured so far, in case the run is stopped
+            partial = [{"length": m, **summarize(v)} for (nm, m), v in rows.items()]
+            Path(a.json + ".partial").write_text(json.dumps({"results": partial, "failures": failures}, indent=2))
         print(f"[{i + 1}/{len(jobs)}] round {r} {name} @ {n}: ttft {row['ttft_ms']:.0f} ms, decode "
               f"{row['decode_ms_per_token']:.2f} ms/tok, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB "
               f"({time.perf_counter() - t0:.0f} s, load {loads[-1]:.1f})", file=sys.stderr)
@@ -319,12 +325,34 @@ def run(a) -> dict:
 
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sizes": SIZES, "rounds": a.rounds,
             "new_tokens": a.new_tokens, "lengths": lengths, "configs": names, "kv_owner": a.kv_owner,
+            "child_pythonpath": a.child_pythonpath,
             "target_tokens": a.target_tokens, "load_average": {"min": min(loads, default=0.0),
                                                                "median": statistics.median(loads or [0.0]),
                                                                "max": max(loads, default=0.0)},
             "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "parent_peak_rss_bytes": peak_rss_bytes(), "results": results,
             "targets": targets(results, a.target_tokens), "failures": failures}
+
+
+def merge(paths: list[str], target_tokens: int) -> dict:
+    """Several saved runs as one (rows of later files replace rows of the same config and length), targets
+    re-evaluated: for configurations measured in separate invocations (e.g. a before/after pair)."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    rows: dict[tuple[str, int], dict] = {}
+    for run_ in runs:
+        for r in run_["results"]:
+            rows[(r["name"], r["length"])] = r
+    results = sorted(rows.values(), key=lambda r: (r["length"], r["name"]))
+    for r in results:
+        r["kv_attributable_bytes"] = _kv_attr(results, r["name"], r["length"])
+    loads = [run_["load_average"] for run_ in runs]
+    return {**runs[-1], "date": " / ".join(dict.fromkeys(run_["date"] for run_ in runs)), "merged_from": paths,
+            "rounds": min(run_["rounds"] for run_ in runs), "configs": sorted({r["name"] for r in results}),
+            "lengths": sorted({r["length"] for r in results}), "target_tokens": target_tokens,
+            "load_average": {"min": min(x["min"] for x in loads), "median": statistics.median(x["median"] for x in loads),
+                             "max": max(x["max"] for x in loads)},
+            "results": results, "targets": targets(results, target_tokens),
+            "failures": [f for run_ in runs for f in run_.get("failures", [])]}
 
 
 def markdown(res: dict) -> str:
@@ -364,11 +392,15 @@ def main() -> int:
     ap.add_argument("--kv-owner", default=None, help="force this engine (VLMPipeline.load's kv_owner) for the "
                     "quantized kvtool configurations (default: whatever load_engine picks)")
     ap.add_argument("--kv-owner-fp16", default=None, help="the same for kvtool_fp16")
+    ap.add_argument("--child-pythonpath", default=None, help="PYTHONPATH of the child processes (e.g. another "
+                    "kvtool tree, for before/after rows; default: this environment's)")
     ap.add_argument("--target-tokens", type=int, default=8192, help="the length the targets are evaluated at")
     ap.add_argument("--child-timeout", type=int, default=1800, help="seconds per child process")
     ap.add_argument("--quick", action="store_true", help="preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                     + " (targets at 2048)")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--merge", default=None, help="comma-separated saved --json runs: print them as one table "
+                    "(later files' rows replace earlier ones'), targets re-evaluated; measure nothing")
     ap.add_argument("--markdown", default=None, help="re-print a saved --json run, measure nothing")
     for name in ("--one", "--export", "--question-file"):  # child process: one configuration, JSON on stdout
         ap.add_argument(name, default=None, help=argparse.SUPPRESS)
@@ -376,6 +408,12 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.one:
         print("RESULT " + json.dumps(run_child(a)))
+        return 0
+    if a.merge:
+        res = merge(a.merge.split(","), a.target_tokens)
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2), encoding="utf-8")
+        print(markdown(res))
         return 0
     if a.quick:
         for k, v in QUICK.items():

@@ -201,7 +201,9 @@ class VLMPipeline:
                              "text-only question)")
         if text_only and images:
             raise InputError("image: text_only=True takes no image")
+        t_prep = time.perf_counter()
         prepared = prepare_inputs(self.processor, images, prompt, self.conversation)
+        preprocess_ms = (time.perf_counter() - t_prep) * 1e3
         if self.max_positions is not None and prepared.n_tokens + max_new_tokens > self.max_positions:
             raise PromptTooLong(prepared.n_tokens, max_new_tokens, self.max_positions)
         rng = np.random.default_rng(seed)
@@ -250,6 +252,8 @@ class VLMPipeline:
             "prompt_tokens": T,
             "new_tokens": len(ids),
             "prefill_ms": prefill_ms,
+            # prompt text + tokenizer + image processor; prefill_ms starts after it (time to first token is both)
+            "preprocess_ms": preprocess_ms,
             "decode_ms_per_token": decode_s * 1e3 / n_steps if n_steps else 0.0,
             "tokens_per_s": n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
             "kv_bytes": int(kv_bytes),
