@@ -18,11 +18,12 @@ from kvtool.runtime.engines.graph_base import GraphEngine
 from kvtool.runtime.kvspec import KVSpec
 
 _NP_OF_OV = {"f32": np.float32, "f16": np.float16}
-# Tokens per prefill call of the stateful engine with kv=fp16. The exported graph builds its attention mask and
-# activations for the whole call ([T, past + T] and [T, intermediate] per layer), so one call over an 8k prompt
-# held ~800 MiB of intermediates on the issue-13 model; chunks bound that, with the same attention arithmetic
-# (each chunk attends to the f16 states the earlier ones wrote). docs/BENCHMARKS.md, issue 13 section.
-PREFILL_CHUNK = 1024
+# Tokens per prefill call of the stateful engine with kv=fp16 (0: the whole prompt in one call). The exported
+# graph builds its attention mask and activations for the whole call, so one call over 4k tokens held 805 MiB
+# of intermediates on the issue-13 model and chunks of 1024 held 561 MiB; but chunks cost 1.8x the prefill's
+# CPU time at 2k tokens (the stateful SDPA with a past is the slow path), so the default stays one call and
+# chunking is the caller's trade (docs/BENCHMARKS.md, issue 13 section).
+PREFILL_CHUNK = 0
 
 
 def _lm_only_new(model, manifest):
@@ -191,7 +192,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         """``kv_precision``: the states' precision for ``kv="fp16"``, f16 (the default, as named) or f32.
         ``prefill_chunk``: the prompt goes through the graph this many tokens per call (0: in one call);
         default ``PREFILL_CHUNK`` for ``kv="fp16"`` and one call for ``ov-u8``/``ov-u4`` (where a chunk would
-        attend to the earlier chunks' compressed cache)."""
+        attend to the earlier chunks' compressed cache) unless given."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         if kv_precision and not spec.is_fp:
