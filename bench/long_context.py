@@ -188,7 +188,8 @@ def run_kvtool(export: Path, kwargs: dict, question: str, warm_q: str, new_token
             "rss_after_load_bytes": rss_load, "hwm_after_load_bytes": hwm_load, "load_s": load_s,
             "kv_bytes": st["kv_bytes"], "kv_bytes_source": "kvtool stats", "kv_work_bytes": st["kv_work_bytes"],
             "heavy_modules": heavy,
-            "engine": {k: info["engine"].get(k) for k in ("class", "kv_owner", "path", "attention_path", "config")
+            "engine": {k: info["engine"].get(k) for k in ("class", "kv_owner", "path", "attention_path", "config",
+                                                          "prefill_chunk")
                        if isinstance(info.get("engine"), dict) and k in info["engine"]}}
 
 
@@ -370,7 +371,8 @@ def markdown(res: dict) -> str:
     for r in sorted(res["results"], key=lambda r: (r["length"], r["name"])):
         attr = r.get("kv_attributable_bytes")
         eng = r.get("engine") or {}
-        eng_s = eng.get("class") or eng.get("kv_owner") or ("genai" if "genai" in eng else "")
+        eng_s = eng.get("class") or eng.get("kv_owner") or ("genai" if "genai" in eng else
+                                                            "stateful" if "config" in eng else "")
         lines.append(f"| {r['name']} | {r['prompt_tokens']:,} | {r['decode_ms_per_token']:.2f} | {r['ttft_ms']:,.0f} | "
                      f"{r['peak_rss_bytes'] / mib:,.0f} | {r['rss_after_load_bytes'] / mib:,.0f} | "
                      f"{'' if attr is None else f'{attr / mib:,.0f}'} | {r['kv_bytes'] / mib:,.1f} | "
