@@ -289,6 +289,8 @@ class VLMPipeline:
             "kv_residual": self.spec.residual,
             "kv_spec": self.spec.to_dict(),
             "conversation": self.conversation,
+            # LeanLlavaProcessor (transformers-free, lean_processor) or the transformers processor class wrapped
+            "processor": getattr(self.processor, "kind", type(self.processor).__name__),
             "model_path": str(self.path.resolve()),
             "manifest": self.manifest.to_dict() if self.manifest is not None else None,
             "engine": self.engine.info(),
