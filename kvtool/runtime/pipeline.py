@@ -153,9 +153,15 @@ class VLMPipeline:
         else:
             engine = load_engine(backend, path, spec, dev, **engine_kwargs)
             check_scheme_fits(spec, engine.num_kv_heads, engine.head_dim)
-        from kvtool.runtime.processing import load_processor
+        processor = None
+        if backend != "torch":  # transformers' processor classes import torch (~850 MiB): lean_processor's doc
+            from kvtool.runtime.lean_processor import load_lean_processor
 
-        processor = load_processor(path)  # torch-free (PIL image processing) and fast; kvtool.runtime.processing
+            processor = load_lean_processor(path)
+        if processor is None:
+            from kvtool.runtime.processing import load_processor
+
+            processor = load_processor(path)  # PIL image processing and fast; kvtool.runtime.processing
         return cls(engine, processor, spec, path, manifest, conversation, device)
 
     @staticmethod
@@ -200,7 +206,9 @@ class VLMPipeline:
                              "text-only question)")
         if text_only and images:
             raise InputError("image: text_only=True takes no image")
+        t_prep = time.perf_counter()
         prepared = prepare_inputs(self.processor, images, prompt, self.conversation)
+        preprocess_ms = (time.perf_counter() - t_prep) * 1e3
         if self.max_positions is not None and prepared.n_tokens + max_new_tokens > self.max_positions:
             raise PromptTooLong(prepared.n_tokens, max_new_tokens, self.max_positions)
         rng = np.random.default_rng(seed)
@@ -249,6 +257,8 @@ class VLMPipeline:
             "prompt_tokens": T,
             "new_tokens": len(ids),
             "prefill_ms": prefill_ms,
+            # prompt text + tokenizer + image processor; prefill_ms starts after it (time to first token is both)
+            "preprocess_ms": preprocess_ms,
             "decode_ms_per_token": decode_s * 1e3 / n_steps if n_steps else 0.0,
             "tokens_per_s": n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
             "kv_bytes": int(kv_bytes),
@@ -284,6 +294,8 @@ class VLMPipeline:
             "kv_residual": self.spec.residual,
             "kv_spec": self.spec.to_dict(),
             "conversation": self.conversation,
+            # LeanLlavaProcessor (transformers-free, lean_processor) or the transformers processor class wrapped
+            "processor": getattr(self.processor, "kind", type(self.processor).__name__),
             "model_path": str(self.path.resolve()),
             "manifest": self.manifest.to_dict() if self.manifest is not None else None,
             "engine": self.engine.info(),

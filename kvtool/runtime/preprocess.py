@@ -308,14 +308,19 @@ def prepare_inputs(processor, images: list, question: str, conversation: str = "
     kwargs: dict[str, Any] = {"text": prompt, "return_tensors": "np"}
     if images:
         kwargs["images"] = images if len(images) > 1 else images[0]
-    from transformers.utils import logging as hf_logging
+    import sys
 
-    level = hf_logging.get_verbosity()  # the tokenizer's "longer than the maximum" warning: the pipeline's own
-    hf_logging.set_verbosity_error()  # check (PromptTooLong) says it in one line, naming both numbers
-    try:
-        enc = processor(**kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
+    if "transformers" not in sys.modules:  # a transformers-free processor (lean_processor): nothing to silence,
+        enc = processor(**kwargs)  # and importing transformers here would cost seconds
+    else:
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()  # the tokenizer's "longer than the maximum" warning: the pipeline's
+        hf_logging.set_verbosity_error()  # own check (PromptTooLong) says it in one line, naming both numbers
+        try:
+            enc = processor(**kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
     input_ids = np.asarray(enc["input_ids"], dtype=np.int64)
     vision = {k: np.asarray(v) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
     return PreparedInputs(prompt=prompt, input_ids=input_ids, vision=vision)

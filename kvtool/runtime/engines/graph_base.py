@@ -28,13 +28,13 @@ class GraphEngine:
     backend = "graph"  # each subclass names its runtime library
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str, manifest):
-        from transformers import AutoConfig
+        from kvtool.runtime.hfconfig import read_config
 
         self.path = Path(path)
         self.spec = spec
         self.device = device
         self.manifest = manifest
-        self.config = AutoConfig.from_pretrained(str(self.path))
+        self.config = read_config(self.path, manifest.architecture)  # JSON, no transformers/torch import
         lm = manifest.lm
         self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
         self.arch = manifest.architecture

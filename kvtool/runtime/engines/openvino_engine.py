@@ -18,6 +18,12 @@ from kvtool.runtime.engines.graph_base import GraphEngine
 from kvtool.runtime.kvspec import KVSpec
 
 _NP_OF_OV = {"f32": np.float32, "f16": np.float16}
+# Tokens per prefill call of the stateful engine with kv=fp16 (0: the whole prompt in one call). The exported
+# graph builds its attention mask and activations for the whole call, so one call over 4k tokens held 805 MiB
+# of intermediates on the issue-13 model and chunks of 1024 held 561 MiB; but chunks cost 1.8x the prefill's
+# CPU time at 2k tokens (the stateful SDPA with a past is the slow path), so the default stays one call and
+# chunking is the caller's trade (docs/BENCHMARKS.md, issue 13 section).
+PREFILL_CHUNK = 0
 
 
 def _lm_only_new(model, manifest):
@@ -184,14 +190,21 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
     home of OpenVINO's own KV compression (``kv="ov-u8"|"ov-u4"``). kvtool holds no KV here."""
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
-                 inference_precision: str | None = None, kv_precision: str | None = None):
-        """``kv_precision``: the states' precision for ``kv="fp16"``, f16 (the default, as named) or f32."""
+                 inference_precision: str | None = None, kv_precision: str | None = None,
+                 prefill_chunk: int | None = None):
+        """``kv_precision``: the states' precision for ``kv="fp16"``, f16 (the default, as named) or f32.
+        ``prefill_chunk``: the prompt goes through the graph this many tokens per call (0: in one call);
+        default ``PREFILL_CHUNK`` for ``kv="fp16"`` and one call for ``ov-u8``/``ov-u4`` (where a chunk would
+        attend to the earlier chunks' compressed cache) unless given."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         if kv_precision and not spec.is_fp:
             raise InputError(f"kv_precision: applies to kv=fp16; {spec.scheme} sets OpenVINO's own precision")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
+            raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {prefill_chunk!r}")
         self.inference_precision = inference_precision
         self.kv_precision = kv_precision
+        self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None and spec.is_fp else (prefill_chunk or 0)
         self.n_tokens = 0
         super().__init__(path, spec, device, manifest)
 
@@ -235,6 +248,15 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
     def _n_cached(self) -> int:
         return self.n_tokens
 
+    def run_prompt(self, start: int, end: int) -> np.ndarray:
+        """Prompt tokens ``start:end`` through the graph in chunks of ``prefill_chunk`` (module doc of
+        ``PREFILL_CHUNK``); the logits of the last one."""
+        step = self.prefill_chunk or (end - start)
+        logits = None
+        for s in range(start, end, step):
+            logits = super().run_prompt(s, min(s + step, end))
+        return logits
+
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, self.n_tokens + t), dtype=np.int64),
@@ -271,5 +293,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         return 0
 
     def info(self) -> dict:
-        """``Engine.info``: the compile config (KV precision / group / mode), stateful, the KV element type."""
-        return {"config": self._config(), "stateful": True, "kv_dtype": self.kv_dtype_name()}
+        """``Engine.info``: the compile config (KV precision / group / mode), stateful, the KV element type, the
+        prefill chunk (None: one call)."""
+        return {"config": self._config(), "stateful": True, "kv_dtype": self.kv_dtype_name(),
+                "prefill_chunk": self.prefill_chunk}
