@@ -275,13 +275,9 @@ def _save(model: Any, path: Path) -> None:
                     location=data.name, size_threshold=1024)
 
 
-def check_architecture(arch: str) -> None:
-    """Every kvtool architecture has wrappers here (LLaVA, LLaVA-NeXT, Qwen2-VL)."""
-
-
 def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:
-    """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``."""
-    check_architecture(arch)
+    """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``. Every kvtool
+    architecture (``source.architecture_of``, which refuses the others) has wrappers here."""
     if getattr(model.model, "image_newline", None) is not None:
         # LLaVA-NeXT's learned newline embedding is not in any graph: config.json carries it (as the
         # OpenVINO exporter does), so the runtime packs tiles without the source checkpoint

@@ -130,11 +130,10 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
     if bad:  # checked again on the loaded model (awq.check_group_size); this one is instant
         raise InputError(f"--group-size {cfg.group_size}: does not divide the language model's layer widths {bad} "
                          "(choose a power of two dividing them, or -1 for per-channel)")
-    if cfg.backend == "openvino":
+    if cfg.backend == "openvino":  # can the installed optimum-intel export it (ONNX: kvtool's own wrappers)
         from kvtool.export.openvino_backend import check_architecture
-    else:
-        from kvtool.export.onnx_backend import check_architecture
-    check_architecture(arch)
+
+        check_architecture(arch)
     torch_transform = cfg.wbits == 3 or (cfg.awq and cfg.backend == "onnx")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,10 +29,12 @@ then appends the new K/V to the store. The portable path dequantizes one layer a
 codes), one layer's K/V in the held dtype (f16 by default, f32 for fp32 exports) on the portable path;
 ``info()["scratch_bytes"]`` the kernel's scratch or the portable scores.
 
-Why a Python op: it plugs the tested native kernel into the graph with no second build system. Its cost,
-measured on the CPU plugin (32 identity ops on a small graph: 3.21 vs 0.44 ms per inference), is ~0.09 ms
-per op call, ~0.7 ms per token at 8 layers; docs/BENCHMARKS.md has the engine's own figures. A C++ OpenVINO
-extension calling the same kernel would remove that overhead and is the next step. Runs on CPU only (the
+Why a Python op: it plugs the tested native kernel into the graph with no second build system. A bare
+identity Python op costs ~0.09 ms per call on the CPU plugin (32 of them on a small graph: 3.21 vs 0.44 ms per
+inference), but in this engine a layer's call costs ~1 ms of CPU (profile: the CPU plugin re-clones each
+Python op on every inference, plus the op's Python glue and the store's append; the kernel itself is ~4% of
+a decode step), so at 2k-8k tokens it decodes 1.0-1.3x the paged engine's CPU time (docs/BENCHMARKS.md).
+A C++ OpenVINO extension calling the same kernel would remove that overhead and is the next step. Runs on CPU only (the
 Python op is evaluated on the host), batch 1; it does not run ``simulate`` mode (the paged engine does) or
 OpenVINO's own compression (``ov-u8`` / ``ov-u4``).
 """
