@@ -24,7 +24,7 @@ SPECS = {"fp16": ("fp16", None), "kvtool": ("g-KC128VT128", 2), "ov": ("ov-u8", 
 
 STATEFUL, STATE_OWNED, PAGED = "OpenVINOStatefulEngine", "OpenVINOStateOwnedEngine", "OpenVINOPagedEngine"
 PACKED = "OpenVINOPackedEngine"
-PACKED_FAMILIES = "kv_owner=packed takes kvtool's schemes"
+PACKED_FAMILIES = "kv_owner=packed takes fp16 or kvtool's schemes"
 STATELESS = "OpenVINOEngine"
 NEEDS_STATEFUL = "it needs a stateful export (export with stateful=True)"
 # stateful OpenVINO export of LLaVA: (family, kv_owner) -> (engine or error on CPU, on GPU)
@@ -41,7 +41,7 @@ STATEFUL_LLAVA = {
     ("ov", "openvino"): (STATEFUL, STATEFUL),
     ("ov", "paged"): ("kv_owner=paged takes fp16 or kvtool's schemes",) * 2,
     ("ov", "kvtool"): ("kv_owner=kvtool takes fp16 or kvtool's schemes",) * 2,
-    ("fp16", "packed"): (PACKED_FAMILIES,) * 2,
+    ("fp16", "packed"): (PACKED, PACKED),  # opt-in for fp16: the stateful engine stays its default
     ("kvtool", "packed"): (PACKED, PACKED),  # asking is an override; the engine itself refuses a non-CPU device
     ("ov", "packed"): (PACKED_FAMILIES,) * 2,
 }
@@ -54,7 +54,7 @@ STATEFUL_QWEN = {**STATEFUL_LLAVA, ("kvtool", None): (STATE_OWNED, STATE_OWNED),
 # stateless OpenVINO export (any architecture, any device): family -> kv_owner -> engine or error
 STATELESS_OV = {
     "fp16": {None: STATELESS, "openvino": NEEDS_STATEFUL, "paged": NEEDS_STATEFUL, "kvtool": NEEDS_STATEFUL,
-             "packed": PACKED_FAMILIES},
+             "packed": NEEDS_STATEFUL},
     "kvtool": {None: STATELESS, "openvino": "kv_owner=openvino takes fp16 or ov-u8/ov-u4", "paged": NEEDS_STATEFUL,
                "kvtool": NEEDS_STATEFUL, "packed": NEEDS_STATEFUL},
     "ov": {None: NEEDS_STATEFUL, "openvino": NEEDS_STATEFUL, "paged": "kv_owner=paged takes fp16 or kvtool's",

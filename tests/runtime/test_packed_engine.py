@@ -61,6 +61,23 @@ def _one_layer(pipe, itemsize: int) -> int:
     return 2 * e.num_kv_heads * e.head_dim * e.kv.n_tokens * itemsize
 
 
+def test_fp16_on_request_matches_the_stateful_engine(stateful):
+    """fp16 with ``kv_owner="packed"`` (opt-in; the stateful engine stays fp16's default): the stores hold every
+    token unquantized and the native kernel reads them; same greedy tokens as OpenVINO's own stateful cache, and
+    logits within ATOL (the stateful graph's SDPA and the kernel differ only in float32 summation order)."""
+    img = random_image()
+    pipe = VLMPipeline.load(stateful, kv="fp16", kv_owner="packed")
+    o = pipe.generate(img, QUESTION, max_new_tokens=6, keep_logits=True, ignore_eos=True)
+    ref = VLMPipeline.load(stateful, kv="fp16")
+    assert type(ref.engine).__name__ == "OpenVINOStatefulEngine"
+    r = ref.generate(img, QUESTION, max_new_tokens=6, keep_logits=True, ignore_eos=True)
+    assert o.token_ids == r.token_ids
+    for mine, theirs in zip(o.logits, r.logits, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=ATOL)
+    info = pipe.info()["engine"]
+    assert info["attention_path"] == "native" and info["ov_states"] == 0 and o.stats["kv_work_bytes"] == 0
+
+
 @pytest.mark.parametrize("scheme,kb,vb,path", [("g-KC128VT128", 2, 2, "native"), ("g-KT32VC32", 3, 8, "native"),
                                                ("uniform", 4, 2, "portable")])
 def test_matches_the_paged_engine(stateful, scheme, kb, vb, path):
@@ -139,7 +156,7 @@ def test_bad_input(stateful):
     spec = make_kv_spec("g-KC128VT128", 2, 2, "packed", "compressed", None, False)
     with pytest.raises(InputError, match=r"^kv=g-KC128VT128 with the packed engine .*CPU only.*GPU"):
         OpenVINOPackedEngine(stateful, spec, "GPU", m)
-    for kv, bits, mode in (("ov-u4", None, "packed"), ("fp16", None, "packed"), ("uniform", 4, "simulate")):
+    for kv, bits, mode in (("ov-u4", None, "packed"), ("uniform", 4, "simulate")):
         # the registry refuses the schemes the engine does not take; the engine refuses simulate mode itself
         with pytest.raises(InputError, match=f"^kv={kv} with (the packed engine|kv_owner=packed: .*packed takes)"):
             VLMPipeline.load(stateful, kv=kv, k_bits=bits, v_bits=bits, kv_mode=mode, kv_owner="packed")

@@ -29,7 +29,7 @@ Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a st
   the layer's ``QuantizedKVStore`` and runs the fused attention over the codes (``quant_ops.attention``).
   All three architectures (positions stay a graph input). Default for kvtool schemes in packed mode on
   ``CPU`` (docs/BENCHMARKS.md, "packed engine": KV held 37.6 MiB where paged also holds a 512 MiB working
-  copy at 8k tokens). Simulate mode keeps the paged engine.
+  copy at 8k tokens). Simulate mode keeps the paged engine. fp16 on request only (kv_owner ``packed``).
 - ``OpenVINOPagedEngine`` (kv_owner ``paged``): kvtool's schemes on the stateful export through PagedAttention
   with caller-owned blocks: 1.01x / 0.83x for g-KC128VT128 K2V2 packed (the stateless graph: 3.00x / 2.40x).
   Default for kvtool schemes in simulate mode on a stateful export on ``CPU`` (the device its in-place
@@ -136,7 +136,7 @@ ENGINES: tuple[EngineEntry, ...] = (
                 default=Default(_S({"fp16", "kvtool"}))),
     EngineEntry(_E + "openvino_engine:OpenVINOEngine", "openvino", "stateless", _S({"fp16", "kvtool"}),
                 default=Default(_S({"fp16", "kvtool"}))),
-    EngineEntry(_E + "openvino_packed:OpenVINOPackedEngine", "openvino", "stateful", _S({"kvtool"}),
+    EngineEntry(_E + "openvino_packed:OpenVINOPackedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="packed", default=Default(_S({"kvtool"}), devices=_S({"CPU"}), modes=_S({"packed"}))),
     EngineEntry(_E + "openvino_paged:OpenVINOPagedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="paged", default=Default(_S({"kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),

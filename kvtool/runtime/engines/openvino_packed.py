@@ -36,7 +36,8 @@ Python op on every inference, plus the op's Python glue and the store's append; 
 a decode step), so at 2k-8k tokens it decodes 1.0-1.3x the paged engine's CPU time (docs/BENCHMARKS.md).
 A C++ OpenVINO extension calling the same kernel would remove that overhead and is the next step. Runs on CPU only (the
 Python op is evaluated on the host), batch 1; it does not run ``simulate`` mode (the paged engine does) or
-OpenVINO's own compression (``ov-u8`` / ``ov-u4``).
+OpenVINO's own compression (``ov-u8`` / ``ov-u4``). ``fp16`` runs on request (``kv_owner="packed"``: the
+stores hold every token unquantized, the kernel reads them; the stateful engine stays fp16's default).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class _PackedKV:
 
         s = self.spec
         for layer in self.layers:
-            layer.store = QuantizedKVStore(s.quant, k_bits=s.k_bits, v_bits=s.v_bits, mode="packed",
+            layer.store = QuantizedKVStore(s.quant, k_bits=s.k_bits or 16, v_bits=s.v_bits or 16, mode="packed",
                                            residual=s.residual)
             layer.work_peak = layer.scratch_peak = 0
             layer.native = None
@@ -313,9 +314,9 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         if device != "CPU":
             raise InputError(f"{where}: runs on CPU only (its attention is a Python op the host evaluates), "
                              f"not {device}")
-        if spec.is_ov or not spec.quantizes:
-            raise InputError(f"{where}: needs a kvtool quantizing scheme (g-KC128VT128, uniform, ...); fp16 and "
-                             f"OpenVINO's own ov-u8/ov-u4 run the stateful engine")
+        if spec.is_ov:
+            raise InputError(f"{where}: needs fp16 or a kvtool scheme (g-KC128VT128, uniform, ...); OpenVINO's own "
+                             f"ov-u8/ov-u4 run the stateful engine")
         if spec.mode != "packed":
             raise InputError(f"{where}: holds packed stores only; kv_mode={spec.mode} runs the paged engine")
         self.inference_precision = inference_precision
