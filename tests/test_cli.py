@@ -62,6 +62,26 @@ def test_eval_summary_line_is_whole_and_on_one_scale(capsys):
     assert capsys.readouterr().out.splitlines() == expect + [
         "(every metric: results.json in the run directory, or --json)"]
     assert expect[0] == "shapes          accuracy=87.50      n=8"
+    # a shard's summary points at the file a shard writes (from a fresh-user trial: it named results.json)
+    _print_results({**results, "config": {"shard": [1, 3]}})
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "(every metric: results.shard-1-of-3.json in the run directory, or --json)")
+
+
+def test_models_make_reports_the_checkpoints_vocab(tmp_path):
+    """The tokenizer is trained up to --vocab-size entries and may end smaller: `models make` reports the saved
+    config's vocab_size (a fresh-user trial saw 1024 printed for a 646-entry checkpoint)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from kvtool.cli import main
+
+    r = CliRunner().invoke(main, ["models", "make", "tiny-llava", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output[r.output.index("{"):])["sizes"]["vocab_size"]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert got == cfg["text_config"]["vocab_size"] < 1024
 
 
 # --- one rule per option family, for every command -------------------------------------------------------------

@@ -70,7 +70,11 @@ def _print_results(results: dict) -> None:
         beside = "".join(f" {k}={'–' if flat.get(k) is None else format(flat[k], '.2f')}" for k in spec.beside)
         click.echo(f"{task:<15} {head}={shown:<10}{beside} n={rec.get('n_samples', m.get('n'))}")
     if results.get("tasks"):
-        click.echo("(every metric: results.json in the run directory, or --json)")
+        shard = (results.get("config") or {}).get("shard")
+        if isinstance(shard, str):
+            shard = shard.split("/")
+        where = f"results.shard-{shard[0]}-of-{shard[1]}.json" if shard else "results.json"
+        click.echo(f"(every metric: {where} in the run directory, or --json)")
 
 
 def _print_failures(results: dict) -> None:

@@ -3,6 +3,9 @@ one to graphs. The work is ``kvtool.models`` / ``kvtool.export``'s; this module 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
 from kvtool.cli.base import KvtoolGroup, echo_json, ls_group, main, model_argument
@@ -50,12 +53,16 @@ def models_make(name, out_dir, seed, as_json, weight_dtype, **sizes) -> None:
 
     size = tiny_size(name, **sizes)  # validates before any heavy import
     path = make_tiny_model(name, out_dir, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
-    info = {"name": name, "path": str(path), "seed": seed, "sizes": asdict(size)}
+    shown = asdict(size)
+    # the tokenizer is trained up to vocab_size entries and may end smaller: report what the checkpoint has
+    cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    shown["vocab_size"] = (cfg.get("text_config") or {}).get("vocab_size") or cfg.get("vocab_size", size.vocab_size)
+    info = {"name": name, "path": str(path), "seed": seed, "sizes": shown}
     if as_json:
         echo_json(info)
     else:
         click.echo(f"{name} -> {path}")
-        click.echo("  " + ", ".join(f"{k}={v}" for k, v in asdict(size).items()))
+        click.echo("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 def _make_real_shape(name, out_dir, seed, as_json, weight_dtype, sizes) -> None:

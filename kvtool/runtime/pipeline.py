@@ -298,6 +298,6 @@ class VLMPipeline:
             "processor": getattr(self.processor, "kind", type(self.processor).__name__),
             "model_path": str(self.path.resolve()),
             "manifest": self.manifest.to_dict() if self.manifest is not None else None,
-            "engine": self.engine.info(),
+            "engine": {"name": type(self.engine).__name__, **self.engine.info()},  # which engine ran, by class
             "versions": versions,
         }

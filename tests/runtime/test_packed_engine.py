@@ -83,6 +83,7 @@ def test_fp16_on_request_matches_the_stateful_engine(stateful):
 def test_matches_the_paged_engine(stateful, scheme, kb, vb, path):
     pipe, out = _compare(stateful, scheme, kb, vb)
     info = pipe.info()["engine"]
+    assert info["name"] == "OpenVINOPackedEngine"  # run --json names the engine that ran, by class
     assert info["kv_owner"] == "packed" and info["route"] == "openvino python op"
     assert info["attention_path"] == path and info["ov_states"] == 0
     assert all(la["calls"]["fp"] == 1 and la["calls"][path] == 6 for la in info["layers"])
