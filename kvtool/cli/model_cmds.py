@@ -3,7 +3,6 @@ one to graphs. The work is ``kvtool.models`` / ``kvtool.export``'s; this module 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -55,7 +54,9 @@ def models_make(name, out_dir, seed, as_json, weight_dtype, **sizes) -> None:
     path = make_tiny_model(name, out_dir, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
     shown = asdict(size)
     # the tokenizer is trained up to vocab_size entries and may end smaller: report what the checkpoint has
-    cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    from kvtool.export.source import read_config
+
+    cfg = read_config(Path(path))
     shown["vocab_size"] = (cfg.get("text_config") or {}).get("vocab_size") or cfg.get("vocab_size", size.vocab_size)
     info = {"name": name, "path": str(path), "seed": seed, "sizes": shown}
     if as_json:

@@ -69,6 +69,17 @@ def _token_major_past(model, names: list[str]) -> None:
     model.validate_nodes_and_infer_types()
 
 
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 values held as raw uint16 bits (OpenVINO's numpy view of a bf16 tensor) -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 as raw uint16 bits, rounded to nearest even (the inverse of ``bf16_bits_to_f32``)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 class _OpenVINOGraphs(GraphEngine):
     """What both OpenVINO engines share: the compile config, the non-LM graphs, running them."""
 

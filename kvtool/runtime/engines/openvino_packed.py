@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtool.errors import InputError
-from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs
+from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs, bf16_bits_to_f32, f32_to_bf16_bits
 from kvtool.runtime.kvspec import KVSpec
 
 _PASS_THROUGH = ("Reshape", "Broadcast", "Unsqueeze", "Convert", "Tile", "Squeeze")
@@ -123,9 +123,7 @@ def _is_bf16(t) -> bool:
 def _as_np(t, bf16: bool) -> np.ndarray:
     """An ``ov.Tensor`` as a numpy view (bf16 — raw uint16 bits in OpenVINO's numpy view — widened to f32)."""
     a = t.data
-    if bf16:
-        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return a
+    return bf16_bits_to_f32(a.view(np.uint16)) if bf16 else a
 
 
 def _portable_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kx: np.ndarray, vx: np.ndarray,
@@ -227,8 +225,7 @@ def _op_class():
             if out is None:
                 sd.copy_to(outputs[0])
             elif bf[4]:
-                b = np.ascontiguousarray(out, np.float32).view(np.uint32)
-                outputs[0].data.view(np.uint16)[...] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+                outputs[0].data.view(np.uint16)[...] = f32_to_bf16_bits(out)
             else:
                 outputs[0].data[...] = out
             return True

@@ -20,16 +20,9 @@ import numpy as np
 
 from kvtool.errors import InputError
 from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs
+from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32 as _bf16_to_f32
+from kvtool.runtime.engines.openvino_engine import f32_to_bf16_bits as _f32_to_bf16
 from kvtool.runtime.kvspec import KVSpec
-
-
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
 
 
 class OpenVINOPagedEngine(_OpenVINOGraphs):
