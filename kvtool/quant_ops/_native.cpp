@@ -1,9 +1,11 @@
 // kvtool.quant_ops._native: hand-written C++ kernels for kvtool's KV quantization (no library does this).
 //
-//   quantize_pack(x, packed, delta, mn, bh, bt, bl, bits, offset)
+//   quantize_pack(x, packed, delta, mn, bh, bt, bl, bits[, offset[, accumulate]])
 //       eq. (2) group-wise affine quantize + token-tile packing of x [B, H, T, L] (float16 or float32,
 //       any strides with a contiguous last axis) with block (1, bh, bt, bl); writes packed uint8
 //       [B, H, rows, L], delta / mn [B, H/bh, T/bt, L/bl] (float16 for float16 input, else float32).
+//       accumulate=1 ORs the codes into packed instead (a store's one-token append into a partly filled
+//       tile whose free slots are zero: one call, the same bytes as packing then OR-ing in numpy).
 //       Bit-identical to kvtool.quant_ops.affine + packing (same float32 operations in the same order).
 //   dequantize(packed, delta, mn, out, bh, bt, bl, bits)
 //       unpack + (float)q * delta + min (a float32 multiply then add, no FMA) -> out [B, H, T, L] (f16/f32).
@@ -178,10 +180,10 @@ bool check_bits(int bits) {
 
 PyObject* py_quantize_pack(PyObject*, PyObject* args) {
     PyObject *xo, *po, *dob, *mo;
-    long bh, bt, bl, offset;
+    long bh, bt, bl, offset = 0, accumulate = 0;
     int bits;
-    if (!PyArg_ParseTuple(args, "OOOOllli|l", &xo, &po, &dob, &mo, &bh, &bt, &bl, &bits, &offset)) return nullptr;
-    if (PyTuple_GET_SIZE(args) < 9) offset = 0;
+    if (!PyArg_ParseTuple(args, "OOOOllli|ll", &xo, &po, &dob, &mo, &bh, &bt, &bl, &bits, &offset, &accumulate))
+        return nullptr;
     if (!check_bits(bits)) return nullptr;
     Buf bx, bp, bd, bm;
     QArgs a{};
@@ -204,11 +206,26 @@ PyObject* py_quantize_pack(PyObject*, PyObject* args) {
         return nullptr;
     }
     a.bh = bh; a.bt = bt; a.bl = bl; a.bits = bits; a.offset = offset;
+    const View4 dst = a.out;
+    std::vector<unsigned char> tmp;
+    if (accumulate) {  // the kernel writes a contiguous scratch, OR-ed into packed below (a partly filled tile)
+        tmp.resize((size_t)(dst.n[0] * dst.n[1] * dst.n[2] * dst.n[3]));
+        a.out.p = (char*)tmp.data();
+        a.out.s[3] = 1; a.out.s[2] = dst.n[3]; a.out.s[1] = dst.n[2] * dst.n[3]; a.out.s[0] = dst.n[1] * a.out.s[1];
+    }
     Py_BEGIN_ALLOW_THREADS
 #ifdef KV_HAVE_AVX2
     if (use_avx2()) k_avx2::quantize_pack(a); else
 #endif
     k_base::quantize_pack(a);
+    if (accumulate)
+        for (long i0 = 0; i0 < dst.n[0]; ++i0)
+            for (long i1 = 0; i1 < dst.n[1]; ++i1)
+                for (long i2 = 0; i2 < dst.n[2]; ++i2) {
+                    unsigned char* d = (unsigned char*)dst.at(i0, i1, i2, 0);
+                    const unsigned char* t = (const unsigned char*)a.out.at(i0, i1, i2, 0);
+                    for (long i3 = 0; i3 < dst.n[3]; ++i3) d[i3] |= t[i3];
+                }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

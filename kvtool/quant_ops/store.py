@@ -47,7 +47,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from kvtool.errors import InputError
+from kvtool.quant_ops import native
 from kvtool.quant_ops.affine import Array, concat, empty, is_torch, nbytes
 from kvtool.quant_ops.block import QuantizedBlock
 from kvtool.quant_ops.fake import check_kv, check_residual, check_side_shape, fake_quant_side
@@ -127,18 +130,23 @@ class _Grow:
         if owned and self.buf is None and self.max_tokens is None and _contig_owned(x):
             self.buf, self.n = x, t
             return
+        self.extend(t, x)[...] = x
+
+    def extend(self, t: int, like: Array) -> Array:
+        """Grow by ``t`` slots (as ``append`` would, the buffer shaped and typed as ``like`` when there is none
+        yet) and return them, a writable view ``[B, H, t, ...]`` whose contents the caller writes."""
         if self.buf is None or self.n + t > self.buf.shape[2]:
             if self.max_tokens is not None and self.n + t <= self.max_tokens:
                 cap = self.max_tokens  # preallocated exactly: no slack
             else:
                 cap = max(self.n + t, int(1.5 * self.n), 16)
-            shape = tuple(x.shape[:2]) + (cap,) + tuple(x.shape[3:])
-            new = empty(shape, x.dtype, x)
+            shape = tuple(like.shape[:2]) + (cap,) + tuple(like.shape[3:])
+            new = empty(shape, like.dtype, like)
             if self.n:
                 new[:, :, :self.n] = self.buf[:, :, :self.n]
             self.buf = new
-        self.buf[:, :, self.n:self.n + t] = x
         self.n += t
+        return self.buf[:, :, self.n - t:self.n]
 
     def view(self) -> Array | None:
         return None if self.buf is None else self.buf[:, :, :self.n]
@@ -240,7 +248,34 @@ class _GridSide:
     def n(self) -> int:
         return self.nq + self.resid.n
 
+    def _append_native(self, x: Array) -> bool:
+        """A decode step's one token on a per-token side that quantizes every token as it comes (no residual
+        window, nothing waiting): quantize + pack + OR into the last tile (or a new one) + params, in one
+        native call writing straight into the held buffers (``_native.quantize_pack(..., accumulate)``), the
+        same bytes as the general path below (tests/quant_ops/test_store_append_native.py). False: not this
+        case (the caller takes the general path)."""
+        if (x.shape[2] != 1 or self.tb != 1 or self.slide or self.resid.n or self.meta is None
+                or not isinstance(x, np.ndarray) or not native.supports(x)):
+            return False
+        block_size, flat, _, dtype = self.meta
+        pdt = np.float16 if x.dtype == np.float16 else np.float32
+        if flat or x.dtype != dtype or self.delta.buf.dtype != pdt or self.mn.buf.dtype != pdt:
+            return False
+        off = self.nq % self.p
+        if off:  # the partly filled last tile: its free slots are zero, OR the new codes in
+            rows = self.codes.buf[:, :, self.codes.n - self.r:self.codes.n]
+        else:
+            rows = self.codes.extend(self.r, self.codes.buf)
+        delta, mn = self.delta.extend(1, self.delta.buf), self.mn.extend(1, self.mn.buf)
+        native._load()[0].quantize_pack(x, rows, delta, mn, block_size[1], block_size[2], block_size[3],
+                                        self.bits, off, 1 if off else 0)
+        self.dirty_from = min(self.dirty_from, self.nq)
+        self.nq += 1
+        return True
+
     def append(self, x: Array) -> None:
+        if self._append_native(x):
+            return
         n0 = self.nq
         whole = x
         if self.resid.n:

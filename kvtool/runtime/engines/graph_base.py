@@ -18,6 +18,9 @@ from kvtool.errors import InputError
 from kvtool.runtime.kv_cache import GraphKVCache
 from kvtool.runtime.kvspec import KVSpec
 
+# Generated tokens whose text-embeddings row run_token keeps (4096 rows of a 4096-wide f32 table: 64 MiB)
+EMBED_CACHE_ROWS = 4096
+
 
 class GraphEngine:
     """The graph engines' common part (answers ``protocol.Engine``): loads the manifest's geometry and the config,
@@ -43,6 +46,7 @@ class GraphEngine:
             self.image_token_id = getattr(self.config, "image_token_index", None)
         self.kv_dtype = np.float32
         self.token_major = False  # set by _load_graphs when it edits the LM to take the past as [N, H, D]
+        self._embed_rows: dict[int, np.ndarray] = {}  # token id -> its text-embeddings row (run_token)
         self._load_graphs()
         self.kv = GraphKVCache(spec, self.num_layers, self.num_kv_heads, self.head_dim, dtype=self.kv_dtype,
                                token_major=self.token_major, head_major=getattr(self, "head_major", False))
@@ -109,7 +113,7 @@ class GraphEngine:
     def run_token(self, token_id: int) -> np.ndarray:
         """``Engine.run_token``: one generated token at the next position (n cached, plus Qwen2-VL's rope
         delta); its logits [V]."""
-        embeds = self._text_embeddings(np.array([[token_id]], dtype=np.int64))
+        embeds = self._token_embedding(token_id)
         n = self._n_cached()
         if self.arch == "qwen2_vl":
             pos = np.full((3, 1, 1), n + self.delta, dtype=np.int64)
@@ -143,6 +147,19 @@ class GraphEngine:
             self.kv.append(i, k, v)
         self.kv.advance(t)
         return logits
+
+    def _token_embedding(self, token_id: int) -> np.ndarray:
+        """[1, 1, hidden] ``inputs_embeds`` of one generated token: the text-embeddings graph's output for
+        ``[[token_id]]``, run once per distinct id and then kept (up to ``EMBED_CACHE_ROWS`` ids). The graph is a
+        row lookup (Gather, plus the weight's decompression for a compressed table), so a kept row is the
+        graph's own output bit for bit; a decode step then makes no second graph call (docs/BENCHMARKS.md,
+        the decode-overhead subsection). The returned array is shared: callers must not write to it."""
+        row = self._embed_rows.get(token_id)
+        if row is None:
+            row = np.ascontiguousarray(self._text_embeddings(np.array([[token_id]], dtype=np.int64)))
+            if len(self._embed_rows) < EMBED_CACHE_ROWS:
+                self._embed_rows[token_id] = row
+        return row
 
     def _text_embeddings(self, ids: np.ndarray) -> np.ndarray:
         g = self.manifest.graphs["text_embeddings"]

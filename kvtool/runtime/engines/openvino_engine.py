@@ -249,11 +249,17 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         self.lm = self._compile(core, model, cfg, "language_model (stateful, KV settings)")
         self.lm_req = self.lm.create_infer_request()
         self.lm_names = [i.get_any_name() for i in model.inputs]
+        self._lm_feed_names = [k for k in ("inputs_embeds", "attention_mask", "position_ids", "beam_idx")
+                               if k in self.lm_names]
+        self._beam = np.zeros(1, dtype=np.int32)
+        self._mask = np.ones((1, 0), dtype=np.int64)
 
     def start(self, prepared, max_new_tokens: int = 64) -> None:
-        """``Engine.start``: empty OpenVINO's states (``reset_state``), then the prompt as in ``GraphEngine``."""
+        """``Engine.start``: empty OpenVINO's states (``reset_state``), then the prompt as in ``GraphEngine``;
+        the attention mask for the prompt plus ``max_new_tokens`` is made once (a step feeds a view of it)."""
         self.lm_req.reset_state()
         self.n_tokens = 0
+        self._mask = np.ones((1, prepared.n_tokens + max_new_tokens), dtype=np.int64)
         super().start(prepared, max_new_tokens)
 
     def _n_cached(self) -> int:
@@ -270,9 +276,11 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, self.n_tokens + t), dtype=np.int64),
-                 "position_ids": pos, "beam_idx": np.zeros(1, dtype=np.int32)}
-        feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
+        m = self.n_tokens + t
+        mask = self._mask[:, :m] if m <= self._mask.shape[1] else np.ones((1, m), dtype=np.int64)
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, "beam_idx": self._beam}
+        if len(feeds) != len(self._lm_feed_names):
+            feeds = {k: feeds[k] for k in self._lm_feed_names}
         self.lm_req.infer(feeds, share_inputs=True)
         self.n_tokens += t
         return self.lm_req.get_tensor("logits").data[0, -1].copy()
