@@ -153,11 +153,14 @@ def _check_extra(extra, b: int, h: int, d: int) -> tuple:
     return kx, vx
 
 
-def native_decode(q: np.ndarray, store, scale: float, threads: int, kx=None, vx=None) -> np.ndarray:
+def native_decode(q: np.ndarray, store, scale: float, threads: int, kx=None, vx=None,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """The native kernel without ``decode_attention``'s checks, for a caller that has checked once that
     ``attention_path(store)`` is native and that q (C-contiguous float32 [B, Hq, D]) and the extra tokens
-    (C-contiguous [B, H, X, D] float16/32, or None) match the store: the runtime's per-layer op."""
-    out = np.empty(q.shape, np.float32)
+    (C-contiguous [B, H, X, D] float16/32, or None) match the store: the runtime's per-layer op. ``out``: a
+    C-contiguous float32 array of q's shape to write (and return) instead of a new one."""
+    if out is None:
+        out = np.empty(q.shape, np.float32)
     ks, vs = _side_tuple(store.side_layout("k")), _side_tuple(store.side_layout("v"))
     native._load()[0].decode_attention(q, out, ks, vs, scale, threads, kx, vx)
     return out

@@ -448,6 +448,12 @@ class QuantizedKVStore:
 
     # -- input checks -------------------------------------------------------------------------------------
     def _check(self, k: Array, v: Array) -> None:
+        f = self.format
+        if (f is not None and type(k) is np.ndarray and type(v) is np.ndarray and not f.torch
+                and k.dtype == f.dtype and v.dtype == f.dtype and k.ndim == 4 and v.ndim == 4
+                and k.shape[2] == v.shape[2] and (k.shape[0], k.shape[1], k.shape[3]) == f.k
+                and (v.shape[0], v.shape[1], v.shape[3]) == f.v):
+            return  # numpy k / v of the first append's format: every check below would pass (decode steps)
         check_kv(k, "k")
         check_kv(v, "v")
         if is_torch(k) != is_torch(v) or k.dtype != v.dtype or tuple(k.shape[:3]) != tuple(v.shape[:3]):

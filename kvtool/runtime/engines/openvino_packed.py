@@ -67,6 +67,7 @@ class _Layer:
         self.native: bool | None = None  # whether the fused kernel reads this layer's store (found once)
         self.decode_path: tuple[str, str] = ("none", "")  # attention_path of the store, found with native
         self.bf16: tuple | None = None  # which op inputs / output are bf16 (fixed once compiled)
+        self.f32_out = False  # whether the op's output is float32 (the native kernel then writes it in place)
         self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.work_peak = 0  # bytes of the largest dequantized K/V one call held (portable path)
         self.scratch_peak = 0  # bytes of the largest other temporary (kernel scratch, scores)
@@ -156,8 +157,9 @@ def _portable_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kx: np.ndar
     return out.reshape(1, hq, t, d)
 
 
-def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out) -> np.ndarray | None:
-    """The op's semantics (module docstring); returns the output, or None for "the SDPA's own" (case a)."""
+def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None = None) -> np.ndarray | None:
+    """The op's semantics (module docstring); returns the output, or None for "the SDPA's own" (case a).
+    ``dst``: the op's float32 output [1, Hq, 1, D], which the native decode kernel then writes (and returns)."""
     from kvtool.quant_ops.attention import attention_path, native_decode
 
     st = layer.store
@@ -172,8 +174,9 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out) -> np.ndarray | None:
         path = layer.decode_path
         if t == 1 and layer.native:
             qf = np.ascontiguousarray(q[:, :, 0], dtype=np.float32)
+            o3 = None if dst is None else dst.reshape(qf.shape)  # a view: the kernel writes the op's output
             out = native_decode(qf, st, layer.scale, layer.threads, np.ascontiguousarray(k_new),
-                                np.ascontiguousarray(v_new))[:, :, None]
+                                np.ascontiguousarray(v_new), out=o3)[:, :, None]
             rep, d = q.shape[1] // k_new.shape[1], q.shape[3]
             scratch = layer.threads * 4 * (rep * (st.n_tokens + 1) + (4 * rep + 2) * d)  # per thread, _native.cpp
             layer.scratch_peak = max(layer.scratch_peak, scratch + out.nbytes)
@@ -197,17 +200,19 @@ def _op_class():
     class PackedKVAttention(ov.Op):
         """(q [1, Hq, T, D], k_new / v_new [1, H, T, D], sdpa_out [1, Hq, T, D]) -> [1, Hq, T, D]."""
 
-        def __init__(self, inputs=None, layer: _Layer | None = None):
+        def __init__(self, inputs=None, layer: _Layer | None = None, validate: bool = True):
             super().__init__(self, inputs)
             self.layer = layer
-            if inputs:
+            if inputs and validate:
                 self.constructor_validate_and_infer_types()
 
         def validate_and_infer_types(self):
             self.set_output_type(0, self.get_input_element_type(3), self.get_input_partial_shape(3))
 
         def clone_with_new_inputs(self, new_inputs):
-            return PackedKVAttention(new_inputs, self.layer)
+            # the CPU plugin clones the op for its shape inference on every inference and validates the clone
+            # itself: skipping the constructor's validation halves the Python calls of each clone
+            return PackedKVAttention(new_inputs, self.layer, validate=False)
 
         def visit_attributes(self, visitor):
             return True
@@ -219,15 +224,21 @@ def _op_class():
             layer, sd = self.layer, inputs[3]
             if layer.bf16 is None:
                 layer.bf16 = tuple(_is_bf16(x) for x in (*inputs, outputs[0]))
-            bf = layer.bf16
-            out = _evaluate(layer, *(_as_np(inputs[j], bf[j]) for j in range(3)), sd)
-            outputs[0].shape = sd.shape
-            if out is None:
-                sd.copy_to(outputs[0])
-            elif bf[4]:
-                outputs[0].data.view(np.uint16)[...] = f32_to_bf16_bits(out)
+                layer.f32_out = outputs[0].get_element_type() == ov.Type.f32
+            bf, o = layer.bf16, outputs[0]
+            o.shape = sd.shape
+            if not (bf[0] or bf[1] or bf[2] or bf[4]):  # f32 q / k / v / output (no bf16 widening)
+                dst = o.data if layer.f32_out else None
+                out = _evaluate(layer, inputs[0].data, inputs[1].data, inputs[2].data, sd, dst)
             else:
-                outputs[0].data[...] = out
+                dst = None
+                out = _evaluate(layer, *(_as_np(inputs[j], bf[j]) for j in range(3)), sd)
+            if out is None:
+                sd.copy_to(o)
+            elif bf[4]:
+                o.data.view(np.uint16)[...] = f32_to_bf16_bits(out)
+            elif dst is None or not np.shares_memory(out, dst):
+                o.data[...] = out
             return True
 
     return PackedKVAttention
