@@ -80,3 +80,21 @@ def test_accumulate_ors_into_a_partly_filled_tile():
             mod.quantize_pack(x, tile, d2, m2, 1, 1, 128, bits, off, 1)
             assert np.array_equal(tile, base | fresh)
             assert np.array_equal(d1, d2) and np.array_equal(m1, m2)
+
+
+def test_append_checks_still_refuse_a_changed_format():
+    """The append's check shortcut (numpy K/V of the first append's format) leaves every mismatch to the full
+    checks: dtype, H, D, K and V token counts apart, a non-float array."""
+    from kvtool.errors import InputError
+
+    st = QuantizedKVStore("g-KC128VT128", 2, 2)
+    k = np.zeros((1, 2, 4, 128), np.float16)
+    st.append(k, k)
+    st.append(k[:, :, :1], k[:, :, :1])  # the format: taken
+    bad = [(k.astype(np.float32), k.astype(np.float32)), (k[:, :1], k[:, :1]),
+           (np.zeros((1, 2, 1, 64), np.float16),) * 2, (k[:, :, :2], k[:, :, :1]),
+           (k.astype(np.int32), k.astype(np.int32))]
+    for kb, vb in bad:
+        with pytest.raises(InputError):
+            st.append(kb, vb)
+    assert st.n_tokens == 5

@@ -1,6 +1,7 @@
 """What the OpenVINO and ONNX Runtime engines share: building the prompt's ``inputs_embeds`` from the
 text-embeddings and vision graphs, the language-model positions, and the step that hands the past K/V held by
-``GraphKVCache`` to the stateless LM graph and stores the new K/V it returns.
+``GraphKVCache`` to the stateless LM graph and stores the new K/V it returns. A generated token's embedding
+row is computed by the text-embeddings graph once per token id and kept (``_token_embedding``).
 
 Vision post-processing that the exported graphs leave to the caller is done here in numpy (no torch), with
 ``kvtool.runtime.vision_layout``'s ports of transformers' rules: LLaVA-NeXT's anyres packing with the image
