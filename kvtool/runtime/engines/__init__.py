@@ -139,7 +139,7 @@ ENGINES: tuple[EngineEntry, ...] = (
     EngineEntry(_E + "openvino_packed:OpenVINOPackedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="packed", default=Default(_S({"kvtool"}), devices=_S({"CPU"}), modes=_S({"packed"}))),
     EngineEntry(_E + "openvino_paged:OpenVINOPagedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
-                owner="paged", default=Default(_S({"kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),
+                owner="paged", default=Default(_S({"fp16", "kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),
     EngineEntry(_E + "openvino_state:OpenVINOStateOwnedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="kvtool", default=Default(_S({"kvtool"}))),
     EngineEntry(_E + "openvino_engine:OpenVINOStatefulEngine", "openvino", "stateful", _S({"fp16", "ov"}),
