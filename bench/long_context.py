@@ -243,6 +243,8 @@ def run_child(a) -> dict:
             kw["kv_owner"] = a.kv_owner
         if a.kv_owner_fp16 and a.one == "kvtool_fp16":
             kw["kv_owner"] = a.kv_owner_fp16
+        if a.prefill_chunk is not None and kw["kv"] == "fp16":
+            kw["prefill_chunk"] = a.prefill_chunk
         row = run_kvtool(export, kw, question, warm_q, a.new_tokens)
     return {"name": a.one, **row}
 
@@ -338,6 +340,8 @@ def run(a) -> dict:
             cmd += ["--kv-owner", a.kv_owner]
         if a.kv_owner_fp16:
             cmd += ["--kv-owner-fp16", a.kv_owner_fp16]
+        if a.prefill_chunk is not None:
+            cmd += ["--prefill-chunk", str(a.prefill_chunk)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if a.child_pythonpath:
             env["PYTHONPATH"] = a.child_pythonpath
@@ -436,6 +440,8 @@ def main() -> int:
     ap.add_argument("--kv-owner", default=None, help="force this engine (VLMPipeline.load's kv_owner) for the "
                     "quantized kvtool configurations (default: whatever load_engine picks)")
     ap.add_argument("--kv-owner-fp16", default=None, help="the same for kvtool_fp16")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill_chunk for the kvtool fp16 "
+                    "configurations (VLMPipeline.load's engine option; default: the engine's)")
     ap.add_argument("--child-pythonpath", default=None, help="PYTHONPATH of the child processes (e.g. another "
                     "kvtool tree, for before/after rows; default: this environment's)")
     ap.add_argument("--target-tokens", type=int, default=8192, help="the length the targets are evaluated at")
