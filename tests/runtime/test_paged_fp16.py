@@ -7,9 +7,13 @@ quantizing scheme are one-line InputErrors; ``info()`` names the engine and its 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from kvtool.cli import main
 from kvtool.errors import InputError
 from kvtool.runtime import VLMPipeline
 from kvtool.runtime.engines.openvino_paged import PREFILL_CHUNK
@@ -46,7 +50,8 @@ def _close(got, ref) -> None:
         np.testing.assert_allclose(mine, want, atol=1e-2 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", "tiny-llava-next"])
+# tiny-llava-next: its own export (~25 s quiet) on top of tiny-llava's, so slow
+@pytest.mark.parametrize("name", ["tiny-llava", pytest.param("tiny-llava-next", marks=pytest.mark.slow)])
 def test_paged_fp16_is_the_default_and_matches_the_stateful_engine(stateful_ref, name):
     out, ref = stateful_ref(name)
     n = ref.stats["prompt_tokens"]
@@ -96,3 +101,17 @@ def test_prefill_chunk_bad_values_and_quantizing_schemes(stateful_ref):
     # a quantizing scheme on the paged engine prefills in one call (DESIGN.md's full-precision prompt)
     pipe = VLMPipeline.load(out, kv="g-KC128VT128", k_bits=2, v_bits=2, kv_mode="simulate")
     assert pipe.info()["engine"]["name"] == "OpenVINOPagedEngine" and pipe.info()["engine"]["prefill_chunk"] == 0
+
+
+def test_run_json_names_the_paged_engine_for_fp16(stateful_ref, tmp_path):
+    out, _ = stateful_ref("tiny-llava")
+    img = tmp_path / "img.png"
+    random_image().save(img)
+    res = CliRunner().invoke(main, ["run", str(out), "--image", str(img), "--prompt", "What is this?",
+                                    "--max-new-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output[res.output.index("{"):])
+    eng = d["pipeline"]["engine"]
+    assert eng["name"] == "OpenVINOPagedEngine" and eng["kv_owner"] == "paged"
+    assert eng["prefill_chunk"] == PREFILL_CHUNK and d["pipeline"]["kv"] == "fp16"
+    assert d["stats"]["kv_work_bytes"] == 0 and d["stats"]["kv_bytes"] == d["stats"]["kv_fp16_bytes"] > 0
