@@ -7,11 +7,13 @@ costs O(changed tokens) on kvtool's side instead of a rewrite of the whole cache
 
 Semantics are DESIGN.md's, as in the other graph engines: the graph attends to the dequantized past plus
 the exact new tokens. Batch 1, one sequence; block tables are the identity (block j holds tokens
-``j*B .. j*B+B-1``). For ``kv="fp16"`` the blocks *are* the cache: kvtool keeps no mirror of them (``_BlockTokens``
-only counts tokens), and the prompt goes through the graph in chunks of ``prefill_chunk`` tokens (PagedAttention
-over the past blocks, what openvino.genai's scheduler does), so peak memory holds one chunk's activations. bf16 caches (CPU's default inference precision) are held as raw uint16 bits and
-converted here (round to nearest even); kvtool's own cache then holds f16, as with the stateless graphs. It does not run Qwen2-VL's 3-D positions (PagedAttention's position
-input is 1-D) nor OpenVINO's own KV compression.
+``j*B .. j*B+B-1``). For ``kv="fp16"`` the blocks *are* the cache: kvtool keeps no mirror of them
+(``_BlockTokens`` only counts tokens), and the prompt goes through the graph in chunks of ``prefill_chunk``
+tokens (each chunk's PagedAttention reads the blocks written before it, as openvino.genai's scheduler does), so
+peak memory holds one chunk's activations. bf16 caches (CPU's default inference precision) are held as raw
+uint16 bits and converted here (round to nearest even); kvtool's own cache then holds f16, as with the
+stateless graphs. It does not run Qwen2-VL's 3-D positions (PagedAttention's position input is 1-D) nor
+OpenVINO's own KV compression.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32 as _bf16_to_
 from kvtool.runtime.engines.openvino_engine import f32_to_bf16_bits as _f32_to_bf16
 from kvtool.runtime.kvspec import KVSpec
 
-# Prompt tokens per prefill call for kv="fp16" (0: one call). Measured on the issue-13 model at 2k / 8k tokens
+# Prompt tokens per prefill call for kv="fp16" (0: one call). On the issue-13 model at 8k tokens
 # (docs/BENCHMARKS.md, "fp16 on the paged engine"): one call holds the whole prompt's activations (peak 1,585
-# MiB at 8k against openvino.genai's 884), chunks of 512 hold one chunk's at genai's prefill CPU time.
+# MiB against openvino.genai f16's 884); chunks of 512 peaked at 761-767 MiB against genai's 851-899, with 256
+# and 1024 at 848-851 MiB, all at 0.96-1.02x genai's prefill CPU seconds.
 PREFILL_CHUNK = 512
 
 
