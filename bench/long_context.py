@@ -155,7 +155,24 @@ def run_genai(export: Path, props: dict, question: str, warm_q: str, new_tokens:
         return pipe.generate(q, images=[ov.Tensor(np.array(image(seed))[None])], generation_config=cfg)
 
     gen(warm_q, 4, 1)
-    res = gen(question, new_tokens, 0)
+    marks: list[float] = []  # process CPU seconds at each generated token (the first: prefill done)
+
+    class TokenMarks(og.StreamerBase):  # write() gets every token id as it is generated (no detokenizing)
+        def write(self, token):
+            marks.append(time.process_time())
+            return og.StreamingStatus.RUNNING
+
+        def end(self):
+            pass
+
+    streamer = TokenMarks()
+
+    c0 = time.process_time()
+    cfg = og.GenerationConfig()
+    cfg.max_new_tokens, cfg.do_sample, cfg.ignore_eos = new_tokens, False, True
+    res = pipe.generate(question, images=[ov.Tensor(np.array(image(0))[None])], generation_config=cfg,
+                        streamer=streamer)
+    c1 = time.process_time()
     pm = res.perf_metrics
     n_prompt = int(pm.get_num_input_tokens())
     prec = props.get("KV_CACHE_PRECISION") or props.get("KEY_CACHE_PRECISION")
@@ -166,7 +183,16 @@ def run_genai(export: Path, props: dict, question: str, warm_q: str, new_tokens:
             "decode_ms_per_token": float(pm.get_tpot().mean), "ttft_ms": float(pm.get_ttft().mean),
             "peak_rss_bytes": peak_rss_bytes(), "rss_after_load_bytes": rss_load, "hwm_after_load_bytes": hwm_load,
             "load_s": load_s, "kv_bytes": int(kv_bytes), "kv_bytes_source": "computed from the precision",
-            "kv_work_bytes": 0, "engine": {"genai": props}}
+            "kv_work_bytes": 0, "engine": {"genai": props}, **_cpu_split(c0, marks[0] if marks else None, c1,
+                                                                        int(pm.get_num_generated_tokens()))}
+
+
+def _cpu_split(c0: float, first: float | None, c1: float, new_tokens: int) -> dict:
+    """Process CPU seconds (all threads, ``time.process_time``) of the time to first token (from the call to
+    the first token) and per decoded token after it: on a shared machine, the figures wall time cannot give."""
+    if first is None or new_tokens < 2:
+        return {}
+    return {"ttft_cpu_s": first - c0, "decode_cpu_ms_per_token": (c1 - first) * 1e3 / (new_tokens - 1)}
 
 
 def run_kvtool(export: Path, kwargs: dict, question: str, warm_q: str, new_tokens: int) -> dict:
@@ -178,7 +204,18 @@ def run_kvtool(export: Path, kwargs: dict, question: str, warm_q: str, new_token
     load_s = time.perf_counter() - t0
     rss_load, hwm_load = _rss_bytes(), peak_rss_bytes()
     pipe.generate(image(1), warm_q, max_new_tokens=4, ignore_eos=True)
+    eng, marks = pipe.engine, []
+    first_token = eng.run_token  # the first call comes right after the first token is chosen
+
+    def run_token(tok):
+        if not marks:
+            marks.append(time.process_time())
+        return first_token(tok)
+
+    eng.run_token = run_token
+    c0 = time.process_time()
     st = pipe.generate(image(0), question, max_new_tokens=new_tokens, ignore_eos=True).stats
+    c1 = time.process_time()
     info = pipe.info()
     heavy = sorted(m for m in ("torch", "transformers", "optimum", "nncf", "onnxruntime") if m in sys.modules)
     return {"prompt_tokens": st["prompt_tokens"], "new_tokens": st["new_tokens"],
@@ -187,7 +224,7 @@ def run_kvtool(export: Path, kwargs: dict, question: str, warm_q: str, new_token
             "peak_rss_bytes": st["peak_rss_bytes"], "peak_rss_end_bytes": peak_rss_bytes(),
             "rss_after_load_bytes": rss_load, "hwm_after_load_bytes": hwm_load, "load_s": load_s,
             "kv_bytes": st["kv_bytes"], "kv_bytes_source": "kvtool stats", "kv_work_bytes": st["kv_work_bytes"],
-            "heavy_modules": heavy,
+            "heavy_modules": heavy, **_cpu_split(c0, marks[0] if marks else None, c1, st["new_tokens"]),
             "engine": {k: info["engine"].get(k) for k in ("class", "kv_owner", "path", "attention_path", "config",
                                                           "prefill_chunk")
                        if isinstance(info.get("engine"), dict) and k in info["engine"]}}
@@ -206,12 +243,15 @@ def run_child(a) -> dict:
             kw["kv_owner"] = a.kv_owner
         if a.kv_owner_fp16 and a.one == "kvtool_fp16":
             kw["kv_owner"] = a.kv_owner_fp16
+        if a.prefill_chunk is not None and kw["kv"] == "fp16":
+            kw["prefill_chunk"] = a.prefill_chunk
         row = run_kvtool(export, kw, question, warm_q, a.new_tokens)
     return {"name": a.one, **row}
 
 
 # --- parent -------------------------------------------------------------------------------------------------
-METRICS = ("decode_ms_per_token", "ttft_ms", "peak_rss_bytes", "rss_after_load_bytes", "kv_bytes", "kv_work_bytes")
+METRICS = ("decode_ms_per_token", "ttft_ms", "peak_rss_bytes", "rss_after_load_bytes", "kv_bytes", "kv_work_bytes",
+           "ttft_cpu_s", "decode_cpu_ms_per_token")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -300,6 +340,8 @@ def run(a) -> dict:
             cmd += ["--kv-owner", a.kv_owner]
         if a.kv_owner_fp16:
             cmd += ["--kv-owner-fp16", a.kv_owner_fp16]
+        if a.prefill_chunk is not None:
+            cmd += ["--prefill-chunk", str(a.prefill_chunk)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if a.child_pythonpath:
             env["PYTHONPATH"] = a.child_pythonpath
@@ -398,6 +440,8 @@ def main() -> int:
     ap.add_argument("--kv-owner", default=None, help="force this engine (VLMPipeline.load's kv_owner) for the "
                     "quantized kvtool configurations (default: whatever load_engine picks)")
     ap.add_argument("--kv-owner-fp16", default=None, help="the same for kvtool_fp16")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill_chunk for the kvtool fp16 "
+                    "configurations (VLMPipeline.load's engine option; default: the engine's)")
     ap.add_argument("--child-pythonpath", default=None, help="PYTHONPATH of the child processes (e.g. another "
                     "kvtool tree, for before/after rows; default: this environment's)")
     ap.add_argument("--target-tokens", type=int, default=8192, help="the length the targets are evaluated at")

@@ -29,7 +29,7 @@ STATELESS = "OpenVINOEngine"
 NEEDS_STATEFUL = "it needs a stateful export (export with stateful=True)"
 # stateful OpenVINO export of LLaVA: (family, kv_owner) -> (engine or error on CPU, on GPU)
 STATEFUL_LLAVA = {
-    ("fp16", None): (STATEFUL, STATEFUL),
+    ("fp16", None): (PAGED, STATEFUL),  # paged on CPU (chunked prefill, genai's graph form); stateful elsewhere
     ("fp16", "openvino"): (STATEFUL, STATEFUL),
     ("fp16", "paged"): (PAGED, PAGED),
     ("fp16", "kvtool"): (STATE_OWNED, STATE_OWNED),
@@ -41,7 +41,7 @@ STATEFUL_LLAVA = {
     ("ov", "openvino"): (STATEFUL, STATEFUL),
     ("ov", "paged"): ("kv_owner=paged takes fp16 or kvtool's schemes",) * 2,
     ("ov", "kvtool"): ("kv_owner=kvtool takes fp16 or kvtool's schemes",) * 2,
-    ("fp16", "packed"): (PACKED, PACKED),  # opt-in for fp16: the stateful engine stays its default
+    ("fp16", "packed"): (PACKED, PACKED),  # opt-in for fp16: paged (CPU) / stateful stay its defaults
     ("kvtool", "packed"): (PACKED, PACKED),  # asking is an override; the engine itself refuses a non-CPU device
     ("ov", "packed"): (PACKED_FAMILIES,) * 2,
 }
@@ -49,7 +49,7 @@ STATEFUL_LLAVA = {
 PACKED_CPU = {("kvtool", None): (PACKED, STATE_OWNED)}
 # Qwen2-VL differs where the paged engine would run: PagedAttention takes 1-D positions only
 PAGED_NO_QWEN = "OpenVINOPagedEngine runs llava, llava_next only"
-STATEFUL_QWEN = {**STATEFUL_LLAVA, ("kvtool", None): (STATE_OWNED, STATE_OWNED),
+STATEFUL_QWEN = {**STATEFUL_LLAVA, ("kvtool", None): (STATE_OWNED, STATE_OWNED), ("fp16", None): (STATEFUL, STATEFUL),
                  ("fp16", "paged"): (PAGED_NO_QWEN,) * 2, ("kvtool", "paged"): (PAGED_NO_QWEN,) * 2}
 # stateless OpenVINO export (any architecture, any device): family -> kv_owner -> engine or error
 STATELESS_OV = {
@@ -128,6 +128,20 @@ def test_onnxruntime_and_torch_selection_table(backend, device, manifest, engine
         _check(_pick(backend, "ov", device, manifest, None, mode), "it needs backend openvino")
 
 
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("device", ["CPU", "GPU.0", "NPU"])
+def test_fp16_default_is_paged_on_cpu_llava_only_and_ov_stays_stateful(arch, device):
+    """fp16's default on a stateful export: the paged engine (chunked prefill; docs/BENCHMARKS.md, "fp16 on the
+    paged engine") on CPU for LLaVA / LLaVA-NeXT; the stateful engine for Qwen2-VL (3-D positions) and off CPU.
+    OpenVINO's own ov-u8 / ov-u4 stay on the stateful engine everywhere."""
+    m = SimpleNamespace(stateful=True, architecture=arch)
+    want = PAGED if device == "CPU" and arch != "qwen2_vl" else STATEFUL
+    for mode in ("packed", "simulate"):
+        assert _pick("openvino", "fp16", device, m, None, mode) == want
+        for ov in ("ov-u8", "ov-u4"):
+            assert select_engine(engine_key("openvino", make_kv_spec(ov), device, m)).name == STATEFUL
+
+
 def test_unknown_kv_owner_and_backend_are_refused():
     m = SimpleNamespace(stateful=True, architecture="llava")
     with pytest.raises(InputError, match="kv_owner: expected one of kvtool, openvino, packed, paged, got 'state'"):
@@ -155,7 +169,8 @@ def test_a_new_engine_is_one_entry_placed_before_those_it_wins_over():
     assert pick("kvtool", "packed") is new
     assert pick("kvtool", "simulate").owner == "paged"
     assert pick("kvtool", "packed", device="GPU").owner == "kvtool"
-    assert pick("fp16", "packed").owner == "openvino"
+    assert pick("fp16", "packed").owner == "paged"
+    assert pick("fp16", "packed", device="GPU").owner == "openvino"
     assert pick("fp16", "packed", owner="fused") is new
     assert pick("kvtool", "packed", owner="packed").owner == "packed"
     assert select_engine(engine_key("openvino", _spec("kvtool"), "CPU", m)).owner == "packed"  # ENGINES unchanged

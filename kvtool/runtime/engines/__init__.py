@@ -21,20 +21,26 @@ chosen, so only the chosen runtime library is loaded.
 Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a stateful export's cache", OpenVINO
 2026.4 CPU, tiny-LM benchmark; "x" = decode time over the anchor's, own process / interleaved):
 
-- ``OpenVINOStatefulEngine`` (kv_owner ``openvino``): the stateful export with the KV inside the graph — the
-  anchor deployment (what optimum-intel and openvino.genai run) for ``fp16``, and the only home of OpenVINO's
-  own compression (``ov-u8``/``ov-u4``). Default for those on a stateful export, any device.
+- ``OpenVINOStatefulEngine`` (kv_owner ``openvino``): the stateful export with the KV inside the graph — what
+  optimum-intel runs — and the only home of OpenVINO's own compression (``ov-u8``/``ov-u4``). Default for
+  those on a stateful export on any device, and for ``fp16`` where the paged engine does not run it (Qwen2-VL,
+  non-CPU devices). On CPU LLaVA it missed issue 13's fp16 targets against openvino.genai f16 (peak RSS 1.45x /
+  2.45x at 2k / 8k tokens, time to first token 2.94x at 8k, decode 1.23x / 1.45x): its one-call prefill of the
+  stateful SDPA holds the whole prompt's mask and activations, and chunking that graph costs 1.8x-5.9x the CPU.
 - ``OpenVINOPackedEngine`` (kv_owner ``packed``): kvtool's schemes in packed mode on the stateful export with
   the cache held *only* packed: the graph's KV state is removed and a Python OpenVINO op per layer appends to
   the layer's ``QuantizedKVStore`` and runs the fused attention over the codes (``quant_ops.attention``).
   All three architectures (positions stay a graph input). Default for kvtool schemes in packed mode on
   ``CPU`` (docs/BENCHMARKS.md, "packed engine": KV held 37.6 MiB where paged also holds a 512 MiB working
   copy at 8k tokens). Simulate mode keeps the paged engine. fp16 on request only (kv_owner ``packed``).
-- ``OpenVINOPagedEngine`` (kv_owner ``paged``): kvtool's schemes on the stateful export through PagedAttention
-  with caller-owned blocks: 1.01x / 0.83x for g-KC128VT128 K2V2 packed (the stateless graph: 3.00x / 2.40x).
-  Default for kvtool schemes in simulate mode on a stateful export on ``CPU`` (the device its in-place
-  host-memory blocks were built and measured on), for LLaVA and LLaVA-NeXT only: PagedAttention takes 1-D
-  positions, not Qwen2-VL's 3-D.
+- ``OpenVINOPagedEngine`` (kv_owner ``paged``): the stateful export through PagedAttention (openvino.genai's
+  graph form) with caller-owned blocks. ``fp16``: the blocks are the cache (held once) and the prompt is
+  prefilled in chunks of 512 tokens; against openvino.genai f16 on the issue-13 model (docs/BENCHMARKS.md, "fp16
+  on the paged engine"): peak RSS 1.01x / 0.90x at 2k / 8k tokens, time to first token 0.96x / 0.96x in CPU
+  seconds. kvtool's schemes: 1.01x / 0.83x decode for g-KC128VT128 K2V2 packed (the stateless graph: 3.00x /
+  2.40x). Default for ``fp16`` and for kvtool schemes in simulate mode on a stateful export on ``CPU`` (the
+  device its in-place host-memory blocks were built and measured on), for LLaVA and LLaVA-NeXT only:
+  PagedAttention takes 1-D positions, not Qwen2-VL's 3-D.
 - ``OpenVINOStateOwnedEngine`` (kv_owner ``kvtool``): kvtool's schemes on the stateful export through OpenVINO's
   variable-state API. With a quantizing scheme it rewrites whole states (3.20x / 1.95x, about the stateless
   graph's speed) and its states are a dequantized copy the size of the fp cache, so on CPU LLaVA paged replaces
@@ -139,7 +145,7 @@ ENGINES: tuple[EngineEntry, ...] = (
     EngineEntry(_E + "openvino_packed:OpenVINOPackedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="packed", default=Default(_S({"kvtool"}), devices=_S({"CPU"}), modes=_S({"packed"}))),
     EngineEntry(_E + "openvino_paged:OpenVINOPagedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
-                owner="paged", default=Default(_S({"kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),
+                owner="paged", default=Default(_S({"fp16", "kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),
     EngineEntry(_E + "openvino_state:OpenVINOStateOwnedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="kvtool", default=Default(_S({"kvtool"}))),
     EngineEntry(_E + "openvino_engine:OpenVINOStatefulEngine", "openvino", "stateful", _S({"fp16", "ov"}),

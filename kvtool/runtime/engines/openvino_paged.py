@@ -7,9 +7,13 @@ costs O(changed tokens) on kvtool's side instead of a rewrite of the whole cache
 
 Semantics are DESIGN.md's, as in the other graph engines: the graph attends to the dequantized past plus
 the exact new tokens. Batch 1, one sequence; block tables are the identity (block j holds tokens
-``j*B .. j*B+B-1``). bf16 caches (CPU's default inference precision) are held as raw uint16 bits and
-converted here (round to nearest even); kvtool's own cache then holds f16, as with the stateless graphs. It does not run Qwen2-VL's 3-D positions (PagedAttention's position
-input is 1-D) nor OpenVINO's own KV compression.
+``j*B .. j*B+B-1``). For ``kv="fp16"`` the blocks *are* the cache: kvtool keeps no mirror of them
+(``_BlockTokens`` only counts tokens), and the prompt goes through the graph in chunks of ``prefill_chunk``
+tokens (each chunk's PagedAttention reads the blocks written before it, as openvino.genai's scheduler does), so
+peak memory holds one chunk's activations. bf16 caches (CPU's default inference precision) are held as raw
+uint16 bits and converted here (round to nearest even); kvtool's own cache then holds f16, as with the
+stateless graphs. It does not run Qwen2-VL's 3-D positions (PagedAttention's position input is 1-D) nor
+OpenVINO's own KV compression.
 """
 
 from __future__ import annotations
@@ -24,19 +28,76 @@ from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32 as _bf16_to_
 from kvtool.runtime.engines.openvino_engine import f32_to_bf16_bits as _f32_to_bf16
 from kvtool.runtime.kvspec import KVSpec
 
+# Prompt tokens per prefill call for kv="fp16" (0: one call). On the issue-13 model at 8k tokens
+# (docs/BENCHMARKS.md, "fp16 on the paged engine"): one call holds the whole prompt's activations (peak 1,585
+# MiB against openvino.genai f16's 884); chunks of 512 peaked at 761-767 MiB against genai's 851-899, with 256
+# and 1024 at 848-851 MiB, all at 0.96-1.02x genai's prefill CPU seconds.
+PREFILL_CHUNK = 512
+
+
+def check_prefill_chunk(value) -> None:
+    """``InputError`` (one line) unless ``value`` is None or a token count >= 0 (an int, not a bool)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {value!r}")
+
+
+class _BlockTokens:
+    """fp16 on the paged engine: the caller-owned blocks hold the cache, this only counts its tokens and answers
+    ``GraphKVCache``'s accounting (``nbytes``: the tokens in the blocks' element type, ``itemsize`` bytes each;
+    no working copy)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, itemsize: int):
+        self.num_layers, self.num_kv_heads, self.head_dim, self.itemsize = num_layers, num_kv_heads, head_dim, itemsize
+        self.n_tokens = 0
+
+    def reset(self, capacity: int = 0) -> None:
+        """Forget every token (the blocks are sized by the engine)."""
+        self.n_tokens = 0
+
+    def advance(self, t: int) -> None:
+        """``t`` more tokens were written into the blocks by the graph."""
+        self.n_tokens += t
+
+    def quantized_counts(self, i: int) -> tuple[int, int]:
+        """(0, 0): nothing is quantized."""
+        return 0, 0
+
+    @property
+    def fp16_nbytes(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.n_tokens * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.fp16_nbytes // 2 * self.itemsize
+
+    work_nbytes = 0
+
 
 class OpenVINOPagedEngine(_OpenVINOGraphs):
     """PagedAttention LM with caller-owned cache blocks, KV contents owned by kvtool (see module doc)."""
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
-                 inference_precision: str | None = None, kv_precision: str | None = None):
-        """``kv_precision``: KV_CACHE_PRECISION (f32 or f16; the plugin may still pick its inference type)."""
+                 inference_precision: str | None = None, kv_precision: str | None = None,
+                 prefill_chunk: int | None = None):
+        """``kv_precision``: KV_CACHE_PRECISION (f32 or f16; the plugin may still pick its inference type).
+        ``prefill_chunk``: prompt tokens per graph call for ``kv="fp16"`` (0: one call; default
+        ``PREFILL_CHUNK``). kvtool's schemes prefill in one call, and asking them for chunks is an ``InputError``:
+        a later chunk would attend to the earlier chunks' cache as kvtool quantized it (written back into the
+        blocks; simulate mode re-quantizes all of it at every append), where DESIGN.md has the prompt minus its
+        last token attend at full precision."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
+        check_prefill_chunk(prefill_chunk)
+        if prefill_chunk and spec.quantizes:
+            raise InputError(f"prefill_chunk: kv={spec.scheme} prefills in one call on the paged engine (a chunk "
+                             f"would attend to the earlier chunks' quantized cache); chunks are for kv=fp16")
         self.inference_precision = inference_precision
         self.kv_precision = kv_precision
+        self.prefill_chunk = (PREFILL_CHUNK if prefill_chunk is None else prefill_chunk) if spec.is_fp else 0
         self.token_writes = 0  # token rows kvtool wrote back into the blocks (benchmarks report it)
         super().__init__(path, spec, device, manifest)
+        if not spec.quantizes:  # fp16: the blocks are the cache, no mirror of them
+            self.kv = _BlockTokens(self.num_layers, self.num_kv_heads, self.head_dim, np.dtype(self._np).itemsize)
 
     def _config(self) -> dict:
         cfg = self._base_config()
@@ -127,6 +188,15 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
         super().start(prepared, max_new_tokens)
         self._ensure_blocks(prepared.n_tokens + max_new_tokens)
 
+    def run_prompt(self, start: int, end: int) -> np.ndarray:
+        """``Engine.run_prompt``: prompt positions [start, end) through the graph in chunks of ``prefill_chunk``
+        (0: one call), each attending to the blocks written before it; the last position's logits [V]."""
+        step = self.prefill_chunk or (end - start)
+        logits = None
+        for s in range(start, end, step):
+            logits = super().run_prompt(s, min(s + step, end))
+        return logits
+
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
         n = self.kv.n_tokens
@@ -140,6 +210,9 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
         req.infer(feeds, share_inputs=True, share_outputs=True)
         out = req.get_tensor("logits").data
         logits = out.reshape(-1, out.shape[-1])[-1].copy()
+        if not self.spec.quantizes:  # the graph appended the new tokens to the blocks, which are the cache
+            self.kv.advance(t)
+            return logits
         before = [self.kv.quantized_counts(i) for i in range(self.num_layers)]
         for i in range(self.num_layers):
             self.kv.append(i, self._read((i, 0), n, n + t), self._read((i, 1), n, n + t))
@@ -165,11 +238,16 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
                     self._write((i, side), starts[side], arr[:, :, starts[side]:ends[side]])
 
     def kv_work_nbytes(self) -> int:
-        """``Engine.kv_work_nbytes``: the caller-owned cache blocks plus kvtool's dequantization buffers."""
+        """``Engine.kv_work_nbytes``: the caller-owned cache blocks plus kvtool's dequantization buffers; 0 for
+        ``kv="fp16"``, whose blocks are the cache itself (``kv_bytes`` counts their tokens)."""
+        if not self.spec.quantizes:
+            return 0
         blocks = sum(b[0].nbytes for b in self._blocks.values())
-        return int(blocks + (self.kv.work_nbytes if self.spec.quantizes else 0))
+        return int(blocks + self.kv.work_nbytes)
 
     def info(self) -> dict:
-        """``Engine.info``: compile config, kv_owner ``paged``, block element type and size, token rows written."""
+        """``Engine.info``: compile config, kv_owner ``paged``, block element type and size, token rows written,
+        the prefill chunk (0: one call)."""
         return {**super().info(), "config": self._config(), "stateful": True, "kv_owner": "paged",
-                "cache_type": str(self.cache_type), "block_size": self.block, "token_writes": self.token_writes}
+                "cache_type": str(self.cache_type), "block_size": self.block, "token_writes": self.token_writes,
+                "prefill_chunk": self.prefill_chunk}
