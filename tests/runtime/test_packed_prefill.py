@@ -87,7 +87,7 @@ def test_chunks_see_the_earlier_chunks(stateful):
         blind_logits = pipe.last_first_logits
     finally:
         type(eng.kv).past = real_past
-    assert blind.stats["kv_bytes"] == out.stats["kv_bytes"]
+    assert blind.stats["prompt_tokens"] == out.stats["prompt_tokens"] > 16
     _, ref = _run(stateful, 0, new=1, kv="g-KC128VT128", k_bits=2, v_bits=2)
     assert np.abs(blind_logits - ref.logits[0]).max() > 100 * ATOL
 
