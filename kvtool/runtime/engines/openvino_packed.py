@@ -5,9 +5,11 @@ that reads the packed codes (``quant_ops.attention.decode_attention``, the nativ
 Route: an OpenVINO *Python* custom operation (``openvino.Op`` with ``evaluate``) inserted per layer at load
 time. The graph is edited (a graph edit written here, as no library offers it):
 
-- each ``ReadValue`` of past K/V is replaced by an empty constant ``[1, H, 0, D]`` and the ``Assign`` sinks
-  and variables are removed, so the graph's own ``Concat(past, new)`` and SDPA see only the current call's
-  K/V (causal inside the call, exact) and OpenVINO holds no KV state at all;
+- each ``ReadValue`` of past K/V is replaced by a graph input ``kvtool_past.{i}.key|value``, token-major
+  ``[P, H, D]`` in the stores' dtype (transposed, and converted to the graph's type, inside the graph), and
+  the ``Assign`` sinks and variables are removed, so OpenVINO holds no KV state at all. Decode calls feed it
+  empty (P = 0): the graph's own ``Concat(past, new)`` and SDPA then see only the current call's K/V (causal
+  inside the call, exact); a chunked prefill feeds the exact earlier prompt tokens (below);
 - after each ``ScaledDotProductAttention`` a ``PackedKVAttention(q, k_new, v_new, sdpa_out)`` op (k_new /
   v_new: the Concat's new input, before any GQA broadcast, so the store holds the kv heads) replaces the
   SDPA's output for the rest of the graph.
@@ -23,7 +25,26 @@ which are then stored compressed), by the state of its layer's store:
 (c) T > 1 on a non-empty store: portable — this layer's store dequantized, then causal attention over it
     plus the new tokens;
 
-then appends the new K/V to the store. The portable path dequantizes one layer at a time (never silently:
+then appends the new K/V to the store.
+
+Prefill in chunks (``prefill_chunk``, default ``PREFILL_CHUNK``; 0: one call). One graph call over the
+whole prompt holds its activations and the SDPA's [T, T] mask at once (1,544 MiB peak RSS at 8k tokens on the
+long-context bench model, for a 36 MiB packed cache). A prefill into empty stores longer than the chunk runs
+chunk by chunk, exactly as DESIGN.md's full-precision prefill: each layer holds the prompt's exact K/V so far
+in a preallocated token-major buffer of the stores' dtype (capacity: the prefill's length), fed as the graph's
+past, so the graph's SDPA attends to the exact earlier tokens plus the chunk, causally; the op, in its
+prefill state (p), writes the chunk's new K/V into the buffer and returns the SDPA's output. When the prefill
+ends (``run_prompt`` over [0, T-1), or [0, T) for ``first_token="fp"``), each layer's buffer is appended to its
+store in one go, so the store holds what a one-call prefill appends (same groups, blocks, codes; ``kv_bytes``
+equal), and freed, layer by layer; the last prompt token and the generated ones then see the compressed cache
+as before. The buffer is a transient full-precision copy of the prompt's K/V (all layers: 64 MiB at 2k, 256
+MiB at 8k tokens in f16 on the bench model): ``info()["prefill_buffer_bytes"]`` reports its size, apart from
+``kv_work_bytes`` (the decode working copy). Chunk boundaries change only the summation order of the SDPA
+(and, for an f16 buffer, the past read back rounded to f16 as every f16 KV cache does). Multi-token calls on
+a non-empty store stay case (c). Not done: a prefill whose later chunks see the earlier ones compressed
+(openvino.genai's u4 behaviour, no full-precision copy) — a different semantics.
+
+The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
 ``kv_work_nbytes`` is the largest dequantized working copy a call held: 0 on the native path (it reads the
 codes), one layer's K/V in the held dtype (f16 by default, f32 for fp32 exports) on the portable path;
