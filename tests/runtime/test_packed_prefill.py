@@ -54,8 +54,10 @@ def _check_chunks(path, chunks, new=4, **kv):
             np.testing.assert_allclose(mine, theirs, rtol=0, atol=ATOL)
         eng = pipe.engine
         assert all(la.prefill is None for la in eng.layers)  # the buffer is freed after the prefill
-        chunked = c < n - (kv.get("first_token") != "fp")  # the part prefilled at full precision
+        # the part prefilled at full precision: the prompt minus its last token where that token sees the
+        # compressed cache (a quantizing scheme, first_token="compressed"), else all of it
         prefilled = n - (kv.get("first_token", "compressed") == "compressed" and kv.get("kv") != "fp16")
+        chunked = c < prefilled
         want = 2 * eng.num_layers * prefilled * eng.num_kv_heads * eng.head_dim * np.dtype(eng.kv_dtype).itemsize
         assert info["prefill_buffer_bytes"] == (want if chunked else 0), c
         calls = {la["calls"]["fp"] for la in info["layers"]}
