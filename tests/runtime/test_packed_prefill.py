@@ -15,6 +15,9 @@ chunk attending to nothing earlier changes the logits by 1e-2 or more (``test_ch
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -95,10 +98,12 @@ def test_chunks_see_the_earlier_chunks(stateful):
 
 
 def test_prefill_chunk_default_and_bad_values(stateful):
-    from kvtool.runtime.engines.openvino_packed import PREFILL_CHUNK
+    from kvtool.runtime.engines.openvino_packed import MMAP_THRESHOLD, PREFILL_CHUNK
 
     pipe = VLMPipeline.load(stateful, kv="g-KC128VT128", k_bits=2, v_bits=2)
     assert pipe.engine.info()["prefill_chunk"] == PREFILL_CHUNK > 0
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":  # the allocator fix is glibc's mallopt
+        assert pipe.engine.info()["malloc_mmap_threshold"] == MMAP_THRESHOLD
     for bad in (-1, 2.5, "64", True):
         with pytest.raises(InputError, match=r"^prefill_chunk: expected a token count >= 0") as e:
             VLMPipeline.load(stateful, kv="g-KC128VT128", k_bits=2, v_bits=2, prefill_chunk=bad)
