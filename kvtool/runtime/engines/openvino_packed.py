@@ -5,9 +5,11 @@ that reads the packed codes (``quant_ops.attention.decode_attention``, the nativ
 Route: an OpenVINO *Python* custom operation (``openvino.Op`` with ``evaluate``) inserted per layer at load
 time. The graph is edited (a graph edit written here, as no library offers it):
 
-- each ``ReadValue`` of past K/V is replaced by an empty constant ``[1, H, 0, D]`` and the ``Assign`` sinks
-  and variables are removed, so the graph's own ``Concat(past, new)`` and SDPA see only the current call's
-  K/V (causal inside the call, exact) and OpenVINO holds no KV state at all;
+- each ``ReadValue`` of past K/V is replaced by a graph input ``kvtool_past.{i}.key|value``, token-major
+  ``[P, H, D]`` in the stores' dtype (transposed, and converted to the graph's type, inside the graph), and
+  the ``Assign`` sinks and variables are removed, so OpenVINO holds no KV state at all. Decode calls feed it
+  empty (P = 0): the graph's own ``Concat(past, new)`` and SDPA then see only the current call's K/V (causal
+  inside the call, exact); a chunked prefill feeds the exact earlier prompt tokens (below);
 - after each ``ScaledDotProductAttention`` a ``PackedKVAttention(q, k_new, v_new, sdpa_out)`` op (k_new /
   v_new: the Concat's new input, before any GQA broadcast, so the store holds the kv heads) replaces the
   SDPA's output for the rest of the graph.
@@ -23,7 +25,29 @@ which are then stored compressed), by the state of its layer's store:
 (c) T > 1 on a non-empty store: portable — this layer's store dequantized, then causal attention over it
     plus the new tokens;
 
-then appends the new K/V to the store. The portable path dequantizes one layer at a time (never silently:
+then appends the new K/V to the store.
+
+Prefill in chunks (``prefill_chunk``, default ``PREFILL_CHUNK``; 0: one call). One graph call over the
+whole prompt holds its activations and the SDPA's [T, T] mask at once (1,544 MiB peak RSS at 8k tokens on the
+long-context bench model, for a 36 MiB packed cache). A prefill into empty stores longer than the chunk runs
+chunk by chunk, exactly as DESIGN.md's full-precision prefill: each layer holds the prompt's exact K/V so far
+in a preallocated token-major buffer of the stores' dtype (capacity: the prefill's length), fed as the graph's
+past, so the graph's SDPA attends to the exact earlier tokens plus the chunk, causally; the op, in its
+prefill state (p), writes the chunk's new K/V into the buffer and returns the SDPA's output. When the prefill
+ends (``run_prompt`` over [0, T-1), or [0, T) for ``first_token="fp"``), each layer's buffer is appended to its
+store in one go, so the store holds what a one-call prefill appends (same groups, blocks, codes; ``kv_bytes``
+equal), and freed, layer by layer; the last prompt token and the generated ones then see the compressed cache
+as before. The buffer is a transient full-precision copy of the prompt's K/V (all layers: 64 MiB at 2k, 256
+MiB at 8k tokens in f16 on the bench model): ``info()["prefill_buffer_bytes"]`` reports its size, apart from
+``kv_work_bytes`` (the decode working copy). Chunk boundaries change only the summation order of the SDPA
+(and, for an f16 buffer, the past read back rounded to f16 as every f16 KV cache does). Multi-token calls on
+a non-empty store stay case (c). With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
+(``mallopt``, process-wide; ``info()["malloc_mmap_threshold"]``): glibc's dynamic threshold otherwise keeps
+the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
+(2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
+(openvino.genai's u4 behaviour, no full-precision copy) — a different semantics.
+
+The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
 ``kv_work_nbytes`` is the largest dequantized working copy a call held: 0 on the native path (it reads the
 codes), one layer's K/V in the held dtype (f16 by default, f32 for fp32 exports) on the portable path;
@@ -54,6 +78,25 @@ from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs, bf16_bits_to
 from kvtool.runtime.kvspec import KVSpec
 
 _PASS_THROUGH = ("Reshape", "Broadcast", "Unsqueeze", "Convert", "Tile", "Squeeze")
+# Prompt tokens per graph call of a prefill (0: the whole prompt in one call); module docstring, "Prefill".
+PREFILL_CHUNK = 512
+# glibc's mmap threshold the engine fixes for a chunked prefill (bytes): module docstring, "Prefill".
+MMAP_THRESHOLD = 128 * 1024
+
+
+def _fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` (``mallopt(M_MMAP_THRESHOLD)``, process-wide): every
+    allocation above it is its own mapping, returned to the OS when freed. glibc otherwise raises the threshold
+    to the largest block freed (up to 32 MiB), so a chunked prefill's per-chunk graph intermediates, each a
+    little larger than the last, land on the heap and stay resident. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3 (malloc.h)
+    except (OSError, AttributeError):
+        return False
 
 
 class _Layer:
@@ -71,6 +114,9 @@ class _Layer:
         self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.work_peak = 0  # bytes of the largest dequantized K/V one call held (portable path)
         self.scratch_peak = 0  # bytes of the largest other temporary (kernel scratch, scores)
+        # a chunked prefill's exact K/V of the prompt so far, token-major [capacity, H, D] each (None: no
+        # prefill in chunks under way); the op writes each chunk at rows [n, n + T)
+        self.prefill: list | None = None  # [k_buf, v_buf, n]
 
 
 class _PackedKV:
@@ -79,6 +125,44 @@ class _PackedKV:
     def __init__(self, spec: KVSpec, layers: list[_Layer], num_kv_heads: int, head_dim: int):
         self.spec, self.layers, self.num_kv_heads, self.head_dim = spec, layers, num_kv_heads, head_dim
         self.n_tokens = 0
+        self.prefill_peak = 0  # bytes of the largest exact prefill buffer (all layers' K/V) held so far
+
+    def begin_prefill(self, capacity: int) -> None:
+        """Hold each layer's exact K/V of the next ``capacity`` prompt tokens in a token-major buffer of the
+        stores' dtype (allocated lazily by the OS as the chunks fill it); the stores stay empty until
+        ``end_prefill``."""
+        h, d = self.num_kv_heads, self.head_dim
+        for layer in self.layers:
+            layer.prefill = [np.empty((capacity, h, d), layer.dtype), np.empty((capacity, h, d), layer.dtype), 0]
+        item = self.layers[0].dtype.itemsize if self.layers else 0
+        self.prefill_peak = max(self.prefill_peak, 2 * len(self.layers) * capacity * h * d * item)
+
+    def end_prefill(self) -> None:
+        """Append each layer's buffered prompt K/V to its store in one go (so a store holds exactly what a
+        one-call prefill would have appended: the same groups, blocks and codes) and free the buffer, layer by
+        layer (one layer's head-major copy is the only other transient)."""
+        for layer in self.layers:
+            if layer.prefill is None:
+                continue
+            kb, vb, n = layer.prefill
+            layer.prefill = None
+            layer.store.append(np.ascontiguousarray(kb[:n].transpose(1, 0, 2))[None],
+                               np.ascontiguousarray(vb[:n].transpose(1, 0, 2))[None])
+            del kb, vb
+
+    def past(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Layer ``i``'s exact past for the graph's ``kvtool_past`` inputs: (k, v) ``[P, H, D]`` views of the
+        prefill buffer, and P (0 and empty arrays outside a chunked prefill)."""
+        pre = self.layers[i].prefill
+        if pre is None:
+            return self._empty, self._empty, 0
+        kb, vb, n = pre
+        return kb[:n], vb[:n], n
+
+    @functools.cached_property
+    def _empty(self) -> np.ndarray:
+        dt = self.layers[0].dtype if self.layers else np.float32
+        return np.empty((0, self.num_kv_heads, self.head_dim), dt)
 
     def reset(self, capacity: int = 0) -> None:
         from kvtool.quant_ops import QuantizedKVStore
@@ -89,7 +173,9 @@ class _PackedKV:
                                            residual=s.residual)
             layer.work_peak = layer.scratch_peak = 0
             layer.native = None
+            layer.prefill = None
         self.n_tokens = 0
+        self.prefill_peak = 0
 
     def advance(self, t: int) -> None:
         self.n_tokens += t
@@ -165,6 +251,13 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None =
     st = layer.store
     t = q.shape[2]
     out = None
+    if layer.prefill is not None:  # (p) a chunk of a chunked prefill: the SDPA attended to the exact past
+        kb, vb, n = layer.prefill
+        kb[n:n + t] = k_new[0].transpose(1, 0, 2)
+        vb[n:n + t] = v_new[0].transpose(1, 0, 2)
+        layer.prefill[2] = n + t
+        layer.calls["fp"] += 1
+        return None
     if st.n_tokens == 0:
         layer.calls["fp"] += 1
     else:
@@ -276,18 +369,8 @@ def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
     if len(sdpas) != num_layers or len(concats) != 2 * num_layers:
         raise InputError(f"language model: {len(sdpas)} SDPA ops and {len(concats)} KV states for {num_layers} "
                          f"layers; the packed engine needs one SDPA and two states per layer")
-    for op in model.get_ordered_ops():
-        if op.get_type_name() == "ReadValue":
-            ps = op.get_output_partial_shape(0)
-            empty = ops.constant(ov.Tensor(op.get_output_element_type(0), ov.Shape([1, ps[1].get_length(), 0,
-                                                                                  ps[3].get_length()])))
-            op.output(0).replace(empty.output(0))
-    for a in sinks:
-        model.remove_sink(a)
-    for var in list(model.get_variables()):
-        model.remove_variable(var)
     cls = _op_class()
-    layers = []
+    layers, pasts = [], []
     for i, sdpa in enumerate(sdpas):
         kc, vc = _source(sdpa.input_value(1), stop), _source(sdpa.input_value(2), stop)
         if kc is None or vc is None:
@@ -305,6 +388,30 @@ def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
         for t in targets:
             t.replace_source_output(node.output(0))
         layers.append(layer)
+        pasts += [(kc, f"kvtool_past.{i}.key"), (vc, f"kvtool_past.{i}.value")]
+    et = ov.Type.f32 if np.dtype(dtype) == np.float32 else ov.Type.f16
+    for concat, name in pasts:  # each past ReadValue -> a token-major [P, H, D] Parameter of the stores' dtype
+        rv = concat.input_value(0).get_node()
+        for _ in range(8):
+            if rv.get_type_name() == "ReadValue":
+                break
+            rv = rv.input_value(0).get_node()
+        else:
+            raise InputError(f"language model: the past input of {name} is not read from a state")
+        ps = rv.get_output_partial_shape(0)
+        param = ops.parameter(ov.PartialShape([-1, ps[1].get_length(), ps[3].get_length()]), et, name)
+        param.output(0).get_tensor().set_names({name})
+        x = param.output(0)
+        if rv.get_output_element_type(0) != et:
+            x = ops.convert(x, rv.get_output_element_type(0)).output(0)
+        x = ops.unsqueeze(ops.transpose(x, ops.constant(np.array([1, 0, 2], dtype=np.int64))),
+                          ops.constant(np.array([0], dtype=np.int64)))
+        rv.output(0).replace(x.output(0))
+        model.add_parameters([param])
+    for a in sinks:
+        model.remove_sink(a)
+    for var in list(model.get_variables()):
+        model.remove_variable(var)
     model.validate_nodes_and_infer_types()
     return layers
 
@@ -313,11 +420,19 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
     """Stateful LM graph without KV state; per-layer packed stores read by a fused attention (module doc)."""
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
-                 inference_precision: str | None = None, kv_precision: str | None = None):
+                 inference_precision: str | None = None, kv_precision: str | None = None,
+                 prefill_chunk: int | None = None):
         """``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
-        inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16)."""
+        inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
+        ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (None: ``PREFILL_CHUNK``;
+        0: the whole prompt in one call); the chunks attend to the exact earlier prompt tokens (module doc)."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 0):
+            raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {prefill_chunk!r}")
+        self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        self.mmap_threshold_fixed = bool(self.prefill_chunk) and _fix_mmap_threshold()
         where = f"kv={spec.scheme} with the packed engine (kv_owner=packed)"
         if device != "CPU":
             raise InputError(f"{where}: runs on CPU only (its attention is a Python op the host evaluates), "
@@ -351,11 +466,35 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
             raise InputError(f"language model: {self.n_states} KV states left after the packed engine's edit")
 
     # -- the engine interface ------------------------------------------------------------------------
+    def run_prompt(self, start: int, end: int) -> np.ndarray:
+        """Prompt positions [start, end) through the LM; the last one's logits [V]. Into empty stores and longer
+        than ``prefill_chunk``: in chunks that attend to the exact earlier prompt tokens (the layers' prefill
+        buffers, fed as the graph's past), then every layer's tokens appended to its store in one go. Otherwise
+        one call (a multi-token call on a non-empty store is the op's case (c))."""
+        step = self.prefill_chunk
+        if not step or end - start <= step or self.kv.n_tokens:
+            return super().run_prompt(start, end)
+        self.kv.begin_prefill(end - start)
+        try:
+            for s in range(start, end, step):
+                logits = super().run_prompt(s, min(s + step, end))
+        except BaseException:
+            for layer in self.layers:
+                layer.prefill = None
+            raise
+        self.kv.end_prefill()
+        return logits
+
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
-        # the graph sees no past: its mask covers the call's own tokens (positions come from the caller)
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, t), dtype=np.int64),
-                 "position_ids": pos, "beam_idx": np.zeros(1, dtype=np.int32)}
+        # the graph's past is the prefill buffer's tokens during a chunked prefill, else nothing (the ops read
+        # the packed stores); the mask covers past plus the call's own tokens (positions come from the caller)
+        feeds = {}
+        p = 0
+        for i in range(self.num_layers):
+            feeds[f"kvtool_past.{i}.key"], feeds[f"kvtool_past.{i}.value"], p = self.kv.past(i)
+        feeds.update({"inputs_embeds": embeds, "attention_mask": np.ones((1, p + t), dtype=np.int64),
+                      "position_ids": pos, "beam_idx": np.zeros(1, dtype=np.int32)})
         feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
         req = self.lm_req
         req.infer(feeds, share_inputs=True, share_outputs=True)  # the ops append to the stores
@@ -364,7 +503,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
 
     def kv_work_nbytes(self) -> int:
         """Bytes of dequantized scratch held for attention beyond the packed stores: 0 on the native path, at
-        most one layer's K/V (held dtype) on the portable path."""
+        most one layer's K/V (held dtype) on the portable path. The chunked prefill's transient exact copy of
+        the prompt's K/V is not in it (freed before the first token is decoded): ``info()["prefill_buffer_bytes"]``."""
         return self.kv.work_nbytes
 
     def layer_paths(self) -> list[dict]:
@@ -383,4 +523,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "route": "openvino python op", "ov_states": self.n_states,
                 "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
                 "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
-                "scratch_bytes": self.kv.scratch_nbytes}
+                "scratch_bytes": self.kv.scratch_nbytes, "prefill_chunk": self.prefill_chunk,
+                # a chunked prefill's transient full-precision copy of the prompt's K/V (all layers, the stores'
+                # dtype), freed into the packed stores when the prefill ends; 0 when no prefill was chunked
+                "prefill_buffer_bytes": self.kv.prefill_peak,
+                "malloc_mmap_threshold": MMAP_THRESHOLD if self.mmap_threshold_fixed else None}
