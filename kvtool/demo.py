@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
+from kvtool.quant_ops.schemes import QUANT_BITS
 
 DEMO_SCHEMES = ("uniform", "or2", "g-CN", "g-T128", "g-KCNVT128", "g-KC128VT128")
 DEMO_BITS = (4, 2)
@@ -50,9 +51,9 @@ class DemoConfig:
             self.n = min(self.n, QUICK_N)
         if self.n < 1:
             raise InputError(f"--n {self.n}: expected a positive number of questions")
-        bad = [b for b in self.bits if b not in (2, 3, 4, 8)]
+        bad = [b for b in self.bits if b not in QUANT_BITS]
         if bad:
-            raise InputError(f"--bits {bad[0]}: expected KV bits among 2, 3, 4, 8")
+            raise InputError(f"--bits {bad[0]}: expected KV bits among {', '.join(map(str, QUANT_BITS))}")
         from kvtool.quant_ops import parse_scheme
 
         self.schemes = tuple(str(parse_scheme(s)) for s in self.schemes)  # InputError/ValueError on a bad name

@@ -6,10 +6,29 @@ from __future__ import annotations
 import click
 
 from kvtool.cli.base import echo_json, ls_group, main
+from kvtool.errors import InputError
+
+# what the bit options' help names; a test holds it equal to quant_ops.schemes.QUANT_BITS (not imported here:
+# kvtool.quant_ops loads its kernels, and `kvtool --help` stays instant)
+BITS_TEXT = "2, 3, 4 or 8"
+
+
+def _check_bits(ctx: click.Context, param: click.Parameter, value):
+    """The bits ``kvtool run`` / ``eval`` accept for a quantizing scheme (``quant_ops.schemes.QUANT_BITS``, the
+    one source), so that what ``ls schemes`` / ``kv-roundtrip`` show is what a run can use; else ``InputError``
+    naming the option."""
+    from kvtool.quant_ops.schemes import QUANT_BITS
+
+    for b in (value if isinstance(value, tuple) else (value,)):
+        if b is not None and b not in QUANT_BITS:
+            raise InputError(f"{param.opts[0]} {b}: expected one of {', '.join(map(str, QUANT_BITS))} (the bits "
+                             f"kvtool run --kv SCHEME takes; fp16 is the unquantized scheme)")
+    return value
 
 
 def _bits_option(name: str, help_text: str, multiple: bool = False):
-    return click.option(name, type=click.Choice(["2", "3", "4", "8", "16"]), multiple=multiple, help=help_text)
+    return click.option(name, type=int, multiple=multiple, callback=_check_bits, metavar="BITS",
+                        help=f"{help_text} One of {BITS_TEXT}, as kvtool run takes.")
 
 
 @ls_group.command(name="schemes")
