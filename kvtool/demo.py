@@ -84,14 +84,16 @@ def _model_hash(model_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4) -> Path:
-    """The OpenVINO int``wbits`` export of ``model_dir`` in the cache, made on first use."""
+def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4, progress: bool = True) -> Path:
+    """The OpenVINO int``wbits`` export of ``model_dir`` in the cache, made on first use (``progress``: the
+    export's own progress bar)."""
     from kvtool.export import ExportConfig, export_model
 
     # "stateful": the export default since issue 14; a cached stateless export of older kvtool is not reused
     out = cache_root / "demo" / f"openvino-w{wbits}-stateful-{_model_hash(model_dir)}"
     if not (out / "kvtool.json").is_file():
-        export_model(ExportConfig(model=str(model_dir), output=str(out), backend="openvino", wbits=wbits))
+        export_model(ExportConfig(model=str(model_dir), output=str(out), backend="openvino", wbits=wbits,
+                                  progress=progress))
     return out
 
 
@@ -232,7 +234,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         raise InputError(f"demo model {model_dir}: expected an HF checkpoint directory with config.json")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    export_dir = ensure_export(model_dir, _cache_root(cfg))
+    export_dir = ensure_export(model_dir, _cache_root(cfg), progress=cfg.progress)
     rows: list[dict[str, Any]] = []
     ref_dir = None
     bar = tqdm(cfg.plan, desc="demo rows", unit="row", disable=not cfg.progress)

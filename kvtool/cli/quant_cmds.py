@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from kvtool.cli.base import echo_json, ls_group, main
+from kvtool.cli.base import echo_json, ls_group, main, progress_option
 from kvtool.errors import InputError
 
 # what the bit options' help names; a test holds it equal to quant_ops.schemes.QUANT_BITS (not imported here:
@@ -64,15 +64,16 @@ def ls_schemes(bits, k_bits, v_bits, tokens, d_model, as_json) -> None:
 @click.option("--heads", type=int, default=8, show_default=True, help="KV heads H.")
 @click.option("--head-dim", type=int, default=128, show_default=True, help="Head dim D.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, as_json) -> None:
+def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, no_progress, as_json) -> None:
     """Quantization round trip on a random fp16 KV block with outlier channels: relative error, max error
     and bytes held vs fp16 per scheme (through the packed store)."""
     from kvtool.quant_ops.tables import roundtrip
 
     rows = roundtrip(list(schemes) or None, [int(b) for b in bits] or None,
                      int(k_bits) if k_bits else None, int(v_bits) if v_bits else None,
-                     tokens=tokens, heads=heads, head_dim=head_dim, seed=seed, progress=not as_json)
+                     tokens=tokens, heads=heads, head_dim=head_dim, seed=seed, progress=not no_progress)
     if as_json:
         echo_json(rows)
         return
