@@ -298,6 +298,12 @@ class VLMPipeline:
         return GenerateOutput(text=text.strip(), token_ids=ids, stats=stats, logits=kept)
 
     # ------------------------------------------------------------------------------------------------
+    def _kv_work_what(self) -> str | None:
+        """What the run's ``kv_work_bytes`` counts on this engine (its ``kv_work_what``; None where the engine
+        does not say): shown as ``pipeline.engine.kv_work`` in ``kvtool run --json``."""
+        what = getattr(self.engine, "kv_work_what", None)
+        return what() if callable(what) else None
+
     def info(self) -> dict[str, Any]:
         """A JSON-serialisable description of this pipeline, for results files."""
         from kvtool.versions import library_versions
@@ -320,6 +326,7 @@ class VLMPipeline:
             "processor": getattr(self.processor, "kind", type(self.processor).__name__),
             "model_path": str(self.path.resolve()),
             "manifest": self.manifest.to_dict() if self.manifest is not None else None,
-            "engine": {"name": type(self.engine).__name__, **self.engine.info()},  # which engine ran, by class
+            "engine": {"name": type(self.engine).__name__, **self.engine.info(),  # which engine ran, by class
+                       "kv_work": self._kv_work_what()},
             "versions": versions,
         }
