@@ -141,7 +141,8 @@ def progress_option(f):
 @contextmanager
 def quiet_loading(verbose: bool = False, datasets: bool = False):
     """Unless ``verbose``: transformers' progress bars (its "Loading weights" bar on torch loads) and, with
-    ``datasets``, the datasets library's ("Generating train split" on a local copy's first read) are off for the
+    ``datasets``, the datasets library's ("Generating train split" on a local copy's first read) and
+    huggingface_hub's retry warnings ("Retrying in 1s" while a hub id is tried offline) are off for the
     duration and restored after. kvtool's own progress bar and results are not affected."""
     if verbose:
         yield
@@ -158,6 +159,12 @@ def quiet_loading(verbose: bool = False, datasets: bool = False):
         if not are_progress_bars_disabled():
             disable_progress_bars()
             restore.append(enable_progress_bars)
+        import logging
+
+        hub = logging.getLogger("huggingface_hub")  # its retry warnings while a hub id is tried offline
+        level = hub.level
+        hub.setLevel(logging.ERROR)
+        restore.append(lambda: hub.setLevel(level))
     try:
         yield
     finally:

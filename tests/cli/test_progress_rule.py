@@ -62,3 +62,17 @@ def test_kv_roundtrip_bar_on_stderr_json_on_stdout():
     assert r.exit_code == 0 and "kv-roundtrip" in r.stderr and json.loads(r.stdout)[0]["scheme"] == "uniform"
     r = CliRunner().invoke(main, [*args, "--no-progress"])
     assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_hub_retry_warnings_only_with_verbose():
+    import logging
+
+    from kvtool.cli.base import quiet_loading
+
+    hub = logging.getLogger("huggingface_hub")
+    before = hub.level
+    with quiet_loading(False, datasets=True):
+        assert not hub.isEnabledFor(logging.WARNING)
+    assert hub.level == before
+    with quiet_loading(True, datasets=True):
+        assert hub.level == before

@@ -57,3 +57,17 @@ def test_torch_and_graph_agree_on_simulate_kv_bytes(exported, tiny_model):
         st = pipe.generate(IMG, "What shape?", max_new_tokens=4, ignore_eos=True).stats
         figures.append((_held_tokens(pipe, st), st["kv_bytes"]))
     assert figures[0] == figures[1]
+
+
+def test_run_text_says_simulate_bytes_are_theory(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from kvtool.cli import main
+
+    IMG.save(tmp_path / "i.png")
+    r = CliRunner().invoke(main, ["run", str(exported("tiny-llava", "openvino", 16, "fp32")), "--image",
+                                  str(tmp_path / "i.png"), "--prompt", "What?", "--kv", "g-KC128VT128", "--kv-bits",
+                                  "2", "--kv-mode", "simulate", "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    assert "as packed storage would hold it (simulate holds K/V dense: kv_work" in r.stdout
+    assert "codes + group params" not in r.stdout
