@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from kvtool.demo import DEMO_BITS, DEMO_SCHEMES
+from kvtool.quant_ops.schemes import QUANT_BITS
 
 # --- the study's grid on paper ---------------------------------------------------------------------------
 # Samples per cell (generations): datasets' cards. VQAv2: test-dev (107,394, LLaVA's evaluation set; the
@@ -42,7 +43,7 @@ PROMPT_TOKENS = 640  # 576 image tokens (CLIP-L/336) + ~60 text tokens
 COST = {"gpu": {"prefill_s": 0.12, "decode_ms": 28.0, "load_s": 30.0},
         "cpu": {"prefill_s": 4.0, "decode_ms": 90.0, "load_s": 30.0}}
 KV_SCHEMES = ("uniform", "or2", "g-CN", "g-C128", "g-T128", "g-KCNVT128", "g-KC128VT128")
-KV_BITS = (2, 3, 4, 8)
+KV_BITS = QUANT_BITS  # the bits a run accepts (kvtool.quant_ops.schemes)
 
 
 def study_cells() -> list[dict]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
+from kvtool.quant_ops.schemes import QUANT_BITS
 
 DEMO_SCHEMES = ("uniform", "or2", "g-CN", "g-T128", "g-KCNVT128", "g-KC128VT128")
 DEMO_BITS = (4, 2)
@@ -50,9 +51,9 @@ class DemoConfig:
             self.n = min(self.n, QUICK_N)
         if self.n < 1:
             raise InputError(f"--n {self.n}: expected a positive number of questions")
-        bad = [b for b in self.bits if b not in (2, 3, 4, 8)]
+        bad = [b for b in self.bits if b not in QUANT_BITS]
         if bad:
-            raise InputError(f"--bits {bad[0]}: expected KV bits among 2, 3, 4, 8")
+            raise InputError(f"--bits {bad[0]}: expected KV bits among {', '.join(map(str, QUANT_BITS))}")
         from kvtool.quant_ops import parse_scheme
 
         self.schemes = tuple(str(parse_scheme(s)) for s in self.schemes)  # InputError/ValueError on a bad name
@@ -83,14 +84,16 @@ def _model_hash(model_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4) -> Path:
-    """The OpenVINO int``wbits`` export of ``model_dir`` in the cache, made on first use."""
+def ensure_export(model_dir: Path, cache_root: Path, wbits: int = 4, progress: bool = True) -> Path:
+    """The OpenVINO int``wbits`` export of ``model_dir`` in the cache, made on first use (``progress``: the
+    export's own progress bar)."""
     from kvtool.export import ExportConfig, export_model
 
     # "stateful": the export default since issue 14; a cached stateless export of older kvtool is not reused
     out = cache_root / "demo" / f"openvino-w{wbits}-stateful-{_model_hash(model_dir)}"
     if not (out / "kvtool.json").is_file():
-        export_model(ExportConfig(model=str(model_dir), output=str(out), backend="openvino", wbits=wbits))
+        export_model(ExportConfig(model=str(model_dir), output=str(out), backend="openvino", wbits=wbits,
+                                  progress=progress))
     return out
 
 
@@ -231,7 +234,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         raise InputError(f"demo model {model_dir}: expected an HF checkpoint directory with config.json")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    export_dir = ensure_export(model_dir, _cache_root(cfg))
+    export_dir = ensure_export(model_dir, _cache_root(cfg), progress=cfg.progress)
     rows: list[dict[str, Any]] = []
     ref_dir = None
     bar = tqdm(cfg.plan, desc="demo rows", unit="row", disable=not cfg.progress)

@@ -118,16 +118,31 @@ def model_argument(name: str = "model", required: bool = True):
     return click.argument(name, required=required, callback=resolve_model)
 
 
+# The rule for what a command shows on stderr besides its result (written in `kvtool --help` too):
+#  - kvtool's own progress bar on work that takes a while (export steps, eval rows, sweep units, demo rows,
+#    kv-roundtrip schemes, models make shards) is on by default, on stderr (so --json's stdout stays JSON);
+#    --no-progress turns it off;
+#  - the libraries' own progress bars and log lines (transformers' "Loading weights" / "Writing model shards",
+#    datasets', NNCF's, OpenVINO's) are shown only with --verbose (quiet_loading; export: library_output).
+
+
 def verbose_option(f):
     return click.option("--verbose", is_flag=True,
-                        help="Show the libraries' own progress bars (transformers' 'Loading weights' while the "
-                             "model loads; for eval also datasets' while a local copy is read).")(f)
+                        help="Also show the libraries' own progress bars and log lines (transformers' 'Loading "
+                             "weights' / 'Writing model shards', datasets', NNCF's); kvtool's own bar is "
+                             "--no-progress's.")(f)
+
+
+def progress_option(f):
+    return click.option("--no-progress", is_flag=True,
+                        help="Hide kvtool's own progress bar (on stderr; the libraries' bars are --verbose's).")(f)
 
 
 @contextmanager
 def quiet_loading(verbose: bool = False, datasets: bool = False):
     """Unless ``verbose``: transformers' progress bars (its "Loading weights" bar on torch loads) and, with
-    ``datasets``, the datasets library's ("Generating train split" on a local copy's first read) are off for the
+    ``datasets``, the datasets library's ("Generating train split" on a local copy's first read) and
+    huggingface_hub's retry warnings ("Retrying in 1s" while a hub id is tried offline) are off for the
     duration and restored after. kvtool's own progress bar and results are not affected."""
     if verbose:
         yield
@@ -144,6 +159,12 @@ def quiet_loading(verbose: bool = False, datasets: bool = False):
         if not are_progress_bars_disabled():
             disable_progress_bars()
             restore.append(enable_progress_bars)
+        import logging
+
+        hub = logging.getLogger("huggingface_hub")  # its retry warnings while a hub id is tried offline
+        level = hub.level
+        hub.setLevel(logging.ERROR)
+        restore.append(lambda: hub.setLevel(level))
     try:
         yield
     finally:
@@ -155,7 +176,11 @@ def quiet_loading(verbose: bool = False, datasets: bool = False):
 @click.version_option(__version__, prog_name="kvtool")
 def main() -> None:
     """kvtool: compress a LLaVA-family VLM (int4/int8 weights, quantized KV cache), run it on an edge
-    device, and measure what the compression changes against the PyTorch reference."""
+    device, and measure what the compression changes against the PyTorch reference.
+
+    Output: the result goes to stdout (JSON with --json). kvtool's own progress bar on long work (export,
+    eval, sweep, demo, kv-roundtrip, models make) is shown on stderr; --no-progress hides it. The libraries'
+    own progress bars and log lines (transformers, datasets, NNCF, OpenVINO) are shown only with --verbose."""
 
 
 @main.group(name="ls", cls=KvtoolGroup)

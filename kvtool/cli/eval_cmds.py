@@ -16,6 +16,7 @@ from kvtool.cli.base import (
     echo_json,
     main,
     model_argument,
+    progress_option,
     quiet_loading,
     verbose_option,
 )
@@ -127,7 +128,7 @@ def eval_group() -> None:
 @click.option("--merge", is_flag=True, hidden=True, help="Deprecated: kvtool eval merge RUN_DIR.")
 @click.option("--rescore", default=None, hidden=True, help="Deprecated: kvtool eval rescore RUN_DIR.")
 @judge_options
-@click.option("--no-progress", is_flag=True)
+@progress_option
 @verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def eval_run(model_or_dir, tasks, output, kv_spec, data, seeds, shard, merge, rescore, judge, no_progress, verbose,

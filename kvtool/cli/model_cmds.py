@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from kvtool.cli.base import KvtoolGroup, echo_json, ls_group, main, model_argument
+from kvtool.cli.base import (
+    KvtoolGroup,
+    echo_json,
+    ls_group,
+    main,
+    model_argument,
+    progress_option,
+    quiet_loading,
+    verbose_option,
+)
 from kvtool.errors import InputError
 
 
@@ -34,24 +43,29 @@ REAL_SHAPE_NAMES = ["llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-vicuna-7b", "qw
 @click.option("--vision-hidden", type=int, help="Vision tower hidden size (default 64).")
 @click.option("--vision-layers", type=int, help="Vision tower layers (default 2).")
 @click.option("--image-size", type=int, help="Vision input side in pixels (default 48).")
+@progress_option
+@verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the sizes as JSON.")
-def models_make(name, out_dir, seed, as_json, weight_dtype, **sizes) -> None:
+def models_make(name, out_dir, seed, as_json, weight_dtype, no_progress, verbose, **sizes) -> None:
     """Build the random checkpoint NAME into OUT_DIR (no hub access).
 
     tiny-*: tiny models for tests. The others have the published config.json of the real model (random
-    weights, written shard by shard in fp16/bf16; --layers N truncates the decoder)."""
+    weights, written shard by shard in fp16/bf16, with a progress bar of the shards; --layers N truncates the
+    decoder)."""
     from dataclasses import asdict
 
     from kvtool.models import make_tiny_model, tiny_size
 
     if name in REAL_SHAPE_NAMES:
-        _make_real_shape(name, out_dir, seed, as_json, weight_dtype, sizes)
+        with quiet_loading(verbose):
+            _make_real_shape(name, out_dir, seed, as_json, weight_dtype, sizes, progress=not no_progress)
         return
     if weight_dtype:
         raise InputError("--dtype: only for the real-shape models (tiny models are written in float32)")
 
     size = tiny_size(name, **sizes)  # validates before any heavy import
-    path = make_tiny_model(name, out_dir, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
+    with quiet_loading(verbose):  # transformers' "Writing model shards" bar: a library's (one tiny shard)
+        path = make_tiny_model(name, out_dir, seed=seed, **{k: v for k, v in sizes.items() if v is not None})
     shown = asdict(size)
     # the tokenizer is trained up to vocab_size entries and may end smaller: report what the checkpoint has
     from kvtool.export.source import read_config
@@ -66,13 +80,14 @@ def models_make(name, out_dir, seed, as_json, weight_dtype, **sizes) -> None:
         click.echo("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
-def _make_real_shape(name, out_dir, seed, as_json, weight_dtype, sizes) -> None:
+def _make_real_shape(name, out_dir, seed, as_json, weight_dtype, sizes, progress: bool = True) -> None:
     from kvtool.models.real_shapes import make_real_shape_model
 
     other = sorted(f"--{k.replace('_', '-')}" for k, v in sizes.items() if v is not None and k != "layers")
     if other:
         raise InputError(f"{', '.join(other)}: {name} has the published sizes; only --layers, --dtype, --seed apply")
-    info = make_real_shape_model(name, out_dir, layers=sizes.get("layers"), seed=seed, dtype=weight_dtype)
+    info = make_real_shape_model(name, out_dir, layers=sizes.get("layers"), seed=seed, dtype=weight_dtype,
+                                 progress=progress)
     if as_json:
         echo_json(info)
         return
@@ -127,8 +142,9 @@ def ls_models(as_json) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own code (off by default).")
 @click.option("--force", is_flag=True, help="Replace another export already in --output (refused without it).")
 @click.option("--verbose", is_flag=True, help="Show the exporting libraries' own log lines and warnings.")
+@progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result (graphs, sizes, manifest) as JSON.")
-def export_cmd(model, output, as_json, **opts) -> None:
+def export_cmd(model, output, as_json, no_progress, **opts) -> None:
     """Export MODEL (a local Hugging Face checkpoint dir, a bundled model's name such as kvtool-shapes, or a hub
     id when online) to graphs + kvtool.json.
 
@@ -138,7 +154,7 @@ def export_cmd(model, output, as_json, **opts) -> None:
     """
     from kvtool.export import ExportConfig, export_model
 
-    cfg = ExportConfig(model=model, output=output, **opts)
+    cfg = ExportConfig(model=model, output=output, progress=not no_progress, **opts)
     cfg.validate()  # before any heavy import
     res = export_model(cfg)
     if as_json:

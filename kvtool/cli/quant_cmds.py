@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import click
 
-from kvtool.cli.base import echo_json, ls_group, main
+from kvtool.cli.base import echo_json, ls_group, main, progress_option
+from kvtool.errors import InputError
+
+# what the bit options' help names; a test holds it equal to quant_ops.schemes.QUANT_BITS (not imported here:
+# kvtool.quant_ops loads its kernels, and `kvtool --help` stays instant)
+BITS_TEXT = "2, 3, 4 or 8"
+
+
+def _check_bits(ctx: click.Context, param: click.Parameter, value):
+    """The bits ``kvtool run`` / ``eval`` accept for a quantizing scheme (``quant_ops.schemes.QUANT_BITS``, the
+    one source), so that what ``ls schemes`` / ``kv-roundtrip`` show is what a run can use; else ``InputError``
+    naming the option."""
+    from kvtool.quant_ops.schemes import QUANT_BITS
+
+    for b in (value if isinstance(value, tuple) else (value,)):
+        if b is not None and b not in QUANT_BITS:
+            raise InputError(f"{param.opts[0]} {b}: expected one of {', '.join(map(str, QUANT_BITS))} (the bits "
+                             f"kvtool run --kv SCHEME takes; fp16 is the unquantized scheme)")
+    return value
 
 
 def _bits_option(name: str, help_text: str, multiple: bool = False):
-    return click.option(name, type=click.Choice(["2", "3", "4", "8", "16"]), multiple=multiple, help=help_text)
+    return click.option(name, type=int, multiple=multiple, callback=_check_bits, metavar="BITS",
+                        help=f"{help_text} One of {BITS_TEXT}, as kvtool run takes.")
 
 
 @ls_group.command(name="schemes")
@@ -45,15 +64,16 @@ def ls_schemes(bits, k_bits, v_bits, tokens, d_model, as_json) -> None:
 @click.option("--heads", type=int, default=8, show_default=True, help="KV heads H.")
 @click.option("--head-dim", type=int, default=128, show_default=True, help="Head dim D.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, as_json) -> None:
+def kv_roundtrip(schemes, bits, k_bits, v_bits, tokens, heads, head_dim, seed, no_progress, as_json) -> None:
     """Quantization round trip on a random fp16 KV block with outlier channels: relative error, max error
     and bytes held vs fp16 per scheme (through the packed store)."""
     from kvtool.quant_ops.tables import roundtrip
 
     rows = roundtrip(list(schemes) or None, [int(b) for b in bits] or None,
                      int(k_bits) if k_bits else None, int(v_bits) if v_bits else None,
-                     tokens=tokens, heads=heads, head_dim=head_dim, seed=seed, progress=not as_json)
+                     tokens=tokens, heads=heads, head_dim=head_dim, seed=seed, progress=not no_progress)
     if as_json:
         echo_json(rows)
         return

@@ -61,6 +61,9 @@ def run_cmd(model, images, prompt, kv_spec, verbose, as_json, **opts) -> None:
     held = f" {st['kv_dtype']}" if st.get("kv_dtype") else ""
     if info["k_bits"] is not None:  # a quantizing scheme: the dtype is that of its unquantized residual
         held = f" = K{info['k_bits']}V{info['v_bits']} codes + group params +{held or ' fp'} residual"
+        if st["kv_mode"] == "simulate":  # nothing is held as codes: the figure is packed storage's, in theory
+            held = (f" as packed storage would hold it (simulate holds K/V dense: kv_work "
+                    f"{st.get('kv_work_bytes', 0) / 2**20:.3f} MiB)")
     click.echo(f"KV {st['kv_bytes'] / 2**20:.3f} MiB{held} (fp16 {st['kv_fp16_bytes'] / 2**20:.3f} MiB) | "
                f"peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
 

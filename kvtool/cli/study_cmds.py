@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from kvtool.cli.base import echo_json, ls_group, main
+from kvtool.cli.base import echo_json, ls_group, main, progress_option, quiet_loading, verbose_option
 from kvtool.errors import InputError
 
 
@@ -66,10 +66,11 @@ def report_cmd(runs, output, reference, n_boot, as_json) -> None:
 @click.option("--dry-run", is_flag=True, help="Show units, samples and a time estimate; run nothing.")
 @click.option("--rates-from", multiple=True, help="Earlier run/sweep folders to measure rows/s from (dry run).")
 @click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap resamples of compare.")
-@click.option("--no-progress", is_flag=True)
+@progress_option
+@verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def sweep_cmd(grid, output, executor, address, workers, max_retries, dry_run, rates_from, n_boot, no_progress,
-              as_json) -> None:
+              verbose, as_json) -> None:
     """Run the grid in GRID (TOML: models, weights, KV schemes x bits, tasks, reference) into -o: every unit
     (cell x task x shard) once, resumable, then compare every cell with the reference and write the
     study-shaped report. The judge's API key comes from the environment (KVTOOL_JUDGE_KEY), never the grid."""
@@ -78,7 +79,8 @@ def sweep_cmd(grid, output, executor, address, workers, max_retries, dry_run, ra
     cfg = SweepConfig(grid=grid, output=output, executor=executor, address=address, workers=workers,
                       max_retries=max_retries, dry_run=dry_run, rates_from=list(rates_from), n_boot=n_boot,
                       progress=not no_progress)
-    result = run_sweep(cfg)
+    with quiet_loading(verbose or dry_run, datasets=True):  # a dry run loads nothing
+        result = run_sweep(cfg)
     if as_json:
         echo_json(result)
     else:
@@ -143,7 +145,9 @@ def submission_cmd(run_dir, output, task, question_ids, as_json) -> None:
 @click.option("--bits", default="4,2", show_default=True, help="Comma-separated KV bit widths (K = V).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", default=None, help="Also write the {'rows': [...]} JSON here ('-': stdout).")
-def demo_cmd(out_dir, cache_dir, n, quick, schemes, bits, device, json_path) -> None:
+@progress_option
+@verbose_option
+def demo_cmd(out_dir, cache_dir, n, quick, schemes, bits, device, json_path, no_progress, verbose) -> None:
     """Export the bundled kvtool-shapes model with int4 weights to OpenVINO and evaluate it on the shapes
     benchmark: PyTorch fp32 reference, fp16 KV, and the study's KV schemes at each bit width (Table 3 shape)."""
     from kvtool.demo import DemoConfig, run_demo
@@ -153,8 +157,9 @@ def demo_cmd(out_dir, cache_dir, n, quick, schemes, bits, device, json_path) -> 
     except ValueError:
         raise InputError(f"--bits {bits!r}: expected comma-separated integers such as 4,2") from None
     cfg = DemoConfig(out_dir=out_dir, cache_dir=cache_dir, n=n, quick=quick, device=device, bits=bit_list,
-                     schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()))
-    result = run_demo(cfg)
+                     schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()), progress=not no_progress)
+    with quiet_loading(verbose, datasets=True):
+        result = run_demo(cfg)
     if json_path == "-":
         echo_json({"rows": result["rows"]})
         return

@@ -5,7 +5,7 @@ scenarios, each asked "Is this person A or B?" questions whose +1 option is the 
 high-status / innocuous answer (the study's Table 7). ``load`` reads the repository's folders
 (``data/{occupations,status,potential_crime}/<scenario>/<race>_<gender>.png``), ``build`` turns an image into
 its questions, ``aggregate`` scores the replies (``metrics.parse_pairs_choice`` / ``pairs_scores``). The task's
-``TaskSpec`` (``kvtool.evals.tasks``) points at these; this module does not run models or draw figures.
+``TaskSpec`` (``kvtool.evals.tasks``' table) points at these; this module does not run models or draw figures.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kvtool.errors import InputError
 from kvtool.evals import metrics as M
 
 if TYPE_CHECKING:
-    from kvtool.evals.tasks import Sample, TaskSpec
+    from kvtool.evals.taskspec import Sample, TaskSpec
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 #: the groups' metric names, in the study's order (the bar figure's groups)
@@ -80,7 +80,7 @@ def pairs_questions(group: str, scenario: str) -> list[tuple[str, str, str]]:
 
 def build(row: Mapping[str, Any]) -> list[Sample]:
     """The samples of one PAIRS image: every question its group and scenario ask."""
-    from kvtool.evals.tasks import Sample
+    from kvtool.evals.taskspec import Sample
 
     out = []
     for qi, (q, a, b) in enumerate(pairs_questions(row["group"], row["scenario"])):

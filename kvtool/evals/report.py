@@ -241,6 +241,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, reference: str
         raise InputError("report: no run directories given")
     rows, tasks = collect_rows(run_dirs)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out}: is a file; expected a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     curve_tasks = [t for t in tasks if t not in bar_tasks(tasks)]
     add_headline_cis(rows, curve_tasks, n_boot, seed)

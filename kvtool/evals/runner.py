@@ -446,6 +446,8 @@ def run_eval(cfg: EvalConfig, model=None) -> dict[str, Any]:
 
     specs = parse_tasks(cfg.tasks)
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out}: is a file; expected a run directory (new, or one kvtool eval wrote)")
     run_set = run_settings(cfg, _conversation(cfg, model))
     task_sets = {s.name: task_settings(s, task_generation(s, cfg)) for s in specs}
     for s in specs:
@@ -484,9 +486,24 @@ def run_eval(cfg: EvalConfig, model=None) -> dict[str, Any]:
     return results
 
 
-def load_results(run_dir: str | Path) -> dict[str, Any]:
+def run_dir_path(run_dir: str | Path, what: str = "run directory") -> Path:
+    """``run_dir`` as a ``Path`` when it is an existing directory; else one line naming it: a missing path
+    raises ``FileNotFoundError``, a file ``InputError`` (the commands over run directories: eval merge / rescore,
+    compare, report, submission; an output directory: ``-o``)."""
     p = Path(run_dir)
-    p = p if p.is_file() else p / RESULTS
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {p}: does not exist (expected a run directory written by kvtool eval -o)")
+    if not p.is_dir():
+        raise InputError(f"{what} {p}: is a file, not a directory (expected a run directory written by kvtool "
+                         f"eval -o)")
+    return p
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """The results.json of ``run_dir`` (or ``run_dir`` itself when it is that file); ``FileNotFoundError`` naming
+    a missing path or a directory without results.json, ``InputError`` for a file that is not valid JSON."""
+    p = Path(run_dir)
+    p = p if p.is_file() else run_dir_path(p) / RESULTS
     if not p.is_file():
         raise FileNotFoundError(f"no {RESULTS} at {p} (run kvtool eval, or kvtool eval merge RUN_DIR for shards)")
     try:
@@ -497,7 +514,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
 
 def task_rows(run_dir: str | Path, task: str) -> list[dict]:
     """The saved prediction rows of one task of a run."""
-    p = Path(run_dir) / task / "predictions.jsonl"
+    p = run_dir_path(run_dir) / task / "predictions.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"no predictions for task {task} at {p}")
     return read_predictions(p)
@@ -515,7 +532,7 @@ def _expected_print(run: Path, task: str, parts: list[dict]) -> str:
 
 def merge_shards(run_dir: str | Path, judge: JudgeConfig | None = None) -> dict[str, Any]:
     """Join ``predictions.shard-*`` files into ``predictions.jsonl`` (one row per id), score, write results.json."""
-    run = Path(run_dir)
+    run = run_dir_path(run_dir)
     shard_results = sorted(run.glob("results.shard-*-of-*.json"))
     if not shard_results:
         raise FileNotFoundError(f"no results.shard-*-of-*.json in {run}; run kvtool eval --shard i/n first")
@@ -552,7 +569,7 @@ def merge_shards(run_dir: str | Path, judge: JudgeConfig | None = None) -> dict[
 def rescore(run_dir: str | Path, judge: JudgeConfig | None = None, tasks: Iterable[str] | None = None
             ) -> dict[str, Any]:
     """Recompute metrics from saved predictions (calling the configured judges); updates results.json."""
-    run = Path(run_dir)
+    run = run_dir_path(run_dir)
     results = load_results(run)
     for task in list(tasks or results["tasks"]):
         spec = get_task(task)

@@ -81,6 +81,8 @@ def write_submission(run_dir: str | Path, output: str | Path, task: str = "vqav2
 
     if task not in SUBMISSION_TASKS:
         raise InputError(f"--task {task!r}: no submission format; expected one of {', '.join(SUBMISSION_TASKS)}")
+    if Path(output).is_dir():
+        raise InputError(f"output {output}: is a directory; expected the JSON file to write")
     rows = task_rows(run_dir, task)
     ids = read_question_ids(question_ids) if question_ids else None
     entries = vqa_submission(rows, ids)

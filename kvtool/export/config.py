@@ -37,7 +37,8 @@ class ExportConfig:
     (KV inside the graph; what the fast engine, ``OVModelForVisualCausalLM`` and openvino.genai read); False
     the stateless one (explicit past/present K/V); ONNX is always stateless. ``onnx_quant`` picks the MatMulNBits algorithm.
     ``force`` lets the export replace another export found in ``output`` (refused otherwise); ``verbose``
-    shows the exporting libraries' own log lines and warnings (hidden by default).
+    shows the exporting libraries' own log lines and warnings (hidden by default); ``progress`` kvtool's own
+    progress bar of the export's steps, on stderr (shown by default).
     """
 
     model: str
@@ -57,6 +58,7 @@ class ExportConfig:
     trust_remote_code: bool = False
     force: bool = False
     verbose: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.backend == "onnxruntime":  # the runtime's name for the same backend; manifests say "onnx"

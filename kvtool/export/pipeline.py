@@ -139,7 +139,8 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     total = 5 + (len(calib.rows) if calib else 0) + (1 if torch_transform else 0)
-    with (tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step", file=progress_stream) as bar,
+    with (tqdm(total=total, desc=f"export {cfg.backend} w{cfg.wbits}", unit="step", file=progress_stream,
+               disable=not cfg.progress) as bar,
           paging_out(source.weight_files(model_dir))):
         bar.set_postfix_str("load")
         model = source.load_torch_model(model_dir, cfg.trust_remote_code, own_dtype=cfg.backend == "openvino")

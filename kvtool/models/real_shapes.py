@@ -259,13 +259,15 @@ def _random_tensor(name: str, shape: tuple, dtype: Any, seed: int, std: float):
 
 
 def write_random_weights(model: Any, out: Path, dtype: Any, seed: int = 0, shard_bytes: int = 512 << 20,
-                         std: float = 0.02) -> dict[str, Any]:
+                         std: float = 0.02, progress: bool = False) -> dict[str, Any]:
     """Write random weights for every (untied) parameter of meta ``model`` as safetensors shards in ``out``
     (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``); at most one shard is held.
-    Returns ``{"files": n, "bytes": total, "params": count}``."""
+    ``progress``: kvtool's progress bar of the shards (in bytes) on stderr. Returns ``{"files": n, "bytes":
+    total, "params": count}``."""
     import os
 
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]  # tied weights appear once
     sizes = [dtype.itemsize * _numel(s) for _, s in params]
@@ -278,6 +280,8 @@ def write_random_weights(model: Any, out: Path, dtype: Any, seed: int = 0, shard
         groups[-1].append(i)
         acc += nbytes
     weight_map: dict[str, str] = {}
+    bar = tqdm(total=sum(sizes), desc=f"write {len(groups)} shard(s)", unit="B", unit_scale=True,
+               unit_divisor=1024, disable=not progress)
     for k, idxs in enumerate(groups, 1):
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
         shard = {params[i][0]: _random_tensor(params[i][0], params[i][1], dtype, seed, std) for i in idxs}
@@ -286,6 +290,8 @@ def write_random_weights(model: Any, out: Path, dtype: Any, seed: int = 0, shard
         os.replace(tmp, out / fname)
         weight_map.update({params[i][0]: fname for i in idxs})
         del shard
+        bar.update(sum(sizes[i] for i in idxs))
+    bar.close()
     total = sum(sizes)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
@@ -300,11 +306,12 @@ def _numel(shape: tuple) -> int:
 
 
 def make_real_shape_model(name: str, out_dir: str | Path, *, layers: int | None = None, seed: int = 0,
-                          dtype: str | None = None, shard_bytes: int = 512 << 20) -> dict[str, Any]:
+                          dtype: str | None = None, shard_bytes: int = 512 << 20,
+                          progress: bool = False) -> dict[str, Any]:
     """Write the random checkpoint of ``name`` (a ``PUBLISHED`` key) into ``out_dir``.
 
     ``layers``: decoder layers kept (default: all, as published); ``dtype``: ``float16`` | ``bfloat16``
-    (default: the published one). Returns ``{"path", "name", "hub_id", "layers", "dtype", "files", "bytes",
+    (default: the published one); ``progress``: a progress bar of the shards on stderr. Returns ``{"path", "name", "hub_id", "layers", "dtype", "files", "bytes",
     "params"}``. Raises ``InputError`` for an unknown name, a bad layer count or dtype.
     """
     import torch
@@ -319,7 +326,8 @@ def make_real_shape_model(name: str, out_dir: str | Path, *, layers: int | None 
     for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
     model = meta_model(cfg)
-    info = write_random_weights(model, out, getattr(torch, dtype), seed=seed, shard_bytes=shard_bytes)
+    info = write_random_weights(model, out, getattr(torch, dtype), seed=seed, shard_bytes=shard_bytes,
+                                progress=progress)
     cfg.save_pretrained(out)
     gen = model.generation_config
     gen.do_sample = False

@@ -131,17 +131,22 @@ class GraphKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes the cache holds: the stores' codes (packed), or the fp16 size (fp16), or what packed storage
-        would hold (simulate). The packed stores' dequantized working copy is not counted (see
-        ``work_nbytes``)."""
+        would hold (simulate: ``simulated_nbytes``, as the torch engine's ``torch_cache_nbytes`` reports; the
+        simulate store's own dense cache lives in the graph-input buffers, ``work_nbytes``). The packed stores'
+        dequantized working copy is not counted (see ``work_nbytes``)."""
+        if self.spec.quantizes and self.spec.mode == "simulate":
+            return simulated_nbytes(self.spec, self.num_layers, self.num_kv_heads, self.head_dim, self.n_tokens)
         if self._stores is not None:
             return int(sum(s.nbytes for s in self._stores))
-        if self.spec.quantizes:
-            return simulated_nbytes(self.spec, self.num_layers, self.num_kv_heads, self.head_dim, self.n_tokens)
         return self.fp16_nbytes // 2 * self.dtype.itemsize  # unquantized: held in the graph's KV dtype
 
     @property
     def work_nbytes(self) -> int:
-        """Bytes of the preallocated graph-input buffers (in packed mode, the dequantized working copy)."""
+        """Bytes of the preallocated graph-input buffers, all layers, K and V, at their allocated capacity (tokens
+        reserved for the prompt plus the new tokens, grown 1.5x when exceeded) in the graph's KV dtype: in packed
+        mode the dequantized working copy of the codes; in simulate mode the store's dense, re-quantized cache
+        itself (adopted by ``dequantize(out=...)``: the memory a simulate run really holds); for fp16 the cache
+        itself."""
         return int(sum(b.nbytes for b in self._kbuf) + sum(b.nbytes for b in self._vbuf))
 
 

@@ -37,17 +37,19 @@ class GenerateOutput:
     logits: list[np.ndarray] | None = None  # per generated token, [V] each (only with keep_logits=True)
 
 
-def model_max_positions(path: Path) -> int | None:
+def model_max_positions(path: Path | None, config: dict | None = None) -> int | None:
     """Positions the language model has (``text_config.max_position_embeddings``, else the top-level one) from
-    ``config.json`` in ``path`` (an HF checkpoint, or an export, which keeps its source's config.json); None
-    where it does not say."""
+    ``config`` (a config.json's dict the caller already read), else from ``config.json`` in ``path`` (an HF
+    checkpoint, or an export, which keeps its source's config.json); None where it does not say."""
     import json
 
-    f = path / "config.json"
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except json.JSONDecodeError:
-        return None
+    cfg = config
+    if cfg is None:
+        f = Path(path or "") / "config.json"
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except json.JSONDecodeError:
+            return None
     for section in (cfg.get("text_config") or {}, cfg):
         n = section.get("max_position_embeddings") if isinstance(section, dict) else None
         if isinstance(n, int) and n > 0:
@@ -92,6 +94,18 @@ def _resolve_backend(path: Path, backend: str):
     return want, manifest
 
 
+def _engine_config(engine) -> dict | None:
+    """The config.json the engine loaded, as a dict: a graph engine's ``config`` (``hfconfig.read_config``),
+    the torch engine's ``model.config``; None for an engine that holds neither (then the pipeline reads the
+    file itself)."""
+    cfg = getattr(engine, "config", None)
+    if cfg is None:
+        cfg = getattr(getattr(engine, "model", None), "config", None)
+    to_dict = getattr(cfg, "to_dict", None)
+    out = to_dict() if callable(to_dict) else None
+    return out if isinstance(out, dict) else None
+
+
 class VLMPipeline:
     """One loaded model plus its processor and KV settings. Build it with ``VLMPipeline.load``.
 
@@ -99,7 +113,7 @@ class VLMPipeline:
     chosen from — what parity checks compare across engines and KV settings."""
 
     def __init__(self, engine: Engine, processor, spec: KVSpec, path: Path, manifest, conversation: str,
-                 requested_device: str):
+                 requested_device: str, config: dict | None = None):
         self.engine = engine
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -109,7 +123,7 @@ class VLMPipeline:
         self.conversation = conversation
         self.requested_device = requested_device
         self.eos_ids = self._eos_ids()
-        self.max_positions = model_max_positions(path)
+        self.max_positions = model_max_positions(path, config)  # config: the engine's, read once by ``load``
         self.last_first_logits: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------------------------
@@ -137,7 +151,8 @@ class VLMPipeline:
         from kvtool.devices import resolve_device
 
         path = Path(path)
-        conversation = cls.prompt_format(path, conversation)
+        if conversation != "auto":
+            conversation = cls.prompt_format(path, conversation)  # checked before anything loads; reads nothing
         spec = make_kv_spec(kv, k_bits, v_bits, kv_mode, first_token, ov_group_size, ov_key_by_channel,
                             residual=kv_residual)
         backend, manifest = _resolve_backend(path, backend)
@@ -162,15 +177,22 @@ class VLMPipeline:
             from kvtool.runtime.processing import load_processor
 
             processor = load_processor(path)  # PIL image processing and fast; kvtool.runtime.processing
-        return cls(engine, processor, spec, path, manifest, conversation, device)
+        # config.json is read once, by the engine; the prompt format and the position limit take it from there
+        config = _engine_config(engine)
+        if conversation == "auto":
+            model_type = manifest.architecture if manifest is not None else (config or {}).get("model_type")
+            conversation = resolve_conversation(path, conversation, model_type=model_type) if model_type \
+                else cls.prompt_format(path, conversation)
+        return cls(engine, processor, spec, path, manifest, conversation, device, config=config)
 
     @staticmethod
     def prompt_format(path: str | Path | None, conversation: str = "auto") -> str:
         """The prompt format (``chat_template`` or ``vicuna_v1``) ``load`` gives the model in ``path`` when asked
         for ``conversation`` (``auto`` resolved by ``preprocess.resolve_conversation``'s one rule; other values
-        checked, ``InputError`` naming ``conversation``). Loading resolves the format here, and a caller that
-        needs it before loading (the eval runner's settings check) asks here; neither reads the files itself.
-        A loaded pipeline's ``conversation`` holds the result."""
+        checked, ``InputError`` naming ``conversation``), reading the model's files. ``load`` applies the same
+        rule to the config its engine read (config.json is read once per load); a caller that needs the format
+        before loading (the eval runner's settings check) asks here. A loaded pipeline's ``conversation`` holds
+        the result."""
         return resolve_conversation(path, conversation)
 
     def _eos_ids(self) -> set[int]:
@@ -276,6 +298,12 @@ class VLMPipeline:
         return GenerateOutput(text=text.strip(), token_ids=ids, stats=stats, logits=kept)
 
     # ------------------------------------------------------------------------------------------------
+    def _kv_work_what(self) -> str | None:
+        """What the run's ``kv_work_bytes`` counts on this engine (its ``kv_work_what``; None where the engine
+        does not say): shown as ``pipeline.engine.kv_work`` in ``kvtool run --json``."""
+        what = getattr(self.engine, "kv_work_what", None)
+        return what() if callable(what) else None
+
     def info(self) -> dict[str, Any]:
         """A JSON-serialisable description of this pipeline, for results files."""
         from kvtool.versions import library_versions
@@ -298,6 +326,7 @@ class VLMPipeline:
             "processor": getattr(self.processor, "kind", type(self.processor).__name__),
             "model_path": str(self.path.resolve()),
             "manifest": self.manifest.to_dict() if self.manifest is not None else None,
-            "engine": {"name": type(self.engine).__name__, **self.engine.info()},  # which engine ran, by class
+            "engine": {"name": type(self.engine).__name__, **self.engine.info(),  # which engine ran, by class
+                       "kv_work": self._kv_work_what()},
             "versions": versions,
         }

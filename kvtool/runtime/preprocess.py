@@ -235,9 +235,12 @@ def _chat_template_source(model_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def resolve_conversation(model_dir: str | Path | None, conversation: str) -> str:
+def resolve_conversation(model_dir: str | Path | None, conversation: str, model_type: str | None = None) -> str:
     """The conversation ``"auto"`` stands for with the checkpoint (or export) in ``model_dir``; other values
-    are checked and returned as they are. One rule for ``kvtool run`` and ``kvtool eval``:
+    are checked and returned as they are. ``model_type``: the model's type (``llava``, ``llava_next`` ...) when
+    the caller already holds it (a loaded pipeline: its engine's config), so that no config is read again;
+    None reads it from ``kvtool.json`` (an export's architecture), else ``config.json``. One rule for
+    ``kvtool run`` and ``kvtool eval``:
 
     - LLaVA-1.5 (``model_type``/architecture ``llava``): ``vicuna_v1``, the conversation LLaVA's own eval scripts
       use for the study's tasks (the HF checkpoints' chat templates leave out its system prompt) — unless the
@@ -253,6 +256,9 @@ def resolve_conversation(model_dir: str | Path | None, conversation: str) -> str
                              f"got {conversation!r}")
         return conversation
     root = Path(model_dir or "")
+    if model_type is not None:
+        llava = model_type == "llava"
+        return "vicuna_v1" if llava and VICUNA_V1_SYSTEM not in _chat_template_source(root) else "chat_template"
     for name, key in (("kvtool.json", "architecture"), ("config.json", "model_type")):
         f = root / name
         if f.is_file():

@@ -47,7 +47,7 @@ RUNTIME_MODULES = ["kvtool.cli", "kvtool.runtime", "kvtool.runtime.pipeline", "k
                    "kvtool.runtime.engines.openvino_state", "kvtool.runtime.engines.openvino_paged",
                    "kvtool.runtime.engines.openvino_packed",
                    "kvtool.runtime.engines.onnx_engine", "kvtool.evals", "kvtool.evals.runner",
-                   "kvtool.evals.tasks", "kvtool.evals.loaders", "kvtool.evals.metrics", "kvtool.evals.judges",
+                   "kvtool.evals.tasks", "kvtool.evals.taskspec", "kvtool.evals.loaders", "kvtool.evals.metrics", "kvtool.evals.judges",
                    "kvtool.evals.compare", "kvtool.evals.report", "kvtool.evals.shapes", "kvtool.devices",
                    "kvtool.manifest", "kvtool.quant_ops", "kvtool.quant_ops.attention", "kvtool.quant_ops.native", "transformers", "kvtool.versions"]
 

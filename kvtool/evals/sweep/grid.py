@@ -56,8 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
+from kvtool.quant_ops.schemes import QUANT_BITS
 
-KV_BITS = (2, 3, 4, 8)
+KV_BITS = QUANT_BITS  # the bits a run accepts (quant_ops.schemes, the one source)
 TOP_KEYS = {"tasks", "limit", "limits", "offset", "shards", "seed", "seeds", "max_new_tokens", "data_dir", "data", "kv_mode",
             "first_token", "conversation", "device", "cpus_per_unit", "gpus_per_torch_unit", "models", "reference",
             "kv", "judge"}
@@ -204,7 +205,7 @@ def _bit_settings(src: str, where: str, block: dict) -> list[tuple[int, int]]:
 
     def bit(key: str, b: Any) -> int:
         if isinstance(b, bool) or b not in KV_BITS:
-            raise _err(src, f"{where}{key}", f"{b!r} is not a KV bit width; expected one of 2, 3, 4, 8")
+            raise _err(src, f"{where}{key}", f"{b!r} is not a KV bit width; expected one of {', '.join(map(str, KV_BITS))}")
         return int(b)
 
     def blist(key: str) -> list[Any]:

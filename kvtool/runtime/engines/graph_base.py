@@ -127,9 +127,21 @@ class GraphEngine:
         return self.kv.nbytes, self.kv.fp16_nbytes
 
     def kv_work_nbytes(self) -> int:
-        """``Engine.kv_work_nbytes``: the buffers a quantizing scheme dequantizes into for the graph's past
-        inputs (0 for fp16, whose buffers are the cache itself)."""
+        """``Engine.kv_work_nbytes``: for a quantizing scheme, kvtool's graph-input buffers
+        (``GraphKVCache.work_nbytes``: all layers, K and V, at their allocated capacity, in the graph's KV
+        dtype) — packed mode's dequantized working copy, or simulate mode's dense re-quantized cache itself (the
+        memory a simulate run really holds; ``kv_bytes`` is then what packed storage would hold); 0 for fp16,
+        whose buffers are the cache (``kv_bytes``)."""
         return int(self.kv.work_nbytes) if self.spec.quantizes else 0
+
+    def kv_work_what(self) -> str | None:
+        """What ``kv_work_nbytes`` counts on this engine for this load, one sentence (``kvtool run --json``:
+        ``pipeline.engine.kv_work``); None where a subclass counts otherwise and does not say."""
+        if type(self).kv_work_nbytes is not GraphEngine.kv_work_nbytes:
+            return None
+        if not self.spec.quantizes:
+            return "0: fp16's buffers are the cache itself, counted in kv_bytes"
+        return kv_buffers_what(self.spec.mode)
 
     def kv_dtype_name(self) -> str:
         """The element type kvtool holds the KV cache's unquantized values in (numpy name)."""
@@ -231,3 +243,14 @@ class GraphEngine:
             raise InputError(f"{self.path}: merger graph inputs {g.inputs} are not the expected "
                              f"{sorted(by_name)}")
         return self._run("vision_embeddings_merger", inputs)[0]
+
+
+def kv_buffers_what(mode: str) -> str:
+    """The sentence for kvtool's graph-input buffers (``GraphKVCache.work_nbytes``) in ``mode``."""
+    if mode == "simulate":
+        return ("kvtool's graph-input buffers (all layers, K and V, at their allocated token capacity, in the "
+                "graph's KV dtype), which hold simulate mode's dense re-quantized cache itself: the KV memory the "
+                "run really holds (kv_bytes is what packed storage would hold)")
+    return ("kvtool's graph-input buffers (all layers, K and V, at their allocated token capacity, in the graph's "
+            "KV dtype) the packed codes are dequantized into before each step")
+

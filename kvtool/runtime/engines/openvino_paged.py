@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtool.errors import InputError
+from kvtool.runtime.engines.graph_base import kv_buffers_what
 from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs
 from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32 as _bf16_to_f32
 from kvtool.runtime.engines.openvino_engine import f32_to_bf16_bits as _f32_to_bf16
@@ -238,12 +239,23 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
                     self._write((i, side), starts[side], arr[:, :, starts[side]:ends[side]])
 
     def kv_work_nbytes(self) -> int:
-        """``Engine.kv_work_nbytes``: the caller-owned cache blocks plus kvtool's dequantization buffers; 0 for
-        ``kv="fp16"``, whose blocks are the cache itself (``kv_bytes`` counts their tokens)."""
+        """``Engine.kv_work_nbytes``: the caller-owned PagedAttention cache blocks (every allocated block, all
+        layers, K and V, in the blocks' element type: the copy the attention reads) plus kvtool's graph-input
+        buffers (``GraphEngine.kv_work_nbytes``: in simulate mode the dense re-quantized cache, in packed mode
+        the dequantized copy written back into the blocks); 0 for ``kv="fp16"``, whose blocks are the cache
+        itself (``kv_bytes`` counts their tokens)."""
         if not self.spec.quantizes:
             return 0
         blocks = sum(b[0].nbytes for b in self._blocks.values())
         return int(blocks + self.kv.work_nbytes)
+
+    def kv_work_what(self) -> str:
+        """``GraphEngine.kv_work_what`` for the paged engine."""
+        blocks = ("OpenVINO PagedAttention's cache blocks, owned by kvtool (every allocated block of "
+                  f"{self.block} tokens, all layers, K and V: the copy attention reads)")
+        if not self.spec.quantizes:
+            return "nothing: for fp16 the PagedAttention blocks are the cache itself, counted in kv_bytes"
+        return f"{blocks} plus {kv_buffers_what(self.spec.mode)}"
 
     def info(self) -> dict:
         """``Engine.info``: compile config, kv_owner ``paged``, block element type and size, token rows written,

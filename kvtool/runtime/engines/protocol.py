@@ -66,8 +66,11 @@ class Engine(Protocol):
         ...
 
     def kv_work_nbytes(self) -> int:
-        """Bytes of the dequantized working copy the graph reads its past from (caller-owned blocks, state
-        buffers), counted apart from ``kv_nbytes``; 0 where there is none."""
+        """Bytes of KV memory kvtool holds besides what ``kv_nbytes`` counts: the dequantized working copy the
+        graph reads its past from (caller-owned blocks, state buffers) and, in simulate mode (where
+        ``kv_nbytes`` is what packed storage would hold), the dense re-quantized cache itself; 0 where there is
+        none. An engine may say what it counts in one sentence with an optional ``kv_work_what()`` (shown by
+        ``kvtool run --json`` as ``pipeline.engine.kv_work``)."""
         ...
 
     def kv_dtype_name(self) -> str:

@@ -109,8 +109,21 @@ class TorchEngine:
         return str(self.dtype).replace("torch.", "")
 
     def kv_work_nbytes(self) -> int:
-        """``Engine.kv_work_nbytes``: 0, the HF model reads the cache's own tensors."""
-        return 0
+        """``Engine.kv_work_nbytes``: in simulate mode the stores' dense, re-quantized cache (the model's dtype, at
+        the stores' allocated capacity: the memory a simulate run really holds, where ``kv_bytes`` is what packed
+        storage would hold); 0 otherwise (packed mode dequantizes per layer and frees it; unquantized K/V are
+        ``kv_bytes`` themselves)."""
+        if not (self.spec.quantizes and self.spec.mode == "simulate") or self.cache is None:
+            return 0
+        return int(sum(layer.store.capacity_nbytes for layer in getattr(self.cache, "layers", [])))
+
+    def kv_work_what(self) -> str:
+        """What ``kv_work_nbytes`` counts for this load, one sentence (``kvtool run --json``)."""
+        if self.spec.quantizes and self.spec.mode == "simulate":
+            return ("the stores' dense re-quantized cache (all layers, K and V, at the stores' allocated capacity, "
+                    "in the model's dtype): the KV memory the run really holds (kv_bytes is what packed storage "
+                    "would hold)")
+        return "0: packed mode dequantizes per layer and frees it; unquantized K/V are counted in kv_bytes"
 
     def info(self) -> dict:
         """``Engine.info``: the model's dtype and the KV element type."""
