@@ -162,9 +162,12 @@ def save_ir(model: Any, path: Path) -> None:
 
 
 class _LoadingQuantizer:
-    """Wraps onnxruntime's per-node weight-only quantizer: loads a MatMul's weight from the external data
-    file just before the node is quantized and drops it right after (the library reads every weight from
-    the in-memory model, so without this the whole fp32 graph would be loaded first)."""
+    """Wraps onnxruntime's per-node weight-only quantizer: each MatMul's weight is read from the external
+    data file into a one-tensor scratch graph placed innermost on the library's graph stack (its initializer
+    lookup searches innermost first), the library quantizes from there and adds the packed tensors to it,
+    and only those are copied into the model. Written by hand because the library reads every weight from
+    the in-memory model, and bytes loaded into a protobuf message stay in its arena until the whole model
+    is freed: loading in place would end with the whole fp32 graph in memory."""
 
     def __init__(self, inner: Any, base_dir: Path):
         self.inner, self.base_dir = inner, str(base_dir)
@@ -174,18 +177,18 @@ class _LoadingQuantizer:
         from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
         from onnxruntime.quantization.matmul_nbits_quantizer import get_initializer
 
-        tensor = get_initializer(node.input[1], graph_stack)[0] if len(node.input) > 1 else None
+        tensor, owner = get_initializer(node.input[1], graph_stack) if len(node.input) > 1 else (None, None)
         if tensor is None or not uses_external_data(tensor):
             return self.inner.quantize(node, graph_stack)
-        reference = onnx.TensorProto()
-        reference.CopyFrom(tensor)  # the external-data reference only: no weight bytes
-        load_external_data_for_tensor(tensor, self.base_dir)
-        tensor.data_location = onnx.TensorProto.DEFAULT  # so the library reads the loaded bytes
-        del tensor.external_data[:]
-        try:
-            return self.inner.quantize(node, graph_stack)
-        finally:
-            tensor.CopyFrom(reference)  # drop the loaded bytes (the quantized copy is what the graph keeps)
+        scratch = onnx.GraphProto()
+        weight = scratch.initializer.add()
+        weight.CopyFrom(tensor)  # the external-data reference only: no weight bytes yet
+        load_external_data_for_tensor(weight, self.base_dir)
+        weight.data_location = onnx.TensorProto.DEFAULT  # so the library reads the loaded bytes
+        del weight.external_data[:]
+        nodes = self.inner.quantize(node, [*graph_stack, scratch])
+        owner.initializer.extend(t for t in scratch.initializer if t.name != tensor.name)
+        return nodes
 
 
 def quantize_matmuls(path: Path, algo: Any) -> Any:
