@@ -11,7 +11,9 @@ the PyTorch submodules itself — written here by hand, mirroring the graph role
   feature layer, CLS dropped per the config's select strategy, projector applied; LLaVA-NeXT tile packing and
   newline tokens are left to the runtime, as with optimum-intel's graph).
 
-Each graph is checked in onnxruntime against the wrapper on the export's example inputs. int4/int8 weights of
+The checkpoint stays in its own dtype: each graph is traced as an fp32 graph with placeholder weights and
+the weights are up-cast and written one tensor at a time, then released (``onnx_weights``). Each small graph
+is checked in onnxruntime against the wrapper on the export's example inputs (``CHECK_MAX_PARAMS``). int4/int8 weights of
 the language model use onnxruntime's ``MatMulNBitsQuantizer`` (block size = group size; RTN by default, HQQ
 as an option). fp16 storage converts initializers with onnxruntime's float16 converter keeping fp32 I/O.
 For Qwen2-VL the LM takes 3-D mRoPE ``position_ids`` [3, B, T] and the vision side is two graphs as in
@@ -129,24 +131,45 @@ def _qwen2_vl_vision_wrappers(model: Any):
     return PatchEmbed(), Merger()
 
 
-def _export_one(module: Any, args: tuple, names_in: list[str], names_out: list[str], dynamic: dict, path: Path):
+# the export-time onnxruntime check runs the wrapper in PyTorch with fp32 weights and the graph in
+# onnxruntime (two fp32 copies of the graph's weights): only for graphs up to this many parameters (the tiny
+# models; tests/export's parity tests check every architecture's graphs), never at a real shape
+CHECK_MAX_PARAMS = 32 << 20
+
+
+def _export_one(module: Any, args: tuple, names_in: list[str], names_out: list[str], dynamic: dict,
+                path: Path) -> set[str]:
+    """Trace ``module`` as an fp32 graph with placeholder weights, then write the checkpoint's weights
+    up-cast one at a time (``onnx_weights``); returns the parameter names the graph holds."""
     import torch
 
-    prog = torch.onnx.export(module, args, dynamo=True, input_names=names_in, output_names=names_out,
-                             dynamic_shapes=dynamic, verbose=False)
-    prog.save(str(path), external_data=True)
-    return prog
+    from kvtool.export.onnx_weights import attach_real_weights, placeholder_weights, save_ir
+
+    module.eval()
+    with placeholder_weights(module) as real:
+        prog = torch.onnx.export(module, args, dynamo=True, input_names=names_in, output_names=names_out,
+                                 dynamic_shapes=dynamic, verbose=False, optimize=False)
+    used = attach_real_weights(prog.model, real)
+    prog.optimize()
+    save_ir(prog.model, path)
+    return used
 
 
 def _check_in_ort(path: Path, module: Any, args: tuple, names_in: list[str], atol: float = 1e-4) -> None:
-    """Run the saved graph in onnxruntime and compare with the wrapper on the example inputs."""
+    """Run the saved graph in onnxruntime and compare with the wrapper (fp32 weights) on the example inputs;
+    skipped above ``CHECK_MAX_PARAMS``."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
+    from kvtool.export.onnx_weights import fp32_weights, param_count
+
+    if param_count(module) > CHECK_MAX_PARAMS:
+        return
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: a.numpy() for n, a in zip(names_in, args, strict=True)})
-    with torch.no_grad():
+    del sess
+    with torch.no_grad(), fp32_weights(module):
         ref = module(*args)
     ref = ref if isinstance(ref, tuple) else (ref,)
     for g, r in zip(got, ref, strict=True):
@@ -155,8 +178,17 @@ def _check_in_ort(path: Path, module: Any, args: tuple, names_in: list[str], ato
             raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {err:.2e} (> {atol})")
 
 
+def _done(module: Any, used: set[str]) -> None:
+    """Release the torch weights a written graph holds (``onnx_weights.release_weights``)."""
+    from kvtool.export.onnx_weights import release_weights
+
+    release_weights(module, used)
+
+
 def export_graphs_fp32(model: Any, out: Path, progress: Any = None) -> dict[str, Path]:
-    """Export the three fp32 graphs and verify each in onnxruntime; returns role -> path."""
+    """Export the fp32 graphs of ``model`` (loaded in any float dtype: its weights are up-cast one tensor at
+    a time as they are written) one graph at a time, verify the small ones in onnxruntime, and release each
+    graph's torch weights once it is written; returns role -> path. ``model`` cannot run afterwards."""
     import torch
 
     lm_mod, te_mod, ve_mod = _wrappers(model)
@@ -182,25 +214,28 @@ def export_graphs_fp32(model: Any, out: Path, progress: Any = None) -> dict[str,
     paths = {role: out / name for role, name in ONNX_GRAPH_FILES.items()}
     if mrope:
         paths["vision_embeddings_merger"] = out / "vision_embeddings_merger.onnx"
-    _export_one(lm_mod, args, names_in, names_out, dyn, paths["language_model"])
+    used = _export_one(lm_mod, args, names_in, names_out, dyn, paths["language_model"])
     _check_in_ort(paths["language_model"], lm_mod, args, names_in)
     pos0 = torch.arange(T)[None]
     empty = (args[0], torch.ones(B, T, dtype=torch.int64), pos0.expand(3, B, T).contiguous() if mrope else pos0,
              *[torch.zeros(B, kv_heads, 0, head_dim) for _ in past])
     _check_in_ort(paths["language_model"], lm_mod, empty, names_in)
+    _done(lm_mod, used)
     if progress is not None:
         progress.update(1)
     ids = torch.randint(0, tc.vocab_size, (B, T), generator=g)
-    _export_one(te_mod, (ids,), ["input"], ["inputs_embeds"], ({0: batch, 1: seq},), paths["text_embeddings"])
+    used = _export_one(te_mod, (ids,), ["input"], ["inputs_embeds"], ({0: batch, 1: seq},), paths["text_embeddings"])
     _check_in_ort(paths["text_embeddings"], te_mod, (ids,), ["input"], atol=1e-6)
+    _done(te_mod, used)
     vc = model.config.vision_config
     if mrope:
         _export_qwen2_vl_vision(model, paths, g)
         return paths
     pix = torch.randn(2, 3, vc.image_size, vc.image_size, generator=g)
-    _export_one(ve_mod, (pix,), ["pixel_values"], ["last_hidden_state"], ({0: torch.export.Dim("images", max=1024)},),
-                paths["vision_embeddings"])
+    used = _export_one(ve_mod, (pix,), ["pixel_values"], ["last_hidden_state"],
+                       ({0: torch.export.Dim("images", max=1024)},), paths["vision_embeddings"])
     _check_in_ort(paths["vision_embeddings"], ve_mod, (pix,), ["pixel_values"])
+    _done(ve_mod, used)
     return paths
 
 
@@ -213,12 +248,15 @@ def _export_qwen2_vl_vision(model: Any, paths: dict[str, Path], g: Any) -> None:
     grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
     n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
     flat = torch.randn(n, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, generator=g)
-    _export_one(patch_mod, (flat,), ["hidden_states"], ["last_hidden_state"],
-                ({0: torch.export.Dim("patches", max=1 << 16)},), paths["vision_embeddings"])
+    from kvtool.export.onnx_weights import fp32_weights
+
+    used = _export_one(patch_mod, (flat,), ["hidden_states"], ["last_hidden_state"],
+                       ({0: torch.export.Dim("patches", max=1 << 16)},), paths["vision_embeddings"])
     _check_in_ort(paths["vision_embeddings"], patch_mod, (flat,), ["hidden_states"])
-    with torch.no_grad():
+    with torch.no_grad(), fp32_weights(patch_mod):  # the merger's example input (one small conv)
         hidden = patch_mod(flat)
         rot = model.model.visual.rot_pos_emb(grid)
+    _done(patch_mod, used)
     mask = torch.full((1, n, n), float("-inf"))
     for i in range(grid.shape[0]):
         a = 16 * i
@@ -227,18 +265,18 @@ def _export_qwen2_vl_vision(model: Any, paths: dict[str, Path], g: Any) -> None:
     npatch = vc.spatial_merge_size**2 * groups  # the merger folds spatial_merge_size^2 patches into one token
     args = (hidden, mask, rot)
     names = ["hidden_states", "attention_mask", "rotary_pos_emb"]
-    _export_one(merger_mod, args, names, ["last_hidden_state"], ({0: npatch}, {1: npatch, 2: npatch}, {0: npatch}),
-                paths["vision_embeddings_merger"])
+    used = _export_one(merger_mod, args, names, ["last_hidden_state"],
+                       ({0: npatch}, {1: npatch, 2: npatch}, {0: npatch}), paths["vision_embeddings_merger"])
     _check_in_ort(paths["vision_embeddings_merger"], merger_mod, args, names)
+    _done(merger_mod, used)
 
 
 def quantize_lm(path: Path, cfg: ExportConfig) -> None:
-    """Replace the language model's MatMuls by MatMulNBits (cfg.wbits 4 or 8) in place."""
-    import onnx
+    """Replace the language model's MatMuls by MatMulNBits (cfg.wbits 4 or 8) in place, weight by weight
+    (``onnx_weights.quantize_matmuls``: one fp32 weight in memory at a time)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
     )
 
     # MatMulNBits has no per-channel mode in its QOperator form: int8 uses blocks of group_size too
@@ -246,9 +284,9 @@ def quantize_lm(path: Path, cfg: ExportConfig) -> None:
         algo = HQQWeightOnlyQuantConfig(block_size=cfg.group_size, bits=4)
     else:
         algo = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.sym, bits=cfg.wbits)
-    q = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=algo)
-    q.process()
-    _save(q.model.model, path)
+    from kvtool.export.onnx_weights import quantize_matmuls
+
+    _save(quantize_matmuls(path, algo), path)
 
 
 def to_fp16(path: Path) -> None:
@@ -276,22 +314,20 @@ def _save(model: Any, path: Path) -> None:
 
 
 def export_onnx(model: Any, arch: str, cfg: ExportConfig, out: Path, progress: Any = None) -> dict[str, GraphInfo]:
-    """Export ``model`` (fp32, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in ``out``. Every kvtool
-    architecture (``source.architecture_of``, which refuses the others) has wrappers here."""
+    """Export ``model`` (in the checkpoint's dtype, possibly AWQ-scaled / simulated 3-bit) to ONNX graphs in
+    ``out``; the graphs compute in fp32 and the weights are up-cast one tensor at a time as written. Every
+    kvtool architecture (``source.architecture_of``, which refuses the others) has wrappers here. ``model``'s
+    weights are released as the graphs are written: it cannot run afterwards."""
     if getattr(model.model, "image_newline", None) is not None:
         # LLaVA-NeXT's learned newline embedding is not in any graph: config.json carries it (as the
         # OpenVINO exporter does), so the runtime packs tiles without the source checkpoint
         model.config.image_newline = model.model.image_newline.detach().float().tolist()
     paths = export_graphs_fp32(model, out, progress)
-    import onnx
-
     if cfg.wbits in (8, 4):
         quantize_lm(paths["language_model"], cfg)
-    for p in paths.values():
-        if cfg.dtype == "fp16":
+    if cfg.dtype == "fp16":  # (fp32: the graphs are saved as they are)
+        for p in paths.values():
             to_fp16(p)
-        else:
-            _save(onnx.load(str(p)), p)
     if progress is not None:
         progress.update(1)
     return {role: graph_info(p, out) for role, p in paths.items()}

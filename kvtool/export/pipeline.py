@@ -143,7 +143,7 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
                disable=not cfg.progress) as bar,
           paging_out(source.weight_files(model_dir))):
         bar.set_postfix_str("load")
-        model = source.load_torch_model(model_dir, cfg.trust_remote_code, own_dtype=cfg.backend == "openvino")
+        model = source.load_torch_model(model_dir, cfg.trust_remote_code, own_dtype=True)
         lm = source.lm_info(model.config)
         if cfg.recorded_group_size is not None:
             from kvtool.export.awq import check_group_size

@@ -2,7 +2,7 @@
 
 Resolves a local Hugging Face checkpoint directory (or a hub id when online) to a directory, maps its
 ``config.model_type`` to one of kvtool's architectures, hashes the weight files for the manifest, reads the
-language model's KV geometry, and loads the PyTorch model (in its own dtype for OpenVINO, fp32 for ONNX). It does not convert or quantize anything.
+language model's KV geometry, and loads the PyTorch model (in its own dtype for both backends). It does not convert or quantize anything.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def lm_info(hf_config: Any) -> LMInfo:
 def load_torch_model(model_dir: Path, trust_remote_code: bool = False, own_dtype: bool = False):
     """The PyTorch model (eval mode) of a checkpoint, loaded from safetensors without any download: in the
     checkpoint's own dtype (``config.json``'s ``dtype``/``torch_dtype``: a 16-bit checkpoint is never
-    up-cast) when ``own_dtype``, else in fp32 (the ONNX exporter's wrappers are checked in fp32)."""
+    up-cast) when ``own_dtype`` (what the exporters use), else in fp32 (reference models in tests)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
