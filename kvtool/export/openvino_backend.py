@@ -140,7 +140,8 @@ def _typed_feeds(model: Any, feeds: list[dict]) -> list[dict]:
 def release_lm_weights(model: Any) -> int:
     """Free the torch storage of the language model's decoder layers, final norm and lm_head (each replaced
     by an empty tensor of its dtype), keeping the input embeddings (their own graph, maybe tied to lm_head).
-    Called once the LM graph is converted: OpenVINO holds its own constants. Returns the bytes released."""
+    Called once the LM graph is saved (its OpenVINO constants may share this memory until then). Returns the
+    bytes released."""
     import torch
 
     lm = model.model.language_model
@@ -156,9 +157,11 @@ def release_lm_weights(model: Any) -> int:
 
 @contextmanager
 def _compress_while_converting(torch_model: Any, cfg: ExportConfig, lm: LMInfo, samples: list[dict] | None):
-    """Patch optimum-intel's save step (restored on exit) so that, once the language model is converted, its
-    torch weights are released (OpenVINO holds the converted constants), and each in-memory IR is, before its
-    first save, given last-position-only logits (language model) and compressed with NNCF."""
+    """Patch optimum-intel's save step (restored on exit) so that each in-memory IR is, before its first save,
+    given last-position-only logits (language model) and compressed with NNCF, and, once the language model's
+    IR is saved, its torch weights are released. Not before: OpenVINO's converted constants may share the
+    torch tensors' memory (they do for a bf16 Qwen2-VL-2B, whose export then crashed in NNCF reading freed
+    weights), so they are released only when nothing reads them any more."""
     from optimum.exporters.openvino import convert
 
     old_save = convert._save_model
@@ -168,7 +171,6 @@ def _compress_while_converting(torch_model: Any, cfg: ExportConfig, lm: LMInfo, 
         role = role_of(Path(path))
         feeds = None
         if role == "language_model":
-            release_lm_weights(torch_model)
             sliced[role] = slice_last_logits(model)
             if samples and cfg.wbits in (8, 4) and cfg.awq:
                 from kvtool.export.calibration import ov_lm_feeds
@@ -177,7 +179,10 @@ def _compress_while_converting(torch_model: Any, cfg: ExportConfig, lm: LMInfo, 
                 feeds = _typed_feeds(model, ov_lm_feeds(samples, names, lm.num_kv_heads, lm.head_dim))
         if role is not None:
             model = compress_in_memory(model, role, cfg, feeds)
-        return old_save(model, path, *args, **kwargs)
+        saved = old_save(model, path, *args, **kwargs)
+        if role == "language_model":
+            release_lm_weights(torch_model)
+        return saved
 
     convert._save_model = save
     try:
