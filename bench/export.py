@@ -21,7 +21,9 @@ runs ``kvtool export --wbits N`` (OpenVINO, stateful default; ``kvtool-onnx``: `
 ``optimum-cli export openvino --task image-text-to-text --weight-format intN`` (``int4-awq``: ``--awq`` on
 both, data-free) on the same fp16 checkpoint, each under ``/usr/bin/time -v``, and reports peak RSS (the
 child's maximum resident set, and its ratio to the checkpoint's bytes), wall and CPU seconds and output
-size; ``--json`` is rewritten after every row.
+size; ``--json`` is rewritten after every row. ``--optimum-cli PATH`` runs the optimum-cli rows with that
+executable (e.g. a separate venv's, when this one's transformers is newer than optimum-intel's exporter
+allows); the JSON records its path and its environment's transformers/optimum-intel/nncf/openvino/torch.
 """
 
 from __future__ import annotations
@@ -100,19 +102,43 @@ def parse_rows(spec: str) -> list[tuple[str, str]]:
     return rows
 
 
-def row_command(tool: str, fmt: str, model: Path, out: Path) -> tuple[list[str], dict[str, str]]:
+def row_command(tool: str, fmt: str, model: Path, out: Path,
+                optimum_cli: str | None = None) -> tuple[list[str], dict[str, str]]:
     """Command line and extra environment of one --vs-optimum row. ``int4-awq`` is data-free AWQ on both
     sides (NNCF's, no calibration data: the hub is offline here); ``kvtool-keep-pages`` is kvtool with the
-    checkpoint's pages left resident (``KVTOOL_EXPORT_KEEP_PAGES``), to measure what reclaiming them saves."""
+    checkpoint's pages left resident (``KVTOOL_EXPORT_KEEP_PAGES``), to measure what reclaiming them saves.
+    ``optimum_cli``: the optimum-cli executable of the optimum-cli rows (default: the one on ``PATH``), e.g.
+    another virtual environment's when this one's transformers is too new for optimum-intel's exporter."""
     bits, awq = fmt[3], fmt.endswith("-awq")
     if tool.startswith("kvtool"):
         backend = "onnx" if tool == "kvtool-onnx" else "openvino"
         cmd = [sys.executable, "-m", "kvtool.cli", "export", str(model), "-o", str(out), "--wbits", bits,
                "--backend", backend, *(["--awq"] if awq else [])]
         return cmd, ({"KVTOOL_EXPORT_KEEP_PAGES": "1"} if tool == "kvtool-keep-pages" else {})
-    cmd = [shutil.which("optimum-cli") or "optimum-cli", "export", "openvino", "--model", str(model),
+    cmd = [optimum_cli or shutil.which("optimum-cli") or "optimum-cli", "export", "openvino", "--model", str(model),
            "--task", "image-text-to-text", "--weight-format", f"int{bits}", *(["--awq"] if awq else []), str(out)]
     return cmd, {}
+
+
+ANCHOR_PACKAGES = ("transformers", "optimum", "optimum-intel", "nncf", "openvino", "torch")
+
+
+def anchor_versions(optimum_cli: str | None) -> dict[str, str]:
+    """Package versions of the environment that ``optimum_cli`` runs in (the ``python`` beside it; this
+    interpreter's when it is ``None``): {package: version, or "-" when not installed}. Raises SystemExit
+    naming the path when ``optimum_cli`` is not an executable file."""
+    python = sys.executable
+    if optimum_cli is not None:
+        exe = Path(optimum_cli)
+        if not (exe.is_file() and os.access(exe, os.X_OK)):
+            raise SystemExit(f"--optimum-cli {optimum_cli}: expected an executable optimum-cli file")
+        if (exe.parent / "python").exists():
+            python = str(exe.parent / "python")
+    code = ("import importlib.metadata as m, json\n"
+            "def v(p):\n    try:\n        return m.version(p)\n    except m.PackageNotFoundError:\n        return '-'\n"
+            f"print(json.dumps({{p: v(p) for p in {list(ANCHOR_PACKAGES)!r}}}))")
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return json.loads(res.stdout) if res.returncode == 0 else {}
 
 
 def vs_optimum(args) -> None:
@@ -125,13 +151,14 @@ def vs_optimum(args) -> None:
     if not (model / "model.safetensors.index.json").exists():
         make_real_shape_model(args.vs_optimum, model, layers=args.shape_layers)
     ckpt = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    anchor = anchor_versions(args.optimum_cli)
     spec = args.rows or ",".join(f"{t}:int{w}" for w in args.wbits.split(",") for t in ("kvtool", "optimum-cli"))
     rows = []
     for tool, fmt in parse_rows(spec):
         out = work / f"{tool}-{fmt}"
         if out.exists():
             shutil.rmtree(out)
-        cmd, env = row_command(tool, fmt, model, out)
+        cmd, env = row_command(tool, fmt, model, out, args.optimum_cli)
         row = {"tool": tool, "format": fmt, **timed(cmd, env), "output_gib": round(dir_bytes(out) / 2**30, 3)}
         row["rss_vs_checkpoint"] = round(row["peak_rss_gib"] * 2**30 / ckpt, 2)
         rows.append(row)
@@ -144,6 +171,7 @@ def vs_optimum(args) -> None:
             result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                   "loadavg_1min": os.getloadavg()[0]},
                       "model": {"shape": args.vs_optimum, "layers": args.shape_layers, "checkpoint_bytes": ckpt},
+                      "optimum_cli": {"path": args.optimum_cli or shutil.which("optimum-cli"), "versions": anchor},
                       "rows": rows}
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -172,6 +200,8 @@ def main() -> None:
     ap.add_argument("--shape-layers", type=int, help="Decoder layers of the --vs-optimum checkpoint (default: all).")
     ap.add_argument("--rows", help="--vs-optimum rows, TOOL:FORMAT,... (tools: " + ", ".join(ROW_TOOLS) + "; formats: "
                     + ", ".join(ROW_FORMATS) + "; default: kvtool and optimum-cli at each --wbits).")
+    ap.add_argument("--optimum-cli", metavar="PATH", help="optimum-cli executable of the optimum-cli rows (default: "
+                    "the one on PATH), e.g. a separate venv's with a transformers that optimum-intel can export.")
     args = ap.parse_args()
     if args.vs_optimum:
         vs_optimum(args)
