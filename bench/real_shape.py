@@ -11,7 +11,9 @@ with the 1-minute load average before and after (the development machine is shar
    on one prompt of about ``--prompt-tokens`` tokens (a random image plus ``bench/long_context.py``'s filler
    text, counted with the export's own processor and the conversation passed to ``kvtool run``). From
    ``run --json``: peak RSS (the child's own VmHWM, ``kvtool.memory``), time to first token (preprocessing
-   + prefill), decode ms/token, KV bytes held (and the fp16 equivalent), the engine's class.
+   + prefill), decode ms/token, KV bytes held (and the fp16 equivalent), the engine's class, its
+   ``prefill_chunk`` and ``prefill_buffer_bytes`` (the chunked prefill's transient exact K/V copy); the whole
+   ``run --json`` is kept as ``WORKDIR/run-KV.json``.
 
     python bench/real_shape.py --shape llava-1.5-7b --workdir /tmp/real-shape --json out.json
     python bench/real_shape.py --shape llava-1.5-7b --layers 2 --prompt-tokens 1024   # a quick check
@@ -175,7 +177,9 @@ def main() -> int:
                    peak_rss_gib=round(st["peak_rss_bytes"] / 2**30, 3),
                    ttft_ms=round(st["preprocess_ms"] + st["prefill_ms"], 1), prefill_ms=round(st["prefill_ms"], 1),
                    decode_ms_per_token=round(st["decode_ms_per_token"], 1), kv_bytes=st["kv_bytes"],
-                   kv_fp16_bytes=st["kv_fp16_bytes"], kv_work_bytes=st["kv_work_bytes"], kv_dtype=st.get("kv_dtype"))
+                   kv_fp16_bytes=st["kv_fp16_bytes"], kv_work_bytes=st["kv_work_bytes"], kv_dtype=st.get("kv_dtype"),
+                   prefill_chunk=eng.get("prefill_chunk"), prefill_buffer_bytes=eng.get("prefill_buffer_bytes"))
+        (work / f"run-{kv}.json").write_text(json.dumps(res, indent=2) + "\n")  # the whole run --json, kept
         result["runs"].append(row)
         say(f"run: {row}")
         save()
