@@ -127,3 +127,40 @@ def test_matrix(exported, arch, scheme, bits, first_token):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_matrix_fp16(exported, arch):
     _check_chunks(exported(arch, "openvino", 16, "fp32", stateful=True), (7, 1, -1), kv="fp16")
+
+
+def test_chunking_rule_on_the_measured_shapes():
+    """``chunking_saves_memory`` by hand on the two shapes it was measured on (docs/BENCHMARKS.md): the issue-13
+    model (buffer 2*8*8*128*2 = 32 KiB/token; one call 4*(3*2816 + 6*1024) + 4*T = 57 KiB + 4T) chunks; the
+    llava-1.5-7b shape (buffer 2*32*32*128*2 = 512 KiB/token; one call 4*(3*11008 + 6*4096) = 225 KiB + 4T)
+    does not, until 4T exceeds the difference (T > 73,472)."""
+    from kvtool.runtime.engines.openvino_packed import chunking_saves_memory
+
+    assert chunking_saves_memory(2048, 8, 8, 128, 1024, 2816) and chunking_saves_memory(8192, 8, 8, 128, 1024, 2816)
+    for t in (2048, 8192, 73472):
+        assert not chunking_saves_memory(t, 32, 32, 128, 4096, 11008)
+    assert chunking_saves_memory(73473, 32, 32, 128, 4096, 11008)
+    assert not chunking_saves_memory(2048, 8, 8, 128, 1024, 2816, itemsize=8)  # a wider buffer flips it
+
+
+def test_default_chunks_only_where_it_saves(stateful, monkeypatch):
+    """No ``prefill_chunk`` given: the tiny model (a buffer of a few hundred bytes per token) chunks; with the
+    rule answering "no", the same load prefills in one call (no buffer) and gives the same tokens."""
+    from kvtool.runtime.engines import openvino_packed
+
+    kv = dict(kv="g-KC128VT128", k_bits=2, v_bits=2)
+    monkeypatch.setattr(openvino_packed, "PREFILL_CHUNK", 16)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **kv)
+    out = pipe.generate(random_image(), QUESTION, max_new_tokens=3, ignore_eos=True)
+    info = pipe.info()["engine"]
+    assert info["prefill_rule"].startswith("auto") and info["prefill_chunked"] is True
+    assert info["prefill_buffer_bytes"] > 0
+    monkeypatch.setattr(openvino_packed, "chunking_saves_memory", lambda *a, **k: False)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **kv)
+    one = pipe.generate(random_image(), QUESTION, max_new_tokens=3, ignore_eos=True)
+    info = pipe.info()["engine"]
+    assert info["prefill_chunked"] is False and info["prefill_buffer_bytes"] == 0
+    assert one.text == out.text
+    given = VLMPipeline.load(stateful, kv_owner="packed", prefill_chunk=16, **kv)  # a given chunk is obeyed
+    given.generate(random_image(), QUESTION, max_new_tokens=1, ignore_eos=True)
+    assert given.info()["engine"]["prefill_rule"] == "given" and given.info()["engine"]["prefill_chunked"] is True

@@ -27,7 +27,9 @@ which are then stored compressed), by the state of its layer's store:
 
 then appends the new K/V to the store.
 
-Prefill in chunks (``prefill_chunk``, default ``PREFILL_CHUNK``; 0: one call). One graph call over the
+Prefill in chunks (``prefill_chunk``; 0: one call; by default ``PREFILL_CHUNK`` where ``chunking_saves_memory``
+says the exact buffer below costs less than one call's activations, else one call: the buffer grows with
+layers x KV heads, the activations with the hidden and MLP widths, so narrow models chunk and a 7B does not). One graph call over the
 whole prompt holds its activations and the SDPA's [T, T] mask at once (1,544 MiB peak RSS at 8k tokens on the
 long-context bench model, for a 36 MiB packed cache). A prefill into empty stores longer than the chunk runs
 chunk by chunk, exactly as DESIGN.md's full-precision prefill: each layer holds the prompt's exact K/V so far
@@ -80,6 +82,25 @@ from kvtool.runtime.kvspec import KVSpec
 _PASS_THROUGH = ("Reshape", "Broadcast", "Unsqueeze", "Convert", "Tile", "Squeeze")
 # Prompt tokens per graph call of a prefill (0: the whole prompt in one call); module docstring, "Prefill".
 PREFILL_CHUNK = 512
+
+
+def chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, hidden: int,
+                          intermediate: int, itemsize: int = 2) -> bool:
+    """Whether an exact chunked prefill of ``tokens`` holds less than one call (the default rule when
+    ``prefill_chunk`` is not given). Chunking adds the exact prompt buffer, ``2 * layers * kv_heads * head_dim *
+    itemsize`` bytes per token (all layers' K and V); one call holds, per token, one layer's float32
+    activations at a time, estimated as ``4 * (3 * intermediate + 6 * hidden)`` (MLP gate / up / product and the
+    hidden-sized tensors around attention) plus a row of the graph's float32 ``[T, T]`` causal mask, ``4 * T``.
+    Measured (docs/BENCHMARKS.md): the issue-13 model (8 layers x 8 KV heads x 128, hidden 1024, intermediate
+    2816: 32 KiB vs 65 KiB per token at 2k) peaks at 1,064 MiB chunked vs 1,545 in one call at 8k; the full
+    llava-1.5-7b shape (32 x 32 x 128, hidden 4096, intermediate 11008: 512 KiB vs 233 KiB per token at 2k) held
+    ~0.3 GiB *more* chunked at 2k (the 1 GiB buffer against ~0.1 GiB of activations), so it prefills in one call
+    below ~73k tokens."""
+    buffer = 2 * num_layers * num_kv_heads * head_dim * itemsize
+    one_call = 4 * (3 * intermediate + 6 * hidden) + 4 * tokens
+    return buffer < one_call
+
+
 # glibc's mmap threshold the engine fixes for a chunked prefill (bytes): module docstring, "Prefill".
 MMAP_THRESHOLD = 128 * 1024
 
@@ -424,14 +445,18 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                  prefill_chunk: int | None = None):
         """``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
-        ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (None: ``PREFILL_CHUNK``;
-        0: the whole prompt in one call); the chunks attend to the exact earlier prompt tokens (module doc)."""
+        ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one
+        call; None: ``PREFILL_CHUNK`` where ``chunking_saves_memory`` says the exact buffer costs less than one
+        call's activations for that prompt, else one call); the chunks attend to the exact earlier prompt
+        tokens (module doc)."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 0):
             raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {prefill_chunk!r}")
         self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        self.prefill_auto = prefill_chunk is None  # chunk only where it holds less (chunking_saves_memory)
+        self.prefill_chunked: bool | None = None  # whether the last prefill ran in chunks (None: none yet)
         self.mmap_threshold_fixed = bool(self.prefill_chunk) and _fix_mmap_threshold()
         where = f"kv={spec.scheme} with the packed engine (kv_owner=packed)"
         if device != "CPU":
@@ -472,7 +497,10 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         buffers, fed as the graph's past), then every layer's tokens appended to its store in one go. Otherwise
         one call (a multi-token call on a non-empty store is the op's case (c))."""
         step = self.prefill_chunk
-        if not step or end - start <= step or self.kv.n_tokens:
+        if self.kv.n_tokens:  # not a prefill: case (c) of the op
+            return super().run_prompt(start, end)
+        self.prefill_chunked = bool(step) and end - start > step and (not self.prefill_auto or self._saves(end))
+        if not self.prefill_chunked:
             return super().run_prompt(start, end)
         self.kv.begin_prefill(end - start)
         try:
@@ -484,6 +512,15 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
             raise
         self.kv.end_prefill()
         return logits
+
+    def _saves(self, tokens: int) -> bool:
+        """``chunking_saves_memory`` for this model (hidden from the prompt's embeddings, the MLP width from the
+        config; 4 x hidden where the config does not say) and the stores' element size."""
+        hidden = int(self.embeds.shape[-1])
+        cfg = getattr(self.config, "text_config", None) or self.config
+        inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
+        return chunking_saves_memory(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
+                                     np.dtype(self.kv_dtype).itemsize)
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
@@ -524,6 +561,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
                 "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
                 "scratch_bytes": self.kv.scratch_nbytes, "prefill_chunk": self.prefill_chunk,
+                "prefill_rule": "auto (chunking_saves_memory)" if self.prefill_auto else "given",
+                "prefill_chunked": self.prefill_chunked,
                 # a chunked prefill's transient full-precision copy of the prompt's K/V (all layers, the stores'
                 # dtype), freed into the packed stores when the prefill ends; 0 when no prefill was chunked
                 "prefill_buffer_bytes": self.kv.prefill_peak,
