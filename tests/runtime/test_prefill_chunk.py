@@ -38,6 +38,6 @@ def test_prefill_chunk_defaults_and_bad_values(exported):
     out = exported("tiny-llava", "openvino", 16, "fp32")
     assert VLMPipeline.load(out, kv="fp16", kv_owner="openvino").engine.info()["prefill_chunk"] == PREFILL_CHUNK
     assert VLMPipeline.load(out, kv="ov-u8").engine.info()["prefill_chunk"] == 0
-    for bad in (-1, 2.5, "64"):
+    for bad in (-1, 2.5, "64", True):  # a bool is not a token count (one check for every engine)
         with pytest.raises(InputError, match="prefill_chunk"):
             VLMPipeline.load(out, kv="fp16", kv_owner="openvino", prefill_chunk=bad)

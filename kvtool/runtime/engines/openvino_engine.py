@@ -26,6 +26,11 @@ _NP_OF_OV = {"f32": np.float32, "f16": np.float16}
 PREFILL_CHUNK = 0
 
 
+def check_prefill_chunk(value) -> None:
+    """``InputError`` (one line) unless ``value`` is None or a token count >= 0 (an int, not a bool)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {value!r}")
+
 def _lm_only_new(model, manifest):
     """Edit ``model`` in place so each present output that is Concat(past, new) along the token axis returns
     only ``new``, and ``logits`` only the last position. Returns whether every present output was rewired."""
@@ -211,8 +216,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         if kv_precision and not spec.is_fp:
             raise InputError(f"kv_precision: applies to kv=fp16; {spec.scheme} sets OpenVINO's own precision")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
-            raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {prefill_chunk!r}")
+        check_prefill_chunk(prefill_chunk)
         self.inference_precision = inference_precision
         self.kv_precision = kv_precision
         self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None and spec.is_fp else (prefill_chunk or 0)

@@ -76,7 +76,12 @@ from pathlib import Path
 import numpy as np
 
 from kvtool.errors import InputError
-from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs, bf16_bits_to_f32, f32_to_bf16_bits
+from kvtool.runtime.engines.openvino_engine import (
+    _OpenVINOGraphs,
+    bf16_bits_to_f32,
+    check_prefill_chunk,
+    f32_to_bf16_bits,
+)
 from kvtool.runtime.kvspec import KVSpec
 
 _PASS_THROUGH = ("Reshape", "Broadcast", "Unsqueeze", "Convert", "Tile", "Squeeze")
@@ -451,9 +456,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         tokens (module doc)."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 0):
-            raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {prefill_chunk!r}")
+        check_prefill_chunk(prefill_chunk)
         self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         self.prefill_auto = prefill_chunk is None  # chunk only where it holds less (chunking_saves_memory)
         self.prefill_chunked: bool | None = None  # whether the last prefill ran in chunks (None: none yet)
@@ -484,6 +487,10 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         model = self._read_language_model(core, stateful_needed_by="the packed engine")
         self.layers = _packed_lm(model, self.num_layers, self.kv_dtype)
         self.lm_names = [i.get_any_name() for i in model.inputs]
+        # made once (as the stateful engine's step does): the past inputs' names, and the step's other feeds
+        self._past_names = [(f"kvtool_past.{i}.key", f"kvtool_past.{i}.value") for i in range(self.num_layers)]
+        self._beam = np.zeros(1, dtype=np.int32)
+        self._absent = [k for k in ("attention_mask", "position_ids", "beam_idx") if k not in self.lm_names]
         self.lm = self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
         self.lm_req = self.lm.create_infer_request()
         self.n_states = len(self.lm_req.query_state())
@@ -514,9 +521,9 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         return logits
 
     def _saves(self, tokens: int) -> bool:
-        """``chunking_saves_memory`` for this model (hidden from the prompt's embeddings, the MLP width from the
-        config; 4 x hidden where the config does not say) and the stores' element size."""
-        hidden = int(self.embeds.shape[-1])
+        """``chunking_saves_memory`` for this model (hidden from the manifest, the MLP width from the config;
+        4 x hidden where the config does not say) and the stores' element size."""
+        hidden = self.manifest.lm.hidden_size
         cfg = getattr(self.config, "text_config", None) or self.config
         inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
         return chunking_saves_memory(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
@@ -528,11 +535,12 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         # the packed stores); the mask covers past plus the call's own tokens (positions come from the caller)
         feeds = {}
         p = 0
-        for i in range(self.num_layers):
-            feeds[f"kvtool_past.{i}.key"], feeds[f"kvtool_past.{i}.value"], p = self.kv.past(i)
+        for i, (kn, vn) in enumerate(self._past_names):
+            feeds[kn], feeds[vn], p = self.kv.past(i)
         feeds.update({"inputs_embeds": embeds, "attention_mask": np.ones((1, p + t), dtype=np.int64),
-                      "position_ids": pos, "beam_idx": np.zeros(1, dtype=np.int32)})
-        feeds = {k: v for k, v in feeds.items() if k in self.lm_names}
+                      "position_ids": pos, "beam_idx": self._beam})
+        for k in self._absent:  # an export without one of them
+            del feeds[k]
         req = self.lm_req
         req.infer(feeds, share_inputs=True, share_outputs=True)  # the ops append to the stores
         self.kv.advance(t)

@@ -24,7 +24,7 @@ import numpy as np
 
 from kvtool.errors import InputError
 from kvtool.runtime.engines.graph_base import kv_buffers_what
-from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs
+from kvtool.runtime.engines.openvino_engine import _OpenVINOGraphs, check_prefill_chunk
 from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32 as _bf16_to_f32
 from kvtool.runtime.engines.openvino_engine import f32_to_bf16_bits as _f32_to_bf16
 from kvtool.runtime.kvspec import KVSpec
@@ -34,12 +34,6 @@ from kvtool.runtime.kvspec import KVSpec
 # MiB against openvino.genai f16's 884); chunks of 512 peaked at 761-767 MiB against genai's 851-899, with 256
 # and 1024 at 848-851 MiB, all at 0.96-1.02x genai's prefill CPU seconds.
 PREFILL_CHUNK = 512
-
-
-def check_prefill_chunk(value) -> None:
-    """``InputError`` (one line) unless ``value`` is None or a token count >= 0 (an int, not a bool)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InputError(f"prefill_chunk: expected a token count >= 0 (0: one call), got {value!r}")
 
 
 class _BlockTokens:
