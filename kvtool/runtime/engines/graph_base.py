@@ -108,6 +108,16 @@ class GraphEngine:
         pos = self.positions[..., start:end]
         return self._step(self.embeds[:, start:end], np.ascontiguousarray(pos))
 
+    def _run_prompt_chunks(self, start: int, end: int, chunk: int) -> np.ndarray:
+        """Prompt positions [start, end) through ``GraphEngine.run_prompt`` in calls of ``chunk`` tokens (0: one
+        call), each attending to what the calls before it stored; the last position's logits [V]. The engines
+        that prefill in chunks (stateful, paged, packed) share it; each decides when and how large."""
+        step = chunk or (end - start)
+        logits = None
+        for s in range(start, end, step):
+            logits = GraphEngine.run_prompt(self, s, min(s + step, end))
+        return logits
+
     def _n_cached(self) -> int:
         return self.kv.n_tokens
 

@@ -272,11 +272,7 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
     def run_prompt(self, start: int, end: int) -> np.ndarray:
         """Prompt tokens ``start:end`` through the graph in chunks of ``prefill_chunk`` (module doc of
         ``PREFILL_CHUNK``); the logits of the last one."""
-        step = self.prefill_chunk or (end - start)
-        logits = None
-        for s in range(start, end, step):
-            logits = super().run_prompt(s, min(s + step, end))
-        return logits
+        return self._run_prompt_chunks(start, end, self.prefill_chunk)
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]

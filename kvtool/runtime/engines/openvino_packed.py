@@ -511,8 +511,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
             return super().run_prompt(start, end)
         self.kv.begin_prefill(end - start)
         try:
-            for s in range(start, end, step):
-                logits = super().run_prompt(s, min(s + step, end))
+            logits = self._run_prompt_chunks(start, end, step)
         except BaseException:
             for layer in self.layers:
                 layer.prefill = None

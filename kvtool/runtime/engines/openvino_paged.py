@@ -186,11 +186,7 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
     def run_prompt(self, start: int, end: int) -> np.ndarray:
         """``Engine.run_prompt``: prompt positions [start, end) through the graph in chunks of ``prefill_chunk``
         (0: one call), each attending to the blocks written before it; the last position's logits [V]."""
-        step = self.prefill_chunk or (end - start)
-        logits = None
-        for s in range(start, end, step):
-            logits = super().run_prompt(s, min(s + step, end))
-        return logits
+        return self._run_prompt_chunks(start, end, self.prefill_chunk)
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
