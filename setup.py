@@ -34,7 +34,8 @@ class OptionalBuildExt(build_ext):
 
 
 ext = Extension("kvtool.quant_ops._native", sources=["kvtool/quant_ops/_native.cpp"],
-                depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h"], language="c++",
+                depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
+                         "kvtool/quant_ops/_native_prefix.h"], language="c++",
                 extra_compile_args=BASE_FLAGS if os.name != "nt" else ["/O2", "/std:c++17"],
                 extra_link_args=["-pthread"] if os.name != "nt" else [], optional=True)
 

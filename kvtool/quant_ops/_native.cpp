@@ -13,6 +13,10 @@
 //       softmax(q K^T * scale) V for one decode step straight from packed codes + params (+ fp16
 //       residual, + the caller's extra exact tokens [B, H, X, D] f16/f32 after them, in the same softmax),
 //       GQA, std::threads over (batch, kv head). See _native_impl.h and kvtool/quant_ops/attention.py.
+//   prefix_attention(q, out, k_past, v_past, k_new, v_new, scale, threads)
+//       exact multi-query attention of a chunked prefill: q [1, Hq, T, D] f32 over the P past tokens
+//       k_past / v_past [P, H, D] (f16/f32, token-major) plus the T new ones k_new / v_new [1, H, T, D]
+//       (f16/f32) causally, one softmax -> out [1, Hq, T, D] f32; GQA; see _native_prefix.h.
 //   isa() -> "avx2+fma+f16c" or "baseline": the code path cpuid picked.
 //
 // Plain CPython API + the buffer protocol (numpy arrays; torch CPU tensors via .numpy()), no numpy headers,
@@ -86,6 +90,17 @@ struct AArgs {
     Side k, v;
 };
 
+struct PArgs {  // prefix_attention: element strides; the last axis of every array is contiguous
+    const float* q;
+    float* out;
+    long qs_h, qs_t, os_h, os_t;
+    const void *kp, *vp, *kn, *vn;
+    int kp16, vp16, kn16, vn16;
+    long kps_n, kps_h, vps_n, vps_h, kns_h, kns_t, vns_h, vns_t;
+    long Hq, H, rep, D, P, T;
+    float scale;
+};
+
 inline long tile_tokens(int bits) { return bits == 2 ? 4 : bits == 3 ? 8 : bits == 4 ? 2 : 1; }
 inline long tile_rows(int bits) { return bits == 3 ? 3 : 1; }
 
@@ -94,6 +109,7 @@ inline long tile_rows(int bits) { return bits == 3 ? 3 : 1; }
 namespace k_base {
 #include "_native_impl.h"
 #include "_native_attention.h"
+#include "_native_prefix.h"
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -103,6 +119,7 @@ namespace k_base {
 namespace k_avx2 {
 #include "_native_impl.h"
 #include "_native_attention.h"
+#include "_native_prefix.h"
 }
 #undef KV_IMPL_AVX2
 #pragma GCC pop_options
@@ -424,6 +441,66 @@ PyObject* py_decode_attention(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+PyObject* py_prefix_attention(PyObject*, PyObject* args) {
+    PyObject *qo, *oo, *kpo, *vpo, *kno, *vno;
+    float scale;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOfi", &qo, &oo, &kpo, &vpo, &kno, &vno, &scale, &threads)) return nullptr;
+    Buf bq, bo, bkp, bvp, bkn, bvn;
+    View4 q, o, kp, vp, kn, vn;
+    if (!get_view(qo, bq, q, "q", 'f', false) || !get_view(oo, bo, o, "out", 'f', true) ||
+        !get_view(kpo, bkp, kp, "k_past", 0, false, 3) || !get_view(vpo, bvp, vp, "v_past", 0, false, 3) ||
+        !get_view(kno, bkn, kn, "k_new", 0, false) || !get_view(vno, bvn, vn, "v_new", 0, false))
+        return nullptr;
+    const long Hq = q.n[1], T = q.n[2], D = q.n[3], H = kn.n[1], P = kp.n[1];
+    bool ok = q.n[0] == 1 && T >= 1 && D >= 1 && H >= 1 && Hq % H == 0;
+    for (int i = 0; ok && i < 4; ++i) ok = o.n[i] == q.n[i] && vn.n[i] == kn.n[i];
+    ok = ok && kn.n[0] == 1 && kn.n[2] == T && kn.n[3] == D && kp.n[2] == H && kp.n[3] == D;
+    for (int i = 1; ok && i < 4; ++i) ok = vp.n[i] == kp.n[i];
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "prefix_attention: expected q / out [1, Hq, T, D] float32, k_past / v_past "
+                     "[P, H, D], k_new / v_new [1, H, T, D] with Hq a multiple of H");
+        return nullptr;
+    }
+    PArgs a{};
+    a.q = (const float*)q.p; a.out = (float*)o.p;
+    a.qs_h = q.s[1]; a.qs_t = q.s[2]; a.os_h = o.s[1]; a.os_t = o.s[2];
+    a.kp = kp.p; a.vp = vp.p; a.kn = kn.p; a.vn = vn.p;
+    a.kp16 = kp.esz == 2; a.vp16 = vp.esz == 2; a.kn16 = kn.esz == 2; a.vn16 = vn.esz == 2;
+    a.kps_n = kp.s[1]; a.kps_h = kp.s[2]; a.vps_n = vp.s[1]; a.vps_h = vp.s[2];
+    a.kns_h = kn.s[1]; a.kns_t = kn.s[2]; a.vns_h = vn.s[1]; a.vns_t = vn.s[2];
+    a.Hq = Hq; a.H = H; a.rep = Hq / H; a.D = D; a.P = P; a.T = T; a.scale = scale;
+    // tasks: (kv head, block of qb queries), qb * rep ~ KV_PREFIX_ROWS rows sharing each key block; the last
+    // query blocks (the most keys) first
+    const long qb = a.rep >= KV_PREFIX_ROWS ? 1 : KV_PREFIX_ROWS / a.rep;
+    const long nqb = (T + qb - 1) / qb, tasks = H * nqb;
+    const long wsz = k_base::prefix_scratch(qb * a.rep, D);
+    const bool avx = use_avx2();
+    long nth = threads > 0 ? threads : 1;
+    if (nth > tasks) nth = tasks;
+    if ((P + T) * T * Hq * D < (1L << 20)) nth = 1;
+    Py_BEGIN_ALLOW_THREADS
+    std::atomic<long> next(0);
+    auto worker = [&]() {
+        std::vector<float> work(wsz);
+        for (long t; (t = next.fetch_add(1)) < tasks;) {
+            const long b = nqb - 1 - t / H, h = t % H;
+            const long t0 = b * qb, t1 = t0 + qb < T ? t0 + qb : T;
+#ifdef KV_HAVE_AVX2
+            if (avx) { k_avx2::prefix_task(a, h, t0, t1, work.data()); continue; }
+#endif
+            k_base::prefix_task(a, h, t0, t1, work.data());
+        }
+    };
+    std::vector<std::thread> pool;
+    for (long i = 1; i < nth; ++i) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+    (void)avx;
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2+fma+f16c" : "baseline"); }
 
 
@@ -432,6 +509,7 @@ PyMethodDef methods[] = {
     {"quantize_pack", py_quantize_pack, METH_VARARGS, "eq. (2) quantize + token-tile pack (see module source)"},
     {"dequantize", py_dequantize, METH_VARARGS, "unpack + dequantize (see module source)"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "fused decode attention over packed codes"},
+    {"prefix_attention", py_prefix_attention, METH_VARARGS, "exact multi-query prefix attention (prefill)"},
     {"isa", py_isa, METH_NOARGS, "the instruction set path picked at run time"},
     {nullptr, nullptr, 0, nullptr}};
 
