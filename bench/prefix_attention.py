@@ -15,6 +15,7 @@ Reports milliseconds per call (median of ``--repeats``), process CPU seconds per
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -80,10 +81,11 @@ def main() -> None:
         mask = np.where(np.arange(p + t)[None, :] > p + np.arange(t)[:, None], -np.inf, 0).astype(np.float32)
         feeds = {"q": q, "k_past": kp, "v_past": vp, "k_new": kn, "v_new": vn, "mask": mask[None, None]}
         flops = 4 * hq * d * (p * t + t * (t + 1) // 2)
-        ways = {"native": lambda: prefix.prefix_attention(q, kp, vp, kn, vn, d ** -0.5),
-                "openvino": lambda: req.infer(feeds)[0].copy()}
+        args = (q, kp, vp, kn, vn, d ** -0.5)
+        ways = {"native": functools.partial(prefix.prefix_attention, *args),
+                "openvino": functools.partial(lambda f: req.infer(f)[0].copy(), feeds)}
         if not a.skip_numpy:
-            ways["numpy"] = lambda: prefix.prefix_attention_numpy(q, kp, vp, kn, vn, d ** -0.5)
+            ways["numpy"] = functools.partial(prefix.prefix_attention_numpy, *args)
         base = None
         for name, fn in ways.items():
             out = fn()  # warm-up (and the value compared)

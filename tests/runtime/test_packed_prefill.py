@@ -82,8 +82,9 @@ def test_fp16_on_the_packed_engine(stateful):
 
 def test_chunks_see_the_earlier_chunks(stateful):
     """The test's power: the same prompt with the buffer fed as empty (each chunk attends only to itself)
-    gives visibly different logits, so the comparison above would catch a chunk that misses its past."""
-    pipe, out = _run(stateful, 16, kv="g-KC128VT128", k_bits=2, v_bits=2)
+    gives visibly different logits, so the comparison above would catch a chunk that misses its past. (The
+    graph-side prefix, where the buffer is the graph's past; the op-side one: tests/runtime/test_prefix_op.py.)"""
+    pipe, out = _run(stateful, 16, kv="g-KC128VT128", k_bits=2, v_bits=2, prefix_attention="graph")
     eng = pipe.engine
     real_past = type(eng.kv).past
     type(eng.kv).past = lambda self, i: (self._empty, self._empty, 0)

@@ -43,7 +43,9 @@ as before. The buffer is a transient full-precision copy of the prompt's K/V (al
 MiB at 8k tokens in f16 on the bench model): ``info()["prefill_buffer_bytes"]`` reports its size, apart from
 ``kv_work_bytes`` (the decode working copy). Chunk boundaries change only the summation order of the SDPA
 (and, for an f16 buffer, the past read back rounded to f16 as every f16 KV cache does). Multi-token calls on
-a non-empty store stay case (c). With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
+a non-empty store stay case (c). With ``prefix_attention="op"`` (the default where the native kernel is built;
+``packed_prefix``) the graph's past is fed empty and the op computes the chunk's exact attention from its
+buffer. With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
 (``mallopt``, process-wide; ``info()["malloc_mmap_threshold"]``): glibc's dynamic threshold otherwise keeps
 the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
 (2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
@@ -143,6 +145,7 @@ class _Layer:
         # a chunked prefill's exact K/V of the prompt so far, token-major [capacity, H, D] each (None: no
         # prefill in chunks under way); the op writes each chunk at rows [n, n + T)
         self.prefill: list | None = None  # [k_buf, v_buf, n]
+        self.prefix, self.prefix_calls = "graph", 0  # where a chunk's exact-prefix attention runs (packed_prefix)
 
 
 class _PackedKV:
@@ -180,7 +183,7 @@ class _PackedKV:
         """Layer ``i``'s exact past for the graph's ``kvtool_past`` inputs: (k, v) ``[P, H, D]`` views of the
         prefill buffer, and P (0 and empty arrays outside a chunked prefill)."""
         pre = self.layers[i].prefill
-        if pre is None:
+        if pre is None or self.layers[i].prefix == "op":  # op: the op attends to the buffer (packed_prefix)
             return self._empty, self._empty, 0
         kb, vb, n = pre
         return kb[:n], vb[:n], n
@@ -273,17 +276,19 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None =
     """The op's semantics (module docstring); returns the output, or None for "the SDPA's own" (case a).
     ``dst``: the op's float32 output [1, Hq, 1, D], which the native decode kernel then writes (and returns)."""
     from kvtool.quant_ops.attention import attention_path, native_decode
+    from kvtool.runtime.engines.packed_prefix import chunk_attention
 
     st = layer.store
     t = q.shape[2]
     out = None
-    if layer.prefill is not None:  # (p) a chunk of a chunked prefill: the SDPA attended to the exact past
+    if layer.prefill is not None:  # (p) a chunk of a chunked prefill: attention to the exact past (SDPA or op)
         kb, vb, n = layer.prefill
+        out = chunk_attention(layer, q, k_new, v_new, dst) if layer.prefix == "op" else None
         kb[n:n + t] = k_new[0].transpose(1, 0, 2)
         vb[n:n + t] = v_new[0].transpose(1, 0, 2)
         layer.prefill[2] = n + t
         layer.calls["fp"] += 1
-        return None
+        return out
     if st.n_tokens == 0:
         layer.calls["fp"] += 1
     else:
@@ -447,13 +452,17 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
                  inference_precision: str | None = None, kv_precision: str | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_attention: str | None = None):
         """``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
         ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one
         call; None: ``PREFILL_CHUNK`` where ``chunking_saves_memory`` says the exact buffer costs less than one
         call's activations for that prompt, else one call); the chunks attend to the exact earlier prompt
-        tokens (module doc)."""
+        tokens (module doc). ``prefix_attention``: "graph" | "op" | None, where those chunks attend to the earlier
+        tokens (``packed_prefix``; None: "op" where the native kernel is built)."""
+        from kvtool.runtime.engines import packed_prefix
+
+        self.prefix_attention = packed_prefix.resolve(prefix_attention)  # (mode, why)
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         check_prefill_chunk(prefill_chunk)
@@ -475,6 +484,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         super().__init__(path, spec, device, manifest)
         # GraphEngine made a GraphKVCache (fp buffers, never touched here): the packed stores replace it
         self.kv = _PackedKV(spec, self.layers, self.num_kv_heads, self.head_dim)
+        for layer in self.layers:
+            layer.prefix = self.prefix_attention[0]
 
     def _load_graphs(self) -> None:
         import openvino as ov
@@ -561,6 +572,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
     def info(self) -> dict:
         """The base engine's info plus ``kv_owner="packed"``, the route, each layer's attention path and the
         scratch/state figures (what ``kvtool run --json`` shows)."""
+        from kvtool.runtime.engines import packed_prefix
+
         paths = self.layer_paths()
         kinds = sorted({p["path"] for p in paths})
         return {**super().info(), "config": self._base_config(), "stateful": True, "kv_owner": "packed",
@@ -573,4 +586,5 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 # a chunked prefill's transient full-precision copy of the prompt's K/V (all layers, the stores'
                 # dtype), freed into the packed stores when the prefill ends; 0 when no prefill was chunked
                 "prefill_buffer_bytes": self.kv.prefill_peak,
-                "malloc_mmap_threshold": MMAP_THRESHOLD if self.mmap_threshold_fixed else None}
+                "malloc_mmap_threshold": MMAP_THRESHOLD if self.mmap_threshold_fixed else None,
+                **packed_prefix.info(self)}
