@@ -29,11 +29,11 @@ from kvtool.quant_ops import native
 
 
 def path() -> tuple[str, str]:
-    """("native", "C++ multi-query kernel (<isa>)") where the extension is built and enabled, else
+    """("native", "native C++ multi-query prefix kernel (<isa>)") where the extension is built and enabled, else
     ("portable", why)."""
     mod = native._load()[0]
     if mod is not None and hasattr(mod, "prefix_attention"):
-        return "native", f"C++ multi-query prefix kernel ({mod.isa()})"
+        return "native", f"native C++ multi-query prefix kernel ({mod.isa()})"
     why = native.reason() if mod is None else "the built extension predates prefix_attention (rebuild it)"
     return "portable", f"numpy prefix attention: {why}"
 
