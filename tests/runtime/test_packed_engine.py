@@ -84,7 +84,9 @@ def test_matches_the_paged_engine(stateful, scheme, kb, vb, path):
     pipe, out = _compare(stateful, scheme, kb, vb)
     info = pipe.info()["engine"]
     assert info["name"] == "OpenVINOPackedEngine"  # run --json names the engine that ran, by class
-    assert info["kv_owner"] == "packed" and info["route"] == "openvino python op"
+    from kvtool.runtime.engines.ov_packed_ext import route
+
+    assert info["kv_owner"] == "packed" and (info["route"], info["route_reason"]) == route()
     assert info["attention_path"] == path and info["ov_states"] == 0
     assert all(la["calls"]["fp"] == 1 and la["calls"][path] == 6 for la in info["layers"])
     if path == "portable":
