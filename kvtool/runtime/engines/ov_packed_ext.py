@@ -34,6 +34,7 @@ import functools
 import glob
 import itertools
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def route() -> tuple[str, str]:
 
 
 # -- the Python fallback the op calls back into ----------------------------------------------------------------
-_REGISTRY: dict[int, tuple] = {}  # key -> (layer, evaluate)
+_REGISTRY: dict[int, tuple] = {}  # key -> (weakref to the layer, evaluate): the layer owns its slot
 _ERRORS: dict[int, BaseException] = {}
 _KEYS = itertools.count(1)
 _DTYPES = {0: np.float32, 1: np.float16, 2: np.uint16}  # bf16: raw bits
@@ -128,7 +129,8 @@ def _fallback(key: int, inputs, output) -> int:
     try:
         from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32, f32_to_bf16_bits
 
-        layer, evaluate = _REGISTRY[key]
+        ref, evaluate = _REGISTRY[key]
+        layer = ref()
         ins = [inputs[j] for j in range(4)]
         o = output[0]
         raw = [_array(t) for t in ins]
@@ -185,7 +187,7 @@ class Slot:
         self.c.scale = layer.scale
         self.c.threads = layer.threads
         self.c.pend16 = int(np.dtype(layer.dtype) == np.float16)
-        _REGISTRY[self.c.key] = (layer, evaluate)
+        _REGISTRY[self.c.key] = (weakref.ref(layer), evaluate)
         self.synced: tuple = (None, -1)  # (store, n_tokens, prefill) the slot describes
         self.keep: list = []
         self.pend: tuple[np.ndarray, np.ndarray] | None = None
@@ -195,8 +197,9 @@ class Slot:
         return ctypes.addressof(self.c)
 
     def __del__(self):
-        _REGISTRY.pop(self.c.key, None)
-        _ERRORS.pop(self.c.key, None)
+        if _REGISTRY is not None and _ERRORS is not None:  # (None at interpreter exit)
+            _REGISTRY.pop(self.c.key, None)
+            _ERRORS.pop(self.c.key, None)
 
 
 def make_node(inputs: list, layer, evaluate, python_op):
