@@ -278,11 +278,11 @@ def infer(layers, req, feeds: dict) -> None:
     try:
         req.infer(feeds, share_inputs=True, share_outputs=True)
     except RuntimeError:
-        for layer in layers:
-            err = _ERRORS.pop(layer.slot.c.key, None)
+        errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
+        for layer in layers:  # a failed inference appends nothing
+            layer.slot.c.pending = 0
+        for err in errs:
             if err is not None:
-                for la in layers:
-                    la.slot.c.pending = 0
                 raise err from None
         raise
     commit(layers)
