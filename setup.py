@@ -7,7 +7,9 @@ and chosen at run time by cpuid, so the binary runs on any x86-64 machine. ``-ff
 quantization bit-identical to numpy (no fused multiply-add); no -ffast-math for the same reason.
 """
 
+import glob
 import os
+import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -23,20 +25,67 @@ class OptionalBuildExt(build_ext):
     extension is optional, and ``kvtool.quant_ops.native.reason()`` says it was not built."""
 
     def build_extension(self, ext):
-        if os.environ.get("KVTOOL_NO_NATIVE_BUILD") == "1":
+        if os.environ.get("KVTOOL_NO_NATIVE_BUILD") == "1" and not isinstance(ext, OptionalOVExtension):
             print("kvtool: KVTOOL_NO_NATIVE_BUILD=1, skipping the native kernels", file=sys.stderr)
             return
         try:
             super().build_extension(ext)
         except Exception as e:  # compiler missing or too old
             print(f"kvtool: native kernels not built: {e}", file=sys.stderr)
-            print("kvtool: the portable numpy/torch quant_ops path will run", file=sys.stderr)
+            print("kvtool: the portable numpy/torch quant_ops path will run" if not isinstance(ext, OptionalOVExtension)
+                  else "kvtool: the packed engine will run its Python op", file=sys.stderr)
+
+
+def openvino_dir() -> str | None:
+    """The installed openvino package's directory (its wheel ships include/ and libs/), or None. ``pip install``
+    builds in an isolated environment without openvino: the target interpreter is then asked without the
+    isolation's PYTHONPATH (``-E``), which sees the environment the package is installed into."""
+    try:
+        import openvino
+
+        return os.path.dirname(openvino.__file__)
+    except ImportError:
+        pass
+    try:
+        r = subprocess.run([sys.executable, "-E", "-c", "import os, openvino; print(os.path.dirname(openvino.__file__))"],
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
+class OptionalOVExtension(Extension):
+    """kvtool's packed attention as an OpenVINO C++ extension op (kvtool/runtime/engines/_ov_packed_op.cpp), built
+    against the installed openvino wheel's headers and its versioned libopenvino (the wheel has no unversioned
+    symlink; it is built with the C++11 ABI, _GLIBCXX_USE_CXX11_ABI=1). Optional: without openvino or its headers
+    the engine runs its Python op and says so (``info()["route"]``, ``kvtool.runtime.engines.ov_packed_ext``)."""
+
+
+def ov_extension() -> Extension | None:
+    if os.name == "nt" or os.environ.get("KVTOOL_NO_OV_EXTENSION_BUILD") == "1":
+        print("kvtool: OpenVINO extension op not built (Windows or KVTOOL_NO_OV_EXTENSION_BUILD=1)", file=sys.stderr)
+        return None
+    ov = openvino_dir()
+    libs = sorted(glob.glob(os.path.join(ov, "libs", "libopenvino.so.*"))) if ov else []
+    if not ov or not os.path.isdir(os.path.join(ov, "include", "openvino")) or not libs:
+        print("kvtool: OpenVINO extension op not built (no openvino wheel with include/ and libs/ found); the packed "
+              "engine will run its Python op", file=sys.stderr)
+        return None
+    lib = os.path.basename(libs[0])
+    return OptionalOVExtension(
+        "kvtool.runtime.engines._ov_packed_op", sources=["kvtool/runtime/engines/_ov_packed_op.cpp"],
+        depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
+                 "kvtool/quant_ops/_native_types.h"], language="c++", include_dirs=[os.path.join(ov, "include")],
+        extra_compile_args=[f for f in BASE_FLAGS if f != "-fvisibility=hidden"] + ["-D_GLIBCXX_USE_CXX11_ABI=1", "-Wno-unused-function"],
+        extra_link_args=["-pthread", f"-L{os.path.join(ov, 'libs')}", f"-l:{lib}",
+                         f"-Wl,-rpath,{os.path.join(ov, 'libs')}"], optional=True)
 
 
 ext = Extension("kvtool.quant_ops._native", sources=["kvtool/quant_ops/_native.cpp"],
                 depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
-                         "kvtool/quant_ops/_native_prefix.h"], language="c++",
+                         "kvtool/quant_ops/_native_prefix.h", "kvtool/quant_ops/_native_types.h"], language="c++",
                 extra_compile_args=BASE_FLAGS if os.name != "nt" else ["/O2", "/std:c++17"],
                 extra_link_args=["-pthread"] if os.name != "nt" else [], optional=True)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt})
+ov_ext = ov_extension()
+setup(ext_modules=[ext] + ([ov_ext] if ov_ext else []), cmdclass={"build_ext": OptionalBuildExt})

@@ -229,7 +229,7 @@ def run_kvtool(export: Path, kwargs: dict, question: str, warm_q: str, new_token
             "rss_after_load_bytes": rss_load, "hwm_after_load_bytes": hwm_load, "load_s": load_s,
             "kv_bytes": st["kv_bytes"], "kv_bytes_source": "kvtool stats", "kv_work_bytes": st["kv_work_bytes"],
             "heavy_modules": heavy, **_cpu_split(c0, marks[0] if marks else None, c1, st["new_tokens"]),
-            "engine": {k: info["engine"].get(k) for k in ("class", "kv_owner", "path", "attention_path", "config",
+            "engine": {k: info["engine"].get(k) for k in ("class", "kv_owner", "path", "attention_path", "route", "config",
                                                           "prefill_chunk", "prefix_attention")
                        if isinstance(info.get("engine"), dict) and k in info["engine"]}}
 

@@ -71,6 +71,8 @@ def test_stateful_fp16_same_tokens_and_logits_without_the_kept_rows(stateful, mo
 def test_packed_same_tokens_and_logits_without_the_fast_paths(stateful, monkeypatch, scheme, kb, vb):
     from kvtool.quant_ops.store import _GridSide
 
+    # the Python op's fast paths (in-place output, native append); the C++ op's route: tests/runtime/test_ov_packed_ext.py
+    monkeypatch.setenv("KVTOOL_NO_OV_EXTENSION", "1")
     pipe = VLMPipeline.load(stateful, kv=scheme, k_bits=kb, v_bits=vb, kv_owner="packed")
     n_native = {"n": 0}
     orig = _GridSide._append_native

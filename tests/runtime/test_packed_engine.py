@@ -56,6 +56,42 @@ def _compare(path, scheme, kb, vb, new=6, **kw):
     return pipe, o
 
 
+def _routes_agree(path, scheme, kb, vb, monkeypatch, new=6, **kw):
+    """The C++ extension op's route against the Python op's (``KVTOOL_NO_OV_EXTENSION=1``) on the same export:
+    the same greedy tokens, ``kv_bytes`` and logits bit for bit (the same kernel with the same inputs on the
+    decode fast path, the same Python ``_evaluate`` on every other call); the C++ route ran its decode steps
+    without Python (the op's fast-path count) where the kernel reads the scheme."""
+    from kvtool.runtime.engines import ov_packed_ext as ext
+
+    if ext.route()[0] != ext.CPP_ROUTE:
+        pytest.skip(f"OpenVINO extension op: {ext.route()[1]}")
+    args = dict(kv=scheme, k_bits=kb, v_bits=vb, kv_owner="packed", **kw)
+    img = random_image()
+    got = []
+    for off in (False, True):
+        if off:
+            monkeypatch.setenv(ext.ENV_OFF, "1")
+        pipe = VLMPipeline.load(path, **args)
+        o = pipe.generate(img, QUESTION, max_new_tokens=new, keep_logits=True, ignore_eos=True)
+        got.append((pipe, o))
+    monkeypatch.delenv(ext.ENV_OFF)
+    (cp, co), (pp, po) = got
+    assert (cp.info()["engine"]["route"], pp.info()["engine"]["route"]) == (ext.CPP_ROUTE, ext.PY_ROUTE)
+    assert pp.info()["engine"]["route_reason"] == f"{ext.ENV_OFF}=1"
+    assert co.token_ids == po.token_ids and co.stats["kv_bytes"] == po.stats["kv_bytes"]
+    np.testing.assert_array_equal(cp.last_first_logits, pp.last_first_logits)
+    for mine, theirs in zip(co.logits, po.logits, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    ci, pi = cp.info()["engine"], pp.info()["engine"]
+    assert [la["calls"] for la in ci["layers"]] == [la["calls"] for la in pi["layers"]]
+    assert ci["attention_path"] == pi["attention_path"]
+    native = ci["attention_path"] == "native"
+    for layer in cp.engine.layers:  # decode steps: the op's fast path (no Python) where the kernel reads the store
+        assert layer.slot.c.fast_calls == (layer.calls["native"] if native else 0) and (layer.calls["native"] > 0) \
+            == native
+    return cp, co
+
+
 def _one_layer(pipe, itemsize: int) -> int:
     e = pipe.engine
     return 2 * e.num_kv_heads * e.head_dim * e.kv.n_tokens * itemsize
@@ -84,7 +120,9 @@ def test_matches_the_paged_engine(stateful, scheme, kb, vb, path):
     pipe, out = _compare(stateful, scheme, kb, vb)
     info = pipe.info()["engine"]
     assert info["name"] == "OpenVINOPackedEngine"  # run --json names the engine that ran, by class
-    assert info["kv_owner"] == "packed" and info["route"] == "openvino python op"
+    from kvtool.runtime.engines.ov_packed_ext import route
+
+    assert info["kv_owner"] == "packed" and (info["route"], info["route_reason"]) == route()
     assert info["attention_path"] == path and info["ov_states"] == 0
     assert all(la["calls"]["fp"] == 1 and la["calls"][path] == 6 for la in info["layers"])
     if path == "portable":
@@ -93,6 +131,24 @@ def test_matches_the_paged_engine(stateful, scheme, kb, vb, path):
         assert 0 < out.stats["kv_work_bytes"] <= _one_layer(pipe, 4)
     else:
         assert out.stats["kv_work_bytes"] == 0  # the kernel reads the codes
+
+
+@pytest.mark.parametrize("scheme,kb,vb", [("g-KC128VT128", 2, 2), pytest.param("g-KT32VC32", 3, 8, marks=slow),
+                                          pytest.param("uniform", 4, 2, marks=slow)])
+def test_cpp_op_matches_the_python_op(stateful, scheme, kb, vb, monkeypatch):
+    _routes_agree(stateful, scheme, kb, vb, monkeypatch)
+
+
+def test_cpp_op_chunked_prefill(stateful, monkeypatch):
+    """The C++ route through a chunked prefill (case p, its buffer's flush into the store before the first
+    decode step)."""
+    cp, _ = _routes_agree(stateful, "g-KC32VT32", 2, 2, monkeypatch, new=3, prefill_chunk=64)
+    assert cp.info()["engine"]["prefill_chunked"]
+
+
+@slow
+def test_cpp_op_first_token_fp(stateful, monkeypatch):
+    _routes_agree(stateful, "g-KC32VT32", 2, 4, monkeypatch, new=3, first_token="fp")
 
 
 def test_default_engine_and_no_openvino_state(stateful):
@@ -172,8 +228,11 @@ BITS = [(2, 2), (3, 3), (4, 8), (8, 2)]  # 2, 3, 4 and 8 bits; K and V apart
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scheme", FAMILIES)
 @pytest.mark.parametrize("kb,vb", BITS)
-def test_matrix(exported, arch, scheme, kb, vb):
-    """Every scheme family at 2, 3, 4 and 8 bits, K and V bits apart, on the three architectures."""
-    pipe, _ = _compare(exported(arch, "openvino", 16, "fp32", stateful=True), scheme, kb, vb, new=4)
+def test_matrix(exported, arch, scheme, kb, vb, monkeypatch):
+    """Every scheme family at 2, 3, 4 and 8 bits, K and V bits apart, on the three architectures; the C++
+    extension op's route (the default where built) gives the Python op's results bit for bit."""
+    path = exported(arch, "openvino", 16, "fp32", stateful=True)
+    pipe, _ = _compare(path, scheme, kb, vb, new=4)
+    _routes_agree(path, scheme, kb, vb, monkeypatch, new=4)
     native = scheme.startswith("g-") and scheme != "g-CN"
     assert pipe.info()["engine"]["attention_path"] == ("native" if native else "portable")

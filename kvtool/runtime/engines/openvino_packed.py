@@ -2,8 +2,8 @@
 (``QuantizedKVStore`` per layer: codes + group params + the fp residual the scheme defines) and an attention
 that reads the packed codes (``quant_ops.attention.decode_attention``, the native fused kernel).
 
-Route: an OpenVINO *Python* custom operation (``openvino.Op`` with ``evaluate``) inserted per layer at load
-time. The graph is edited (a graph edit written here, as no library offers it):
+Route: an OpenVINO custom operation (the C++ extension op, or an ``openvino.Op``; "Route" below) inserted per
+layer at load time. The graph is edited (a graph edit written here, as no library offers it):
 
 - each ``ReadValue`` of past K/V is replaced by a graph input ``kvtool_past.{i}.key|value``, token-major
   ``[P, H, D]`` in the stores' dtype (transposed, and converted to the graph's type, inside the graph), and
@@ -57,12 +57,10 @@ The portable path dequantizes one layer at a time (never silently:
 codes), one layer's K/V in the held dtype (f16 by default, f32 for fp32 exports) on the portable path;
 ``info()["scratch_bytes"]`` the kernel's scratch or the portable scores.
 
-Why a Python op: it plugs the tested native kernel into the graph with no second build system. A bare
-identity Python op costs ~0.09 ms per call on the CPU plugin (32 of them on a small graph: 3.21 vs 0.44 ms per
-inference), but in this engine a layer's call costs ~1 ms of CPU (profile: the CPU plugin re-clones each
-Python op on every inference, plus the op's Python glue and the store's append; the kernel itself is ~4% of
-a decode step), so at 2k-8k tokens it decodes 1.0-1.3x the paged engine's CPU time (docs/BENCHMARKS.md).
-A C++ OpenVINO extension calling the same kernel would remove that overhead and is the next step. Runs on CPU only (the
+Route (``ov_packed_ext``): the op is the C++ extension op ``KvtoolPackedKVAttention`` where it is built (its
+decode step runs the fused kernel with no Python; every other call goes back to ``_evaluate``), else the
+Python op (``openvino.Op``; each of its calls costs ~1 ms of CPU: the CPU plugin re-clones a Python op on every
+inference, plus its glue); ``info()["route"]`` / ``["route_reason"]`` say which. Runs on CPU only (the
 Python op is evaluated on the host), batch 1; it does not run ``simulate`` mode (the paged engine does) or
 OpenVINO's own compression (``ov-u8`` / ``ov-u4``). ``fp16`` runs on request (``kv_owner="packed"``: the
 stores hold every token unquantized, the kernel reads them; the stateful engine stays fp16's default).
@@ -78,6 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtool.errors import InputError
+from kvtool.runtime.engines import ov_packed_ext
 from kvtool.runtime.engines.openvino_engine import (
     _OpenVINOGraphs,
     bf16_bits_to_f32,
@@ -415,7 +414,8 @@ def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
             scale = float(np.asarray(s.get_data()).reshape(-1)[0])
         layer = _Layer(i, scale, dtype)
         targets = list(sdpa.output(0).get_target_inputs())
-        node = cls([sdpa.input_value(0), kc.input_value(1), vc.input_value(1), sdpa.output(0)], layer)
+        node = ov_packed_ext.make_node([sdpa.input_value(0), kc.input_value(1), vc.input_value(1), sdpa.output(0)],
+                                       layer, _evaluate, cls)  # the C++ op, or the Python op (route())
         for t in targets:
             t.replace_source_output(node.output(0))
         layers.append(layer)
@@ -552,7 +552,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         for k in self._absent:  # an export without one of them
             del feeds[k]
         req = self.lm_req
-        req.infer(feeds, share_inputs=True, share_outputs=True)  # the ops append to the stores
+        ov_packed_ext.infer(self.layers, req, feeds)  # the ops (or, after a C++ op's decode, infer) append
         self.kv.advance(t)
         return req.get_tensor("logits").data[0, -1].copy()
 
@@ -577,7 +577,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         paths = self.layer_paths()
         kinds = sorted({p["path"] for p in paths})
         return {**super().info(), "config": self._base_config(), "stateful": True, "kv_owner": "packed",
-                "route": "openvino python op", "ov_states": self.n_states,
+                "route": self.layers[0].route[0] if self.layers else None,
+                "route_reason": self.layers[0].route[1] if self.layers else "", "ov_states": self.n_states,
                 "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
                 "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
                 "scratch_bytes": self.kv.scratch_nbytes, "prefill_chunk": self.prefill_chunk,

@@ -1,0 +1,310 @@
+// kvtool's packed-KV attention as an OpenVINO C++ extension op (hand-written: no library offers an OpenVINO
+// operation that attends over kvtool's packed KV stores).
+//
+// Op "KvtoolPackedKVAttention" (opset "kvtool"): inputs (q [1, Hq, T, D], k_new [1, H, T, D], v_new [1, H, T, D],
+// sdpa_out [1, Hq, T, D]), output [1, Hq, T, D] of sdpa_out's type; attribute "slot": the address of a
+// KvSlotC (below) that Python (kvtool/runtime/engines/ov_packed_ext.py) owns for the op's layer and refreshes
+// before each inference. evaluate():
+//   - fast path (slot.fast = 1 and T = 1: a decode step over a store the fused kernel reads): the SAME kernel
+//     as the Python extension (kvtool/quant_ops/_native_attention.h, included below, not copied) over the
+//     store's packed codes plus the new token, written into the output; the new token's K/V are converted to
+//     the stores' dtype into the slot's pending buffers (slot.pending = 1), which Python appends to the store
+//     after the inference. No Python runs.
+//   - every other call (prefill pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a store
+//     the kernel cannot read): the slot's callback (a ctypes function into the engine's Python `_evaluate`),
+//     with the four inputs and the output as raw tensors; it returns 1 (it wrote the output), 0 (copy
+//     sdpa_out) or -1 (it raised: the op throws, the engine re-raises the Python error).
+//
+// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_isa().
+// Built by setup.py against the openvino wheel's headers (optional); loaded with openvino's NodeFactory.
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include <openvino/core/extension.hpp>
+#include <openvino/core/op_extension.hpp>
+#include <openvino/op/op.hpp>
+
+namespace {
+#include "../../quant_ops/_native_types.h"
+}  // namespace
+
+namespace k_base {
+#include "../../quant_ops/_native_impl.h"
+#include "../../quant_ops/_native_attention.h"
+}  // namespace k_base
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KV_IMPL_AVX2 1
+namespace k_avx2 {
+#include "../../quant_ops/_native_impl.h"
+#include "../../quant_ops/_native_attention.h"
+}  // namespace k_avx2
+#undef KV_IMPL_AVX2
+#pragma GCC pop_options
+#define KV_HAVE_AVX2 1
+#endif
+
+extern "C" {
+// One side (K or V) of a layer's store, as kvtool.quant_ops.attention._side_tuple describes it.
+struct KvSideC {
+    int64_t mode, bits, nq, g;
+    const void* codes;
+    int64_t cs[3];  // codes strides (bytes) over batch, head, row
+    const void* delta;
+    const void* mn;
+    int64_t p16;
+    int64_t pb, ph, pn;  // params strides (elements)
+    const void* seg;     // int64 [H, nseg_max, 3] (per-token sides)
+    const void* nseg;    // int64 [H]
+    int64_t nseg_max;
+    const void* resid;
+    int64_t rs[3];  // residual strides (elements) over batch, head, token
+    int64_t nres, r16;
+};
+
+// One tensor handed to the Python callback: etype 0 f32, 1 f16, 2 bf16.
+struct KvTensorC {
+    void* data;
+    int64_t etype, ndim;
+    int64_t shape[4];
+};
+
+typedef int64_t (*KvCallback)(int64_t key, KvTensorC* inputs, KvTensorC* output);
+
+// A layer's slot, owned by Python (ctypes), its address the op's "slot" attribute.
+struct KvSlotC {
+    int64_t fast;     // 1: T = 1 calls run the fused kernel over k / v below; 0: every call goes to the callback
+    int64_t pending;  // set by the op: the new token's K/V are in pend_k / pend_v
+    int64_t H, D, threads, pend16;
+    double scale;
+    void* pend_k;  // [H, D] in the stores' dtype (pend16: float16, else float32)
+    void* pend_v;
+    int64_t key;  // the callback's layer key
+    KvCallback callback;
+    int64_t fast_calls;  // fast-path calls so far (tests: "no Python call per layer")
+    int64_t hq;          // query heads of the last fast-path call
+    KvSideC k, v;
+};
+
+__attribute__((visibility("default"))) void kvtool_ov_struct_sizes(int64_t* out) {
+    out[0] = sizeof(KvSideC);
+    out[1] = sizeof(KvTensorC);
+    out[2] = sizeof(KvSlotC);
+}
+}
+
+namespace {
+
+bool use_avx2() {
+#ifdef KV_HAVE_AVX2
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        const char* force = getenv("KVTOOL_NATIVE_ISA");  // "baseline": the portable code (tests), as _native.cpp
+        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+            !(force && strcmp(force, "baseline") == 0);
+    }
+    return v != 0;
+#else
+    return false;
+#endif
+}
+
+void to_side(const KvSideC& c, Side& s) {
+    s.mode = (int)c.mode;
+    s.bits = (int)c.bits;
+    s.nq = c.mode == 2 ? 0 : c.nq;
+    s.g = c.g;
+    s.codes = (const unsigned char*)c.codes;
+    for (int i = 0; i < 3; ++i) { s.cs[i] = c.cs[i]; s.rs[i] = c.rs[i]; }
+    s.delta = c.delta; s.mn = c.mn; s.p16 = (int)c.p16;
+    s.pstride_b = c.pb; s.pstride_h = c.ph; s.pstride_n = c.pn;
+    s.seg = (const SegEntry*)c.seg;
+    s.nseg = (const long long*)c.nseg;
+    s.nseg_max = c.nseg_max;
+    s.resid = c.resid; s.r16 = (int)c.r16; s.nres = c.nres;
+}
+
+int64_t etype_code(const ov::element::Type& t) {
+    if (t == ov::element::f32) return 0;
+    if (t == ov::element::f16) return 1;
+    if (t == ov::element::bf16) return 2;
+    return -1;
+}
+
+float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t f32_to_bf16(float f) {  // round to nearest even, as kvtool's f32_to_bf16_bits
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// n values of a tensor of element code et -> float32
+void load_f32(const void* src, int64_t et, float* dst, size_t n) {
+    if (et == 0) std::memcpy(dst, src, n * 4);
+    else if (et == 1) for (size_t i = 0; i < n; ++i) dst[i] = (float)((const _Float16*)src)[i];
+    else for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(((const uint16_t*)src)[i]);
+}
+
+void store_f32(const float* src, int64_t et, void* dst, size_t n) {
+    if (et == 0) std::memcpy(dst, src, n * 4);
+    else if (et == 1) for (size_t i = 0; i < n; ++i) ((_Float16*)dst)[i] = (_Float16)src[i];
+    else for (size_t i = 0; i < n; ++i) ((uint16_t*)dst)[i] = f32_to_bf16(src[i]);
+}
+
+// the new token's K/V (element code et) -> the slot's pending buffer in the stores' dtype, as numpy's
+// astype would (f32 -> f16 rounds to nearest even; bf16 is widened to f32 first, as the Python op does)
+void to_pending(const void* src, int64_t et, void* dst, int pend16, size_t n) {
+    if (!pend16) { load_f32(src, et, (float*)dst, n); return; }
+    if (et == 1) { std::memcpy(dst, src, n * 2); return; }
+    for (size_t i = 0; i < n; ++i) {
+        const float f = et == 0 ? ((const float*)src)[i] : bf16_to_f32(((const uint16_t*)src)[i]);
+        ((_Float16*)dst)[i] = (_Float16)f;
+    }
+}
+
+// The fused kernel over the slot's store plus one exact token (the same threading as _native.cpp's
+// decode_attention: std::thread over kv heads, one thread when the step is too small to pay for a spawn).
+void run_kernel(const KvSlotC& slot, const float* q, float* out, long Hq, const void* kx, const void* vx, int x16) {
+    AArgs a{};
+    to_side(slot.k, a.k);
+    to_side(slot.v, a.v);
+    const long H = (long)slot.H, D = (long)slot.D;
+    for (Side* s : {&a.k, &a.v}) {
+        s->extra = s == &a.k ? kx : vx;
+        s->x16 = x16;
+        s->xs[0] = H * D; s->xs[1] = D; s->xs[2] = D;
+    }
+    a.N = a.k.nq + a.k.nres + 1;
+    a.q = q; a.out = out;
+    a.B = 1; a.Hq = Hq; a.H = H; a.rep = Hq / H; a.D = D; a.scale = (float)slot.scale;
+    const long tasks = H;
+    const long wsz = a.rep * a.N + (4 * a.rep + 2) * D + 2 * a.rep + 16;
+    const bool avx = use_avx2();
+    long nth = slot.threads > 0 ? (long)slot.threads : 1;
+    if (nth > tasks) nth = tasks;
+    if (a.N * a.rep * D * tasks < (1L << 20)) nth = 1;
+    std::atomic<long> next(0);
+    auto worker = [&]() {
+        std::vector<float> work(wsz);
+        for (long t; (t = next.fetch_add(1)) < tasks;) {
+#ifdef KV_HAVE_AVX2
+            if (avx) { k_avx2::attention_task(a, 0, t, work.data()); continue; }
+#endif
+            k_base::attention_task(a, 0, t, work.data());
+        }
+    };
+    std::vector<std::thread> pool;
+    for (long i = 1; i < nth; ++i) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+    (void)avx;
+}
+
+KvTensorC describe(const ov::Tensor& t) {
+    KvTensorC d{};
+    d.data = const_cast<void*>(t.data());
+    d.etype = etype_code(t.get_element_type());
+    const ov::Shape& s = t.get_shape();
+    d.ndim = (int64_t)s.size();
+    for (size_t i = 0; i < s.size() && i < 4; ++i) d.shape[i] = (int64_t)s[i];
+    return d;
+}
+
+class PackedKVAttention : public ov::op::Op {
+public:
+    OPENVINO_OP("KvtoolPackedKVAttention", "kvtool");
+
+    PackedKVAttention() = default;
+    PackedKVAttention(const ov::OutputVector& args, int64_t slot) : Op(args), m_slot(slot) {
+        constructor_validate_and_infer_types();
+    }
+
+    void validate_and_infer_types() override {
+        NODE_VALIDATION_CHECK(this, get_input_size() == 4, "KvtoolPackedKVAttention: expected 4 inputs (q, k_new, "
+                              "v_new, sdpa_out), got ", get_input_size());
+        set_output_type(0, get_input_element_type(3), get_input_partial_shape(3));
+    }
+
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override {
+        return std::make_shared<PackedKVAttention>(new_args, m_slot);
+    }
+
+    bool visit_attributes(ov::AttributeVisitor& visitor) override {
+        visitor.on_attribute("slot", m_slot);
+        return true;
+    }
+
+    bool has_evaluate() const override { return true; }
+
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
+        OPENVINO_ASSERT(m_slot != 0, "KvtoolPackedKVAttention: no slot (the op must be made by kvtool's engine)");
+        KvSlotC& slot = *reinterpret_cast<KvSlotC*>(m_slot);
+        const ov::Tensor &q = inputs[0], &kn = inputs[1], &vn = inputs[2], &sd = inputs[3];
+        ov::Tensor& out = outputs[0];
+        out.set_shape(sd.get_shape());
+        const ov::Shape& qs = q.get_shape();
+        const int64_t et_q = etype_code(q.get_element_type()), et_k = etype_code(kn.get_element_type()),
+                      et_v = etype_code(vn.get_element_type()), et_o = etype_code(out.get_element_type());
+        OPENVINO_ASSERT(et_q >= 0 && et_k >= 0 && et_v >= 0 && et_o >= 0 && et_k == et_v,
+                        "KvtoolPackedKVAttention: expected f32 / f16 / bf16 tensors (K and V of one type)");
+        if (slot.fast && qs.size() == 4 && qs[0] == 1 && qs[2] == 1) {
+            const long Hq = (long)qs[1], D = (long)qs[3], H = (long)slot.H;
+            OPENVINO_ASSERT(D == slot.D && kn.get_shape() == ov::Shape({1, (size_t)H, 1, (size_t)D}) && Hq % H == 0,
+                            "KvtoolPackedKVAttention: q / k_new do not match the layer's store");
+            std::vector<float> qf, of, kf, vf;
+            const float* qp = (const float*)q.data();
+            if (et_q != 0) { qf.resize(Hq * D); load_f32(q.data(), et_q, qf.data(), qf.size()); qp = qf.data(); }
+            float* op = (float*)out.data();
+            if (et_o != 0) { of.resize(Hq * D); op = of.data(); }
+            const void *kx = kn.data(), *vx = vn.data();
+            int x16 = et_k == 1;
+            if (et_k == 2) {  // bf16 new token: widened to f32 for the kernel
+                kf.resize(H * D); vf.resize(H * D);
+                load_f32(kx, 2, kf.data(), kf.size()); load_f32(vx, 2, vf.data(), vf.size());
+                kx = kf.data(); vx = vf.data(); x16 = 0;
+            }
+            run_kernel(slot, qp, op, Hq, kx, vx, x16);
+            if (et_o != 0) store_f32(of.data(), et_o, out.data(), of.size());
+            to_pending(kn.data(), et_k, slot.pend_k, (int)slot.pend16, (size_t)(H * D));
+            to_pending(vn.data(), et_v, slot.pend_v, (int)slot.pend16, (size_t)(H * D));
+            slot.pending = 1;
+            slot.hq = Hq;
+            ++slot.fast_calls;
+            return true;
+        }
+        OPENVINO_ASSERT(slot.callback != nullptr, "KvtoolPackedKVAttention: no Python callback registered");
+        KvTensorC in[4] = {describe(q), describe(kn), describe(vn), describe(sd)};
+        KvTensorC o = describe(out);
+        const int64_t r = slot.callback(slot.key, in, &o);
+        OPENVINO_ASSERT(r >= 0, "KvtoolPackedKVAttention: the Python fallback of layer key ", slot.key,
+                        " raised (the engine re-raises its error)");
+        if (r == 0) std::memcpy(out.data(), sd.data(), sd.get_byte_size());
+        return true;
+    }
+
+private:
+    int64_t m_slot = 0;
+};
+
+}  // namespace
+
+OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({std::make_shared<ov::OpExtension<PackedKVAttention>>()}));

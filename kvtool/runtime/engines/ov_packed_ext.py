@@ -1,0 +1,288 @@
+"""The packed engine's attention as an OpenVINO C++ extension op, and which route runs.
+
+The packed engine (``openvino_packed``) inserts one attention op per layer after its SDPA. Two routes:
+
+- ``"openvino C++ extension op"`` (the default where it is built): ``KvtoolPackedKVAttention`` from
+  ``_ov_packed_op.cpp`` (hand-written: no library offers an OpenVINO op over kvtool's packed stores), made with
+  openvino's ``NodeFactory`` from the library ``pip install`` built (``setup.py``). Its decode fast path (T = 1
+  on a store the fused kernel reads) runs the same kernel as ``quant_ops.attention.native_decode``
+  (``_native_attention.h``, included by both builds) with no Python: the op reads the layer's store through a
+  per-layer C struct (``KvSlotC``: pointers, strides, token counts of the packed codes, params and residual)
+  that ``sync`` refreshes before each inference when the store changed, and leaves the new token's K/V, in
+  the stores' dtype, in the slot's pending buffers; ``commit`` appends them to the store after the inference
+  (one native quantize+pack per layer, as the Python op's own append). Every other call (a prefill
+  pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a scheme the kernel cannot read:
+  uniform, or<s>, g-CN) calls back into the engine's Python ``_evaluate`` through a ctypes function (ctypes
+  takes the GIL; OpenVINO's ``infer`` releases it), so those cases keep one implementation.
+- ``"openvino python op"``: the ``openvino.Op`` subclass (``openvino_packed._op_class``), where the extension
+  is not built, fails to load (another openvino version), or ``KVTOOL_NO_OV_EXTENSION=1`` (comparisons, tests).
+
+Never silently: ``route()`` returns ``(name, reason)``, the engine's ``info()["route"]`` / ``["route_reason"]``
+and ``kvtool run --json`` say which ran and why. Results are the same on both routes: the fast path calls the
+kernel with the inputs the Python op passes it (f32 q, the new token in its own type) and converts the new token
+to the stores' dtype as numpy does (round to nearest even), so the stores hold the same bytes.
+
+The slot's address is the op's ``slot`` attribute: the model made here runs only with the engine that owns its
+slots (a serialized model is not usable elsewhere). CPU only, batch 1 (as the engine). Not done: the append
+itself in C++ (``commit`` is ~0.05-0.1 ms of Python per layer and step).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import itertools
+import os
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+ENV_OFF = "KVTOOL_NO_OV_EXTENSION"
+OP_TYPE = "KvtoolPackedKVAttention"
+CPP_ROUTE, PY_ROUTE = "openvino C++ extension op", "openvino python op"
+
+
+class KvSideC(ctypes.Structure):
+    _fields_ = [("mode", ctypes.c_int64), ("bits", ctypes.c_int64), ("nq", ctypes.c_int64), ("g", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("cs", ctypes.c_int64 * 3), ("delta", ctypes.c_void_p),
+                ("mn", ctypes.c_void_p), ("p16", ctypes.c_int64), ("pb", ctypes.c_int64), ("ph", ctypes.c_int64),
+                ("pn", ctypes.c_int64), ("seg", ctypes.c_void_p), ("nseg", ctypes.c_void_p),
+                ("nseg_max", ctypes.c_int64), ("resid", ctypes.c_void_p), ("rs", ctypes.c_int64 * 3),
+                ("nres", ctypes.c_int64), ("r16", ctypes.c_int64)]
+
+
+class KvTensorC(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("etype", ctypes.c_int64), ("ndim", ctypes.c_int64),
+                ("shape", ctypes.c_int64 * 4)]
+
+
+CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(KvTensorC), ctypes.POINTER(KvTensorC))
+
+
+class KvSlotC(ctypes.Structure):
+    _fields_ = [("fast", ctypes.c_int64), ("pending", ctypes.c_int64), ("H", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("threads", ctypes.c_int64), ("pend16", ctypes.c_int64), ("scale", ctypes.c_double),
+                ("pend_k", ctypes.c_void_p), ("pend_v", ctypes.c_void_p), ("key", ctypes.c_int64),
+                ("callback", CALLBACK), ("fast_calls", ctypes.c_int64), ("hq", ctypes.c_int64),
+                ("k", KvSideC), ("v", KvSideC)]
+
+
+def library_path() -> Path | None:
+    """The built extension library (``kvtool/runtime/engines/_ov_packed_op*.so``), or None."""
+    found = sorted(glob.glob(str(Path(__file__).with_name("_ov_packed_op")) + "*.so"))
+    return Path(found[0]) if found else None
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[object | None, str]:
+    """(NodeFactory holding the extension, or None; why). Loaded once per process (the library stays loaded)."""
+    path = library_path()
+    if path is None:
+        return None, ("OpenVINO extension op not built (pip install found no openvino headers, or its build failed; "
+                      "reinstall with openvino installed: pip install .)")
+    try:
+        from openvino.utils.node_factory import NodeFactory
+
+        lib = ctypes.CDLL(str(path))
+        sizes = (ctypes.c_int64 * 3)()
+        lib.kvtool_ov_struct_sizes(sizes)
+        want = (ctypes.sizeof(KvSideC), ctypes.sizeof(KvTensorC), ctypes.sizeof(KvSlotC))
+        if tuple(sizes) != want:
+            return None, f"OpenVINO extension op {path.name}: struct sizes {tuple(sizes)}, expected {want} (rebuild)"
+        factory = NodeFactory()
+        factory.add_extension(str(path))
+    except Exception as e:  # another openvino version (undefined symbols), a broken build
+        return None, f"OpenVINO extension op {path.name} did not load ({str(e).splitlines()[0][:200]})"
+    factory._kvtool_lib = lib  # keep the library loaded as long as the factory
+    return factory, f"{path.name} loaded (decode fast path in C++, other calls through the Python fallback)"
+
+
+def route() -> tuple[str, str]:
+    """``(route, reason)`` the next packed engine will use: ``CPP_ROUTE`` or ``PY_ROUTE``."""
+    if os.environ.get(ENV_OFF) == "1":
+        return PY_ROUTE, f"{ENV_OFF}=1"
+    factory, why = _load()
+    return (CPP_ROUTE if factory is not None else PY_ROUTE), why
+
+
+# -- the Python fallback the op calls back into ----------------------------------------------------------------
+_REGISTRY: dict[int, tuple] = {}  # key -> (weakref to the layer, evaluate): the layer owns its slot
+_ERRORS: dict[int, BaseException] = {}
+_KEYS = itertools.count(1)
+_DTYPES = {0: np.float32, 1: np.float16, 2: np.uint16}  # bf16: raw bits
+
+
+def _array(t: KvTensorC) -> np.ndarray:
+    shape = tuple(t.shape[:t.ndim])
+    dt = np.dtype(_DTYPES[t.etype])
+    n = int(np.prod(shape)) * dt.itemsize
+    if n == 0:
+        return np.empty(shape, dt)
+    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(t.data)).view(dt).reshape(shape)
+
+
+def _fallback(key: int, inputs, output) -> int:
+    """The op's calls other than the fast path: the engine's ``_evaluate`` on numpy views of the op's tensors
+    (bf16 widened to f32, as the Python op does). 1: wrote the output; 0: the op copies the SDPA's; -1: raised."""
+    try:
+        from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32, f32_to_bf16_bits
+
+        ref, evaluate = _REGISTRY[key]
+        layer = ref()
+        ins = [inputs[j] for j in range(4)]
+        o = output[0]
+        raw = [_array(t) for t in ins]
+        bf16 = any(t.etype == 2 for t in ins[:3]) or o.etype == 2
+        arrs = [bf16_bits_to_f32(a) if t.etype == 2 else a for a, t in zip(raw, ins, strict=True)]
+        out_arr = _array(o)
+        dst = out_arr if (not bf16 and o.etype == 0) else None
+        out = evaluate(layer, arrs[0], arrs[1], arrs[2], arrs[3], dst)
+        if out is None:
+            return 0
+        if o.etype == 2:
+            out_arr[...] = f32_to_bf16_bits(out)
+        elif dst is None or not np.shares_memory(out, dst):
+            out_arr[...] = out
+        return 1
+    except BaseException as e:  # noqa: BLE001 (handed back to the engine after infer)
+        _ERRORS[key] = e
+        return -1
+
+
+_CALLBACK = CALLBACK(_fallback)  # one C function pointer per process, kept alive here
+
+
+# -- one engine's slots ----------------------------------------------------------------------------------------
+def _ptr(a) -> int | None:
+    return None if a is None else a.__array_interface__["data"][0]
+
+
+def _fill_side(c: KvSideC, t: tuple, keep: list) -> None:
+    """``KvSideC`` from ``attention._side_tuple``'s 13-tuple (the Python extension's side description)."""
+    mode, bits, nq, g, codes, delta, mn, pb, ph, pn, seg, nseg, resid = t
+    c.mode, c.bits, c.nq, c.g, c.pb, c.ph, c.pn = mode, bits, nq, g, pb, ph, pn
+    c.codes, c.delta, c.mn = _ptr(codes), _ptr(delta), _ptr(mn)
+    if codes is not None:
+        c.cs[0], c.cs[1], c.cs[2] = codes.strides[:3]
+        c.p16 = int(delta.itemsize == 2)
+    c.seg, c.nseg = _ptr(seg), _ptr(nseg)
+    c.nseg_max = 0 if seg is None else seg.shape[1]
+    c.resid = _ptr(resid)
+    c.nres = 0 if resid is None else resid.shape[2]
+    if resid is not None:
+        c.rs[0], c.rs[1], c.rs[2] = (s // resid.itemsize for s in resid.strides[:3])
+        c.r16 = int(resid.itemsize == 2)
+    keep += [codes, delta, mn, seg, nseg, resid]
+
+
+class Slot:
+    """One layer's ``KvSlotC`` and what it points to (kept alive until the next refresh)."""
+
+    def __init__(self, layer, evaluate):
+        self.c = KvSlotC()
+        self.c.key = next(_KEYS)
+        self.c.callback = _CALLBACK
+        self.c.scale = layer.scale
+        self.c.threads = layer.threads
+        self.c.pend16 = int(np.dtype(layer.dtype) == np.float16)
+        _REGISTRY[self.c.key] = (weakref.ref(layer), evaluate)
+        self.synced: tuple = (None, -1)  # (store, n_tokens, prefill) the slot describes
+        self.keep: list = []
+        self.pend: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.c)
+
+    def __del__(self):
+        if _REGISTRY is not None and _ERRORS is not None:  # (None at interpreter exit)
+            _REGISTRY.pop(self.c.key, None)
+            _ERRORS.pop(self.c.key, None)
+
+
+def make_node(inputs: list, layer, evaluate, python_op):
+    """The layer's attention op over ``inputs`` (q, k_new, v_new, sdpa_out): the C++ op with a new ``Slot``
+    (``layer.slot``) on the C++ route, else ``python_op(inputs, layer)``; ``layer.route`` names it."""
+    name, why = route()
+    layer.route = (name, why)
+    if name == PY_ROUTE:
+        layer.slot = None
+        return python_op(inputs, layer)
+    layer.slot = Slot(layer, evaluate)
+    return _load()[0].create(OP_TYPE, inputs, {"slot": layer.slot.address})
+
+
+def sync(layers) -> None:
+    """Before an inference: point each C++ slot at its store as it is now (after appends, a reset or a prefill
+    buffer's flush) and decide its fast path: a non-empty store the fused kernel reads, outside a chunked
+    prefill. Only layers whose store changed since the last refresh are refreshed."""
+    from kvtool.quant_ops.attention import _side_tuple, attention_path
+
+    for layer in layers:
+        slot, st = layer.slot, layer.store
+        state = (st, st.n_tokens, layer.prefill is None)
+        if slot.synced[0] is st and slot.synced[1:] == state[1:]:
+            continue
+        slot.synced = state
+        c = slot.c
+        c.pending = 0
+        if st.n_tokens == 0 or layer.prefill is not None:
+            c.fast = 0
+            continue
+        if layer.native is None:  # as _evaluate decides it: the scheme, bits and dtype, once per store
+            layer.decode_path = attention_path(st)
+            layer.native = layer.decode_path[0] == "native"
+        if not layer.native:
+            c.fast = 0
+            continue
+        b, h, d = st.format.k
+        if slot.pend is None or slot.pend[0].shape != (1, h, 1, d):
+            slot.pend = (np.empty((1, h, 1, d), layer.dtype), np.empty((1, h, 1, d), layer.dtype))
+            c.pend_k, c.pend_v = _ptr(slot.pend[0]), _ptr(slot.pend[1])
+        c.H, c.D = h, d
+        keep: list = []
+        _fill_side(c.k, _side_tuple(st.side_layout("k")), keep)
+        _fill_side(c.v, _side_tuple(st.side_layout("v")), keep)
+        slot.keep = keep
+        c.fast = int(b == 1)
+
+
+def commit(layers) -> None:
+    """After an inference: append each fast-path call's new token to its store (what the Python op does inside
+    its call) and count the call as the op's native decode."""
+    for layer in layers:
+        c = layer.slot.c
+        if not c.pending:
+            continue
+        c.pending = 0
+        pk, pv = layer.slot.pend
+        st = layer.store
+        layer.path = layer.decode_path
+        layer.calls["native"] += 1
+        d = pk.shape[3]
+        rep = c.hq // pk.shape[1]  # the kernel's scratch per thread and the output, as _evaluate counts them
+        scratch = layer.threads * 4 * (rep * (st.n_tokens + 1) + (4 * rep + 2) * d) + 4 * c.hq * d
+        layer.scratch_peak = max(layer.scratch_peak, scratch)
+        st.append(pk.copy(), pv.copy())
+
+
+def infer(layers, req, feeds: dict) -> None:
+    """``req.infer(feeds)`` with the C++ route's ``sync`` before and ``commit`` after (just the inference on
+    the Python-op route); an error the Python fallback raised inside the inference is re-raised as itself."""
+    if not layers or getattr(layers[0], "slot", None) is None:
+        req.infer(feeds, share_inputs=True, share_outputs=True)
+        return
+    sync(layers)
+    try:
+        req.infer(feeds, share_inputs=True, share_outputs=True)
+    except RuntimeError:
+        errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
+        for layer in layers:  # a failed inference appends nothing
+            layer.slot.c.pending = 0
+        for err in errs:
+            if err is not None:
+                raise err from None
+        raise
+    commit(layers)

@@ -1,0 +1,177 @@
+"""The packed attention as an OpenVINO C++ extension op (``engines.ov_packed_ext``, ``_ov_packed_op.cpp``), alone:
+one op in a graph of its four inputs, run by OpenVINO's CPU plugin, over a ``QuantizedKVStore`` of random tokens.
+
+- the decode fast path (T = 1) gives the Python extension's kernel result bit for bit (the same kernel code,
+  called with the same inputs) and a naive float64 reference (dequantize, concatenate the new token,
+  softmax(q K^T * scale) V) within the kernel's derived bound (tests/quant_ops/test_attention.py, reused);
+- it leaves the new token in the slot, and ``commit`` appends it: the store then holds the bytes a Python
+  append of the same token would (same codes, params, residual);
+- no Python runs in a fast-path call (the fallback callback is counted), every other call does;
+- ragged N (not a multiple of the group or the packing tile), N = 1 (one stored token + the new one), GQA,
+  head_dim 64 / 80 / 128, per-channel and per-token groups, outlier channels, 2/3/4/8 bits, f16 / f32 stores;
+- the route when the extension is absent (``KVTOOL_NO_OV_EXTENSION=1``), and a fallback error re-raised as
+  itself after the inference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kvtool.errors import InputError
+from kvtool.quant_ops import QuantizedKVStore, native
+from kvtool.quant_ops.attention import attention_path, native_decode
+from kvtool.runtime.engines import ov_packed_ext as ext
+from tests.quant_ops.test_attention import _kv, _reference, _tolerance
+
+pytestmark = pytest.mark.skipif(ext.route()[0] != ext.CPP_ROUTE or not native.available(),
+                                reason=f"OpenVINO extension op: {ext.route()[1]}; native: {native.reason()}")
+
+
+class _Counting:
+    """The engine's ``_evaluate`` with a call counter (what the op calls back into)."""
+
+    def __init__(self):
+        from kvtool.runtime.engines.openvino_packed import _evaluate
+
+        self.fn, self.calls = _evaluate, 0
+
+    def __call__(self, *a):
+        self.calls += 1
+        return self.fn(*a)
+
+
+def _graph(hq: int, h: int, d: int, layer, evaluate):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from kvtool.runtime.engines.openvino_packed import _op_class
+
+    params = [ops.parameter(ov.PartialShape([1, n, -1, d]), ov.Type.f32) for n in (hq, h, h, hq)]
+    node = ext.make_node([p.output(0) for p in params], layer, evaluate, _op_class())
+    assert node.get_type_name() == ext.OP_TYPE and layer.route[0] == ext.CPP_ROUTE
+    model = ov.Model([node.output(0)], params)
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled.create_infer_request()
+
+
+def _layer(scheme, kb, vb, k, v, dtype, scale):
+    from kvtool.runtime.engines.openvino_packed import _Layer
+
+    layer = _Layer(0, scale, dtype)
+    layer.store = QuantizedKVStore(scheme, kb, vb)
+    n = k.shape[2]
+    n0 = max(n - 3, 0)
+    if n0:
+        layer.store.append(k[:, :, :n0], v[:, :, :n0])  # a prefill, then decode tokens one by one
+    for t in range(n0, n):
+        layer.store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    return layer
+
+
+def _run(scheme, kb, vb, h, rep, d, n, dtype=np.float16, seed=0, steps=2):
+    rng = np.random.default_rng(seed)
+    k, v = _kv(rng, 1, h, n + steps, d, dtype)
+    scale = 1 / math.sqrt(d)
+    layer = _layer(scheme, kb, vb, k[:, :, :n], v[:, :, :n], dtype, scale)
+    twin = _layer(scheme, kb, vb, k[:, :, :n], v[:, :, :n], dtype, scale)  # appended in Python
+    assert attention_path(layer.store)[0] == "native"
+    evaluate = _Counting()
+    req = _graph(h * rep, h, d, layer, evaluate)
+    for s in range(steps):
+        q = rng.standard_normal((1, h * rep, 1, d)).astype(np.float32)
+        kx = (rng.standard_normal((1, h, 1, d)) * 2).astype(np.float32)
+        vx = rng.standard_normal((1, h, 1, d)).astype(np.float32)
+        sd = np.full((1, h * rep, 1, d), 7.0, np.float32)  # the SDPA's output: must not be what comes out
+        want = native_decode(np.ascontiguousarray(q[:, :, 0]), twin.store, scale, 2, kx, vx)
+        ext.infer([layer], req, {0: q, 1: kx, 2: vx, 3: sd})
+        out = req.get_output_tensor(0).data.copy()
+        assert evaluate.calls == 0 and layer.slot.c.fast_calls == s + 1  # no Python inside the inference
+        np.testing.assert_array_equal(out[:, :, 0], want)  # the same kernel, bit for bit
+        kk, vv = twin.store.dequantize()
+        kk = np.concatenate([kk.astype(np.float32), kx.astype(dtype).astype(np.float32)], axis=2)
+        vv = np.concatenate([vv.astype(np.float32), vx.astype(dtype).astype(np.float32)], axis=2)
+        q3 = q[:, :, 0]
+        ref = _reference(q3, kk, vv, scale)
+        # the op attends to the exact f32 new token; the reference's is rounded to the store's dtype: that
+        # rounding (rho, relative) moves one score by at most scale |q| |k| rho and the output by rho max|v|
+        rho = 2.0**-11 if dtype == np.float16 else 2.0**-23
+        extra = np.abs(vx).max() * rho + 2.2 * np.abs(vv).max() * scale * np.abs(q3).sum(-1, keepdims=True) \
+            * np.abs(kx).max() * rho
+        assert (np.abs(out[:, :, 0] - ref) <= _tolerance(q3, kk, vv, scale) + extra).all()
+        twin.store.append(kx.astype(dtype), vx.astype(dtype))
+        assert layer.store.n_tokens == twin.store.n_tokens == n + s + 1
+        for which in (0, 1):
+            np.testing.assert_array_equal(layer.store.dequantize()[which], twin.store.dequantize()[which])
+        assert layer.store.nbytes == twin.store.nbytes
+    assert layer.calls["native"] == steps and layer.path[0] == "native"
+
+
+@pytest.mark.parametrize("scheme,kb,vb", [("g-KC32VT32", 2, 2), ("g-KT32VC32", 4, 2), ("g-KC32VT32", 3, 8),
+                                          ("g-KC128VT128", 2, 4), ("g-T32", 8, 3), ("g-C32", 2, 2)])
+def test_schemes_and_bits(scheme, kb, vb):
+    _run(scheme, kb, vb, h=2, rep=2, d=64, n=75)
+
+
+@pytest.mark.parametrize("d,n", [(64, 1), (80, 37), (128, 130), (128, 2)])
+def test_head_dims_and_ragged_tokens(d, n):
+    _run("g-KC32VT32", 2, 2, h=2, rep=1, d=d, n=n)
+
+
+@pytest.mark.parametrize("rep", [1, 4, 7])
+def test_gqa(rep):
+    _run("g-KT32VC32", 2, 4, h=2, rep=rep, d=64, n=41)
+
+
+def test_f32_store():
+    _run("g-KC32VT32", 2, 2, h=2, rep=2, d=64, n=67, dtype=np.float32)
+
+
+def test_other_calls_go_through_python():
+    """An empty store (a prefill pass-through: the SDPA's output, the tokens appended), T > 1 on a non-empty
+    store (case c) and a scheme the kernel cannot read (uniform) each call the Python fallback once."""
+    rng = np.random.default_rng(1)
+    h, d = 2, 64
+    from kvtool.runtime.engines.openvino_packed import _Layer
+
+    for scheme in ("g-KC32VT32", "uniform"):
+        layer = _Layer(0, 1 / 8, np.float16)
+        layer.store = QuantizedKVStore(scheme, 2, 2)
+        evaluate = _Counting()
+        req = _graph(h, h, d, layer, evaluate)
+        feeds = {i: rng.standard_normal((1, h, 5, d)).astype(np.float32) for i in range(4)}
+        ext.infer([layer], req, feeds)
+        np.testing.assert_array_equal(req.get_output_tensor(0).data, feeds[3])  # case (a): the SDPA's own
+        assert evaluate.calls == 1 and layer.store.n_tokens == 5 and layer.slot.c.fast_calls == 0
+        ext.infer([layer], req, feeds)  # case (c): 5 tokens on a non-empty store
+        assert evaluate.calls == 2 and layer.calls["portable"] == 1
+        assert not np.array_equal(req.get_output_tensor(0).data, feeds[3])
+        one = {i: x[:, :, :1] for i, x in feeds.items()}
+        ext.infer([layer], req, one)  # decode: C++ for the grid scheme, Python for uniform
+        fast = scheme != "uniform"
+        assert evaluate.calls == (2 if fast else 3) and layer.slot.c.fast_calls == int(fast)
+        assert layer.store.n_tokens == 11
+
+
+def test_fallback_error_is_reraised():
+    """An error the Python fallback raises inside the inference comes back as itself (one line, InputError)."""
+    from kvtool.runtime.engines.openvino_packed import _Layer
+
+    def bad(*a):
+        raise InputError("packed op: bad input")
+
+    layer = _Layer(0, 1 / 8, np.float16)
+    layer.store = QuantizedKVStore("g-KC32VT32", 2, 2)
+    req = _graph(2, 2, 64, layer, bad)
+    x = np.zeros((1, 2, 3, 64), np.float32)
+    with pytest.raises(InputError, match="^packed op: bad input$"):
+        ext.infer([layer], req, {0: x, 1: x, 2: x, 3: x})
+
+
+def test_route_without_the_extension(monkeypatch):
+    monkeypatch.setenv(ext.ENV_OFF, "1")
+    assert ext.route() == (ext.PY_ROUTE, f"{ext.ENV_OFF}=1")
+    monkeypatch.delenv(ext.ENV_OFF)
+    assert ext.route()[0] == ext.CPP_ROUTE and "loaded" in ext.route()[1]
