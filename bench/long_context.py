@@ -9,6 +9,8 @@ OpenVINO export with tokenizer IRs, made offline with ``kvtool.models`` + ``kvto
   prefix caching off (its default PagedAttention backend otherwise reuses the warm-up's image prefix);
 - ``kvtool_fp16_paged``: kvtool fp16 on its PagedAttention engine (``kv_owner="paged"``), genai's graph form;
 - ``kvtool_fp16``: ``kvtool.runtime.VLMPipeline.load(export, kv="fp16")`` (whatever engine ``load_engine`` picks);
+- ``kvtool_fp16_onecall`` / ``kvtool_fp16_chunk512`` / ``kvtool_fp16_chunk2048``: fp16 on the stateful engine
+  (``kv_owner="openvino"``) with ``prefill_chunk`` 0 (one call) / 512 / 2048;
 - ``kvtool_kc128vt128_{2,4}b`` / ``kvtool_kt128vc128_{2,4}b``: the g-KC128VT128 / g-KT128VC128 schemes at 2
   and 4 bits, engine chosen by ``load_engine`` (``--kv-owner`` forces one for the quantized configurations).
 
@@ -24,6 +26,8 @@ Issue 13's targets are evaluated as ratios at ``--target-tokens`` (8192) and rep
     python bench/long_context.py --quick                    # 256/2k, 1 round, 16 new tokens, 4 configs
     python bench/long_context.py --lengths 256,2048,8192,16384 --rounds 3 --json out.json
     python bench/long_context.py --markdown out.json        # re-print a saved run
+    python bench/long_context.py --model qwen2-vl --configs genai_f16,kvtool_fp16_onecall,kvtool_fp16_chunk512 ...
+                                                            # the same LM shape as Qwen2-VL (M-RoPE)
 
 It does not measure quant_ops' pack/unpack throughput (``bench/quant_ops.py`` does).
 """
@@ -61,6 +65,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # the stateful engine (kv_owner=openvino) in one prefill call / in chunks of 512 (Qwen2-VL's fp16 engine)
     "kvtool_fp16_onecall": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=0)),
     "kvtool_fp16_chunk512": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=512)),
+    "kvtool_fp16_chunk2048": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=2048)),
     "kvtool_kc128vt128_2b": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2)),
     "kvtool_kc128vt128_4b": ("kvtool", dict(kv="g-KC128VT128", k_bits=4, v_bits=4)),
     "kvtool_kt128vc128_2b": ("kvtool", dict(kv="g-KT128VC128", k_bits=2, v_bits=2)),
