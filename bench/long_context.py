@@ -9,6 +9,8 @@ OpenVINO export with tokenizer IRs, made offline with ``kvtool.models`` + ``kvto
   prefix caching off (its default PagedAttention backend otherwise reuses the warm-up's image prefix);
 - ``kvtool_fp16_paged``: kvtool fp16 on its PagedAttention engine (``kv_owner="paged"``), genai's graph form;
 - ``kvtool_fp16``: ``kvtool.runtime.VLMPipeline.load(export, kv="fp16")`` (whatever engine ``load_engine`` picks);
+- ``kvtool_fp16_onecall`` / ``kvtool_fp16_chunk512`` / ``kvtool_fp16_chunk2048``: fp16 on the stateful engine
+  (``kv_owner="openvino"``) with ``prefill_chunk`` 0 (one call) / 512 / 2048;
 - ``kvtool_kc128vt128_{2,4}b`` / ``kvtool_kt128vc128_{2,4}b``: the g-KC128VT128 / g-KT128VC128 schemes at 2
   and 4 bits, engine chosen by ``load_engine`` (``--kv-owner`` forces one for the quantized configurations).
 
@@ -24,6 +26,8 @@ Issue 13's targets are evaluated as ratios at ``--target-tokens`` (8192) and rep
     python bench/long_context.py --quick                    # 256/2k, 1 round, 16 new tokens, 4 configs
     python bench/long_context.py --lengths 256,2048,8192,16384 --rounds 3 --json out.json
     python bench/long_context.py --markdown out.json        # re-print a saved run
+    python bench/long_context.py --model qwen2-vl --configs genai_f16,kvtool_fp16_onecall,kvtool_fp16_chunk512 ...
+                                                            # the same LM shape as Qwen2-VL (M-RoPE)
 
 It does not measure quant_ops' pack/unpack throughput (``bench/quant_ops.py`` does).
 """
@@ -43,6 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIZES = dict(hidden=1024, layers=8, heads=8, kv_heads=8, intermediate=2816, image_size=96, patch_size=4,
              vocab_size=1024)
+# --model: the tiny-model builder and its sizes. Qwen2-VL gets the same LM shape (its M-RoPE sections are then
+# 16/24/24 of head dim 128, as published); its image side is 2 x image_size = 192 px after the processor's
+# resize (min = max pixels), i.e. (192 / 4 / 2)^2 = 576 image tokens, as LLaVA's 96 px / patch 4.
+MODELS = {"llava": ("tiny-llava", SIZES), "qwen2-vl": ("tiny-qwen2-vl", SIZES)}
 FILLER = ("The red circle is left of the blue square, and the green triangle sits above the yellow star "
           "near the bottom of the image. ")
 QUESTION_TAIL = "Describe everything you can see in this picture, with as much detail as you can."
@@ -54,6 +62,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "genai_u4": ("genai", {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u4"}),
     "kvtool_fp16": ("kvtool", dict(kv="fp16")),
     "kvtool_fp16_paged": ("kvtool", dict(kv="fp16", kv_owner="paged")),
+    # the stateful engine (kv_owner=openvino) in one prefill call / in chunks of 512 (Qwen2-VL's fp16 engine)
+    "kvtool_fp16_onecall": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=0)),
+    "kvtool_fp16_chunk512": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=512)),
+    "kvtool_fp16_chunk2048": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=2048)),
     "kvtool_kc128vt128_2b": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2)),
     "kvtool_kc128vt128_4b": ("kvtool", dict(kv="g-KC128VT128", k_bits=4, v_bits=4)),
     "kvtool_kt128vc128_2b": ("kvtool", dict(kv="g-KT128VC128", k_bits=2, v_bits=2)),
@@ -70,15 +82,18 @@ BASE_TOKENS = 256  # the row KV-attributable memory is measured against
 
 
 # --- model --------------------------------------------------------------------------------------------------
-def build(workdir: Path, max_tokens: int) -> Path:
-    """The stateful int4 OpenVINO export in ``workdir`` (built once, offline); positions cover ``max_tokens``."""
+def build(workdir: Path, max_tokens: int, model_name: str = "llava") -> Path:
+    """The stateful int4 OpenVINO export in ``workdir`` (built once, offline); positions cover ``max_tokens``;
+    ``model_name``: a ``MODELS`` key (LLaVA's folders keep their old names)."""
     from kvtool.export import ExportConfig, export_model
     from kvtool.models import make_tiny_model
 
     positions = max(20480, -(-max_tokens // 4096) * 4096)
-    model, out = workdir / f"model_p{positions}", workdir / f"ov_w4_stateful_p{positions}"
+    tag = "" if model_name == "llava" else f"{model_name}_"
+    model, out = workdir / f"{tag}model_p{positions}", workdir / f"{tag}ov_w4_stateful_p{positions}"
     if not (model / "config.json").is_file():
-        make_tiny_model("tiny-llava", model, max_positions=positions, **SIZES)
+        tiny, sizes = MODELS[model_name]
+        make_tiny_model(tiny, model, max_positions=positions, **sizes)
     if not (out / "kvtool.json").is_file():
         export_model(ExportConfig(model=str(model), output=str(out), backend="openvino", wbits=4, group_size=128,
                                   dtype="fp16", stateful=True))
@@ -325,7 +340,7 @@ def run(a) -> dict:
         raise SystemExit(f"--configs: unknown {unknown}; expected some of {', '.join(CONFIGS)}")
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    export = build(workdir, max(lengths) + a.new_tokens + 64)
+    export = build(workdir, max(lengths) + a.new_tokens + 64, a.model)
     questions: dict[int, Path] = {}
     for n in lengths:
         q, got = make_question(export, n)
@@ -374,7 +389,8 @@ def run(a) -> dict:
         r["kv_attributable_bytes"] = _kv_attr(results, r["name"], r["length"])
     import platform
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sizes": SIZES, "rounds": a.rounds,
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": a.model,
+            "sizes": MODELS[a.model][1], "rounds": a.rounds,
             "new_tokens": a.new_tokens, "lengths": lengths, "configs": names, "kv_owner": a.kv_owner,
             "child_pythonpath": a.child_pythonpath,
             "target_tokens": a.target_tokens, "load_average": {"min": min(loads, default=0.0),
@@ -437,6 +453,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/kvtool-bench-long-context")
+    ap.add_argument("--model", default="llava", choices=sorted(MODELS), help="the bench model's architecture "
+                    "(same LM shape; qwen2-vl: M-RoPE positions, the stateful engine for fp16)")
     ap.add_argument("--lengths", default="2048,8192,16384", help=f"prompt tokens (a {BASE_TOKENS} row is added)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -181,17 +181,42 @@ def looks_local(source: str) -> bool:
     return Path(owner).is_dir() or Path(name).suffix.lower() in _DATA_EXTS
 
 
+def hub_unreachable(exc: BaseException) -> str | None:
+    """Why ``exc`` (from ``datasets.load_dataset`` of a hub id) means the hub could not be reached, or None when
+    it does not: offline mode (``HF_HUB_OFFLINE``), or no connection — a ``ConnectionError`` / ``httpx``
+    transport error anywhere in its chain, or huggingface_hub's httpx client found closed ("Cannot send a
+    request, as the client has been closed", what surfaces once its retries on a failed name lookup are spent,
+    the lookup itself only logged)."""
+    seen: list[BaseException] = []
+    while exc is not None and not any(exc is e for e in seen):
+        seen.append(exc)
+        msg = str(exc)
+        if "OfflineModeIsEnabled" in msg or type(exc).__name__ == "OfflineModeIsEnabled":
+            return "offline mode is on (HF_HUB_OFFLINE)"
+        if isinstance(exc, ConnectionError) or "client has been closed" in msg or \
+                type(exc).__module__.startswith("httpx") and type(exc).__name__.endswith(("ConnectError",
+                                                                                          "TransportError",
+                                                                                          "TimeoutException")):
+            return "no connection to the Hugging Face hub"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _load_hub(spec: TaskSpec, hub_ids: Sequence[str], split: str, config: str | None) -> tuple[Any, str]:
     import datasets
 
-    errors = []
+    errors, unreachable = [], []
     for hub_id in hub_ids:
         try:
             return datasets.load_dataset(hub_id, config, split=split), hub_id
         except Exception as exc:  # noqa: BLE001 - try the next id, report all at the end
             errors.append(f"{hub_id}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    raise InputError(f"{spec.name}: could not load {' or '.join(hub_ids)} ({'; '.join(errors)}); "
-                     f"give a local copy with --data-dir or --data")
+            unreachable.append(hub_unreachable(exc))
+    hint = f"give a local copy with --data-dir DIR (holding {spec.name}/) or --data PATH"
+    if all(unreachable):  # not the hub's answer about the data: say so, not the client's last words
+        raise InputError(f"{spec.name}: could not load {' or '.join(hub_ids)}: the data is not local and the hub is "
+                         f"unreachable ({unreachable[0]}); {hint}")
+    raise InputError(f"{spec.name}: could not load {' or '.join(hub_ids)} ({'; '.join(errors)}); {hint}")
 
 
 def load_rows(spec: TaskSpec, source: str | None, n_rows: int | None = None) -> tuple[Any, str]:

@@ -329,6 +329,9 @@ def make_real_shape_model(name: str, out_dir: str | Path, *, layers: int | None 
     info = write_random_weights(model, out, getattr(torch, dtype), seed=seed, shard_bytes=shard_bytes,
                                 progress=progress)
     cfg.save_pretrained(out)
+    from kvtool.models.legacy_config import add_transformers4_rope_keys
+
+    add_transformers4_rope_keys(out)  # older stacks (transformers 4.x) read the same RoPE (legacy_config)
     gen = model.generation_config
     gen.do_sample = False
     gen.save_pretrained(out)

@@ -328,4 +328,7 @@ def make_tiny_model(name: str, out_dir: str | Path, *, seed: int = 0, dtype: str
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    from kvtool.models.legacy_config import add_transformers4_rope_keys
+
+    add_transformers4_rope_keys(out)  # older stacks (transformers 4.x) read the same RoPE (legacy_config)
     return out

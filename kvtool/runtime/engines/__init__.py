@@ -27,6 +27,10 @@ Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a st
   non-CPU devices). On CPU LLaVA it missed issue 13's fp16 targets against openvino.genai f16 (peak RSS 1.45x /
   2.45x at 2k / 8k tokens, time to first token 2.94x at 8k, decode 1.23x / 1.45x): its one-call prefill of the
   stateful SDPA holds the whole prompt's mask and activations, and chunking that graph costs 1.8x-5.9x the CPU.
+  For ``fp16`` on CPU it prefills in chunks of 512 where the prompt is longer
+  (``openvino_engine.stateful_chunking_saves_memory``: its chunks need no extra buffer, the states are the
+  cache), trading prefill CPU for memory: Qwen2-VL's fp16 default (docs/BENCHMARKS.md, "Qwen2-VL fp16 on the
+  stateful engine's chunked prefill"); ``prefill_chunk=0`` asks for one call.
 - ``OpenVINOPackedEngine`` (kv_owner ``packed``): kvtool's schemes in packed mode on the stateful export with
   the cache held *only* packed: the graph's KV state is removed and a Python OpenVINO op per layer appends to
   the layer's ``QuantizedKVStore`` and runs the fused attention over the codes (``quant_ops.attention``).

@@ -18,12 +18,23 @@ from kvtool.runtime.engines.graph_base import GraphEngine
 from kvtool.runtime.kvspec import KVSpec
 
 _NP_OF_OV = {"f32": np.float32, "f16": np.float16}
-# Tokens per prefill call of the stateful engine with kv=fp16 (0: the whole prompt in one call). The exported
-# graph builds its attention mask and activations for the whole call, so one call over 4k tokens held 805 MiB
-# of intermediates on the issue-13 model and chunks of 1024 held 561 MiB; but chunks cost 1.8x the prefill's
-# CPU time at 2k tokens (the stateful SDPA with a past is the slow path), so the default stays one call and
-# chunking is the caller's trade (docs/BENCHMARKS.md, issue 13 section).
-PREFILL_CHUNK = 0
+# Tokens per prefill call of the stateful engine with kv=fp16 on CPU when ``prefill_chunk`` is not given, for a
+# prompt longer than it (``stateful_chunking_saves_memory``; 0 would be one call). The exported graph builds its
+# attention mask and activations for the whole call (one call over 4k tokens held 805 MiB of intermediates on
+# the issue-13 LLaVA model, chunks of 1024 held 561 MiB). This is Qwen2-VL's fp16 default on CPU (the paged
+# engine, LLaVA's, takes 1-D positions only); measured on the Qwen2-VL bench model: docs/BENCHMARKS.md,
+# "Qwen2-VL fp16 on the stateful engine's chunked prefill".
+PREFILL_CHUNK = 512
+
+
+def stateful_chunking_saves_memory(tokens: int, chunk: int) -> bool:
+    """Whether the stateful engine's prefill of ``tokens`` prompt tokens in calls of ``chunk`` holds less than one
+    call (the rule when ``prefill_chunk`` is not given, kv=fp16 on CPU). The rule ``openvino_packed.
+    chunking_saves_memory`` weighs, with its buffer term zero: the stateful engine's chunks need no exact prompt
+    buffer (OpenVINO's states are the cache, appended in place whatever the call size), and one call holds per
+    token the activations and a ``[T, T]`` mask row that a chunk holds for ``chunk`` tokens only; so chunking
+    holds less exactly when the prompt is longer than a chunk."""
+    return chunk > 0 and tokens > chunk
 
 
 def check_prefill_chunk(value) -> None:
@@ -209,9 +220,12 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
                  inference_precision: str | None = None, kv_precision: str | None = None,
                  prefill_chunk: int | None = None):
         """``kv_precision``: the states' precision for ``kv="fp16"``, f16 (the default, as named) or f32.
-        ``prefill_chunk``: the prompt goes through the graph this many tokens per call (0: in one call);
-        default ``PREFILL_CHUNK`` for ``kv="fp16"`` and one call for ``ov-u8``/``ov-u4`` (where a chunk would
-        attend to the earlier chunks' compressed cache) unless given."""
+        ``prefill_chunk``: the prompt goes through the graph this many tokens per call (0: in one call); None:
+        for ``kv="fp16"`` on CPU, ``PREFILL_CHUNK`` where ``stateful_chunking_saves_memory`` holds for the
+        prompt, else one call (other devices: one call, not measured there); ``ov-u8``/``ov-u4`` prefill in
+        one call unless given (a chunk would attend to the earlier chunks' compressed cache). A chunk sees the
+        earlier chunks through the f16 states and its own tokens as computed, so the logits differ from one
+        call's only by that f16 rounding; positions are sliced per chunk (Qwen2-VL's ``[3, 1, T]`` too)."""
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         if kv_precision and not spec.is_fp:
@@ -219,7 +233,10 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         check_prefill_chunk(prefill_chunk)
         self.inference_precision = inference_precision
         self.kv_precision = kv_precision
-        self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None and spec.is_fp else (prefill_chunk or 0)
+        # None: the rule (stateful_chunking_saves_memory) per prompt, for fp16 on CPU
+        self.prefill_auto = prefill_chunk is None and spec.is_fp and device == "CPU"
+        self.prefill_chunk = PREFILL_CHUNK if self.prefill_auto else (prefill_chunk or 0)
+        self.prefill_chunked: bool | None = None  # whether the last prefill ran in chunks (None: none yet)
         self.n_tokens = 0
         super().__init__(path, spec, device, manifest)
 
@@ -270,9 +287,15 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         return self.n_tokens
 
     def run_prompt(self, start: int, end: int) -> np.ndarray:
-        """Prompt tokens ``start:end`` through the graph in chunks of ``prefill_chunk`` (module doc of
-        ``PREFILL_CHUNK``); the logits of the last one."""
-        return self._run_prompt_chunks(start, end, self.prefill_chunk)
+        """Prompt tokens ``start:end`` through the graph in chunks of ``prefill_chunk`` (``PREFILL_CHUNK``'s
+        comment), or in one call where the rule (``prefill_chunk`` not given) says chunks would not hold less;
+        the logits of the last one."""
+        chunk = self.prefill_chunk
+        if self.prefill_auto and not stateful_chunking_saves_memory(end - start, chunk):
+            chunk = 0
+        if start == 0:
+            self.prefill_chunked = bool(chunk) and end - start > chunk
+        return self._run_prompt_chunks(start, end, chunk)
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
@@ -311,8 +334,15 @@ class OpenVINOStatefulEngine(_OpenVINOGraphs):
         """``Engine.kv_work_nbytes``: 0, kvtool holds no copy of the cache here."""
         return 0
 
+    def kv_work_what(self) -> str:
+        """``GraphEngine.kv_work_what`` for the stateful engine."""
+        return "0: the cache is OpenVINO's own states (kvtool holds no copy), counted in kv_bytes"
+
     def info(self) -> dict:
         """``Engine.info``: the compile config (KV precision / group / mode), stateful, the KV element type, the
-        prefill chunk (None: one call)."""
+        prefill chunk (0: one call), whether it was the rule's (``auto``) or ``given``, and whether the last
+        prefill ran in chunks (None: no prefill yet)."""
         return {"config": self._config(), "stateful": True, "kv_dtype": self.kv_dtype_name(),
-                "prefill_chunk": self.prefill_chunk}
+                "prefill_chunk": self.prefill_chunk,
+                "prefill_rule": "auto (stateful_chunking_saves_memory)" if self.prefill_auto else "given",
+                "prefill_chunked": self.prefill_chunked}

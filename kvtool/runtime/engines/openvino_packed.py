@@ -562,6 +562,12 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         the prompt's K/V is not in it (freed before the first token is decoded): ``info()["prefill_buffer_bytes"]``."""
         return self.kv.work_nbytes
 
+    def kv_work_what(self) -> str:
+        """``GraphEngine.kv_work_what`` for the packed engine (``kvtool run --json``: ``pipeline.engine.kv_work``)."""
+        return ("0 on the native path (the kernel reads the packed codes); on the portable path one layer's K/V "
+                "dequantized in the held dtype, the largest a call held (a chunked prefill's exact prompt copy is "
+                "info()['prefill_buffer_bytes'] instead)")
+
     def layer_paths(self) -> list[dict]:
         """Per layer: ``{"layer", "path": "native" | "portable" | "none", "reason", "calls"}`` (the attention
         path its op ran, why, and how many calls of each kind)."""

@@ -176,6 +176,12 @@ class OpenVINOStateOwnedEngine(_OpenVINOGraphs):
         state = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv.n_tokens
         return int((self.kv.work_nbytes if self.spec.quantizes else 0) + state * np.dtype(self.kv_dtype).itemsize)
 
+    def kv_work_what(self) -> str:
+        """``GraphEngine.kv_work_what`` for the state-owned engine."""
+        buffers = "kvtool's dequantization buffers plus " if self.spec.quantizes else ""
+        return (f"{buffers}OpenVINO's states (all layers, K and V, the tokens held, in the states' precision): the "
+                "working copy the graph attends to, beside kvtool's own cache (kv_bytes)")
+
     def info(self) -> dict:
         """``Engine.info``: compile config, kv_owner ``kvtool``, the number of state rewrites."""
         return {**super().info(), "config": self._config(), "stateful": True, "kv_owner": "kvtool",
