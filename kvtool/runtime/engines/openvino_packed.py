@@ -47,7 +47,9 @@ a non-empty store stay case (c). With chunks on, the engine fixes glibc's mmap t
 (``mallopt``, process-wide; ``info()["malloc_mmap_threshold"]``): glibc's dynamic threshold otherwise keeps
 the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
 (2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
-(openvino.genai's u4 behaviour, no full-precision copy) — a different semantics.
+(openvino.genai's u4 behaviour, no full-precision copy) — a different semantics. That is the chunk-major order
+(``prefill_order="chunk"``, the default by measurement); ``prefill_order="layer"`` runs ``ov_layers``' per-layer
+sub-models, one layer's buffer at a time, decode through them too (chunk-major, named, where the graph won't split).
 
 The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
@@ -450,8 +452,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                  inference_precision: str | None = None, kv_precision: str | None = None,
                  prefill_chunk: int | None = None, prefill_order: str | None = None):
         """``prefill_order``: ``layer`` (``ov_layers``: per-layer sub-models, one layer's exact buffer at a time,
-        no full LM compiled), ``chunk`` (one full-LM graph call per chunk, all layers' buffers), or None: layer
-        where the graph splits, else chunk (``info()["prefill_order_reason"]`` says why).
+        no full LM compiled; chunk-major where the graph won't split), ``chunk`` (one full-LM call per chunk, all
+        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (chunk); ``info()["prefill_order_reason"]`` says why.
         ``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
         ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one
@@ -498,28 +500,14 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         self._past_names = [(f"kvtool_past.{i}.key", f"kvtool_past.{i}.value") for i in range(self.num_layers)]
         self._beam = np.zeros(1, dtype=np.int32)
         self._absent = [k for k in ("attention_mask", "position_ids", "beam_idx") if k not in self.lm_names]
-        self.layer_runner, self.prefill_order_reason = None, "prefill_order=chunk given"
-        if self.prefill_order != "chunk":
-            from kvtool.runtime.engines import ov_layers as ovl
+        from kvtool.runtime.engines.ov_layers import load_runner
 
-            try:
-                subs, head = ovl.split_layers(model, self.num_layers)
-            except ovl.LayerSplitError as exc:
-                if self.prefill_order == "layer":
-                    raise InputError(f"prefill_order=layer: the LM graph cannot be split by layer ({exc})") from None
-                self.prefill_order_reason = f"chunk-major: the LM graph cannot be split by layer ({exc})"
-            else:
-                self.layer_runner = ovl.LayerRunner(
-                    [self._compile(core, m, cfg, f"language_model layer {i}") for i, m in enumerate(subs)],
-                    self._compile(core, head, cfg, "language_model head"))
-                self.prefill_order_reason = f"layer-major: {self.num_layers} layer sub-models + head, no full LM"
-        if self.layer_runner is not None:
-            self.lm = self.lm_req = None
-            self.n_states = self.layer_runner.n_states
-        else:
-            self.lm = self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
-            self.lm_req = self.lm.create_infer_request()
-            self.n_states = len(self.lm_req.query_state())
+        # layer-major: the sub-models only (the CPU plugin would repack the weights again for a full LM)
+        self.layer_runner, self.prefill_order_reason = load_runner(self, core, model, cfg, self.prefill_order)
+        run = self.layer_runner
+        self.lm = None if run else self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
+        self.lm_req = None if run else self.lm.create_infer_request()
+        self.n_states = run.n_states if run else len(self.lm_req.query_state())
         if self.n_states:
             raise InputError(f"language model: {self.n_states} KV states left after the packed engine's edit")
 
@@ -536,12 +524,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         if not self.prefill_chunked:
             return super().run_prompt(start, end)
         if self.layer_runner is not None:  # the prompt's embedding rows become the layers' hidden states
-            from kvtool.runtime.engines.ov_layers import layer_major_prefill
-
-            rows = self.embeds[0, start:end]
-            if not rows.flags.writeable or rows.dtype != np.float32:
-                rows = rows.astype(np.float32)
-            return layer_major_prefill(self.layer_runner, self.kv, rows, self.positions[..., start:end], step)
+            return self.layer_runner.prefill(self.kv, self.embeds[0, start:end], self.positions[..., start:end], step)
         self.kv.begin_prefill(end - start)
         try:
             logits = self._run_prompt_chunks(start, end, step)
@@ -558,20 +541,14 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         hidden = self.manifest.lm.hidden_size
         cfg = getattr(self.config, "text_config", None) or self.config
         inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
-        if self.layer_runner is not None:
-            from kvtool.runtime.engines.ov_layers import layer_chunking_saves_memory
-
-            return layer_chunking_saves_memory(self.num_kv_heads, self.head_dim, hidden, inter,
-                                               np.dtype(self.kv_dtype).itemsize)
-        return chunking_saves_memory(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
-                                     np.dtype(self.kv_dtype).itemsize)
+        rule = chunking_saves_memory if self.layer_runner is None else self.layer_runner.chunking_saves_memory
+        return rule(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
+                    np.dtype(self.kv_dtype).itemsize)
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
         if self.layer_runner is not None:  # L + 1 calls; the ops append to the stores
-            logits = self.layer_runner.step(embeds, pos, self.kv.past)
-            self.kv.advance(t)
-            return logits
+            return self.layer_runner.step(embeds, pos, self.kv)
         # the graph's past is the prefill buffer's tokens during a chunked prefill, else nothing (the ops read
         # the packed stores); the mask covers past plus the call's own tokens (positions come from the caller)
         feeds = {}
@@ -610,7 +587,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
                 "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
                 "scratch_bytes": self.kv.scratch_nbytes, "prefill_chunk": self.prefill_chunk,
-                "prefill_rule": "auto (chunking_saves_memory)" if self.prefill_auto else "given",
+                "prefill_rule": f"auto ({'layer_' if self.layer_runner else ''}chunking_saves_memory)"
+                if self.prefill_auto else "given",
                 "prefill_chunked": self.prefill_chunked,
                 "prefill_order": "layer" if self.layer_runner is not None else "chunk",
                 "prefill_order_reason": self.prefill_order_reason,

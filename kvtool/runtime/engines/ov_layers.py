@@ -205,9 +205,9 @@ def split_layers(model, num_layers: int) -> tuple[list, object]:
     return layers, _cut(model, num_layers, num_layers)
 
 
-def layer_chunking_saves_memory(num_kv_heads: int, head_dim: int, hidden: int, intermediate: int,
-                                itemsize: int = 2) -> bool:
-    """Whether a layer-major prefill in chunks holds less than the same prefill unchunked (the default rule of
+def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, hidden: int,
+                                intermediate: int, itemsize: int = 2) -> bool:
+    """(``openvino_packed.chunking_saves_memory``'s arguments; ``tokens`` and ``num_layers`` do not enter.) Whether a layer-major prefill in chunks holds less than the same prefill unchunked (the default rule of
     the layer-major order; ``openvino_packed.chunking_saves_memory`` is the chunk-major one). Chunking adds one
     layer's exact K/V buffer, ``2 * kv_heads * head_dim * itemsize`` bytes per prompt token (the hidden states
     ``[T, hidden]`` are held either way: the prompt's embeddings, overwritten); one unchunked call holds one
@@ -217,11 +217,38 @@ def layer_chunking_saves_memory(num_kv_heads: int, head_dim: int, hidden: int, i
     return 2 * num_kv_heads * head_dim * itemsize < 4 * (3 * intermediate + 6 * hidden)
 
 
+# The default prefill order of the packed engine (None: not given). Chunk-major, by measurement (docs/BENCHMARKS.md,
+# "layer-major exact prefill"): on OpenVINO 2026.4's CPU plugin every compiled sub-model keeps its own runtime
+# cache of shape-keyed executors and its own intermediate memory, which one full LM shares across its layers, so
+# the layer-major prefill held 637 vs 477 MiB at 2k and 1,305 vs 1,064 MiB at 8k on the issue-13 bench model.
+DEFAULT_ORDER = "chunk"
+
+
+def load_runner(engine, core, model, cfg: dict, order: str | None):
+    """For ``OpenVINOPackedEngine._load_graphs``: (the ``LayerRunner`` of ``model`` split and compiled, or None,
+    and the reason, for ``info()["prefill_order_reason"]``). ``order``: ``layer`` -> split, or (None, why not)
+    where the graph cannot be split: the chunk-major prefill, never silently; ``chunk`` -> (None, ...); None ->
+    ``DEFAULT_ORDER``."""
+    if (order or DEFAULT_ORDER) == "chunk":
+        return None, "chunk-major: " + ("prefill_order=chunk given" if order else
+                                        "the default (layer-major holds more on this OpenVINO: ov_layers.DEFAULT_ORDER)")
+    try:
+        subs, head = split_layers(model, engine.num_layers)
+    except LayerSplitError as exc:
+        return None, f"chunk-major: the LM graph cannot be split by layer ({exc})"
+    runner = LayerRunner([engine._compile(core, m, cfg, f"language_model layer {i}") for i, m in enumerate(subs)],
+                         engine._compile(core, head, cfg, "language_model head"))
+    return runner, f"layer-major: {len(subs)} layer sub-models + head compiled, no full LM"
+
+
 class LayerRunner:
     """The compiled layer sub-models and head of ``split_layers`` and their infer requests; runs the LM as
     ``L + 1`` calls (no full LM compiled beside them: the CPU plugin repacks the weights per compiled model)."""
 
+    chunking_saves_memory = staticmethod(layer_chunking_saves_memory)
+
     def __init__(self, compiled_layers: list, compiled_head):
+        self.compiled = compiled_layers
         self.reqs = [c.create_infer_request() for c in compiled_layers]
         self.head_req = compiled_head.create_infer_request()
         self.names = [{i.get_any_name() for i in c.inputs} for c in compiled_layers]
@@ -249,15 +276,26 @@ class LayerRunner:
         self.head_req.infer({HIDDEN: x}, share_inputs=True, share_outputs=True)
         return self.head_req.get_output_tensor(0).data[0, -1].copy()
 
-    def step(self, embeds: np.ndarray, pos: np.ndarray, past) -> np.ndarray:
-        """All layers then the head on ``embeds`` [1, T, hidden] (not written), ``past(i)`` -> (k, v, P) as
-        ``_PackedKV.past``: the last position's logits [V]. Each layer's output is the next one's input as it is
-        (no copy); the head gets the last position only."""
+    def prefill(self, kv, rows: np.ndarray, pos: np.ndarray, chunk: int) -> np.ndarray:
+        """``layer_major_prefill`` of the prompt's embedding rows ``rows`` [T, hidden], written over as the
+        hidden states where they are a writable float32 array (the engine's ``embeds``, not read again), else a
+        float32 copy."""
+        if not rows.flags.writeable or rows.dtype != np.float32 or not rows.flags.c_contiguous:
+            rows = np.ascontiguousarray(rows, dtype=np.float32).copy()
+        return layer_major_prefill(self, kv, rows, pos, chunk)
+
+    def step(self, embeds: np.ndarray, pos: np.ndarray, kv) -> np.ndarray:
+        """All layers then the head on ``embeds`` [1, T, hidden] (not written), each layer fed ``kv.past(i)``
+        (``openvino_packed._PackedKV``; empty outside a chunk-major prefill: the ops read their stores and append
+        the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is the
+        next one's input as it is (no copy); the head gets the last position only."""
         x = embeds
         for i in range(len(self.reqs)):
-            k, v, _ = past(i)
+            k, v, _ = kv.past(i)
             x = self.layer(i, x, pos, k, v)
-        return self.head(x[:, -1:])
+        logits = self.head(x[:, -1:])
+        kv.advance(embeds.shape[1])
+        return logits
 
 
 def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.ndarray, chunk: int) -> np.ndarray:
@@ -276,6 +314,9 @@ def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.nda
                 k, v, _ = kv.past(i)
                 hidden[s:e] = runner.layer(i, hidden[None, s:e], np.ascontiguousarray(pos[..., s:e]), k, v)[0]
             kv.end_prefill()
+            # each compiled sub-model keeps its own intermediate buffers, sized by its largest call (a full LM
+            # reuses one set across its layers): free layer i's before layer i + 1 grows its own
+            runner.compiled[i].release_memory()
     except BaseException:
         for layer in kv.layers:
             layer.prefill = None
