@@ -222,6 +222,11 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
 # cache of shape-keyed executors and its own intermediate memory, which one full LM shares across its layers, so
 # the layer-major prefill held 637 vs 477 MiB at 2k and 1,305 vs 1,064 MiB at 8k on the issue-13 bench model.
 DEFAULT_ORDER = "chunk"
+# Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer. Off: with the Python
+# attention op it aborted the process (glibc "malloc_consolidate(): invalid chunk size") on prefills in chunks of
+# 1 token of the tiny test model (chunks of 7 and 512 ran); on, it cut the 8k peak from 2,826 to 1,305 MiB.
+# Re-measure with a native (C++) attention op before turning it on.
+RELEASE_MEMORY = False
 
 
 def load_runner(engine, core, model, cfg: dict, order: str | None):
@@ -256,6 +261,15 @@ class LayerRunner:
         self._beam = np.zeros(1, dtype=np.int32)
         self.n_states = sum(len(r.query_state()) for r in (*self.reqs, self.head_req))
 
+    def release(self, i: int) -> None:
+        """With ``RELEASE_MEMORY``: free layer ``i``'s intermediate memory (each compiled sub-model keeps its own,
+        sized by its largest call, where a full LM reuses one set across its layers): a new request, then
+        ``CompiledModel.release_memory``."""
+        if RELEASE_MEMORY:
+            self.reqs[i] = None
+            self.compiled[i].release_memory()
+            self.reqs[i] = self.compiled[i].create_infer_request()
+
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Layer ``i`` on hidden states ``x`` [1, T, hidden] at positions ``pos`` ([1, T] or [3, 1, T]) with the
         exact past ``k, v`` [P, H, D] fed to its past inputs (P = 0: the op reads its store); the mask covers
@@ -287,12 +301,13 @@ class LayerRunner:
     def step(self, embeds: np.ndarray, pos: np.ndarray, kv) -> np.ndarray:
         """All layers then the head on ``embeds`` [1, T, hidden] (not written), each layer fed ``kv.past(i)``
         (``openvino_packed._PackedKV``; empty outside a chunk-major prefill: the ops read their stores and append
-        the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is the
-        next one's input as it is (no copy); the head gets the last position only."""
+        the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is copied
+        before it is the next one's input (a request's output memory shared as another's input, then released by
+        ``release``, corrupted the heap); the head gets the last position only."""
         x = embeds
         for i in range(len(self.reqs)):
             k, v, _ = kv.past(i)
-            x = self.layer(i, x, pos, k, v)
+            x = self.layer(i, x, pos, k, v).copy()  # not request i's memory as request i + 1's input
         logits = self.head(x[:, -1:])
         kv.advance(embeds.shape[1])
         return logits
@@ -314,9 +329,7 @@ def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.nda
                 k, v, _ = kv.past(i)
                 hidden[s:e] = runner.layer(i, hidden[None, s:e], np.ascontiguousarray(pos[..., s:e]), k, v)[0]
             kv.end_prefill()
-            # each compiled sub-model keeps its own intermediate buffers, sized by its largest call (a full LM
-            # reuses one set across its layers): free layer i's before layer i + 1 grows its own
-            runner.compiled[i].release_memory()
+            runner.release(i)
     except BaseException:
         for layer in kv.layers:
             layer.prefill = None
