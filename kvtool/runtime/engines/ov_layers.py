@@ -224,7 +224,8 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
 DEFAULT_ORDER = "chunk"
 # Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer. Off: with the Python
 # attention op it aborted the process (glibc "malloc_consolidate(): invalid chunk size") on prefills in chunks of
-# 1 token of the tiny test model (chunks of 7 and 512 ran); on, it cut the 8k peak from 2,826 to 1,305 MiB.
+# 1 or 2 tokens of the tiny test model, ~100-200 calls per layer (chunks of 7 and 512 ran; with or without the
+# native kernel built); on, it cut the 8k peak from 2,826 to 1,305 MiB.
 # Re-measure with a native (C++) attention op before turning it on.
 RELEASE_MEMORY = False
 
