@@ -25,8 +25,18 @@ attends to the exact earlier prompt K/V, as DESIGN.md's full-precision prefill; 
 only the SDPA's summation order and, where the compiled graph keeps bf16 activations, the rounding at the layer
 boundary (a sub-model's output is float32).
 
-Does not: decide when the engine uses it (``openvino_packed``), or run decode steps (the engine does, through the
-full graph or ``run_layers``).
+Another layer's past read for its shape only (optimum's mask takes the past length from layer 0's key) is
+rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models (the CPU
+plugin repacks the int4 weights per compiled model: +42 MiB for the bench model's 54 MB LM), so decode runs
+through them as well (``LayerRunner.step``: L + 1 calls per token).
+
+Measured (docs/BENCHMARKS.md, "layer-major exact prefill"): on OpenVINO 2026.4 every compiled sub-model keeps its
+own runtime cache and intermediate memory, so this order held more than the chunk-major one (2,827 vs 1,103 MiB at
+8k); ``DEFAULT_ORDER`` is therefore chunk-major and ``prefill_order="layer"`` opts in. ``RELEASE_MEMORY`` (off)
+frees each layer's memory after its prefill (1,305 MiB at 8k) but aborted the process with the Python attention op.
+
+Does not: decide when the engine uses it (``openvino_packed``, from ``prefill_order``), change the attention op or
+how it attends (an empty past fed by the engine works the same), or run with a stateful graph.
 """
 
 from __future__ import annotations
