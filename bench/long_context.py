@@ -74,6 +74,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "kvtool_kc128vt128_2b_graphprefix": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2,
                                                         prefix_attention="graph")),
     "kvtool_kc128vt128_2b_opprefix": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, prefix_attention="op")),
+    # the packed engine's layer-major exact prefill (ov_layers; the default is chunk-major; docs/BENCHMARKS.md)
+    "kvtool_kc128vt128_2b_layer": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, prefill_order="layer")),
+    "kvtool_kt128vc128_2b_layer": ("kvtool", dict(kv="g-KT128VC128", k_bits=2, v_bits=2, prefill_order="layer")),
 }
 QUICK = dict(lengths="256,2048", rounds=1, new_tokens=16,
              configs="genai_f16,genai_u4,kvtool_fp16,kvtool_kc128vt128_2b")
@@ -245,7 +248,8 @@ def run_kvtool(export: Path, kwargs: dict, question: str, warm_q: str, new_token
             "kv_bytes": st["kv_bytes"], "kv_bytes_source": "kvtool stats", "kv_work_bytes": st["kv_work_bytes"],
             "heavy_modules": heavy, **_cpu_split(c0, marks[0] if marks else None, c1, st["new_tokens"]),
             "engine": {k: info["engine"].get(k) for k in ("class", "kv_owner", "path", "attention_path", "route", "config",
-                                                          "prefill_chunk", "prefix_attention")
+                                                          "prefill_chunk", "prefix_attention", "prefill_order",
+                                                          "prefill_buffer_bytes")
                        if isinstance(info.get("engine"), dict) and k in info["engine"]}}
 
 

@@ -49,7 +49,9 @@ buffer. With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
 (``mallopt``, process-wide; ``info()["malloc_mmap_threshold"]``): glibc's dynamic threshold otherwise keeps
 the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
 (2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
-(openvino.genai's u4 behaviour, no full-precision copy) — a different semantics.
+(openvino.genai's u4 behaviour, no full-precision copy) — a different semantics. That is the chunk-major order
+(``prefill_order="chunk"``, the default by measurement); ``prefill_order="layer"`` runs ``ov_layers``' per-layer
+sub-models, one layer's buffer at a time, decode through them too (chunk-major, named, where the graph won't split).
 
 The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
@@ -155,15 +157,16 @@ class _PackedKV:
         self.n_tokens = 0
         self.prefill_peak = 0  # bytes of the largest exact prefill buffer (all layers' K/V) held so far
 
-    def begin_prefill(self, capacity: int) -> None:
-        """Hold each layer's exact K/V of the next ``capacity`` prompt tokens in a token-major buffer of the
-        stores' dtype (allocated lazily by the OS as the chunks fill it); the stores stay empty until
-        ``end_prefill``."""
+    def begin_prefill(self, capacity: int, which: list[int] | None = None) -> None:
+        """Hold each layer's (``which``: these layers', the layer-major order's one) exact K/V of the next
+        ``capacity`` prompt tokens in a token-major buffer of the stores' dtype (allocated lazily by the OS as
+        the chunks fill it); the stores stay empty until ``end_prefill``."""
         h, d = self.num_kv_heads, self.head_dim
-        for layer in self.layers:
+        chosen = self.layers if which is None else [self.layers[i] for i in which]
+        for layer in chosen:
             layer.prefill = [np.empty((capacity, h, d), layer.dtype), np.empty((capacity, h, d), layer.dtype), 0]
         item = self.layers[0].dtype.itemsize if self.layers else 0
-        self.prefill_peak = max(self.prefill_peak, 2 * len(self.layers) * capacity * h * d * item)
+        self.prefill_peak = max(self.prefill_peak, 2 * len(chosen) * capacity * h * d * item)
 
     def end_prefill(self) -> None:
         """Append each layer's buffered prompt K/V to its store in one go (so a store holds exactly what a
@@ -452,8 +455,12 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
 
     def __init__(self, path: str | Path, spec: KVSpec, device: str = "CPU", manifest=None,
                  inference_precision: str | None = None, kv_precision: str | None = None,
-                 prefill_chunk: int | None = None, prefix_attention: str | None = None):
-        """``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
+                 prefill_chunk: int | None = None, prefix_attention: str | None = None,
+                 prefill_order: str | None = None):
+        """``prefill_order``: ``layer`` (``ov_layers``: per-layer sub-models, one layer's exact buffer at a time,
+        no full LM compiled; chunk-major where the graph won't split), ``chunk`` (one full-LM call per chunk, all
+        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (chunk); ``info()["prefill_order_reason"]`` says why.
+        ``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
         ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one
         call; None: ``PREFILL_CHUNK`` where ``chunking_saves_memory`` says the exact buffer costs less than one
@@ -466,6 +473,9 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         if kv_precision not in (None, "f16", "f32"):
             raise InputError(f"kv_precision: expected f16 or f32, got {kv_precision!r}")
         check_prefill_chunk(prefill_chunk)
+        if prefill_order not in (None, "layer", "chunk"):
+            raise InputError(f"prefill_order: expected layer or chunk, got {prefill_order!r}")
+        self.prefill_order = prefill_order
         self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         self.prefill_auto = prefill_chunk is None  # chunk only where it holds less (chunking_saves_memory)
         self.prefill_chunked: bool | None = None  # whether the last prefill ran in chunks (None: none yet)
@@ -502,9 +512,14 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         self._past_names = [(f"kvtool_past.{i}.key", f"kvtool_past.{i}.value") for i in range(self.num_layers)]
         self._beam = np.zeros(1, dtype=np.int32)
         self._absent = [k for k in ("attention_mask", "position_ids", "beam_idx") if k not in self.lm_names]
-        self.lm = self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
-        self.lm_req = self.lm.create_infer_request()
-        self.n_states = len(self.lm_req.query_state())
+        from kvtool.runtime.engines.ov_layers import load_runner
+
+        # layer-major: the sub-models only (the CPU plugin would repack the weights again for a full LM)
+        self.layer_runner, self.prefill_order_reason = load_runner(self, core, model, cfg, self.prefill_order)
+        run = self.layer_runner
+        self.lm = None if run else self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
+        self.lm_req = None if run else self.lm.create_infer_request()
+        self.n_states = run.n_states if run else len(self.lm_req.query_state())
         if self.n_states:
             raise InputError(f"language model: {self.n_states} KV states left after the packed engine's edit")
 
@@ -520,6 +535,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         self.prefill_chunked = bool(step) and end - start > step and (not self.prefill_auto or self._saves(end))
         if not self.prefill_chunked:
             return super().run_prompt(start, end)
+        if self.layer_runner is not None:  # the prompt's embedding rows become the layers' hidden states
+            return self.layer_runner.prefill(self.kv, self.embeds[0, start:end], self.positions[..., start:end], step)
         self.kv.begin_prefill(end - start)
         try:
             logits = self._run_prompt_chunks(start, end, step)
@@ -536,11 +553,14 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         hidden = self.manifest.lm.hidden_size
         cfg = getattr(self.config, "text_config", None) or self.config
         inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
-        return chunking_saves_memory(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
-                                     np.dtype(self.kv_dtype).itemsize)
+        rule = chunking_saves_memory if self.layer_runner is None else self.layer_runner.chunking_saves_memory
+        return rule(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
+                    np.dtype(self.kv_dtype).itemsize)
 
     def _step(self, embeds: np.ndarray, pos: np.ndarray) -> np.ndarray:
         t = embeds.shape[1]
+        if self.layer_runner is not None:  # L + 1 calls; the ops append to the stores
+            return self.layer_runner.step(embeds, pos, self.kv)
         # the graph's past is the prefill buffer's tokens during a chunked prefill, else nothing (the ops read
         # the packed stores); the mask covers past plus the call's own tokens (positions come from the caller)
         feeds = {}
@@ -588,8 +608,11 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
                 "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
                 "scratch_bytes": self.kv.scratch_nbytes, "prefill_chunk": self.prefill_chunk,
-                "prefill_rule": "auto (chunking_saves_memory)" if self.prefill_auto else "given",
+                "prefill_rule": f"auto ({'layer_' if self.layer_runner else ''}chunking_saves_memory)"
+                if self.prefill_auto else "given",
                 "prefill_chunked": self.prefill_chunked,
+                "prefill_order": "layer" if self.layer_runner is not None else "chunk",
+                "prefill_order_reason": self.prefill_order_reason,
                 # a chunked prefill's transient full-precision copy of the prompt's K/V (all layers, the stores'
                 # dtype), freed into the packed stores when the prefill ends; 0 when no prefill was chunked
                 "prefill_buffer_bytes": self.kv.prefill_peak,

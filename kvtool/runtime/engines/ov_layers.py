@@ -1,0 +1,353 @@
+"""The packed engine's LM graph split into per-layer sub-models, and the layer-major exact prefill that runs them.
+
+Split (``split_layers``): the packed engine's edited LM graph (``openvino_packed._packed_lm``: no KV state, token-
+major ``kvtool_past.{i}.key|value`` Parameters, one attention op per layer) is cut at the residual stream's
+layer boundaries into ``L`` layer sub-models (hidden ``[1, T, hidden]`` in -> hidden out, with that layer's
+attention op, its past Parameters and the position / mask inputs it needs) and a head (final norm + lm_head).
+The boundaries are found structurally, not by friendly names: starting at ``inputs_embeds``, the residual stream
+is the chain of ``Add`` nodes that take the stream value itself (through ``Convert``) plus a branch computed from
+it; a decoder layer is two links of the chain (attention, then MLP). The split is checked: ``2 L`` links, the
+branch of link ``2 i`` reading layer ``i``'s past Parameters and no other layer's, every sub-model reaching
+``inputs_embeds`` only for its shape (``ShapeOf``: the mask and position subgraphs of optimum's export take the
+sequence length from it) except layer 0, and the head reaching no past at all. Where any check fails the split
+is refused with the reason (``LayerSplitError``), and the engine keeps today's chunk-major prefill and says so
+in ``info()["prefill_order_reason"]``. The attention op is opaque here (whatever ``_packed_lm`` inserted; its
+own attributes travel with ``ov.Model.clone``).
+
+Layer-major prefill (``layer_major_prefill``): layer 0 runs over all chunks of the prompt (its op writes each
+chunk's exact K/V into layer 0's buffer, the op's prefill case (p), and its SDPA attends to the buffer fed as
+the past), then layer 0's buffer is appended to its store in one go and freed; then layer 1 on layer 0's output
+hidden states, and so on. Only one layer's exact buffer exists at a time, plus the prompt's hidden states
+``[T, hidden]`` (one float32 array, each chunk's output written over its input: a chunk of layer ``i`` needs
+only its own input rows and the layer's K/V buffer). The head then runs on the last position only. The stores
+end holding what a one-call prefill appends (the same tokens, appended once per layer), and each prompt token
+attends to the exact earlier prompt K/V, as DESIGN.md's full-precision prefill; chunk and layer boundaries change
+only the SDPA's summation order and, where the compiled graph keeps bf16 activations, the rounding at the layer
+boundary (a sub-model's output is float32).
+
+Another layer's past read for its shape only (optimum's mask takes the past length from layer 0's key) is
+rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models (the CPU
+plugin repacks the int4 weights per compiled model: +42 MiB for the bench model's 54 MB LM), so decode runs
+through them as well (``LayerRunner.step``: L + 1 calls per token).
+
+Measured (docs/BENCHMARKS.md, "layer-major exact prefill"): on OpenVINO 2026.4 every compiled sub-model keeps its
+own runtime cache and intermediate memory, so this order held more than the chunk-major one (2,827 vs 1,103 MiB at
+8k); ``DEFAULT_ORDER`` is therefore chunk-major and ``prefill_order="layer"`` opts in. ``RELEASE_MEMORY`` (off)
+frees each layer's memory after its prefill (1,305 MiB at 8k) but aborted the process with the Python attention op.
+
+Does not: decide when the engine uses it (``openvino_packed``, from ``prefill_order``), change the attention op or
+how it attends (an empty past fed by the engine works the same), or run with a stateful graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvtool.runtime.engines import ov_packed_ext
+
+PAST = "kvtool_past.{i}.{kv}"
+HIDDEN = "kvtool_hidden"
+EMBEDS = "inputs_embeds"
+
+
+class LayerSplitError(ValueError):
+    """The LM graph could not be cut into per-layer sub-models (the message says where)."""
+
+
+def _consumers(value) -> list:
+    return [t.get_node() for t in value.get_target_inputs()]
+
+
+def _through_convert(value) -> list:
+    """``value`` and the outputs of the ``Convert`` chains hanging on it (the stream may change type)."""
+    out, todo = [], [value]
+    while todo:
+        v = todo.pop()
+        out.append(v)
+        todo += [n.output(0) for n in _consumers(v) if n.get_type_name() == "Convert"]
+    return out
+
+
+def _is_constant(value) -> bool:
+    """Whether ``value`` is computed from Constants only (a weight, an epsilon, their decompression)."""
+    seen, todo = set(), [value.get_node()]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.get_type_name() == "Parameter":
+            return False
+        todo += [x.get_node() for x in n.input_values()]
+    return True
+
+
+def _params_reached(value, stop: set, through_shape: bool = True) -> set[str]:
+    """Names of the Parameters ``value`` depends on, not walking above nodes in ``stop``; with
+    ``through_shape=False`` not above ``ShapeOf`` either (a shape-only use)."""
+    seen, names, todo = set(), set(), [value.get_node()]
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stop:
+            continue
+        seen.add(n)
+        kind = n.get_type_name()
+        if kind == "Parameter":
+            names.add(n.output(0).get_any_name())
+            continue
+        if not through_shape and kind in ("ShapeOf",):
+            continue
+        todo += [x.get_node() for x in n.input_values()]
+    return names
+
+
+def residual_chain(model) -> list:
+    """The residual stream of ``model``: ``[embeds, add_1, ..., add_n]`` outputs, where each ``add_k`` is the one
+    ``Add`` taking the stream value (through ``Convert``) and a non-constant other input. LayerSplitError where
+    there is no ``inputs_embeds`` input or a link is ambiguous."""
+    try:
+        x = model.input(EMBEDS)
+    except RuntimeError:
+        raise LayerSplitError(f"the LM graph has no {EMBEDS} input") from None
+    chain = [x.get_node().output(0)]
+    while True:
+        cur = chain[-1]
+        adds = []
+        for v in _through_convert(cur):
+            for n in _consumers(v):
+                if n.get_type_name() != "Add":
+                    continue
+                other = [u for u in n.input_values() if u != v]
+                if other and not _is_constant(other[0]):
+                    adds.append(n)
+        adds = list(dict.fromkeys(adds))
+        if not adds:
+            return chain
+        if len(adds) > 1:
+            raise LayerSplitError(f"the residual stream forks after link {len(chain) - 1} ({len(adds)} Adds)")
+        chain.append(adds[0].output(0))
+
+
+def _param(like, name: str):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    p = ops.parameter(ov.PartialShape([1, -1, like.get_partial_shape()[2]]), like.get_element_type(), name)
+    p.output(0).get_tensor().set_names({name})
+    return p
+
+
+def _reachable_params(result) -> list:
+    seen, params, todo = set(), [], [result]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.get_type_name() == "Parameter":
+            params.append(n)
+        todo += [x.get_node() for x in n.input_values()]
+    return params
+
+
+def _cut(model, num_layers: int, index: int):
+    """One sub-model of a clone of ``model``: layer ``index`` (0..L-1) or the head (``index == L``)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    m = model.clone()
+    chain = residual_chain(m)
+    if len(chain) - 1 != 2 * num_layers:
+        raise LayerSplitError(f"the residual stream has {len(chain) - 1} Add links for {num_layers} layers "
+                              f"(expected two per layer: attention and MLP)")
+    what = f"layer {index}" if index < num_layers else "the head (final norm + lm_head)"
+    if index < num_layers:
+        out = chain[2 * index + 2]
+    else:
+        results = [r for r in m.get_results() if "logits" in r.input_value(0).get_names()] or list(m.get_results())
+        if len(results) != 1:
+            raise LayerSplitError(f"the LM graph has {len(m.get_results())} outputs and none named logits")
+        out = results[0].input_value(0)
+    start = chain[min(2 * index, 2 * num_layers)]
+    embeds = m.input(EMBEDS).get_node()
+    params = {p.output(0).get_any_name(): p for p in m.get_parameters()}
+    own = {PAST.format(i=index, kv=kv) for kv in ("key", "value")} if index < num_layers else set()
+    pasts = {PAST.format(i=i, kv=kv) for i in range(num_layers) for kv in ("key", "value")}
+    # what the sub-model reads by value (not only by shape), with the stream cut at its input
+    stop = {start.get_node()} if index else set()
+    by_value = _params_reached(out, stop, through_shape=False)
+    if by_value & pasts != own:
+        raise LayerSplitError(f"{what} reads the past inputs {sorted(by_value & pasts)} by value, not {sorted(own)}")
+    if index and EMBEDS in by_value:
+        raise LayerSplitError(f"{what} reads {EMBEDS}'s values, not only its shape")
+    by_shape = _params_reached(out, stop) & pasts
+    if index:  # a new stream input; what read inputs_embeds (its shape) reads it instead
+        p = _param(start, HIDDEN)
+        for t in list(start.get_target_inputs()):
+            t.replace_source_output(p.output(0))
+        if embeds.output(0).get_partial_shape().compatible(p.output(0).get_partial_shape()):
+            for t in list(embeds.output(0).get_target_inputs()):
+                t.replace_source_output(p.output(0))
+    for name in sorted(by_shape - own):  # another layer's past read for its shape (the mask's past length)
+        src = params[name]
+        mine = params.get(PAST.format(i=index, kv=name.rsplit(".", 1)[1]))
+        if mine is None or mine.get_output_partial_shape(0) != src.get_output_partial_shape(0) \
+                or mine.get_output_element_type(0) != src.get_output_element_type(0):
+            raise LayerSplitError(f"{what} reads {name}'s shape, and has no past input of the same shape")
+        for t in list(src.output(0).get_target_inputs()):
+            t.replace_source_output(mine.output(0))
+    res = ops.result(out)
+    sub = ov.Model([res], _reachable_params(res), f"kvtool_{'head' if index == num_layers else f'layer_{index}'}")
+    names = {q.output(0).get_any_name() for q in sub.get_parameters()}
+    if names & pasts != own or (index and EMBEDS in names):
+        raise LayerSplitError(f"{what} still reads {sorted(names & (pasts | {EMBEDS}))} after the cut")
+    sub.validate_nodes_and_infer_types()
+    return sub
+
+
+def split_layers(model, num_layers: int) -> tuple[list, object]:
+    """Cut the packed engine's edited LM ``model`` (not modified: each sub-model is cut from its own clone, the
+    weights' Constants shared) into ``num_layers`` layer sub-models and a head (module docstring). Layer 0
+    takes ``inputs_embeds``, layer ``i > 0`` and the head ``kvtool_hidden``, float ``[1, T, hidden]``; layer
+    ``i`` takes ``kvtool_past.{i}.key|value`` (another layer's past read for its shape only, e.g. the mask's
+    past length, is rewired to this layer's, of the same shape) and whichever of ``attention_mask``,
+    ``position_ids``, ``beam_idx`` it reads, and outputs the layer's hidden ``[1, T, hidden]``; the head outputs
+    ``logits`` [1, T, V]. Returns (layer models, head model). LayerSplitError naming the failed check."""
+    layers = [_cut(model, num_layers, i) for i in range(num_layers)]
+    return layers, _cut(model, num_layers, num_layers)
+
+
+def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, hidden: int,
+                                intermediate: int, itemsize: int = 2) -> bool:
+    """(``openvino_packed.chunking_saves_memory``'s arguments; ``tokens`` and ``num_layers`` do not enter.) Whether a layer-major prefill in chunks holds less than the same prefill unchunked (the default rule of
+    the layer-major order; ``openvino_packed.chunking_saves_memory`` is the chunk-major one). Chunking adds one
+    layer's exact K/V buffer, ``2 * kv_heads * head_dim * itemsize`` bytes per prompt token (the hidden states
+    ``[T, hidden]`` are held either way: the prompt's embeddings, overwritten); one unchunked call holds one
+    layer's float32 activations, ``4 * (3 * intermediate + 6 * hidden)`` bytes per token plus its ``[T, T]``
+    mask. Per token: 4 KiB vs 65 KiB on the issue-13 bench model (8 KV heads x 128, hidden 1024, intermediate
+    2816), 16 KiB vs 233 KiB on llava-1.5-7b (32 x 128, 4096, 11008): every LLaVA-family shape chunks."""
+    return 2 * num_kv_heads * head_dim * itemsize < 4 * (3 * intermediate + 6 * hidden)
+
+
+# The default prefill order of the packed engine (None: not given). Chunk-major, by measurement (docs/BENCHMARKS.md,
+# "layer-major exact prefill"): on OpenVINO 2026.4's CPU plugin every compiled sub-model keeps its own runtime
+# cache of shape-keyed executors and its own intermediate memory, which one full LM shares across its layers, so
+# the layer-major prefill held 637 vs 477 MiB at 2k and 1,305 vs 1,064 MiB at 8k on the issue-13 bench model.
+DEFAULT_ORDER = "chunk"
+# Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer. Off: with the Python
+# attention op it aborted the process (glibc "malloc_consolidate(): invalid chunk size") on prefills in chunks of
+# 1 or 2 tokens of the tiny test model, ~100-200 calls per layer (chunks of 7 and 512 ran; with or without the
+# native kernel built); on, it cut the 8k peak from 2,826 to 1,305 MiB.
+# Re-measure with a native (C++) attention op before turning it on.
+RELEASE_MEMORY = False
+
+
+def load_runner(engine, core, model, cfg: dict, order: str | None):
+    """For ``OpenVINOPackedEngine._load_graphs``: (the ``LayerRunner`` of ``model`` split and compiled, or None,
+    and the reason, for ``info()["prefill_order_reason"]``). ``order``: ``layer`` -> split, or (None, why not)
+    where the graph cannot be split: the chunk-major prefill, never silently; ``chunk`` -> (None, ...); None ->
+    ``DEFAULT_ORDER``."""
+    if (order or DEFAULT_ORDER) == "chunk":
+        return None, "chunk-major: " + ("prefill_order=chunk given" if order else
+                                        "the default (layer-major holds more on this OpenVINO: ov_layers.DEFAULT_ORDER)")
+    try:
+        subs, head = split_layers(model, engine.num_layers)
+    except LayerSplitError as exc:
+        return None, f"chunk-major: the LM graph cannot be split by layer ({exc})"
+    runner = LayerRunner([engine._compile(core, m, cfg, f"language_model layer {i}") for i, m in enumerate(subs)],
+                         engine._compile(core, head, cfg, "language_model head"), engine.layers)
+    return runner, f"layer-major: {len(subs)} layer sub-models + head compiled, no full LM"
+
+
+class LayerRunner:
+    """The compiled layer sub-models and head of ``split_layers`` and their infer requests; runs the LM as
+    ``L + 1`` calls (no full LM compiled beside them: the CPU plugin repacks the weights per compiled model)."""
+
+    chunking_saves_memory = staticmethod(layer_chunking_saves_memory)
+
+    def __init__(self, compiled_layers: list, compiled_head, layers: list):
+        """``layers``: the engine's ``_Layer`` objects, in order (layer ``i``'s op is in sub-model ``i``; the C++
+        op route's ``sync``/``commit`` run around each sub-model's inference)."""
+        self.compiled, self.layers = compiled_layers, layers
+        self.reqs = [c.create_infer_request() for c in compiled_layers]
+        self.head_req = compiled_head.create_infer_request()
+        self.names = [{i.get_any_name() for i in c.inputs} for c in compiled_layers]
+        self.hidden_name = [EMBEDS if i == 0 else HIDDEN for i in range(len(self.reqs))]
+        self._beam = np.zeros(1, dtype=np.int32)
+        self.n_states = sum(len(r.query_state()) for r in (*self.reqs, self.head_req))
+
+    def release(self, i: int) -> None:
+        """With ``RELEASE_MEMORY``: free layer ``i``'s intermediate memory (each compiled sub-model keeps its own,
+        sized by its largest call, where a full LM reuses one set across its layers): a new request, then
+        ``CompiledModel.release_memory``."""
+        if RELEASE_MEMORY:
+            self.reqs[i] = None
+            self.compiled[i].release_memory()
+            self.reqs[i] = self.compiled[i].create_infer_request()
+
+    def layer(self, i: int, x: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Layer ``i`` on hidden states ``x`` [1, T, hidden] at positions ``pos`` ([1, T] or [3, 1, T]) with the
+        exact past ``k, v`` [P, H, D] fed to its past inputs (P = 0: the op reads its store); the mask covers
+        P + T. -> the layer's output [1, T, hidden], a view of the request's output (valid until its next call)."""
+        t = x.shape[1]
+        feeds = {self.hidden_name[i]: x, PAST.format(i=i, kv="key"): k, PAST.format(i=i, kv="value"): v,
+                 "attention_mask": np.ones((1, k.shape[0] + t), dtype=np.int64), "position_ids": pos,
+                 "beam_idx": self._beam}
+        names = self.names[i]
+        if EMBEDS in names and i:  # (never: split_layers rewires it; kept for a graph that reads it by shape)
+            feeds[EMBEDS] = x
+        req = self.reqs[i]
+        ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
+        return req.get_output_tensor(0).data
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Final norm + lm_head on hidden states ``x`` [1, T, hidden]: the last position's logits [V] (a copy)."""
+        self.head_req.infer({HIDDEN: x}, share_inputs=True, share_outputs=True)
+        return self.head_req.get_output_tensor(0).data[0, -1].copy()
+
+    def prefill(self, kv, rows: np.ndarray, pos: np.ndarray, chunk: int) -> np.ndarray:
+        """``layer_major_prefill`` of the prompt's embedding rows ``rows`` [T, hidden], written over as the
+        hidden states where they are a writable float32 array (the engine's ``embeds``, not read again), else a
+        float32 copy."""
+        if not rows.flags.writeable or rows.dtype != np.float32 or not rows.flags.c_contiguous:
+            rows = np.ascontiguousarray(rows, dtype=np.float32).copy()
+        return layer_major_prefill(self, kv, rows, pos, chunk)
+
+    def step(self, embeds: np.ndarray, pos: np.ndarray, kv) -> np.ndarray:
+        """All layers then the head on ``embeds`` [1, T, hidden] (not written), each layer fed ``kv.past(i)``
+        (``openvino_packed._PackedKV``; empty outside a chunk-major prefill: the ops read their stores and append
+        the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is copied
+        before it is the next one's input (a request's output memory shared as another's input, then released by
+        ``release``, corrupted the heap); the head gets the last position only."""
+        x = embeds
+        for i in range(len(self.reqs)):
+            k, v, _ = kv.past(i)
+            x = self.layer(i, x, pos, k, v).copy()  # not request i's memory as request i + 1's input
+        logits = self.head(x[:, -1:])
+        kv.advance(embeds.shape[1])
+        return logits
+
+
+def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.ndarray, chunk: int) -> np.ndarray:
+    """The layer-major exact prefill (module docstring) of the prompt rows ``hidden`` [T, hidden] (float32, written
+    over: each layer's output replaces its input, chunk by chunk) at positions ``pos`` ([1, T] or [3, 1, T]) into
+    the empty stores of ``kv`` (``openvino_packed._PackedKV``), ``chunk`` tokens per call (> 0). Layer ``i``'s
+    exact buffer is allocated (``kv.begin_prefill(T, [i])``), filled by its op chunk by chunk, appended to its
+    store and freed (``kv.end_prefill()``) before layer ``i + 1`` starts. Returns the last position's logits [V];
+    ``kv`` advanced by T. On an error every buffer is dropped and the error raised."""
+    t = hidden.shape[0]
+    try:
+        for i in range(len(runner.reqs)):
+            kv.begin_prefill(t, [i])
+            for s in range(0, t, chunk):
+                e = min(s + chunk, t)
+                k, v, _ = kv.past(i)
+                hidden[s:e] = runner.layer(i, hidden[None, s:e], np.ascontiguousarray(pos[..., s:e]), k, v)[0]
+            kv.end_prefill()
+            runner.release(i)
+    except BaseException:
+        for layer in kv.layers:
+            layer.prefill = None
+        raise
+    kv.advance(t)
+    return runner.head(hidden[None, -1:])

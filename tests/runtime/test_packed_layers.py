@@ -1,0 +1,170 @@
+"""The packed engine's layer-major exact prefill (``ov_layers``): the LM graph split into per-layer sub-models at
+the residual stream, one layer's exact buffer at a time, decode through the sub-models.
+
+Reference: main's one full-graph call (``prefill_order="chunk"``, ``prefill_chunk=0``), parity-tested against
+the paged and state-owned engines in test_packed_engine.py. Tolerance on logits, atol 1e-4, derived as in
+test_packed_prefill.py (fp32 exports, stores in f32): a layer-major prefill differs from one call only in the
+SDPA's float32 summation order over the split key range (~N u relative, u = 2^-24, N <= 600) and in the CPU
+plugin's kernels for a sub-model against the same ops inside the full graph (float32 either way: the hidden
+state crosses a layer boundary as the same float32 values the full graph passes on; a different blocking of the
+same MatMul reorders its float32 sums, again ~K u relative with K <= 256 here), so ~1e-6 on the logits of these
+gain < 1 models; a code can flip only where a value sits within that of a rounding boundary (at most 0.1% of
+the stored values, checked). A layer that skips a step (no write-back of the hidden states, no earlier chunks)
+moves the logits by 1e-2 or more (the power tests below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvtool.errors import InputError
+from kvtool.runtime import VLMPipeline
+from tests.runtime.helpers import QUESTION, random_image
+from tests.runtime.test_packed_prefill import ATOL, _check_chunks, _run
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+KV2 = dict(kv="g-KC128VT128", k_bits=2, v_bits=2)
+
+
+@pytest.fixture(scope="module")
+def stateful(exported):
+    return exported("tiny-llava", "openvino", 16, "fp32", stateful=True)
+
+
+def _edited(path, num_layers):
+    import openvino as ov
+
+    from kvtool.runtime.engines.openvino_packed import _packed_lm
+
+    model = ov.Core().read_model(str(path / "openvino_language_model.xml"))
+    _packed_lm(model, num_layers, np.float32)
+    return model
+
+
+def test_split_finds_the_layers(stateful):
+    """One sub-model per layer reading only its own past, a head reading no past; the stream's input is
+    inputs_embeds for layer 0, kvtool_hidden after it; the edited model itself is left as it was."""
+    from kvtool.runtime.engines.ov_layers import split_layers
+
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", prefill_order="layer", **KV2)
+    n = pipe.engine.num_layers
+    model = _edited(stateful, n)
+    before = {i.get_any_name() for i in model.inputs}
+    layers, head = split_layers(model, n)
+    assert len(layers) == n and {i.get_any_name() for i in model.inputs} == before
+    for i, sub in enumerate(layers):
+        names = {x.get_any_name() for x in sub.inputs}
+        assert {f"kvtool_past.{i}.key", f"kvtool_past.{i}.value"} <= names
+        assert not {x for x in names if x.startswith("kvtool_past.") and not x.startswith(f"kvtool_past.{i}.")}
+        assert ("inputs_embeds" in names) == (i == 0) and ("kvtool_hidden" in names) == (i > 0)
+        assert len(sub.outputs) == 1 and sub.output(0).get_partial_shape()[2].get_length() == pipe.engine.manifest.lm.hidden_size
+    assert {x.get_any_name() for x in head.inputs} == {"kvtool_hidden"}
+    assert pipe.info()["engine"]["prefill_order"] == "layer" and pipe.engine.lm is None  # no full LM compiled
+
+
+def _toy(links: int, fork: bool = False):
+    """inputs_embeds -> ``links`` residual links x + x @ W (a fork: two links on the same stream value)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter(ov.PartialShape([1, -1, 4]), ov.Type.f32, "inputs_embeds")
+    x.output(0).get_tensor().set_names({"inputs_embeds"})
+    h = x.output(0)
+    w = ops.constant(np.eye(4, dtype=np.float32))
+    for _ in range(links):
+        h = ops.add(h, ops.matmul(h, w, False, False)).output(0)
+    if fork:
+        h = ops.multiply(ops.add(h, ops.matmul(h, w, False, False)), ops.add(h, ops.relu(h))).output(0)
+    return ov.Model([ops.result(h)], [x], "toy")
+
+
+def test_split_refuses_what_it_cannot_follow():
+    from kvtool.runtime.engines.ov_layers import LayerSplitError, residual_chain, split_layers
+
+    assert len(residual_chain(_toy(4))) == 5
+    with pytest.raises(LayerSplitError, match="3 Add links for 2 layers"):
+        split_layers(_toy(3), 2)
+    with pytest.raises(LayerSplitError, match="forks"):
+        residual_chain(_toy(2, fork=True))
+    with pytest.raises(LayerSplitError, match="layer 0 reads the past inputs"):  # a stream with no attention
+        split_layers(_toy(4), 2)
+
+
+def test_fallback_is_named(stateful, monkeypatch):
+    """A graph whose residual stream cannot be followed: ``prefill_order="layer"`` falls back to the chunk-major
+    prefill and says why (the same answers); the default order is chunk-major and says so; a bad value is
+    refused in one line."""
+    from kvtool.runtime.engines import ov_layers
+
+    real = ov_layers.residual_chain
+    monkeypatch.setattr(ov_layers, "residual_chain", lambda m: real(m)[:-1])  # one link lost
+    pipe, out = _run(stateful, 7, new=2, order="layer", **KV2)
+    info = pipe.info()["engine"]
+    assert info["prefill_order"] == "chunk" and pipe.engine.lm is not None
+    assert info["prefill_order_reason"].startswith("chunk-major: the LM graph cannot be split by layer (")
+    assert "Add links" in info["prefill_order_reason"]
+    default = VLMPipeline.load(stateful, kv_owner="packed", **KV2).info()["engine"]
+    assert default["prefill_order"] == ov_layers.DEFAULT_ORDER == "chunk"
+    assert default["prefill_order_reason"].startswith("chunk-major: the default")
+    with pytest.raises(InputError, match=r"^prefill_order: expected layer or chunk, got 'rows'"):
+        VLMPipeline.load(stateful, kv_owner="packed", prefill_order="rows", **KV2)
+    monkeypatch.setattr(ov_layers, "residual_chain", real)
+    _, ref = _run(stateful, 0, new=2, order="chunk", **KV2)
+    assert out.token_ids == ref.token_ids
+
+
+def test_a_layer_that_skips_its_output_fails(stateful, monkeypatch):
+    """The comparison's power: a layer-major prefill whose layers hand on their *input* (the write-back of the
+    hidden states lost) stores K/V computed from the wrong hidden states; the check must catch it."""
+    from kvtool.runtime.engines import ov_layers
+
+    real = ov_layers.LayerRunner.layer
+
+    def skip(self, i, x, pos, k, v):
+        real(self, i, x, pos, k, v)  # the op still fills the layer's buffer
+        return x
+
+    monkeypatch.setattr(ov_layers.LayerRunner, "layer", skip)
+    pipe, out = _run(stateful, 16, new=1, order="layer", **KV2)
+    _, ref = _run(stateful, 0, new=1, order="chunk", **KV2)
+    assert np.abs(pipe.last_first_logits - ref.logits[0]).max() > 100 * ATOL
+    with pytest.raises(AssertionError):
+        _check_chunks(stateful, (16,), new=1, order="layer", **KV2)
+
+
+def test_layer_major_on_qwen2_vl(exported):
+    """M-RoPE positions [3, 1, T] sliced per chunk, through the sub-models: as one full-graph call."""
+    path = exported("tiny-qwen2-vl", "openvino", 16, "fp32", stateful=True)
+    _check_chunks(path, (7,), new=3, order="layer", kv="g-KC32VT32", k_bits=2, v_bits=2)
+
+
+@pytest.mark.slow
+def test_layer_major_on_llava_next(exported):
+    path = exported("tiny-llava-next", "openvino", 16, "fp32", stateful=True)
+    _check_chunks(path, (7, 1, -1, 4096), order="layer", kv="g-KT32VC32", k_bits=4, v_bits=4, first_token="fp")
+
+
+def test_layer_order_rule_and_buffer(stateful, monkeypatch):
+    """Layer-major with no chunk given: its own chunking rule; one layer's buffer reported."""
+    from kvtool.runtime.engines import openvino_packed
+
+    monkeypatch.setattr(openvino_packed, "PREFILL_CHUNK", 16)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", prefill_order="layer", **KV2)
+    out = pipe.generate(random_image(), QUESTION, max_new_tokens=2, ignore_eos=True)
+    info, eng = pipe.info()["engine"], pipe.engine
+    assert info["prefill_order"] == "layer" and info["prefill_order_reason"].startswith("layer-major")
+    assert info["prefill_rule"] == "auto (layer_chunking_saves_memory)" and info["prefill_chunked"] is True
+    prefilled = out.stats["prompt_tokens"] - 1  # the last prompt token sees the compressed cache
+    one_layer = 2 * eng.num_kv_heads * eng.head_dim * np.dtype(eng.kv_dtype).itemsize
+    assert info["prefill_buffer_bytes"] == prefilled * one_layer
+
+
+def test_layer_chunking_rule_by_hand():
+    """``layer_chunking_saves_memory``: one layer's buffer 2*8*128*2 = 4 KiB/token vs 4*(3*2816 + 6*1024) =
+    57 KiB on the bench model; 2*32*128*2 = 16 KiB vs 4*(3*11008 + 6*4096) = 225 KiB on llava-1.5-7b; a shape
+    with a wide KV and narrow MLP (64 x 128 KV, hidden = intermediate = 256: 32 KiB vs 9 KiB) does not chunk."""
+    from kvtool.runtime.engines.ov_layers import layer_chunking_saves_memory as rule
+
+    assert rule(8192, 8, 8, 128, 1024, 2816) and rule(2048, 32, 32, 128, 4096, 11008)
+    assert not rule(2048, 2, 64, 128, 256, 256)
