@@ -45,6 +45,8 @@ CPP_ROUTE, PY_ROUTE = "openvino C++ extension op", "openvino python op"
 
 
 class KvSideC(ctypes.Structure):
+    """One side (K or V) of a layer's packed store as the C++ op reads it (mirrors ``KvSide`` in _ov_packed_op.cpp)."""
+
     _fields_ = [("mode", ctypes.c_int64), ("bits", ctypes.c_int64), ("nq", ctypes.c_int64), ("g", ctypes.c_int64),
                 ("codes", ctypes.c_void_p), ("cs", ctypes.c_int64 * 3), ("delta", ctypes.c_void_p),
                 ("mn", ctypes.c_void_p), ("p16", ctypes.c_int64), ("pb", ctypes.c_int64), ("ph", ctypes.c_int64),
@@ -54,6 +56,8 @@ class KvSideC(ctypes.Structure):
 
 
 class KvTensorC(ctypes.Structure):
+    """A borrowed numpy array (data pointer, element type, shape, strides) handed to the C++ op."""
+
     _fields_ = [("data", ctypes.c_void_p), ("etype", ctypes.c_int64), ("ndim", ctypes.c_int64),
                 ("shape", ctypes.c_int64 * 4)]
 
@@ -62,6 +66,8 @@ CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(KvTen
 
 
 class KvSlotC(ctypes.Structure):
+    """A layer's slot: the store the fast path reads, the pending new token, the Python fallback callback."""
+
     _fields_ = [("fast", ctypes.c_int64), ("pending", ctypes.c_int64), ("H", ctypes.c_int64), ("D", ctypes.c_int64),
                 ("threads", ctypes.c_int64), ("pend16", ctypes.c_int64), ("scale", ctypes.c_double),
                 ("pend_k", ctypes.c_void_p), ("pend_v", ctypes.c_void_p), ("key", ctypes.c_int64),
@@ -194,6 +200,7 @@ class Slot:
 
     @property
     def address(self) -> int:
+        """The slot struct's address (the op's ``slot`` attribute)."""
         return ctypes.addressof(self.c)
 
     def __del__(self):
