@@ -23,7 +23,7 @@ import numpy as np
 
 from kvtool.errors import InputError
 
-MODES = ("graph", "op")
+PREFIX_MODES = ("graph", "op")
 
 
 def resolve(value: str | None) -> tuple[str, str]:
@@ -31,7 +31,7 @@ def resolve(value: str | None) -> tuple[str, str]:
     InputError naming the option for anything but None, "graph" or "op"."""
     from kvtool.quant_ops import prefix
 
-    if value is not None and value not in MODES:
+    if value is not None and value not in PREFIX_MODES:
         raise InputError(f"prefix_attention: expected graph or op, got {value!r}")
     kernel, why = prefix.path()
     if value is None:
