@@ -73,20 +73,7 @@ namespace k_avx2 {
 
 namespace {
 
-bool use_avx2() {
-#ifdef KV_HAVE_AVX2
-    static int v = -1;
-    if (v < 0) {
-        __builtin_cpu_init();
-        const char* force = getenv("KVTOOL_NATIVE_ISA");  // "baseline": skip the AVX2 path (tests)
-        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-            !(force && strcmp(force, "baseline") == 0);
-    }
-    return v != 0;
-#else
-    return false;
-#endif
-}
+#include "_native_dispatch.h"  // use_avx2, run_workers (shared with the OpenVINO op)
 
 // ---- buffers ------------------------------------------------------------------------------------------
 struct Buf {
@@ -377,10 +364,7 @@ PyObject* py_decode_attention(PyObject*, PyObject* args) {
             k_base::attention_task(a, t / H, t % H, work.data());
         }
     };
-    std::vector<std::thread> pool;
-    for (long i = 1; i < nth; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
+    run_workers(nth, worker);
     (void)avx;
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -437,10 +421,7 @@ PyObject* py_prefix_attention(PyObject*, PyObject* args) {
             k_base::prefix_task(a, h, t0, t1, work.data());
         }
     };
-    std::vector<std::thread> pool;
-    for (long i = 1; i < nth; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
+    run_workers(nth, worker);
     (void)avx;
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;

@@ -106,20 +106,7 @@ __attribute__((visibility("default"))) void kvtool_ov_struct_sizes(int64_t* out)
 
 namespace {
 
-bool use_avx2() {
-#ifdef KV_HAVE_AVX2
-    static int v = -1;
-    if (v < 0) {
-        __builtin_cpu_init();
-        const char* force = getenv("KVTOOL_NATIVE_ISA");  // "baseline": the portable code (tests), as _native.cpp
-        v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-            !(force && strcmp(force, "baseline") == 0);
-    }
-    return v != 0;
-#else
-    return false;
-#endif
-}
+#include "../../quant_ops/_native_dispatch.h"  // use_avx2, run_workers (shared with _native.cpp)
 
 void to_side(const KvSideC& c, Side& s) {
     s.mode = (int)c.mode;
@@ -212,10 +199,7 @@ void run_kernel(const KvSlotC& slot, const float* q, float* out, long Hq, const 
             k_base::attention_task(a, 0, t, work.data());
         }
     };
-    std::vector<std::thread> pool;
-    for (long i = 1; i < nth; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
+    run_workers(nth, worker);
     (void)avx;
 }
 
