@@ -68,18 +68,21 @@ def _through_convert(value) -> list:
     return out
 
 
-def _is_constant(value) -> bool:
-    """Whether ``value`` is computed from Constants only (a weight, an epsilon, their decompression)."""
-    seen, todo = set(), [value.get_node()]
+def _upstream(node):
+    """``node`` and every node it is computed from, each once (depth first; a generator, so a search can stop)."""
+    seen, todo = set(), [node]
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.get_type_name() == "Parameter":
-            return False
+        yield n
         todo += [x.get_node() for x in n.input_values()]
-    return True
+
+
+def _is_constant(value) -> bool:
+    """Whether ``value`` is computed from Constants only (a weight, an epsilon, their decompression)."""
+    return not any(n.get_type_name() == "Parameter" for n in _upstream(value.get_node()))
 
 
 def _params_reached(value, stop: set, through_shape: bool = True) -> set[str]:
@@ -138,16 +141,7 @@ def _param(like, name: str):
 
 
 def _reachable_params(result) -> list:
-    seen, params, todo = set(), [], [result]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.get_type_name() == "Parameter":
-            params.append(n)
-        todo += [x.get_node() for x in n.input_values()]
-    return params
+    return [n for n in _upstream(result) if n.get_type_name() == "Parameter"]
 
 
 def _cut(model, num_layers: int, index: int):
