@@ -37,9 +37,9 @@ class OptionalBuildExt(build_ext):
 
 
 def openvino_dir() -> str | None:
-    """The installed openvino package's directory (its wheel ships include/ and libs/), or None. ``pip install``
-    builds in an isolated environment without openvino: the target interpreter is then asked without the
-    isolation's PYTHONPATH (``-E``), which sees the environment the package is installed into."""
+    """The openvino package's directory (its wheel ships include/ and libs/), or None. ``pip install`` builds in
+    an isolated environment that has openvino from pyproject's build-system requires; where it does not (a build
+    without that requirement), the target interpreter is asked without the isolation's PYTHONPATH (``-E``)."""
     try:
         import openvino
 
@@ -77,8 +77,11 @@ def ov_extension() -> Extension | None:
         depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
                  "kvtool/quant_ops/_native_types.h", "kvtool/quant_ops/_native_dispatch.h"], language="c++", include_dirs=[os.path.join(ov, "include")],
         extra_compile_args=[f for f in BASE_FLAGS if f != "-fvisibility=hidden"] + ["-D_GLIBCXX_USE_CXX11_ABI=1", "-Wno-unused-function"],
-        extra_link_args=["-pthread", f"-L{os.path.join(ov, 'libs')}", f"-l:{lib}",
-                         f"-Wl,-rpath,{os.path.join(ov, 'libs')}"], optional=True)
+        # no rpath: pip builds against the isolated build environment's openvino, which is gone after the install;
+        # the op is loaded into a process that has imported openvino, and the dynamic loader satisfies the
+        # versioned DT_NEEDED (libopenvino.so.<release>) with that already-loaded library. Another openvino release
+        # at run time fails the load, and the engine names the Python op route with the reason.
+        extra_link_args=["-pthread", f"-L{os.path.join(ov, 'libs')}", f"-l:{lib}"], optional=True)
 
 
 ext = Extension("kvtool.quant_ops._native", sources=["kvtool/quant_ops/_native.cpp"],
