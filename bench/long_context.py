@@ -62,7 +62,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "genai_u4": ("genai", {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u4"}),
     "kvtool_fp16": ("kvtool", dict(kv="fp16")),
     "kvtool_fp16_paged": ("kvtool", dict(kv="fp16", kv_owner="paged")),
-    # the stateful engine (kv_owner=openvino) in one prefill call / in chunks of 512 (Qwen2-VL's fp16 engine)
+    # the stateful engine (kv_owner=openvino) in one prefill call / in chunks of 512 (Qwen2-VL fp16 default: paged)
     "kvtool_fp16_onecall": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=0)),
     "kvtool_fp16_chunk512": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=512)),
     "kvtool_fp16_chunk2048": ("kvtool", dict(kv="fp16", kv_owner="openvino", prefill_chunk=2048)),
@@ -458,7 +458,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/kvtool-bench-long-context")
     ap.add_argument("--model", default="llava", choices=sorted(MODELS), help="the bench model's architecture "
-                    "(same LM shape; qwen2-vl: M-RoPE positions, the stateful engine for fp16)")
+                    "(same LM shape; qwen2-vl: M-RoPE positions; fp16 runs the paged engine, as LLaVA)")
     ap.add_argument("--lengths", default="2048,8192,16384", help=f"prompt tokens (a {BASE_TOKENS} row is added)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -173,6 +173,10 @@ class VLMPipeline:
             from kvtool.runtime.lean_processor import load_lean_processor
 
             processor = load_lean_processor(path)
+            if processor is None:  # Qwen2-VL: lean_qwen2vl's doc
+                from kvtool.runtime.lean_qwen2vl import load_lean_qwen2vl_processor
+
+                processor = load_lean_qwen2vl_processor(path)
         if processor is None:
             from kvtool.runtime.processing import load_processor
 
@@ -322,7 +326,8 @@ class VLMPipeline:
             "kv_residual": self.spec.residual,
             "kv_spec": self.spec.to_dict(),
             "conversation": self.conversation,
-            # LeanLlavaProcessor (transformers-free, lean_processor) or the transformers processor class wrapped
+            # LeanLlavaProcessor / LeanQwen2VLProcessor (transformers-free: lean_processor, lean_qwen2vl) or the
+            # transformers processor class wrapped
             "processor": getattr(self.processor, "kind", type(self.processor).__name__),
             "model_path": str(self.path.resolve()),
             "manifest": self.manifest.to_dict() if self.manifest is not None else None,

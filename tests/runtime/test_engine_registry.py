@@ -47,10 +47,8 @@ STATEFUL_LLAVA = {
 }
 # kvtool schemes in packed mode on CPU: the packed engine (any architecture); simulate mode keeps the tables above
 PACKED_CPU = {("kvtool", None): (PACKED, STATE_OWNED)}
-# Qwen2-VL differs where the paged engine would run: PagedAttention takes 1-D positions only
-PAGED_NO_QWEN = "OpenVINOPagedEngine runs llava, llava_next only"
-STATEFUL_QWEN = {**STATEFUL_LLAVA, ("kvtool", None): (STATE_OWNED, STATE_OWNED), ("fp16", None): (STATEFUL, STATEFUL),
-                 ("fp16", "paged"): (PAGED_NO_QWEN,) * 2, ("kvtool", "paged"): (PAGED_NO_QWEN,) * 2}
+# Qwen2-VL: the same table (PagedAttention takes its 3-D positions as [3, T]: test_qwen2vl_paged.py)
+STATEFUL_QWEN = STATEFUL_LLAVA
 # stateless OpenVINO export (any architecture, any device): family -> kv_owner -> engine or error
 STATELESS_OV = {
     "fp16": {None: STATELESS, "openvino": NEEDS_STATEFUL, "paged": NEEDS_STATEFUL, "kvtool": NEEDS_STATEFUL,
@@ -130,12 +128,12 @@ def test_onnxruntime_and_torch_selection_table(backend, device, manifest, engine
 
 @pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl"])
 @pytest.mark.parametrize("device", ["CPU", "GPU.0", "NPU"])
-def test_fp16_default_is_paged_on_cpu_llava_only_and_ov_stays_stateful(arch, device):
+def test_fp16_default_is_paged_on_cpu_and_ov_stays_stateful(arch, device):
     """fp16's default on a stateful export: the paged engine (chunked prefill; docs/BENCHMARKS.md, "fp16 on the
-    paged engine") on CPU for LLaVA / LLaVA-NeXT; the stateful engine for Qwen2-VL (3-D positions) and off CPU.
+    paged engine", "Qwen2-VL on the paged engine") on CPU for every architecture; the stateful engine off CPU.
     OpenVINO's own ov-u8 / ov-u4 stay on the stateful engine everywhere."""
     m = SimpleNamespace(stateful=True, architecture=arch)
-    want = PAGED if device == "CPU" and arch != "qwen2_vl" else STATEFUL
+    want = PAGED if device == "CPU" else STATEFUL
     for mode in ("packed", "simulate"):
         assert _pick("openvino", "fp16", device, m, None, mode) == want
         for ov in ("ov-u8", "ov-u4"):

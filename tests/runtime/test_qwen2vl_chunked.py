@@ -1,8 +1,8 @@
-"""Qwen2-VL fp16 on the stateful engine's chunked prefill (issue 13): the engine the registry picks for Qwen2-VL
-fp16 on CPU (PagedAttention, LLaVA's fp16 engine, takes 1-D positions, not M-RoPE's [3, 1, T]) prefills in
+"""Qwen2-VL fp16 on the stateful engine's chunked prefill (issue 13): the stateful engine (kv_owner="openvino";
+Qwen2-VL fp16's default on CPU is now the paged engine, test_qwen2vl_paged.py) prefills in
 chunks of ``PREFILL_CHUNK`` where ``stateful_chunking_saves_memory`` says so. A chunked prefill gives the same
 greedy tokens as one call and first-step logits within f16 rounding, with chunks of 1 (slow), 7, one whose boundary
-falls inside the image tokens, and one longer than the prompt; ``kvtool run --json`` names the chunk and rule."""
+falls inside the image tokens, and one longer than the prompt; ``kvtool run --json`` names the chunk."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def test_chunks_of_one_token_answer_as_one_call(exported):
     """Chunk 1: every prompt token its own call (~200 graph calls: slow)."""
     out = exported("tiny-qwen2-vl", "openvino", 16, "fp32")
     img = random_image(3, (70, 110))
-    whole = VLMPipeline.load(out, kv="fp16", prefill_chunk=0)
+    whole = VLMPipeline.load(out, kv="fp16", kv_owner="openvino", prefill_chunk=0)
     ref = whole.generate(img, PROMPT, max_new_tokens=8, ignore_eos=True)
-    pipe = VLMPipeline.load(out, kv="fp16", prefill_chunk=1)
+    pipe = VLMPipeline.load(out, kv="fp16", kv_owner="openvino", prefill_chunk=1)
     got = pipe.generate(img, PROMPT, max_new_tokens=8, ignore_eos=True)
     assert got.token_ids == ref.token_ids and pipe.engine.info()["prefill_chunked"] is True
     np.testing.assert_allclose(pipe.last_first_logits, whole.last_first_logits, rtol=0,
@@ -47,7 +47,7 @@ def test_chunks_of_one_token_answer_as_one_call(exported):
 def test_chunks_answer_as_one_call_with_mrope_positions(exported):
     out = exported("tiny-qwen2-vl", "openvino", 16, "fp32")
     img = random_image(3, (70, 110))
-    whole = VLMPipeline.load(out, kv="fp16", prefill_chunk=0)
+    whole = VLMPipeline.load(out, kv="fp16", kv_owner="openvino", prefill_chunk=0)
     assert type(whole.engine).__name__ == "OpenVINOStatefulEngine"
     ref = whole.generate(img, PROMPT, max_new_tokens=8, ignore_eos=True)
     ref_logits = whole.last_first_logits
@@ -56,7 +56,7 @@ def test_chunks_answer_as_one_call_with_mrope_positions(exported):
     a, b = _image_span(whole, img)
     inside = (a + b) // 2  # one chunk boundary in the middle of the image tokens
     assert a < inside < b and b - a > 8
-    pipe = VLMPipeline.load(out, kv="fp16", prefill_chunk=7)
+    pipe = VLMPipeline.load(out, kv="fp16", kv_owner="openvino", prefill_chunk=7)
     for chunk in (7, inside, n + 5):  # chunk 1: the slow test above
         if chunk == 7:
             assert any(a < k < b for k in range(0, n, 7))  # boundaries inside the image span too
@@ -96,26 +96,25 @@ def test_qwen2vl_fp16_defaults_to_the_chunk_rule(exported, monkeypatch):
     # the rule by hand: no buffer to weigh, so chunks hold less exactly when the prompt is longer than one
     assert stateful_chunking_saves_memory(8192, 512) and stateful_chunking_saves_memory(513, 512)
     assert not stateful_chunking_saves_memory(512, 512) and not stateful_chunking_saves_memory(8192, 0)
-    # the registry: Qwen2-VL fp16 on CPU -> the stateful engine (the paged one runs LLaVA / NeXT only)
+    # the registry: Qwen2-VL fp16 -> the paged engine on CPU (test_qwen2vl_paged.py), the stateful one elsewhere
     spec = make_kv_spec("fp16")
 
     class M:
         stateful, architecture = True, "qwen2_vl"
 
-    assert select_engine(engine_key("openvino", spec, "CPU", M())).name == "OpenVINOStatefulEngine"
-    M.architecture = "llava"
     assert select_engine(engine_key("openvino", spec, "CPU", M())).name == "OpenVINOPagedEngine"
+    assert select_engine(engine_key("openvino", spec, "GPU.0", M())).name == "OpenVINOStatefulEngine"
 
     out = exported("tiny-qwen2-vl", "openvino", 16, "fp32")
     img = random_image(3, (70, 110))
-    pipe = VLMPipeline.load(out, kv="fp16")
+    pipe = VLMPipeline.load(out, kv="fp16", kv_owner="openvino")
     info = pipe.engine.info()
     assert info["prefill_chunk"] == PREFILL_CHUNK > 0 and info["prefill_rule"].startswith("auto")
     ref = pipe.generate(img, PROMPT, max_new_tokens=6, ignore_eos=True)
     assert ref.stats["prompt_tokens"] <= PREFILL_CHUNK and pipe.engine.info()["prefill_chunked"] is False
     # a prompt longer than the chunk is chunked by default (the chunk made small for the tiny prompt)
     monkeypatch.setattr(openvino_engine, "PREFILL_CHUNK", 16)
-    small = VLMPipeline.load(out, kv="fp16")
+    small = VLMPipeline.load(out, kv="fp16", kv_owner="openvino")
     got = small.generate(img, PROMPT, max_new_tokens=6, ignore_eos=True)
     assert small.engine.info()["prefill_chunk"] == 16 and small.engine.info()["prefill_chunked"] is True
     assert got.token_ids == ref.token_ids
@@ -135,13 +134,15 @@ def test_run_json_shows_the_prefill_chunk(exported, tmp_path):
                                     "--max-new-tokens", "3", "--json"])
     assert res.exit_code == 0, res.output
     eng = json.loads(res.output[res.output.index("{"):])["pipeline"]["engine"]
-    assert eng["name"] == "OpenVINOStatefulEngine" and eng["prefill_chunk"] == PREFILL_CHUNK
-    assert eng["prefill_rule"] == "auto (stateful_chunking_saves_memory)" and eng["prefill_chunked"] is False
-    assert eng["kv_work"].startswith("0: the cache is OpenVINO's own states")
+    # Qwen2-VL fp16 on CPU runs the paged engine by default (test_qwen2vl_paged.py), chunked as LLaVA's
+    from kvtool.runtime.engines.openvino_paged import PREFILL_CHUNK as PAGED_CHUNK
+
+    assert eng["name"] == "OpenVINOPagedEngine" and eng["prefill_chunk"] == PAGED_CHUNK == PREFILL_CHUNK
+    assert eng["kv_work"].startswith("nothing: for fp16 the PagedAttention blocks are the cache")
 
 
 @pytest.mark.parametrize("chunk", [0, 64])
 def test_stateful_prefill_chunk_given_is_kept(exported, chunk):
     out = exported("tiny-qwen2-vl", "openvino", 16, "fp32")
-    pipe = VLMPipeline.load(out, kv="fp16", prefill_chunk=chunk)
+    pipe = VLMPipeline.load(out, kv="fp16", kv_owner="openvino", prefill_chunk=chunk)
     assert pipe.engine.info()["prefill_chunk"] == chunk and pipe.engine.info()["prefill_rule"] == "given"

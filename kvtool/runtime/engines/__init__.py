@@ -23,14 +23,14 @@ Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a st
 
 - ``OpenVINOStatefulEngine`` (kv_owner ``openvino``): the stateful export with the KV inside the graph — what
   optimum-intel runs — and the only home of OpenVINO's own compression (``ov-u8``/``ov-u4``). Default for
-  those on a stateful export on any device, and for ``fp16`` where the paged engine does not run it (Qwen2-VL,
-  non-CPU devices). On CPU LLaVA it missed issue 13's fp16 targets against openvino.genai f16 (peak RSS 1.45x /
+  those on a stateful export on any device, and for ``fp16`` where the paged engine does not run it (non-CPU
+  devices). On CPU LLaVA it missed issue 13's fp16 targets against openvino.genai f16 (peak RSS 1.45x /
   2.45x at 2k / 8k tokens, time to first token 2.94x at 8k, decode 1.23x / 1.45x): its one-call prefill of the
   stateful SDPA holds the whole prompt's mask and activations, and chunking that graph costs 1.8x-5.9x the CPU.
   For ``fp16`` on CPU it prefills in chunks of 512 where the prompt is longer
   (``openvino_engine.stateful_chunking_saves_memory``: its chunks need no extra buffer, the states are the
-  cache), trading prefill CPU for memory: Qwen2-VL's fp16 default (docs/BENCHMARKS.md, "Qwen2-VL fp16 on the
-  stateful engine's chunked prefill"); ``prefill_chunk=0`` asks for one call.
+  cache), trading prefill CPU for memory (docs/BENCHMARKS.md, "Qwen2-VL fp16 on the stateful engine's chunked
+  prefill"; Qwen2-VL's fp16 default on CPU is now the paged engine); ``prefill_chunk=0`` asks for one call.
 - ``OpenVINOPackedEngine`` (kv_owner ``packed``): kvtool's schemes in packed mode on the stateful export with
   the cache held *only* packed: the graph's KV state is removed and a Python OpenVINO op per layer appends to
   the layer's ``QuantizedKVStore`` and runs the fused attention over the codes (``quant_ops.attention``).
@@ -43,15 +43,17 @@ Why each engine is kept (decode figures: docs/BENCHMARKS.md, "kvtool owning a st
   on the paged engine"): peak RSS 1.01x / 0.90x at 2k / 8k tokens, time to first token 0.96x / 0.96x in CPU
   seconds. kvtool's schemes: 1.01x / 0.83x decode for g-KC128VT128 K2V2 packed (the stateless graph: 3.00x /
   2.40x). Default for ``fp16`` and for kvtool schemes in simulate mode on a stateful export on ``CPU`` (the
-  device its in-place host-memory blocks were built and measured on), for LLaVA and LLaVA-NeXT only:
-  PagedAttention takes 1-D positions, not Qwen2-VL's 3-D.
+  device its in-place host-memory blocks were built and measured on), every architecture: OpenVINO's
+  PagedAttention pass turns Qwen2-VL's ``[3, 1, T]`` positions into a ``[3, T]`` input, which the engine feeds
+  (openvino.genai runs Qwen2-VL so; docs/BENCHMARKS.md, "Qwen2-VL on the paged engine": prefill CPU and memory
+  against the stateful engine's; tests/runtime/test_qwen2vl_paged.py: transformers' logits).
 - ``OpenVINOStateOwnedEngine`` (kv_owner ``kvtool``): kvtool's schemes on the stateful export through OpenVINO's
   variable-state API. With a quantizing scheme it rewrites whole states (3.20x / 1.95x, about the stateless
   graph's speed) and its states are a dequantized copy the size of the fp cache, so on CPU LLaVA paged replaces
   it. Kept because it runs kvtool's schemes on the stateful export — the export's default — where paged cannot:
-  Qwen2-VL (``tests/runtime/test_state_owned.py``: the stateless graph's tokens and logits within 1e-4; before
-  the registry this load failed naming kv_owner=paged) and non-CPU OpenVINO devices (the state API needs no
-  host-memory blocks; no OpenVINO GPU/NPU was available to measure it). Default there.
+  non-CPU OpenVINO devices (the state API needs no host-memory blocks; no OpenVINO GPU/NPU was available to
+  measure it). Default there. (It also runs Qwen2-VL: ``tests/runtime/test_state_owned.py``, the stateless
+  graph's tokens and logits within 1e-4.)
 - ``OpenVINOEngine`` (stateless graphs; no kv_owner): 2.81x / 2.18x for fp16, about 3x the paged engine's
   time. Kept because ``kvtool export --stateless`` still writes that export (explicit past inputs, which no
   other OpenVINO engine runs), and it is the reference the stateful engines are tested against
@@ -137,7 +139,6 @@ class EngineKey:
 
 
 _S = frozenset
-_LLAVA_FAMILY = _S({"llava", "llava_next"})
 _E = "kvtool.runtime.engines."
 ENGINES: tuple[EngineEntry, ...] = (
     EngineEntry(_E + "torch_engine:TorchEngine", "torch", "checkpoint", _S({"fp16", "kvtool"}),
@@ -149,7 +150,7 @@ ENGINES: tuple[EngineEntry, ...] = (
     EngineEntry(_E + "openvino_packed:OpenVINOPackedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="packed", default=Default(_S({"kvtool"}), devices=_S({"CPU"}), modes=_S({"packed"}))),
     EngineEntry(_E + "openvino_paged:OpenVINOPagedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
-                owner="paged", default=Default(_S({"fp16", "kvtool"}), devices=_S({"CPU"})), archs=_LLAVA_FAMILY),
+                owner="paged", default=Default(_S({"fp16", "kvtool"}), devices=_S({"CPU"}))),
     EngineEntry(_E + "openvino_state:OpenVINOStateOwnedEngine", "openvino", "stateful", _S({"fp16", "kvtool"}),
                 owner="kvtool", default=Default(_S({"kvtool"}))),
     EngineEntry(_E + "openvino_engine:OpenVINOStatefulEngine", "openvino", "stateful", _S({"fp16", "ov"}),

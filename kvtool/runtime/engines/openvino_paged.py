@@ -12,8 +12,8 @@ the exact new tokens. Batch 1, one sequence; block tables are the identity (bloc
 tokens (each chunk's PagedAttention reads the blocks written before it, as openvino.genai's scheduler does), so
 peak memory holds one chunk's activations. bf16 caches (CPU's default inference precision) are held as raw
 uint16 bits and converted here (round to nearest even); kvtool's own cache then holds f16, as with the
-stateless graphs. It does not run Qwen2-VL's 3-D positions (PagedAttention's position input is 1-D) nor
-OpenVINO's own KV compression.
+stateless graphs. Qwen2-VL's M-RoPE positions ``[3, 1, t]`` go in as the ``[3, t]`` input the PagedAttention
+pass gives that graph. It does not run OpenVINO's own KV compression.
 """
 
 from __future__ import annotations
@@ -107,9 +107,6 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
 
         if self.spec.is_ov:
             raise InputError(f"kv: {self.spec.scheme} is OpenVINO's own compression; kvtool cannot own that cache")
-        if self.arch == "qwen2_vl":
-            raise InputError("kv_owner=paged: Qwen2-VL's 3-D positions are not supported by the paged engine "
-                             "(kv_owner=kvtool runs it)")
         core = ov.Core()
         self._compile_aux_graphs(core)
         model = self._read_language_model(core, stateful_needed_by="the paged engine")
@@ -193,7 +190,7 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
         n = self.kv.n_tokens
         self._ensure_blocks(n + t)
         nb = -(-(n + t) // self.block)
-        feeds = {"inputs_embeds": embeds[0], "position_ids": np.ascontiguousarray(pos.reshape(-1)),
+        feeds = {"inputs_embeds": embeds[0], "position_ids": np.ascontiguousarray(pos.reshape(3, -1) if pos.ndim == 3 else pos.reshape(-1)),
                  "past_lens": np.array([n], np.int32), "subsequence_begins": np.array([0, t], np.int32),
                  "block_indices": np.arange(nb, dtype=np.int32), "block_indices_begins": np.array([0, nb], np.int32),
                  "max_context_len": np.array(n + t, np.int32)}
