@@ -47,10 +47,10 @@ def _graph(hq: int, h: int, d: int, layer, evaluate):
     import openvino as ov
     import openvino.opset13 as ops
 
-    from kvtool.runtime.engines.openvino_packed import _op_class
+    from kvtool.runtime.engines.packed_pyop import op_class
 
     params = [ops.parameter(ov.PartialShape([1, n, -1, d]), ov.Type.f32) for n in (hq, h, h, hq)]
-    node = ext.make_node([p.output(0) for p in params], layer, evaluate, _op_class())
+    node = ext.make_node([p.output(0) for p in params], layer, evaluate, op_class())
     assert node.get_type_name() == ext.OP_TYPE and layer.route[0] == ext.CPP_ROUTE
     model = ov.Model([node.output(0)], params)
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

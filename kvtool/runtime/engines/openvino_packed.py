@@ -81,9 +81,7 @@ from kvtool.errors import InputError
 from kvtool.runtime.engines import ov_packed_ext
 from kvtool.runtime.engines.openvino_engine import (
     _OpenVINOGraphs,
-    bf16_bits_to_f32,
     check_prefill_chunk,
-    f32_to_bf16_bits,
 )
 from kvtool.runtime.kvspec import KVSpec
 
@@ -232,18 +230,6 @@ class _PackedKV:
         return max((layer.scratch_peak for layer in self.layers), default=0)
 
 
-def _is_bf16(t) -> bool:
-    import openvino as ov
-
-    return t.get_element_type() == ov.Type.bf16
-
-
-def _as_np(t, bf16: bool) -> np.ndarray:
-    """An ``ov.Tensor`` as a numpy view (bf16 — raw uint16 bits in OpenVINO's numpy view — widened to f32)."""
-    a = t.data
-    return bf16_bits_to_f32(a.view(np.uint16)) if bf16 else a
-
-
 def _portable_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kx: np.ndarray, vx: np.ndarray,
                         scale: float, layer: _Layer) -> np.ndarray:
     """Attention of T new queries ``q`` [1, Hq, T, D] over the past ``k, v`` [1, H, N, D] (any float dtype)
@@ -318,58 +304,6 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None =
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _op_class():
-    """``PackedKVAttention``, an ``openvino.Op`` (defined on first use: openvino is imported lazily)."""
-    import openvino as ov
-
-    class PackedKVAttention(ov.Op):
-        """(q [1, Hq, T, D], k_new / v_new [1, H, T, D], sdpa_out [1, Hq, T, D]) -> [1, Hq, T, D]."""
-
-        def __init__(self, inputs=None, layer: _Layer | None = None, validate: bool = True):
-            super().__init__(self, inputs)
-            self.layer = layer
-            if inputs and validate:
-                self.constructor_validate_and_infer_types()
-
-        def validate_and_infer_types(self):
-            self.set_output_type(0, self.get_input_element_type(3), self.get_input_partial_shape(3))
-
-        def clone_with_new_inputs(self, new_inputs):
-            # the CPU plugin clones the op for its shape inference on every inference and validates the clone
-            # itself: skipping the constructor's validation halves the Python calls of each clone
-            return PackedKVAttention(new_inputs, self.layer, validate=False)
-
-        def visit_attributes(self, visitor):
-            return True
-
-        def has_evaluate(self):
-            return True
-
-        def evaluate(self, outputs, inputs):
-            layer, sd = self.layer, inputs[3]
-            if layer.bf16 is None:
-                layer.bf16 = tuple(_is_bf16(x) for x in (*inputs, outputs[0]))
-                layer.f32_out = outputs[0].get_element_type() == ov.Type.f32
-            bf, o = layer.bf16, outputs[0]
-            o.shape = sd.shape
-            if not (bf[0] or bf[1] or bf[2] or bf[4]):  # f32 q / k / v / output (no bf16 widening)
-                dst = o.data if layer.f32_out else None
-                out = _evaluate(layer, inputs[0].data, inputs[1].data, inputs[2].data, sd, dst)
-            else:
-                dst = None
-                out = _evaluate(layer, *(_as_np(inputs[j], bf[j]) for j in range(3)), sd)
-            if out is None:
-                sd.copy_to(o)
-            elif bf[4]:
-                o.data.view(np.uint16)[...] = f32_to_bf16_bits(out)
-            elif dst is None or not np.shares_memory(out, dst):
-                o.data[...] = out
-            return True
-
-    return PackedKVAttention
-
-
 def _source(value, stop: set):
     """Walk up from ``value`` through shape-only ops (GQA broadcast, converts) to a node in ``stop``."""
     node = value.get_node()
@@ -402,7 +336,9 @@ def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
     if len(sdpas) != num_layers or len(concats) != 2 * num_layers:
         raise InputError(f"language model: {len(sdpas)} SDPA ops and {len(concats)} KV states for {num_layers} "
                          f"layers; the packed engine needs one SDPA and two states per layer")
-    cls = _op_class()
+    from kvtool.runtime.engines.packed_pyop import op_class
+
+    cls = op_class()
     layers, pasts = [], []
     for i, sdpa in enumerate(sdpas):
         kc, vc = _source(sdpa.input_value(1), stop), _source(sdpa.input_value(2), stop)

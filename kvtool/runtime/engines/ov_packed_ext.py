@@ -14,7 +14,7 @@ The packed engine (``openvino_packed``) inserts one attention op per layer after
   pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a scheme the kernel cannot read:
   uniform, or<s>, g-CN) calls back into the engine's Python ``_evaluate`` through a ctypes function (ctypes
   takes the GIL; OpenVINO's ``infer`` releases it), so those cases keep one implementation.
-- ``"openvino python op"``: the ``openvino.Op`` subclass (``openvino_packed._op_class``), where the extension
+- ``"openvino python op"``: the ``openvino.Op`` subclass (``packed_pyop.op_class``), where the extension
   is not built, fails to load (another openvino version), or ``KVTOOL_NO_OV_EXTENSION=1`` (comparisons, tests).
 
 Never silently: ``route()`` returns ``(name, reason)``, the engine's ``info()["route"]`` / ``["route_reason"]``
