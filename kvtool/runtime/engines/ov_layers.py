@@ -234,6 +234,8 @@ DEFAULT_ORDER = "chunk"
 # native kernel built); on, it cut the 8k peak from 2,826 to 1,305 MiB.
 # Re-measure with a native (C++) attention op before turning it on.
 RELEASE_MEMORY = False
+RELEASE_GUARD = ("layer {i}: a {t}-token call right after release_memory() of a {t}-token call; OpenVINO's CPU "
+                 "plugin would run it on freed memory (ov_layers.LayerRunner.release)")
 
 
 def load_runner(engine, core, model, cfg: dict, order: str | None):
@@ -269,21 +271,30 @@ class LayerRunner:
         self.hidden_name = [EMBEDS if i == 0 else HIDDEN for i in range(len(self.reqs))]
         self._beam = np.zeros(1, dtype=np.int32)
         self.n_states = sum(len(r.query_state()) for r in (*self.reqs, self.head_req))
+        self.last_t = [0] * len(self.reqs)  # tokens of each sub-model's last call
+        self.released: list[int | None] = [None] * len(self.reqs)  # last_t when its memory was released
 
     def release(self, i: int) -> None:
         """With ``RELEASE_MEMORY``: free layer ``i``'s intermediate memory (each compiled sub-model keeps its own,
         sized by its largest call, where a full LM reuses one set across its layers): a new request, then
-        ``CompiledModel.release_memory``."""
-        if RELEASE_MEMORY:
+        ``CompiledModel.release_memory``. Only where the layer's last call had more than one token: OpenVINO
+        2026.4's CPU plugin re-allocates a released graph's memory only when the next call's input shapes differ
+        from the last call's (the same shapes run on freed memory: "Memory has not been allocated" on the first
+        node, then glibc's heap-corruption abort), and the next call of a layer after its prefill is a one-token
+        step. ``layer`` refuses a call that would meet that fault (``RELEASE_GUARD``)."""
+        if RELEASE_MEMORY and self.last_t[i] > 1:
             self.reqs[i] = None
             self.compiled[i].release_memory()
             self.reqs[i] = self.compiled[i].create_infer_request()
+            self.released[i] = self.last_t[i]
 
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Layer ``i`` on hidden states ``x`` [1, T, hidden] at positions ``pos`` ([1, T] or [3, 1, T]) with the
         exact past ``k, v`` [P, H, D] fed to its past inputs (P = 0: the op reads its store); the mask covers
         P + T. -> the layer's output [1, T, hidden], a view of the request's output (valid until its next call)."""
         t = x.shape[1]
+        if self.released[i] == t:  # (never from the engine: its calls after a prefill have one token)
+            raise RuntimeError(RELEASE_GUARD.format(i=i, t=t))
         feeds = {self.hidden_name[i]: x, PAST.format(i=i, kv="key"): k, PAST.format(i=i, kv="value"): v,
                  "attention_mask": np.ones((1, k.shape[0] + t), dtype=np.int64), "position_ids": pos,
                  "beam_idx": self._beam}
@@ -292,6 +303,7 @@ class LayerRunner:
             feeds[EMBEDS] = x
         req = self.reqs[i]
         ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
+        self.last_t[i], self.released[i] = t, None
         return req.get_output_tensor(0).data
 
     def head(self, x: np.ndarray) -> np.ndarray:
