@@ -227,13 +227,16 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
 # "layer-major exact prefill"): on OpenVINO 2026.4's CPU plugin every compiled sub-model keeps its own runtime
 # cache of shape-keyed executors and its own intermediate memory, which one full LM shares across its layers, so
 # the layer-major prefill held 637 vs 477 MiB at 2k and 1,305 vs 1,064 MiB at 8k on the issue-13 bench model.
-DEFAULT_ORDER = "chunk"
+DEFAULT_ORDER = "layer"
 # Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer. Off: with the Python
 # attention op it aborted the process (glibc "malloc_consolidate(): invalid chunk size") on prefills in chunks of
 # 1 or 2 tokens of the tiny test model, ~100-200 calls per layer (chunks of 7 and 512 ran; with or without the
 # native kernel built); on, it cut the 8k peak from 2,826 to 1,305 MiB.
 # Re-measure with a native (C++) attention op before turning it on.
-RELEASE_MEMORY = False
+RELEASE_MEMORY = True
+# Whether the one-token steps (the last prompt token, decode) run a full LM compiled beside the sub-models
+# (True) or the L + 1 sub-models (False: no full LM, one repacked copy of the weights).
+DECODE_FULL_LM = False
 RELEASE_GUARD = ("layer {i}: a {t}-token call right after release_memory() of a {t}-token call; OpenVINO's CPU "
                  "plugin would run it on freed memory (ov_layers.LayerRunner.release)")
 
@@ -243,16 +246,22 @@ def load_runner(engine, core, model, cfg: dict, order: str | None):
     and the reason, for ``info()["prefill_order_reason"]``). ``order``: ``layer`` -> split, or (None, why not)
     where the graph cannot be split: the chunk-major prefill, never silently; ``chunk`` -> (None, ...); None ->
     ``DEFAULT_ORDER``."""
-    if (order or DEFAULT_ORDER) == "chunk":
-        return None, "chunk-major: " + ("prefill_order=chunk given" if order else
-                                        "the default (layer-major holds more on this OpenVINO: ov_layers.DEFAULT_ORDER)")
+    if order == "chunk":
+        return None, "chunk-major: prefill_order=chunk given"
+    if order is None and DEFAULT_ORDER == "chunk":
+        return None, "chunk-major: the default (ov_layers.DEFAULT_ORDER)"
+    if order is None and engine.prefix_attention[0] != "op":
+        return None, ("chunk-major: the default where the exact-prefix attention runs in the graph "
+                      f"(prefix_attention={engine.prefix_attention[0]}: {engine.prefix_attention[1]}; each layer "
+                      "sub-model would keep its own [T, P+T] intermediates)")
     try:
         subs, head = split_layers(model, engine.num_layers)
     except LayerSplitError as exc:
         return None, f"chunk-major: the LM graph cannot be split by layer ({exc})"
     runner = LayerRunner([engine._compile(core, m, cfg, f"language_model layer {i}") for i, m in enumerate(subs)],
                          engine._compile(core, head, cfg, "language_model head"), engine.layers)
-    return runner, f"layer-major: {len(subs)} layer sub-models + head compiled, no full LM"
+    steps = "the full LM compiled for the one-token steps" if DECODE_FULL_LM else "no full LM (steps run them too)"
+    return runner, f"layer-major: {len(subs)} layer sub-models + head compiled for the chunked prefill, {steps}"
 
 
 class LayerRunner:
