@@ -50,8 +50,9 @@ buffer. With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
 the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
 (2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
 (openvino.genai's u4 behaviour, no full-precision copy) — a different semantics. That is the chunk-major order
-(``prefill_order="chunk"``, the default by measurement); ``prefill_order="layer"`` runs ``ov_layers``' per-layer
-sub-models, one layer's buffer at a time, decode through them too (chunk-major, named, where the graph won't split).
+(``prefill_order="chunk"``); ``prefill_order="layer"``, the default where the op prefix runs, runs ``ov_layers``'
+per-layer sub-models, one layer's buffer at a time, decode through them too (chunk-major, named in
+``info()["prefill_order_reason"]``, where the graph won't split or attends to the exact past itself).
 
 The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
@@ -395,7 +396,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                  prefill_order: str | None = None):
         """``prefill_order``: ``layer`` (``ov_layers``: per-layer sub-models, one layer's exact buffer at a time,
         no full LM compiled; chunk-major where the graph won't split), ``chunk`` (one full-LM call per chunk, all
-        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (chunk); ``info()["prefill_order_reason"]`` says why.
+        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (layer where ``prefix_attention`` is "op", else
+        chunk); ``info()["prefill_order_reason"]`` says why.
         ``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
         ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one

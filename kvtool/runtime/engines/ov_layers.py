@@ -26,14 +26,19 @@ only the SDPA's summation order and, where the compiled graph keeps bf16 activat
 boundary (a sub-model's output is float32).
 
 Another layer's past read for its shape only (optimum's mask takes the past length from layer 0's key) is
-rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models (the CPU
-plugin repacks the int4 weights per compiled model: +42 MiB for the bench model's 54 MB LM), so decode runs
-through them as well (``LayerRunner.step``: L + 1 calls per token).
+rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models by
+default (``DECODE_FULL_LM``: the CPU plugin repacks the int4 weights per compiled model and shares nothing between
+a full LM and sub-models cut from the same ``ov.Model``: +82 MiB peak at 8k on the bench model), so decode runs
+through them as well (``LayerRunner.step``: L + 1 calls per token; ~+16 ms CPU per token on the bench model).
 
-Measured (docs/BENCHMARKS.md, "layer-major exact prefill"): on OpenVINO 2026.4 every compiled sub-model keeps its
-own runtime cache and intermediate memory, so this order held more than the chunk-major one (2,827 vs 1,103 MiB at
-8k); ``DEFAULT_ORDER`` is therefore chunk-major and ``prefill_order="layer"`` opts in. ``RELEASE_MEMORY`` (off)
-frees each layer's memory after its prefill (1,305 MiB at 8k) but aborted the process with the Python attention op.
+Memory (docs/BENCHMARKS.md, "layer-major exact prefill as the default"): each compiled sub-model keeps its own
+intermediate memory, sized by its largest call; with ``prefix_attention="op"`` (the native prefix kernel) the
+graph is fed an empty past, so that is chunk-sized, and ``CompiledModel.release_memory()`` after each layer's
+prefill (``RELEASE_MEMORY``) frees it: 589 vs 727 MiB (chunk-major) at 8k, below genai u4's 644, ~parity at 2k.
+So ``DEFAULT_ORDER`` is layer-major where the op prefix runs and chunk-major, named, where the graph attends to
+the exact past (growing ``[T, P+T]`` intermediates per sub-model: 2.8 GiB at 8k). ``release_memory`` is called
+only where the layer's last call had more than one token (``LayerRunner.release``: OpenVINO 2026.4's CPU plugin
+re-allocates a released graph only when the next call's shapes differ from the last call's).
 
 Does not: decide when the engine uses it (``openvino_packed``, from ``prefill_order``), change the attention op or
 how it attends (an empty past fed by the engine works the same), or run with a stateful graph.
@@ -223,19 +228,14 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
     return 2 * num_kv_heads * head_dim * itemsize < 4 * (3 * intermediate + 6 * hidden)
 
 
-# The default prefill order of the packed engine (None: not given). Chunk-major, by measurement (docs/BENCHMARKS.md,
-# "layer-major exact prefill"): on OpenVINO 2026.4's CPU plugin every compiled sub-model keeps its own runtime
-# cache of shape-keyed executors and its own intermediate memory, which one full LM shares across its layers, so
-# the layer-major prefill held 637 vs 477 MiB at 2k and 1,305 vs 1,064 MiB at 8k on the issue-13 bench model.
+# The default prefill order of the packed engine (None: not given; module docstring, "Memory"): layer-major where
+# the op prefix runs (589 vs 727 MiB peak at 8k on the issue-13 bench model), else chunk-major.
 DEFAULT_ORDER = "layer"
-# Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer. Off: with the Python
-# attention op it aborted the process (glibc "malloc_consolidate(): invalid chunk size") on prefills in chunks of
-# 1 or 2 tokens of the tiny test model, ~100-200 calls per layer (chunks of 7 and 512 ran; with or without the
-# native kernel built); on, it cut the 8k peak from 2,826 to 1,305 MiB.
-# Re-measure with a native (C++) attention op before turning it on.
+# Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer (``LayerRunner.release``;
+# without it every sub-model keeps its chunk-sized intermediates: 792 vs 589 MiB at 8k).
 RELEASE_MEMORY = True
 # Whether the one-token steps (the last prompt token, decode) run a full LM compiled beside the sub-models
-# (True) or the L + 1 sub-models (False: no full LM, one repacked copy of the weights).
+# (True: +82 MiB peak at 8k, the weights repacked twice) or the L + 1 sub-models (False: ~+16 ms CPU per token).
 DECODE_FULL_LM = False
 RELEASE_GUARD = ("layer {i}: a {t}-token call right after release_memory() of a {t}-token call; OpenVINO's CPU "
                  "plugin would run it on freed memory (ov_layers.LayerRunner.release)")
