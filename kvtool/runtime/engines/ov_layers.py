@@ -275,7 +275,7 @@ class LayerRunner:
         op route's ``sync``/``commit`` run around each sub-model's inference)."""
         self.compiled, self.layers = compiled_layers, layers
         self.reqs = [c.create_infer_request() for c in compiled_layers]
-        self.head_req = compiled_head.create_infer_request()
+        self.head_compiled, self.head_req = compiled_head, compiled_head.create_infer_request()
         self.names = [{i.get_any_name() for i in c.inputs} for c in compiled_layers]
         self.hidden_name = [EMBEDS if i == 0 else HIDDEN for i in range(len(self.reqs))]
         self._beam = np.zeros(1, dtype=np.int32)
