@@ -332,12 +332,14 @@ class LayerRunner:
         """All layers then the head on ``embeds`` [1, T, hidden] (not written), each layer fed ``kv.past(i)``
         (``openvino_packed._PackedKV``; empty outside a chunk-major prefill: the ops read their stores and append
         the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is copied
-        before it is the next one's input (a request's output memory shared as another's input, then released by
-        ``release``, corrupted the heap); the head gets the last position only."""
+        before it is the next one's input; after a multi-token call (a prompt not chunked) each layer's memory is
+        released (``release``); the head gets the last position only."""
         x = embeds
         for i in range(len(self.reqs)):
             k, v, _ = kv.past(i)
             x = self.layer(i, x, pos, k, v).copy()  # not request i's memory as request i + 1's input
+            if x.shape[1] > 1:  # a prompt in one call: its T-sized intermediates freed as in a chunked prefill
+                self.release(i)
         logits = self.head(x[:, -1:])
         kv.advance(embeds.shape[1])
         return logits
