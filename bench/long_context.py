@@ -74,9 +74,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "kvtool_kc128vt128_2b_graphprefix": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2,
                                                         prefix_attention="graph")),
     "kvtool_kc128vt128_2b_opprefix": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, prefix_attention="op")),
-    # the packed engine's layer-major exact prefill (ov_layers; the default is chunk-major; docs/BENCHMARKS.md)
+    # the packed engine's layer-major exact prefill (ov_layers; the default where the op prefix runs; docs/BENCHMARKS.md)
     "kvtool_kc128vt128_2b_layer": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, prefill_order="layer")),
     "kvtool_kt128vc128_2b_layer": ("kvtool", dict(kv="g-KT128VC128", k_bits=2, v_bits=2, prefill_order="layer")),
+    # the chunk-major order (all layers' exact buffers at once; the default before layer-major)
+    "kvtool_kc128vt128_2b_chunk": ("kvtool", dict(kv="g-KC128VT128", k_bits=2, v_bits=2, prefill_order="chunk")),
 }
 QUICK = dict(lengths="256,2048", rounds=1, new_tokens=16,
              configs="genai_f16,genai_u4,kvtool_fp16,kvtool_kc128vt128_2b")

@@ -157,8 +157,11 @@ def test_default_engine_and_no_openvino_state(stateful):
     pipe = VLMPipeline.load(stateful, kv="g-KC128VT128", k_bits=2, v_bits=2)
     eng = pipe.engine
     assert type(eng).__name__ == "OpenVINOPackedEngine"
-    assert eng.lm_req.query_state() == [] or len(eng.lm_req.query_state()) == 0
-    kinds = {op.get_type_name() for op in eng.lm.get_runtime_model().get_ops()}
+    run = eng.prefill_runner  # layer-major (the default where the op prefix runs): the sub-models, no full LM
+    compiled = [eng.lm] if run is None else [*run.compiled, run.head_compiled]
+    reqs = [eng.lm_req] if run is None else [*run.reqs, run.head_req]
+    assert all(len(r.query_state()) == 0 for r in reqs) and eng.n_states == 0
+    kinds = {op.get_type_name() for c in compiled for op in c.get_runtime_model().get_ops()}
     assert not kinds & {"ReadValue", "Assign", "ReadValueWithSubgraph"}
     sim = VLMPipeline.load(stateful, kv="g-KC128VT128", k_bits=2, v_bits=2, kv_mode="simulate")
     assert type(sim.engine).__name__ == "OpenVINOPagedEngine"

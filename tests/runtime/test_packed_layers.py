@@ -104,9 +104,6 @@ def test_fallback_is_named(stateful, monkeypatch):
     assert info["prefill_order"] == "chunk" and pipe.engine.lm is not None
     assert info["prefill_order_reason"].startswith("chunk-major: the LM graph cannot be split by layer (")
     assert "Add links" in info["prefill_order_reason"]
-    default = VLMPipeline.load(stateful, kv_owner="packed", **KV2).info()["engine"]
-    assert default["prefill_order"] == ov_layers.DEFAULT_ORDER == "chunk"
-    assert default["prefill_order_reason"].startswith("chunk-major: the default")
     with pytest.raises(InputError, match=r"^prefill_order: expected layer or chunk, got 'rows'"):
         VLMPipeline.load(stateful, kv_owner="packed", prefill_order="rows", **KV2)
     monkeypatch.setattr(ov_layers, "residual_chain", real)
@@ -168,3 +165,86 @@ def test_layer_chunking_rule_by_hand():
 
     assert rule(8192, 8, 8, 128, 1024, 2816) and rule(2048, 32, 32, 128, 4096, 11008)
     assert not rule(2048, 2, 64, 128, 256, 256)
+
+
+def test_default_order_is_what_info_says(stateful):
+    """The default (no ``prefill_order``): layer-major where the native prefix kernel runs the exact-prefix
+    attention (``prefix_attention="op"``), chunk-major, named, where the graph attends to the exact past."""
+    from kvtool.runtime.engines import ov_layers, packed_prefix
+
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **KV2)
+    info = pipe.info()["engine"]
+    assert ov_layers.DEFAULT_ORDER == "layer"
+    if packed_prefix.resolve(None)[0] == "op":
+        assert info["prefill_order"] == "layer" and info["prefill_order_reason"].startswith("layer-major")
+        assert info["decode_graph"] == "layer sub-models" and pipe.engine.lm is None
+    graph = VLMPipeline.load(stateful, kv_owner="packed", prefix_attention="graph", **KV2).info()["engine"]
+    assert graph["prefill_order"] == "chunk" and graph["decode_graph"] == "full LM"
+    assert graph["prefill_order_reason"].startswith("chunk-major: the default where the exact-prefix attention")
+
+
+_RELEASE_CHILD = r"""
+import json, sys
+import numpy as np
+from kvtool.runtime import VLMPipeline
+from kvtool.runtime.engines import ov_layers
+from tests.runtime.helpers import QUESTION, random_image
+
+released = []
+real = ov_layers.LayerRunner.release
+def release(self, i):
+    real(self, i)
+    released.append(self.released[i])
+ov_layers.LayerRunner.release = release
+out = {}
+for chunk in map(int, sys.argv[2].split(",")):
+    released.clear()
+    pipe = VLMPipeline.load(sys.argv[1], kv_owner="packed", prefill_chunk=chunk, prefill_order="layer",
+                            kv="g-KC128VT128", k_bits=2, v_bits=2)
+    o = pipe.generate(random_image(), QUESTION, max_new_tokens=3, ignore_eos=True)
+    out[chunk] = [o.token_ids, o.stats["prompt_tokens"], released[:]]
+run = pipe.engine.prefill_runner  # the guard: a same-shape call right after release_memory is refused
+h = pipe.engine.manifest.lm.hidden_size
+x, pos = np.zeros((1, 3, h), np.float32), np.arange(3, dtype=np.int64)[None]
+k, v, _ = pipe.engine.kv.past(0)
+run.layer(0, x, pos, k, v)
+run.release(0)
+try:
+    run.layer(0, x, pos, k, v)
+    out["guard"] = "ran"
+except RuntimeError as exc:
+    out["guard"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_release_memory_does_not_crash(stateful):
+    """``RELEASE_MEMORY`` on prefills whose last chunk has 1 token (chunks of 1 and 2 on this odd prefill:
+    release skipped, the next call being a one-token step of the same shape), and of more (released, then the
+    one-token steps run): no abort (in a subprocess, so that an abort fails this test instead of pytest), the
+    tokens of one call. Before the fix the CPU plugin ran the one-token step on freed memory ("Memory has not
+    been allocated", then glibc's "corrupted double-linked list" abort)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kvtool.runtime.engines import ov_layers
+
+    assert ov_layers.RELEASE_MEMORY
+    _, ref = _run(stateful, 0, new=3, order="chunk", **KV2)
+    n = ref.stats["prompt_tokens"]
+    prefilled = n - 1
+    assert prefilled % 2 == 1, n  # the 1-token tail for chunks of 2 (the tiny model's prompt)
+    big = next(c for c in range(prefilled // 2, prefilled) if prefilled % c > 1)
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", _RELEASE_CHILD, str(stateful), f"1,2,{big}"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for chunk in ("1", "2", str(big)):
+        assert out[chunk][0] == ref.token_ids, chunk
+    layers = len(out["1"][2])  # one release() per layer and prefill
+    assert layers > 1 and out["1"][2] == out["2"][2] == [None] * layers  # last call of 1 token: not released
+    assert out[str(big)][2] == [prefilled % big] * layers  # released after its last chunk
+    assert out["guard"] == ov_layers.RELEASE_GUARD.format(i=0, t=3)

@@ -62,7 +62,9 @@ def _three_ways(path, chunk=7):
         assert info["prefix_attention_op_calls"] == eng.num_layers * -(-prefilled // chunk)
         assert ginfo["prefix_attention"] == "graph" and ginfo["prefix_attention_op_calls"] == 0
         assert ginfo["prefix_attention_kernel"].startswith("openvino")
-        assert info["prefill_buffer_bytes"] == ginfo["prefill_buffer_bytes"] > 0
+        # the op prefix's default order is layer-major (one layer's buffer at a time), the graph's chunk-major
+        assert info["prefill_order"] == "layer" and ginfo["prefill_order"] == "chunk"
+        assert info["prefill_buffer_bytes"] * eng.num_layers == ginfo["prefill_buffer_bytes"] > 0
 
 
 def test_op_side_prefix_answers_as_graph_side_and_one_call(exported):

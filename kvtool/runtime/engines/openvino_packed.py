@@ -50,8 +50,9 @@ buffer. With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
 the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
 (2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
 (openvino.genai's u4 behaviour, no full-precision copy) — a different semantics. That is the chunk-major order
-(``prefill_order="chunk"``, the default by measurement); ``prefill_order="layer"`` runs ``ov_layers``' per-layer
-sub-models, one layer's buffer at a time, decode through them too (chunk-major, named, where the graph won't split).
+(``prefill_order="chunk"``); ``prefill_order="layer"``, the default where the op prefix runs, runs ``ov_layers``'
+per-layer sub-models, one layer's buffer at a time, decode through them too (chunk-major, named in
+``info()["prefill_order_reason"]``, where the graph won't split or attends to the exact past itself).
 
 The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
@@ -395,7 +396,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                  prefill_order: str | None = None):
         """``prefill_order``: ``layer`` (``ov_layers``: per-layer sub-models, one layer's exact buffer at a time,
         no full LM compiled; chunk-major where the graph won't split), ``chunk`` (one full-LM call per chunk, all
-        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (chunk); ``info()["prefill_order_reason"]`` says why.
+        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (layer where ``prefix_attention`` is "op", else
+        chunk); ``info()["prefill_order_reason"]`` says why.
         ``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
         ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one
@@ -448,14 +450,19 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         self._past_names = [(f"kvtool_past.{i}.key", f"kvtool_past.{i}.value") for i in range(self.num_layers)]
         self._beam = np.zeros(1, dtype=np.int32)
         self._absent = [k for k in ("attention_mask", "position_ids", "beam_idx") if k not in self.lm_names]
+        from kvtool.runtime.engines import ov_layers
         from kvtool.runtime.engines.ov_layers import load_runner
 
-        # layer-major: the sub-models only (the CPU plugin would repack the weights again for a full LM)
-        self.layer_runner, self.prefill_order_reason = load_runner(self, core, model, cfg, self.prefill_order)
+        # layer-major: the sub-models run the chunked prefills; the one-token steps run the full LM where
+        # ov_layers.DECODE_FULL_LM (else the sub-models too: no full LM compiled)
+        self.prefill_runner, self.prefill_order_reason = load_runner(self, core, model, cfg, self.prefill_order)
+        full = self.prefill_runner is None or ov_layers.DECODE_FULL_LM
+        self.layer_runner = None if full else self.prefill_runner  # the runner of every call (else _step's LM)
         run = self.layer_runner
         self.lm = None if run else self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
         self.lm_req = None if run else self.lm.create_infer_request()
-        self.n_states = run.n_states if run else len(self.lm_req.query_state())
+        self.n_states = (self.prefill_runner.n_states if self.prefill_runner else 0) + \
+            (0 if run else len(self.lm_req.query_state()))
         if self.n_states:
             raise InputError(f"language model: {self.n_states} KV states left after the packed engine's edit")
 
@@ -471,8 +478,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         self.prefill_chunked = bool(step) and end - start > step and (not self.prefill_auto or self._saves(end))
         if not self.prefill_chunked:
             return super().run_prompt(start, end)
-        if self.layer_runner is not None:  # the prompt's embedding rows become the layers' hidden states
-            return self.layer_runner.prefill(self.kv, self.embeds[0, start:end], self.positions[..., start:end], step)
+        if self.prefill_runner is not None:  # the prompt's embedding rows become the layers' hidden states
+            return self.prefill_runner.prefill(self.kv, self.embeds[0, start:end], self.positions[..., start:end], step)
         self.kv.begin_prefill(end - start)
         try:
             logits = self._run_prompt_chunks(start, end, step)
@@ -489,7 +496,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         hidden = self.manifest.lm.hidden_size
         cfg = getattr(self.config, "text_config", None) or self.config
         inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
-        rule = chunking_saves_memory if self.layer_runner is None else self.layer_runner.chunking_saves_memory
+        rule = chunking_saves_memory if self.prefill_runner is None else self.prefill_runner.chunking_saves_memory
         return rule(tokens, self.num_layers, self.num_kv_heads, self.head_dim, hidden, inter,
                     np.dtype(self.kv_dtype).itemsize)
 
@@ -544,10 +551,11 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "attention_path": kinds[0] if len(kinds) == 1 else "mixed",
                 "attention_reason": paths[0]["reason"] if paths else "", "layers": paths,
                 "scratch_bytes": self.kv.scratch_nbytes, "prefill_chunk": self.prefill_chunk,
-                "prefill_rule": f"auto ({'layer_' if self.layer_runner else ''}chunking_saves_memory)"
+                "prefill_rule": f"auto ({'layer_' if self.prefill_runner else ''}chunking_saves_memory)"
                 if self.prefill_auto else "given",
                 "prefill_chunked": self.prefill_chunked,
-                "prefill_order": "layer" if self.layer_runner is not None else "chunk",
+                "prefill_order": "layer" if self.prefill_runner is not None else "chunk",
+                "decode_graph": "full LM" if self.layer_runner is None else "layer sub-models",
                 "prefill_order_reason": self.prefill_order_reason,
                 # a chunked prefill's transient full-precision copy of the prompt's K/V (all layers, the stores'
                 # dtype), freed into the packed stores when the prefill ends; 0 when no prefill was chunked

@@ -26,14 +26,19 @@ only the SDPA's summation order and, where the compiled graph keeps bf16 activat
 boundary (a sub-model's output is float32).
 
 Another layer's past read for its shape only (optimum's mask takes the past length from layer 0's key) is
-rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models (the CPU
-plugin repacks the int4 weights per compiled model: +42 MiB for the bench model's 54 MB LM), so decode runs
-through them as well (``LayerRunner.step``: L + 1 calls per token).
+rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models by
+default (``DECODE_FULL_LM``: the CPU plugin repacks the int4 weights per compiled model and shares nothing between
+a full LM and sub-models cut from the same ``ov.Model``: +82 MiB peak at 8k on the bench model), so decode runs
+through them as well (``LayerRunner.step``: L + 1 calls per token; ~+16 ms CPU per token on the bench model).
 
-Measured (docs/BENCHMARKS.md, "layer-major exact prefill"): on OpenVINO 2026.4 every compiled sub-model keeps its
-own runtime cache and intermediate memory, so this order held more than the chunk-major one (2,827 vs 1,103 MiB at
-8k); ``DEFAULT_ORDER`` is therefore chunk-major and ``prefill_order="layer"`` opts in. ``RELEASE_MEMORY`` (off)
-frees each layer's memory after its prefill (1,305 MiB at 8k) but aborted the process with the Python attention op.
+Memory (docs/BENCHMARKS.md, "layer-major exact prefill as the default"): each compiled sub-model keeps its own
+intermediate memory, sized by its largest call; with ``prefix_attention="op"`` (the native prefix kernel) the
+graph is fed an empty past, so that is chunk-sized, and ``CompiledModel.release_memory()`` after each layer's
+prefill (``RELEASE_MEMORY``) frees it: 589 vs 727 MiB (chunk-major) at 8k, below genai u4's 644, ~parity at 2k.
+So ``DEFAULT_ORDER`` is layer-major where the op prefix runs and chunk-major, named, where the graph attends to
+the exact past (growing ``[T, P+T]`` intermediates per sub-model: 2.8 GiB at 8k). ``release_memory`` is called
+only where the layer's last call had more than one token (``LayerRunner.release``: OpenVINO 2026.4's CPU plugin
+re-allocates a released graph only when the next call's shapes differ from the last call's).
 
 Does not: decide when the engine uses it (``openvino_packed``, from ``prefill_order``), change the attention op or
 how it attends (an empty past fed by the engine works the same), or run with a stateful graph.
@@ -223,17 +228,17 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
     return 2 * num_kv_heads * head_dim * itemsize < 4 * (3 * intermediate + 6 * hidden)
 
 
-# The default prefill order of the packed engine (None: not given). Chunk-major, by measurement (docs/BENCHMARKS.md,
-# "layer-major exact prefill"): on OpenVINO 2026.4's CPU plugin every compiled sub-model keeps its own runtime
-# cache of shape-keyed executors and its own intermediate memory, which one full LM shares across its layers, so
-# the layer-major prefill held 637 vs 477 MiB at 2k and 1,305 vs 1,064 MiB at 8k on the issue-13 bench model.
-DEFAULT_ORDER = "chunk"
-# Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer. Off: with the Python
-# attention op it aborted the process (glibc "malloc_consolidate(): invalid chunk size") on prefills in chunks of
-# 1 or 2 tokens of the tiny test model, ~100-200 calls per layer (chunks of 7 and 512 ran; with or without the
-# native kernel built); on, it cut the 8k peak from 2,826 to 1,305 MiB.
-# Re-measure with a native (C++) attention op before turning it on.
-RELEASE_MEMORY = False
+# The default prefill order of the packed engine (None: not given; module docstring, "Memory"): layer-major where
+# the op prefix runs (589 vs 727 MiB peak at 8k on the issue-13 bench model), else chunk-major.
+DEFAULT_ORDER = "layer"
+# Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer (``LayerRunner.release``;
+# without it every sub-model keeps its chunk-sized intermediates: 792 vs 589 MiB at 8k).
+RELEASE_MEMORY = True
+# Whether the one-token steps (the last prompt token, decode) run a full LM compiled beside the sub-models
+# (True: +82 MiB peak at 8k, the weights repacked twice) or the L + 1 sub-models (False: ~+16 ms CPU per token).
+DECODE_FULL_LM = False
+RELEASE_GUARD = ("layer {i}: a {t}-token call right after release_memory() of a {t}-token call; OpenVINO's CPU "
+                 "plugin would run it on freed memory (ov_layers.LayerRunner.release)")
 
 
 def load_runner(engine, core, model, cfg: dict, order: str | None):
@@ -241,16 +246,22 @@ def load_runner(engine, core, model, cfg: dict, order: str | None):
     and the reason, for ``info()["prefill_order_reason"]``). ``order``: ``layer`` -> split, or (None, why not)
     where the graph cannot be split: the chunk-major prefill, never silently; ``chunk`` -> (None, ...); None ->
     ``DEFAULT_ORDER``."""
-    if (order or DEFAULT_ORDER) == "chunk":
-        return None, "chunk-major: " + ("prefill_order=chunk given" if order else
-                                        "the default (layer-major holds more on this OpenVINO: ov_layers.DEFAULT_ORDER)")
+    if order == "chunk":
+        return None, "chunk-major: prefill_order=chunk given"
+    if order is None and DEFAULT_ORDER == "chunk":
+        return None, "chunk-major: the default (ov_layers.DEFAULT_ORDER)"
+    if order is None and engine.prefix_attention[0] != "op":
+        return None, ("chunk-major: the default where the exact-prefix attention runs in the graph "
+                      f"(prefix_attention={engine.prefix_attention[0]}: {engine.prefix_attention[1]}; each layer "
+                      "sub-model would keep its own [T, P+T] intermediates)")
     try:
         subs, head = split_layers(model, engine.num_layers)
     except LayerSplitError as exc:
         return None, f"chunk-major: the LM graph cannot be split by layer ({exc})"
     runner = LayerRunner([engine._compile(core, m, cfg, f"language_model layer {i}") for i, m in enumerate(subs)],
                          engine._compile(core, head, cfg, "language_model head"), engine.layers)
-    return runner, f"layer-major: {len(subs)} layer sub-models + head compiled, no full LM"
+    steps = "the full LM compiled for the one-token steps" if DECODE_FULL_LM else "no full LM (steps run them too)"
+    return runner, f"layer-major: {len(subs)} layer sub-models + head compiled for the chunked prefill, {steps}"
 
 
 class LayerRunner:
@@ -264,26 +275,35 @@ class LayerRunner:
         op route's ``sync``/``commit`` run around each sub-model's inference)."""
         self.compiled, self.layers = compiled_layers, layers
         self.reqs = [c.create_infer_request() for c in compiled_layers]
-        self.head_req = compiled_head.create_infer_request()
+        self.head_compiled, self.head_req = compiled_head, compiled_head.create_infer_request()
         self.names = [{i.get_any_name() for i in c.inputs} for c in compiled_layers]
         self.hidden_name = [EMBEDS if i == 0 else HIDDEN for i in range(len(self.reqs))]
         self._beam = np.zeros(1, dtype=np.int32)
         self.n_states = sum(len(r.query_state()) for r in (*self.reqs, self.head_req))
+        self.last_t = [0] * len(self.reqs)  # tokens of each sub-model's last call
+        self.released: list[int | None] = [None] * len(self.reqs)  # last_t when its memory was released
 
     def release(self, i: int) -> None:
         """With ``RELEASE_MEMORY``: free layer ``i``'s intermediate memory (each compiled sub-model keeps its own,
         sized by its largest call, where a full LM reuses one set across its layers): a new request, then
-        ``CompiledModel.release_memory``."""
-        if RELEASE_MEMORY:
+        ``CompiledModel.release_memory``. Only where the layer's last call had more than one token: OpenVINO
+        2026.4's CPU plugin re-allocates a released graph's memory only when the next call's input shapes differ
+        from the last call's (the same shapes run on freed memory: "Memory has not been allocated" on the first
+        node, then glibc's heap-corruption abort), and the next call of a layer after its prefill is a one-token
+        step. ``layer`` refuses a call that would meet that fault (``RELEASE_GUARD``)."""
+        if RELEASE_MEMORY and self.last_t[i] > 1:
             self.reqs[i] = None
             self.compiled[i].release_memory()
             self.reqs[i] = self.compiled[i].create_infer_request()
+            self.released[i] = self.last_t[i]
 
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Layer ``i`` on hidden states ``x`` [1, T, hidden] at positions ``pos`` ([1, T] or [3, 1, T]) with the
         exact past ``k, v`` [P, H, D] fed to its past inputs (P = 0: the op reads its store); the mask covers
         P + T. -> the layer's output [1, T, hidden], a view of the request's output (valid until its next call)."""
         t = x.shape[1]
+        if self.released[i] == t:  # (never from the engine: its calls after a prefill have one token)
+            raise RuntimeError(RELEASE_GUARD.format(i=i, t=t))
         feeds = {self.hidden_name[i]: x, PAST.format(i=i, kv="key"): k, PAST.format(i=i, kv="value"): v,
                  "attention_mask": np.ones((1, k.shape[0] + t), dtype=np.int64), "position_ids": pos,
                  "beam_idx": self._beam}
@@ -292,6 +312,7 @@ class LayerRunner:
             feeds[EMBEDS] = x
         req = self.reqs[i]
         ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
+        self.last_t[i], self.released[i] = t, None
         return req.get_output_tensor(0).data
 
     def head(self, x: np.ndarray) -> np.ndarray:
@@ -311,12 +332,14 @@ class LayerRunner:
         """All layers then the head on ``embeds`` [1, T, hidden] (not written), each layer fed ``kv.past(i)``
         (``openvino_packed._PackedKV``; empty outside a chunk-major prefill: the ops read their stores and append
         the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is copied
-        before it is the next one's input (a request's output memory shared as another's input, then released by
-        ``release``, corrupted the heap); the head gets the last position only."""
+        before it is the next one's input; after a multi-token call (a prompt not chunked) each layer's memory is
+        released (``release``); the head gets the last position only."""
         x = embeds
         for i in range(len(self.reqs)):
             k, v, _ = kv.past(i)
             x = self.layer(i, x, pos, k, v).copy()  # not request i's memory as request i + 1's input
+            if x.shape[1] > 1:  # a prompt in one call: its T-sized intermediates freed as in a chunked prefill
+                self.release(i)
         logits = self.head(x[:, -1:])
         kv.advance(embeds.shape[1])
         return logits
