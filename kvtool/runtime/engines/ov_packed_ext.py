@@ -103,7 +103,23 @@ def _load() -> tuple[object | None, str]:
     except Exception as e:  # another openvino version (undefined symbols), a broken build
         return None, f"OpenVINO extension op {path.name} did not load ({str(e).splitlines()[0][:200]})"
     factory._kvtool_lib = lib  # keep the library loaded as long as the factory
-    return factory, f"{path.name} loaded (decode fast path in C++, other calls through the Python fallback)"
+    lib.kvtool_ov_pool.restype = ctypes.c_int64
+    lib.kvtool_ov_pool.argtypes = [ctypes.c_int64]
+    threads = "OpenVINO's TBB pool" if lib.kvtool_ov_pool(-1) else "std::threads per call"
+    return factory, (f"{path.name} loaded (decode fast path in C++, kernel threads: {threads}; other calls through "
+                     f"the Python fallback)")
+
+
+def kernel_pool(mode: int | None = None) -> str | None:
+    """Where the C++ op's kernel runs its kv heads: ``"tbb"`` (OpenVINO's own TBB pool, the op being evaluated
+    inside the CPU plugin's arena; the default where the extension was built with the wheel's TBB) or
+    ``"spawn"`` (std::threads started per call). ``mode`` 0 / 1 sets spawn / tbb for the process (comparisons,
+    tests; 1 is ignored by a build without TBB). None where the extension is not loaded. Either gives the same
+    output bit for bit: a kv head's result does not depend on the thread that computes it."""
+    factory, _ = _load()
+    if factory is None:
+        return None
+    return "tbb" if factory._kvtool_lib.kvtool_ov_pool(-1 if mode is None else int(mode)) else "spawn"
 
 
 def route() -> tuple[str, str]:
