@@ -15,7 +15,9 @@
 //     with the four inputs and the output as raw tensors; it returns 1 (it wrote the output), 0 (copy
 //     sdpa_out) or -1 (it raised: the op throws, the engine re-raises the Python error).
 //
-// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_isa().
+// The kernel's kv heads run on OpenVINO's TBB pool (KV_OP_TBB: setup.py links the wheel's libtbb), else on
+// std::threads spawned per call; kvtool_ov_pool(mode) reads / sets which (ov_packed_ext.kernel_pool).
+// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_pool(mode).
 // Built by setup.py against the openvino wheel's headers (optional); loaded with openvino's NodeFactory.
 
 #include <atomic>
