@@ -72,16 +72,22 @@ def ov_extension() -> Extension | None:
               "engine will run its Python op", file=sys.stderr)
         return None
     lib = os.path.basename(libs[0])
+    # the kernel's tasks on OpenVINO's own TBB pool where the wheel ships TBB (headers and libtbb.so.12, which
+    # libopenvino itself loads; _ov_packed_op.cpp's run_kernel), else std::threads spawned per call
+    tbb = sorted(glob.glob(os.path.join(ov, "libs", "libtbb.so.*")))
+    use_tbb = bool(tbb) and os.path.isfile(os.path.join(ov, "include", "tbb", "parallel_for.h"))
+    tbb_flags = (["-DKV_OP_TBB=1"], [f"-l:{os.path.basename(tbb[0])}"]) if use_tbb else ([], [])
     return OptionalOVExtension(
         "kvtool.runtime.engines._ov_packed_op", sources=["kvtool/runtime/engines/_ov_packed_op.cpp"],
         depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
                  "kvtool/quant_ops/_native_types.h", "kvtool/quant_ops/_native_dispatch.h"], language="c++", include_dirs=[os.path.join(ov, "include")],
-        extra_compile_args=[f for f in BASE_FLAGS if f != "-fvisibility=hidden"] + ["-D_GLIBCXX_USE_CXX11_ABI=1", "-Wno-unused-function"],
+        extra_compile_args=[f for f in BASE_FLAGS if f != "-fvisibility=hidden"] + ["-D_GLIBCXX_USE_CXX11_ABI=1", "-Wno-unused-function"]
+        + tbb_flags[0],
         # no rpath: pip builds against the isolated build environment's openvino, which is gone after the install;
         # the op is loaded into a process that has imported openvino, and the dynamic loader satisfies the
         # versioned DT_NEEDED (libopenvino.so.<release>) with that already-loaded library. Another openvino release
         # at run time fails the load, and the engine names the Python op route with the reason.
-        extra_link_args=["-pthread", f"-L{os.path.join(ov, 'libs')}", f"-l:{lib}"], optional=True)
+        extra_link_args=["-pthread", f"-L{os.path.join(ov, 'libs')}", f"-l:{lib}"] + tbb_flags[1], optional=True)
 
 
 ext = Extension("kvtool.quant_ops._native", sources=["kvtool/quant_ops/_native.cpp"],

@@ -175,3 +175,64 @@ def test_route_without_the_extension(monkeypatch):
     assert ext.route() == (ext.PY_ROUTE, f"{ext.ENV_OFF}=1")
     monkeypatch.delenv(ext.ENV_OFF)
     assert ext.route()[0] == ext.CPP_ROUTE and "loaded" in ext.route()[1]
+
+
+@pytest.mark.parametrize("scheme,kb,vb", [("g-KC128VT128", 2, 2), ("g-KT128VC128", 2, 2), ("g-KC32VT64", 4, 3)])
+def test_kernel_threads_pool_and_spawn_agree(scheme, kb, vb):
+    """A step large enough for the kernel's threads (N * rep * D * kv heads >= 2^20; ragged N), on OpenVINO's TBB
+    pool and on spawned std::threads: both the Python extension's kernel result, bit for bit."""
+    rng = np.random.default_rng(5)
+    h, rep, d, n = 8, 2, 128, 1031
+    k, v = _kv(rng, 1, h, n, d, np.float16)
+    scale = 1 / math.sqrt(d)
+    layer = _layer(scheme, kb, vb, k, v, np.float16, scale)
+    layer.threads = 2
+    req = _graph(h * rep, h, d, layer, _Counting())
+    was = ext.kernel_pool()
+    try:
+        for mode in (0, 1, 0, 1):
+            used = ext.kernel_pool(mode)
+            q = rng.standard_normal((1, h * rep, 1, d)).astype(np.float32)
+            kx = rng.standard_normal((1, h, 1, d)).astype(np.float32)
+            want = native_decode(np.ascontiguousarray(q[:, :, 0]), layer.store, scale, 1, kx, kx.copy())
+            ext.infer([layer], req, {0: q, 1: kx, 2: kx.copy(), 3: np.zeros((1, h * rep, 1, d), np.float32)})
+            np.testing.assert_array_equal(req.get_output_tensor(0).data[:, :, 0], want, err_msg=used)
+    finally:
+        ext.kernel_pool(1 if was == "tbb" else 0)
+    assert layer.slot.c.fast_calls == 4
+
+
+def _fill_reference(c, t: tuple) -> None:
+    """The slot side's fields set one by one (the fill ``_fill_side`` replaced), absent arrays' strides 0."""
+    mode, bits, nq, g, codes, delta, mn, pb, ph, pn, seg, nseg, resid = t
+    c.mode, c.bits, c.nq, c.g, c.pb, c.ph, c.pn = mode, bits, nq, g, pb, ph, pn
+    c.codes, c.delta, c.mn = (ext._ptr(x) for x in (codes, delta, mn))
+    if codes is not None:
+        c.cs[0], c.cs[1], c.cs[2] = codes.strides[:3]
+        c.p16 = int(delta.itemsize == 2)
+    c.seg, c.nseg, c.nseg_max = ext._ptr(seg), ext._ptr(nseg), 0 if seg is None else seg.shape[1]
+    c.resid, c.nres = ext._ptr(resid), 0 if resid is None else resid.shape[2]
+    if resid is not None:
+        c.rs[0], c.rs[1], c.rs[2] = (s // resid.itemsize for s in resid.strides[:3])
+        c.r16 = int(resid.itemsize == 2)
+
+
+@pytest.mark.parametrize("scheme,kb,vb,n,dtype", [("g-KC128VT128", 2, 2, 300, np.float16),
+                                                  ("g-KT32VC32", 4, 3, 31, np.float32),
+                                                  ("g-KC32VT32", 8, 2, 64, np.float16),
+                                                  ("fp16", 16, 16, 5, np.float16)])
+def test_fill_side_writes_the_fields(scheme, kb, vb, n, dtype):
+    """``_fill_side``'s one struct write gives the bytes of a field-by-field ctypes fill (ragged N, residual
+    present or absent, per-channel / per-token / dense sides, f16 / f32)."""
+    from kvtool.quant_ops.attention import _side_tuple
+
+    rng = np.random.default_rng(3)
+    st = QuantizedKVStore(scheme, kb, vb)
+    st.append(*_kv(rng, 1, 4, n, 64, dtype))
+    for which, off in (("k", ext._K_OFF), ("v", ext._V_OFF)):
+        t = _side_tuple(st.side_layout(which))
+        got, want = ext.KvSlotC(), ext.KvSlotC()
+        keep: list = []
+        ext._fill_side(memoryview(got).cast("B"), off, t, keep)
+        _fill_reference(getattr(want, which), t)
+        assert bytes(got) == bytes(want) and keep == [t[4], t[5], t[6], t[10], t[11], t[12]]

@@ -15,7 +15,9 @@
 //     with the four inputs and the output as raw tensors; it returns 1 (it wrote the output), 0 (copy
 //     sdpa_out) or -1 (it raised: the op throws, the engine re-raises the Python error).
 //
-// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_isa().
+// The kernel's kv heads run on OpenVINO's TBB pool (KV_OP_TBB: setup.py links the wheel's libtbb), else on
+// std::threads spawned per call; kvtool_ov_pool(mode) reads / sets which (ov_packed_ext.kernel_pool).
+// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_pool(mode).
 // Built by setup.py against the openvino wheel's headers (optional); loaded with openvino's NodeFactory.
 
 #include <atomic>
@@ -27,6 +29,15 @@
 #include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#endif
+
+#if defined(KV_OP_TBB) && __has_include(<tbb/parallel_for.h>)
+// the kernel's tasks on OpenVINO's own TBB pool (the op runs inside the CPU plugin's arena): no thread spawned
+// per call, and no spawned thread contending with the plugin's idle TBB worker for the other core
+#include <tbb/blocked_range.h>
+#include <tbb/enumerable_thread_specific.h>
+#include <tbb/parallel_for.h>
+#define KV_USE_TBB 1
 #endif
 
 #include <openvino/core/extension.hpp>
@@ -96,6 +107,19 @@ struct KvSlotC {
     int64_t hq;          // query heads of the last fast-path call
     KvSideC k, v;
 };
+
+// Where the kernel's tasks run: 1 OpenVINO's TBB pool (where built with it), 0 std::threads spawned per call
+// (comparisons, tests). Returns the mode now in force (0 where the build has no TBB).
+static std::atomic<int> g_pool{1};
+__attribute__((visibility("default"))) int64_t kvtool_ov_pool(int64_t mode) {
+#ifdef KV_USE_TBB
+    if (mode >= 0) g_pool.store((int)(mode != 0));
+    return g_pool.load();
+#else
+    (void)mode;
+    return 0;
+#endif
+}
 
 __attribute__((visibility("default"))) void kvtool_ov_struct_sizes(int64_t* out) {
     out[0] = sizeof(KvSideC);
@@ -189,6 +213,25 @@ void run_kernel(const KvSlotC& slot, const float* q, float* out, long Hq, const 
     long nth = slot.threads > 0 ? (long)slot.threads : 1;
     if (nth > tasks) nth = tasks;
     if (a.N * a.rep * D * tasks < (1L << 20)) nth = 1;
+#ifdef KV_USE_TBB
+    if (nth > 1 && g_pool.load(std::memory_order_relaxed)) {  // one task per kv head on OpenVINO's TBB pool; each task's result does not depend on the thread
+        // nth bodies pulling kv heads from one counter (as the spawned workers below): a pool thread that starts
+        // late finds the heads taken instead of holding some back
+        std::atomic<long> next(0);
+        tbb::parallel_for(tbb::blocked_range<long>(0, nth, 1), [&](const tbb::blocked_range<long>&) {
+            static thread_local std::vector<float> work;
+            if ((long)work.size() < wsz) work.resize(wsz);
+            for (long t; (t = next.fetch_add(1)) < tasks;) {
+#ifdef KV_HAVE_AVX2
+                if (avx) { k_avx2::attention_task(a, 0, t, work.data()); continue; }
+#endif
+                k_base::attention_task(a, 0, t, work.data());
+            }
+        });
+        (void)avx;
+        return;
+    }
+#endif
     std::atomic<long> next(0);
     auto worker = [&]() {
         std::vector<float> work(wsz);

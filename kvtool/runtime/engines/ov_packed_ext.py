@@ -22,9 +22,16 @@ and ``kvtool run --json`` say which ran and why. Results are the same on both ro
 kernel with the inputs the Python op passes it (f32 q, the new token in its own type) and converts the new token
 to the stores' dtype as numpy does (round to nearest even), so the stores hold the same bytes.
 
+The kernel's kv heads run on OpenVINO's own TBB pool where the extension was built with the wheel's TBB
+(``setup.py``; the op is evaluated inside the CPU plugin's arena, so the plugin's idle worker takes the other
+heads), else on std::threads spawned per call; ``kernel_pool()`` says which (and sets it for comparisons), and
+``route()``'s reason names it. Spawned threads competed with the plugin's spinning TBB worker for the cores:
+the pool cut the 2-bit decode step's process CPU by 7-17% at 2k tokens (docs/BENCHMARKS.md, "decode step at
+2k, op vs PagedAttention"). ``sync`` writes each slot side with one ``struct.pack_into``.
+
 The slot's address is the op's ``slot`` attribute: the model made here runs only with the engine that owns its
 slots (a serialized model is not usable elsewhere). CPU only, batch 1 (as the engine). Not done: the append
-itself in C++ (``commit`` is ~0.05-0.1 ms of Python per layer and step).
+itself in C++ (``commit`` is ~0.04 ms of Python per layer and step, ``sync`` ~0.04).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import functools
 import glob
 import itertools
 import os
+import struct
 import weakref
 from pathlib import Path
 
@@ -102,7 +110,23 @@ def _load() -> tuple[object | None, str]:
     except Exception as e:  # another openvino version (undefined symbols), a broken build
         return None, f"OpenVINO extension op {path.name} did not load ({str(e).splitlines()[0][:200]})"
     factory._kvtool_lib = lib  # keep the library loaded as long as the factory
-    return factory, f"{path.name} loaded (decode fast path in C++, other calls through the Python fallback)"
+    lib.kvtool_ov_pool.restype = ctypes.c_int64
+    lib.kvtool_ov_pool.argtypes = [ctypes.c_int64]
+    threads = "OpenVINO's TBB pool" if lib.kvtool_ov_pool(-1) else "std::threads per call"
+    return factory, (f"{path.name} loaded (decode fast path in C++, kernel threads: {threads}; other calls through "
+                     f"the Python fallback)")
+
+
+def kernel_pool(mode: int | None = None) -> str | None:
+    """Where the C++ op's kernel runs its kv heads: ``"tbb"`` (OpenVINO's own TBB pool, the op being evaluated
+    inside the CPU plugin's arena; the default where the extension was built with the wheel's TBB) or
+    ``"spawn"`` (std::threads started per call). ``mode`` 0 / 1 sets spawn / tbb for the process (comparisons,
+    tests; 1 is ignored by a build without TBB). None where the extension is not loaded. Either gives the same
+    output bit for bit: a kv head's result does not depend on the thread that computes it."""
+    factory, _ = _load()
+    if factory is None:
+        return None
+    return "tbb" if factory._kvtool_lib.kvtool_ov_pool(-1 if mode is None else int(mode)) else "spawn"
 
 
 def route() -> tuple[str, str]:
@@ -165,22 +189,33 @@ def _ptr(a) -> int | None:
     return None if a is None else a.__array_interface__["data"][0]
 
 
-def _fill_side(c: KvSideC, t: tuple, keep: list) -> None:
-    """``KvSideC`` from ``attention._side_tuple``'s 13-tuple (the Python extension's side description)."""
+# KvSideC's 23 eight-byte fields in order (q: int64, Q: a pointer), written with one struct.pack_into
+_SIDE_FMT = struct.Struct("=4qQ3q2Q4q2QqQ3q2q")
+assert _SIDE_FMT.size == ctypes.sizeof(KvSideC)
+_K_OFF, _V_OFF = KvSlotC.k.offset, KvSlotC.v.offset
+
+
+def _side_values(t: tuple) -> tuple:
+    """``KvSideC``'s field values, in order, from ``attention._side_tuple``'s 13-tuple (the Python extension's
+    side description); strides and dtype flags of an absent array are 0 (the kernel reads none of them)."""
     mode, bits, nq, g, codes, delta, mn, pb, ph, pn, seg, nseg, resid = t
-    c.mode, c.bits, c.nq, c.g, c.pb, c.ph, c.pn = mode, bits, nq, g, pb, ph, pn
-    c.codes, c.delta, c.mn = _ptr(codes), _ptr(delta), _ptr(mn)
-    if codes is not None:
-        c.cs[0], c.cs[1], c.cs[2] = codes.strides[:3]
-        c.p16 = int(delta.itemsize == 2)
-    c.seg, c.nseg = _ptr(seg), _ptr(nseg)
-    c.nseg_max = 0 if seg is None else seg.shape[1]
-    c.resid = _ptr(resid)
-    c.nres = 0 if resid is None else resid.shape[2]
+    cs = codes.strides[:3] if codes is not None else (0, 0, 0)
+    p16 = int(delta.itemsize == 2) if codes is not None else 0
     if resid is not None:
-        c.rs[0], c.rs[1], c.rs[2] = (s // resid.itemsize for s in resid.strides[:3])
-        c.r16 = int(resid.itemsize == 2)
-    keep += [codes, delta, mn, seg, nseg, resid]
+        it = resid.itemsize
+        rs, nres, r16 = tuple(x // it for x in resid.strides[:3]), resid.shape[2], int(it == 2)
+    else:
+        rs, nres, r16 = (0, 0, 0), 0, 0
+    return (mode, bits, nq, g, _ptr(codes) or 0, *cs, _ptr(delta) or 0, _ptr(mn) or 0, p16, pb, ph, pn,
+            _ptr(seg) or 0, _ptr(nseg) or 0, 0 if seg is None else seg.shape[1], _ptr(resid) or 0, *rs, nres, r16)
+
+
+def _fill_side(buf: memoryview, offset: int, t: tuple, keep: list) -> None:
+    """The ``KvSideC`` at byte ``offset`` of a slot's bytes ``buf`` from ``attention._side_tuple``'s 13-tuple, in
+    one write (a field-by-field ctypes fill cost ~18 us per side and step); the arrays it points to go into
+    ``keep``."""
+    _SIDE_FMT.pack_into(buf, offset, *_side_values(t))
+    keep += [t[4], t[5], t[6], t[10], t[11], t[12]]
 
 
 class Slot:
@@ -188,6 +223,7 @@ class Slot:
 
     def __init__(self, layer, evaluate):
         self.c = KvSlotC()
+        self.buf = memoryview(self.c).cast("B")  # the slot's bytes: _fill_side packs each side at its offset
         self.c.key = next(_KEYS)
         self.c.callback = _CALLBACK
         self.c.scale = layer.scale
@@ -250,8 +286,8 @@ def sync(layers) -> None:
             c.pend_k, c.pend_v = _ptr(slot.pend[0]), _ptr(slot.pend[1])
         c.H, c.D = h, d
         keep: list = []
-        _fill_side(c.k, _side_tuple(st.side_layout("k")), keep)
-        _fill_side(c.v, _side_tuple(st.side_layout("v")), keep)
+        _fill_side(slot.buf, _K_OFF, _side_tuple(st.side_layout("k")), keep)
+        _fill_side(slot.buf, _V_OFF, _side_tuple(st.side_layout("v")), keep)
         slot.keep = keep
         c.fast = int(b == 1)
 

@@ -1,0 +1,71 @@
+"""The packed engine's chunk-major step (``OpenVINOPackedEngine._step``) sets the tensors that do not change
+between calls (the empty past inputs, the mask of a call with as many tokens as the last, beam_idx) on the
+request once instead of feeding them every decode step. Reference: the same engine feeding every input on
+every call (``_fixed`` cleared before each step): every step's logits, the tokens and the stores' bytes must be
+identical, also across a chunked prefill (which feeds a non-empty past and a longer mask) and a second
+``generate`` on the same engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvtool.runtime import VLMPipeline
+from tests.runtime.helpers import QUESTION, random_image
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def stateful(exported):
+    return exported("tiny-llava", "openvino", 16, "fp32", stateful=True)
+
+
+def _pipe(path, prefix, always_feed: bool):
+    pipe = VLMPipeline.load(path, kv="g-KC32VT32", k_bits=2, v_bits=2, kv_owner="packed", prefill_chunk=16,
+                            prefill_order="chunk", prefix_attention=prefix)
+    eng = pipe.engine
+    if always_feed:
+        step = eng._step
+
+        def every_input(embeds, pos):
+            eng._fixed = None
+            return step(embeds, pos)
+
+        eng._step = every_input
+    return pipe
+
+
+@pytest.mark.parametrize("prefix", ["graph", "op"])
+def test_fixed_feeds_change_nothing(stateful, prefix):
+    outs = []
+    for always in (True, False):
+        pipe = _pipe(stateful, prefix, always)
+        runs = [pipe.generate(random_image(seed), QUESTION, max_new_tokens=5, keep_logits=True, ignore_eos=True)
+                for seed in (0, 1)]
+        eng = pipe.engine
+        assert eng.info()["prefill_chunked"] and eng.info()["prefill_order"] == "chunk"
+        outs.append((runs, [la.store.dequantize() for la in eng.layers], eng))
+    (ref, ref_st, _), (got, got_st, eng) = outs
+    for r, g in zip(ref, got, strict=True):
+        assert g.token_ids == r.token_ids and g.stats["kv_bytes"] == r.stats["kv_bytes"]
+        for a, b in zip(r.logits, g.logits, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(ref_st, got_st, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    # the decode steps left the one-token mask and empty pasts on the request, fed once
+    assert eng._fixed is not None and eng._fixed[0] == 1
+    req = eng.lm_req
+    assert tuple(req.get_tensor("attention_mask").shape) == (1, 1)
+    assert req.get_tensor("kvtool_past.0.key").shape[0] == 0
+
+
+def test_a_failed_call_feeds_everything_next(stateful):
+    pipe = _pipe(stateful, "graph", False)
+    pipe.generate(random_image(0), QUESTION, max_new_tokens=3, ignore_eos=True)
+    eng = pipe.engine
+    assert eng._fixed is not None
+    with pytest.raises(Exception):  # noqa: B017 (OpenVINO's own error for a wrong-width embedding)
+        eng._step(np.zeros((1, 1, 3), np.float32), np.array([[0]], dtype=np.int64))
+    assert eng._fixed is None
