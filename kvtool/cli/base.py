@@ -6,6 +6,7 @@ argument that takes a bundled model's name (``model_argument``), the libraries k
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import sys
@@ -18,25 +19,39 @@ from kvtool.errors import InputError
 
 # what the `full` extra adds to the runtime-only install (pyproject.toml)
 FULL_ONLY_MODULES = ("torch", "torchvision", "accelerate", "nncf", "optimum", "onnx", "onnxscript")
+# top-level module -> the pyproject extra that installs it (a missing one is a one-line error naming the extra)
+OPTIONAL_MODULES = {**{m: "full" for m in FULL_ONLY_MODULES}, "ray": "sweep", "openvino_genai": "bench"}
+# OSError kinds that mean "the path you named is wrong" rather than a fault of kvtool
+USER_PATH_ERRNOS = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EROFS, errno.ENOSPC)
 
 
 class KvtoolGroup(click.Group):
     """A click group that reports bad input as one line and exit code 2, never a traceback. The library
     names its options as Python arguments (``text_only=True``, ``kv_mode: ...``); the line shown spells each
-    one that is a CLI option as its flag (``--text-only``, ``--kv-mode: ...``): ``cli_flag_names``."""
+    one that is a CLI option as its flag (``--text-only``, ``--kv-mode: ...``): ``cli_flag_names`` (a value the
+    user typed, such as a directory named ``data``, is left as typed). Also one line, exit 2: a module of an
+    extra that is not installed (``OPTIONAL_MODULES``: which extra to install), and an ``OSError`` on a path
+    the user named (``-o`` an existing file, a directory where a file was expected: ``USER_PATH_ERRNOS``)."""
 
     def invoke(self, ctx: click.Context):
+        typed = {a.rstrip("/") for a in [*ctx._protected_args, *ctx.args] if isinstance(a, str)}
         try:
             return super().invoke(ctx)
         except (InputError, FileNotFoundError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: {cli_flag_names(msg, ctx.find_root().command)}", err=True)
+            click.echo(f"error: {cli_flag_names(msg, ctx.find_root().command, typed)}", err=True)
             sys.exit(2)
         except ModuleNotFoundError as exc:  # the runtime-only install has no torch / export libraries
-            if (exc.name or "").split(".")[0] not in FULL_ONLY_MODULES:
+            extra = OPTIONAL_MODULES.get((exc.name or "").split(".")[0])
+            if extra is None:
                 raise
-            click.echo(f"error: this needs the full install (pip install \"kvtool[full]\"): no module named "
-                       f"{exc.name!r} in the runtime-only install", err=True)
+            click.echo(f"error: this needs the {extra} extra (pip install \"kvtool[{extra}]\", or pip install -e "
+                       f"\".[{extra}]\" in a source checkout): no module named {exc.name!r}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # a path the user named is of the wrong kind or not writable
+            if exc.errno not in USER_PATH_ERRNOS or not exc.filename:
+                raise
+            click.echo(f"error: {exc.filename}: {exc.strerror}", err=True)
             sys.exit(2)
 
 
@@ -76,12 +91,16 @@ def _option_flags(command: click.Command) -> dict[str, str]:
     return {k: v for k, v in flags.items() if len(k) > 1}
 
 
-def cli_flag_names(msg: str, command: click.Command | None = None) -> str:
+def cli_flag_names(msg: str, command: click.Command | None = None, typed: set[str] | frozenset[str] = frozenset()) -> str:
     """``msg`` with the library's Python argument names of CLI options spelt as the flags: ``name=True`` ->
     ``--name``, ``name=False`` -> ``without --name``, ``name=X`` -> ``--name X``, and a leading ``name:`` ->
-    ``--name:``. Names that are no option of the CLI (``kv_owner``) are left as they are."""
+    ``--name:``. Names that are no option of the CLI (``kv_owner``) are left as they are, and so are the
+    values in ``typed`` (what the user typed on the command line: ``kvtool run data/`` names the directory
+    ``data``, not ``--data``)."""
     flags = _option_flags(command or main)
     for name in sorted(flags, key=len, reverse=True):
+        if name in typed:
+            continue
         flag = flags[name]
         pre = r"(?<![\w.\-])"
         msg = re.sub(pre + re.escape(name) + r"=True\b", flag, msg)
