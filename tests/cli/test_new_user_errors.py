@@ -53,12 +53,11 @@ def test_other_missing_module_is_not_hidden():
 def test_sweep_ray_without_ray_is_one_line(tmp_path, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ModuleNotFoundError, as without the extra
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray / find_spec -> not installed, as without the extra
     grid = tmp_path / "grid.toml"
     grid.write_text('tasks = ["shapes"]\nlimit = 2\n[models.ref]\npath = "kvtool-shapes"\nbackend = "torch"\n'
                     '[reference]\nmodel = "ref"\n')
-    line = _one_line(CliRunner().invoke(main, ["sweep", str(grid), "-o", str(tmp_path / "sw"), "--executor", "ray",
-                                               "--no-progress"]))
+    line = _one_line(CliRunner().invoke(main, ["sweep", str(grid), "-o", str(tmp_path / "sw"), "--executor", "ray"]))
     assert "kvtool[sweep]" in line and "'ray'" in line
 
 
