@@ -33,6 +33,28 @@ class KvtoolGroup(click.Group):
     extra that is not installed (``OPTIONAL_MODULES``: which extra to install), and an ``OSError`` on a path
     the user named (``-o`` an existing file, a directory where a file was expected: ``USER_PATH_ERRNOS``)."""
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """click's own usage errors (an unknown option, a value outside a choice, a missing argument) as one
+        line ``error: ... (see 'kvtool CMD --help')``, exit 2, like kvtool's own (click prints a usage block)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `kvtool`: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx: click.Context):
         typed = {a.rstrip("/") for a in [*ctx._protected_args, *ctx.args] if isinstance(a, str)}
         try:

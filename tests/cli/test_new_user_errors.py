@@ -122,3 +122,26 @@ def test_sweep_doc_example_parses(tmp_path):
     paths = {c.model: c.path for c in grid.cells}
     assert paths == {"ref": str(SHAPES_MODEL_DIR), "w4": str(tmp_path / "shapes-w4")}
     assert len(grid.cells) == 4  # ref fp16, w4 fp16, w4 g-KC128VT128 at 4 and at 2 bits
+
+
+@pytest.mark.parametrize("args,says", [
+    (["run", "x", "--backend", "foo", "--prompt", "p"], "Invalid value for '--backend': 'foo' is not one of"),
+    (["models", "make", "nosuch", "x"], "Invalid value for 'NAME': 'nosuch' is not one of 'tiny-llava'"),
+    (["kv-roundtrip", "--schemes", "x"], "No such option '--schemes'"),
+    (["eval", "merge"], "Missing argument 'RUN_DIR'"),
+])
+def test_click_usage_errors_are_one_line(args, says, capfd):
+    # click's usage block (Usage: / Try ... / Error: ...) becomes kvtool's one line, through main() as the
+    # console script calls it (CliRunner would not go through KvtoolGroup.main's standalone handling)
+    with pytest.raises(SystemExit) as ex:
+        main.main(args, prog_name="kvtool")
+    err = capfd.readouterr().err
+    assert ex.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and says in err, err
+    assert err.rstrip().endswith(" --help')"), err
+
+
+def test_help_and_version_still_exit_0(capfd):
+    for args in (["--version"], ["run", "--help"]):
+        with pytest.raises(SystemExit) as ex:
+            main.main(args, prog_name="kvtool")
+        assert ex.value.code == 0, args
