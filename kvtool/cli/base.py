@@ -170,13 +170,12 @@ def model_argument(name: str = "model", required: bool = True):
 def verbose_option(f):
     return click.option("--verbose", is_flag=True,
                         help="Also show the libraries' own progress bars and log lines (transformers' 'Loading "
-                             "weights' / 'Writing model shards', datasets', NNCF's); kvtool's own bar is "
-                             "--no-progress's.")(f)
+                             "weights' / 'Writing model shards', datasets', NNCF's).")(f)
 
 
 def progress_option(f):
     return click.option("--no-progress", is_flag=True,
-                        help="Hide kvtool's own progress bar (on stderr; the libraries' bars are --verbose's).")(f)
+                        help="Hide kvtool's own progress bar (on stderr).")(f)
 
 
 @contextmanager
