@@ -56,7 +56,15 @@ class DemoConfig:
             raise InputError(f"--bits {bad[0]}: expected KV bits among {', '.join(map(str, QUANT_BITS))}")
         from kvtool.quant_ops import parse_scheme
 
-        self.schemes = tuple(str(parse_scheme(s)) for s in self.schemes)  # InputError/ValueError on a bad name
+        parsed = []
+        for s in self.schemes:
+            try:
+                parsed.append(str(parse_scheme(s)))
+            except (InputError, ValueError) as e:  # name the option, as run/eval's --kv do
+                raise InputError(f"--schemes: {e}") from None
+        if not parsed:
+            raise InputError("--schemes: empty; expected comma-separated KV schemes (kvtool ls schemes)")
+        self.schemes = tuple(parsed)
         self.plan = demo_plan(self.schemes, self.bits)
 
 

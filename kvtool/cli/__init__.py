@@ -10,7 +10,8 @@ a table (or JSON with ``--json``); no logic lives here. Heavy libraries (torch, 
 transformers) are imported inside the commands so that ``kvtool --help`` is instant.
 
 Bad input raises ``kvtool.errors.InputError`` (a ``ValueError``) or ``FileNotFoundError`` in the library;
-``KvtoolGroup`` turns both into a one-line ``error: ...`` on stderr and exit code 2.
+``KvtoolGroup`` turns both into a one-line ``error: ...`` on stderr and exit code 2, and so a missing extra's module
+(naming the extra), an ``OSError`` on a path the user named, and click's own usage errors.
 """
 
 from __future__ import annotations

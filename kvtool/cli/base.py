@@ -6,6 +6,7 @@ argument that takes a bundled model's name (``model_argument``), the libraries k
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import sys
@@ -18,25 +19,61 @@ from kvtool.errors import InputError
 
 # what the `full` extra adds to the runtime-only install (pyproject.toml)
 FULL_ONLY_MODULES = ("torch", "torchvision", "accelerate", "nncf", "optimum", "onnx", "onnxscript")
+# top-level module -> the pyproject extra that installs it (a missing one is a one-line error naming the extra)
+OPTIONAL_MODULES = {**{m: "full" for m in FULL_ONLY_MODULES}, "ray": "sweep", "openvino_genai": "bench"}
+# OSError kinds that mean "the path you named is wrong" rather than a fault of kvtool
+USER_PATH_ERRNOS = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EROFS, errno.ENOSPC)
 
 
 class KvtoolGroup(click.Group):
     """A click group that reports bad input as one line and exit code 2, never a traceback. The library
     names its options as Python arguments (``text_only=True``, ``kv_mode: ...``); the line shown spells each
-    one that is a CLI option as its flag (``--text-only``, ``--kv-mode: ...``): ``cli_flag_names``."""
+    one that is a CLI option as its flag (``--text-only``, ``--kv-mode: ...``): ``cli_flag_names`` (a value the
+    user typed, such as a directory named ``data``, is left as typed). Also one line, exit 2: a module of an
+    extra that is not installed (``OPTIONAL_MODULES``: which extra to install), and an ``OSError`` on a path
+    the user named (``-o`` an existing file, a directory where a file was expected: ``USER_PATH_ERRNOS``)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """click's own usage errors (an unknown option, a value outside a choice, a missing argument) as one
+        line ``error: ... (see 'kvtool CMD --help')``, exit 2, like kvtool's own (click prints a usage block)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `kvtool`: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
+        typed = {a.rstrip("/") for a in [*ctx._protected_args, *ctx.args] if isinstance(a, str)}
         try:
             return super().invoke(ctx)
         except (InputError, FileNotFoundError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: {cli_flag_names(msg, ctx.find_root().command)}", err=True)
+            click.echo(f"error: {cli_flag_names(msg, ctx.find_root().command, typed)}", err=True)
             sys.exit(2)
         except ModuleNotFoundError as exc:  # the runtime-only install has no torch / export libraries
-            if (exc.name or "").split(".")[0] not in FULL_ONLY_MODULES:
+            extra = OPTIONAL_MODULES.get((exc.name or "").split(".")[0])
+            if extra is None:
                 raise
-            click.echo(f"error: this needs the full install (pip install \"kvtool[full]\"): no module named "
-                       f"{exc.name!r} in the runtime-only install", err=True)
+            click.echo(f"error: this needs the {extra} extra (pip install \"kvtool[{extra}]\", or pip install -e "
+                       f"\".[{extra}]\" in a source checkout): no module named {exc.name!r}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # a path the user named is of the wrong kind or not writable
+            if exc.errno not in USER_PATH_ERRNOS or not exc.filename:
+                raise
+            click.echo(f"error: {exc.filename}: {exc.strerror}", err=True)
             sys.exit(2)
 
 
@@ -76,12 +113,16 @@ def _option_flags(command: click.Command) -> dict[str, str]:
     return {k: v for k, v in flags.items() if len(k) > 1}
 
 
-def cli_flag_names(msg: str, command: click.Command | None = None) -> str:
+def cli_flag_names(msg: str, command: click.Command | None = None, typed: set[str] | frozenset[str] = frozenset()) -> str:
     """``msg`` with the library's Python argument names of CLI options spelt as the flags: ``name=True`` ->
     ``--name``, ``name=False`` -> ``without --name``, ``name=X`` -> ``--name X``, and a leading ``name:`` ->
-    ``--name:``. Names that are no option of the CLI (``kv_owner``) are left as they are."""
+    ``--name:``. Names that are no option of the CLI (``kv_owner``) are left as they are, and so are the
+    values in ``typed`` (what the user typed on the command line: ``kvtool run data/`` names the directory
+    ``data``, not ``--data``)."""
     flags = _option_flags(command or main)
     for name in sorted(flags, key=len, reverse=True):
+        if name in typed:
+            continue
         flag = flags[name]
         pre = r"(?<![\w.\-])"
         msg = re.sub(pre + re.escape(name) + r"=True\b", flag, msg)
@@ -129,13 +170,12 @@ def model_argument(name: str = "model", required: bool = True):
 def verbose_option(f):
     return click.option("--verbose", is_flag=True,
                         help="Also show the libraries' own progress bars and log lines (transformers' 'Loading "
-                             "weights' / 'Writing model shards', datasets', NNCF's); kvtool's own bar is "
-                             "--no-progress's.")(f)
+                             "weights' / 'Writing model shards', datasets', NNCF's).")(f)
 
 
 def progress_option(f):
     return click.option("--no-progress", is_flag=True,
-                        help="Hide kvtool's own progress bar (on stderr; the libraries' bars are --verbose's).")(f)
+                        help="Hide kvtool's own progress bar (on stderr).")(f)
 
 
 @contextmanager

@@ -30,7 +30,8 @@ REAL_SHAPE_NAMES = ["llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-vicuna-7b", "qw
 
 
 @models_group.command(name="make")
-@click.argument("name", type=click.Choice(["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", *REAL_SHAPE_NAMES]))
+@click.argument("name", metavar="NAME",
+                type=click.Choice(["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", *REAL_SHAPE_NAMES]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Weight initialisation seed.")
 @click.option("--hidden", type=int, help="Text hidden size (default 128).")
@@ -47,7 +48,7 @@ REAL_SHAPE_NAMES = ["llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-vicuna-7b", "qw
 @verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the sizes as JSON.")
 def models_make(name, out_dir, seed, as_json, weight_dtype, no_progress, verbose, **sizes) -> None:
-    """Build the random checkpoint NAME into OUT_DIR (no hub access).
+    """Build the random checkpoint NAME (kvtool ls models) into OUT_DIR (no hub access).
 
     tiny-*: tiny models for tests. The others have the published config.json of the real model (random
     weights, written shard by shard in fp16/bf16, with a progress bar of the shards; --layers N truncates the

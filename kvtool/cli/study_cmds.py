@@ -76,6 +76,11 @@ def sweep_cmd(grid, output, executor, address, workers, max_retries, dry_run, ra
     study-shaped report. The judge's API key comes from the environment (KVTOOL_JUDGE_KEY), never the grid."""
     from kvtool.evals.sweep import SweepConfig, format_plan, run_sweep
 
+    if executor == "ray" and not dry_run:  # before any unit's progress bar: a missing extra is one clean line
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ModuleNotFoundError("No module named 'ray'", name="ray")
     cfg = SweepConfig(grid=grid, output=output, executor=executor, address=address, workers=workers,
                       max_retries=max_retries, dry_run=dry_run, rates_from=list(rates_from), n_boot=n_boot,
                       progress=not no_progress)

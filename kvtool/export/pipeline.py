@@ -134,6 +134,7 @@ def _export_model(cfg: ExportConfig, progress_stream=None) -> ExportResult:
         from kvtool.export.openvino_backend import check_architecture
 
         check_architecture(arch)
+    source.check_weights(model_dir, cfg.model)
     torch_transform = cfg.wbits == 3 or (cfg.awq and cfg.backend == "onnx")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

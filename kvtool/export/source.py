@@ -24,6 +24,9 @@ def resolve_model_dir(model: str) -> Path:
     """A local checkpoint directory for ``model``; a hub id is downloaded only when the hub is reachable."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if (path / "kvtool.json").is_file():
+            raise InputError(f"model {model}: is a kvtool export (kvtool.json), not a checkpoint; export from the "
+                             "Hugging Face checkpoint it was made from")
         if not (path / "config.json").is_file():
             raise InputError(f"model {model}: directory has no config.json (expected a Hugging Face checkpoint)")
         return path
@@ -69,6 +72,15 @@ def lm_linear_widths(config: dict[str, Any]) -> set[int]:
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's weight files, sorted: its safetensors shards, else its ``*.bin`` files."""
     return sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+
+
+def check_weights(model_dir: Path, where: str) -> None:
+    """Raise ``InputError`` unless ``model_dir`` holds a checkpoint's weights (``*.safetensors`` or
+    ``pytorch_model*.bin``): a folder with a config.json and nothing to load is refused in one line, before
+    transformers' loader fails deep inside."""
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
+        raise InputError(f"model {where}: no weight files (expected *.safetensors or pytorch_model*.bin of a "
+                         "Hugging Face checkpoint)")
 
 
 def weights_sha256(model_dir: Path) -> str:

@@ -293,6 +293,10 @@ def tiny_size(name: str, **overrides) -> TinySize:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise InputError(f"unknown size option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(fields))}")
+    bad = {k: v for k, v in overrides.items() if v is not None and int(v) < 1}
+    if bad:  # a size of 0 built a model without layers/heads; negative ones fail deep in torch
+        k, v = next(iter(bad.items()))
+        raise InputError(f"{k}={v}: expected a positive integer")
     s = replace(_DEFAULTS[name], **{k: int(v) for k, v in overrides.items() if v is not None})
     if s.hidden % s.heads:
         raise InputError(f"hidden={s.hidden} is not a multiple of heads={s.heads}")

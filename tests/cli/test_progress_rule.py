@@ -76,3 +76,19 @@ def test_hub_retry_warnings_only_with_verbose():
     assert hub.level == before
     with quiet_loading(True, datasets=True):
         assert hub.level == before
+
+
+def test_option_help_names_only_options_the_command_has():
+    """A new user read `kvtool run --help`'s --verbose text "kvtool's own bar is --no-progress's", and run has
+    no --no-progress (kv-roundtrip's --no-progress named a --verbose it lacks): an option's help may point
+    only at options of the same command (the rule across commands is `kvtool --help`'s)."""
+    import re
+
+    wrong = []
+    for name, cmd in _commands(main):
+        flags = {o for p in cmd.params for o in (*getattr(p, "opts", []), *getattr(p, "secondary_opts", []))}
+        for p in cmd.params:
+            for ref in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", getattr(p, "help", None) or ""):
+                if ref not in flags:
+                    wrong.append(f"kvtool {name} {p.opts[0]}: names {ref}")
+    assert not wrong, wrong

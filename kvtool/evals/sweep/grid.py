@@ -24,7 +24,8 @@ Grid file, every key but ``tasks``, ``[models.*]`` and ``[reference]`` optional:
     gpus_per_torch_unit = 0        # 1: torch-reference units ask Ray for a GPU (run on a GPU node)
 
     [models.ref]                   # one entry per model x weight setting
-    path = "llava-1.5-7b-hf/"      # HF checkpoint (backend torch: the reference) or an exported dir
+    path = "llava-1.5-7b-hf/"      # HF checkpoint (backend torch: the reference), an exported dir, or a
+                                   # bundled model's name (kvtool-shapes)
     backend = "torch"              # openvino | onnxruntime | torch | auto
     wbits = 16                     # label for reports (an export's manifest says it otherwise)
 
@@ -283,8 +284,12 @@ def parse_grid(text: str, source: str = "GRID", base_dir: str | Path = ".") -> G
 def load_grid(path: str | Path) -> Grid:
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"GRID {p}: no such file; expected a TOML grid file (see kvtool sweep --help)")
-    return parse_grid(p.read_text(encoding="utf-8"), str(p), p.parent)
+        raise InputError(f"GRID {p}: no such file; expected a TOML grid file (format: docs/SWEEP.md)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"GRID {p}: not a text file (not UTF-8); expected a TOML grid file (format: docs/SWEEP.md)") from None
+    return parse_grid(text, str(p), p.parent)
 
 
 def _resolve(base: Path, p: str) -> str:
@@ -346,6 +351,10 @@ def check_grid(raw: dict[str, Any], src: str, base: Path) -> Grid:
         if not isinstance(m.get("path"), str):
             raise _err(src, f"{where}.path", "missing; expected a model directory")
         p = Path(_resolve(base, m["path"]))
+        if not p.is_dir():  # a bundled model's name (kvtool ls models), as run / eval / export take it
+            from kvtool.models.bundled import BUNDLED_MODELS
+
+            p = BUNDLED_MODELS[m["path"]][0] if m["path"] in BUNDLED_MODELS else p
         if not p.is_dir():
             raise _err(src, f"{where}.path", f"{p} does not exist; expected an exported dir or an HF checkpoint dir")
         if not ((p / "kvtool.json").is_file() or (p / "config.json").is_file()):
