@@ -333,12 +333,14 @@ class LayerRunner:
         (``openvino_packed._PackedKV``; empty outside a chunk-major prefill: the ops read their stores and append
         the T tokens), ``kv`` then advanced by T: the last position's logits [V]. Each layer's output is copied
         before it is the next one's input; after a multi-token call (a prompt not chunked) each layer's memory is
-        released (``release``); the head gets the last position only."""
+        released (``release``; a multi-token call on non-empty stores is not: two such calls of one shape
+        would meet ``RELEASE_GUARD``); the head gets the last position only."""
         x = embeds
+        prompt = not kv.n_tokens  # a prompt in one call into empty stores (not the op's case (c))
         for i in range(len(self.reqs)):
             k, v, _ = kv.past(i)
             x = self.layer(i, x, pos, k, v).copy()  # not request i's memory as request i + 1's input
-            if x.shape[1] > 1:  # a prompt in one call: its T-sized intermediates freed as in a chunked prefill
+            if prompt and x.shape[1] > 1:  # its T-sized intermediates freed as in a chunked prefill
                 self.release(i)
         logits = self.head(x[:, -1:])
         kv.advance(embeds.shape[1])
