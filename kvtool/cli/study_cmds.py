@@ -81,9 +81,12 @@ def sweep_cmd(grid, output, executor, address, workers, max_retries, dry_run, ra
 
         if importlib.util.find_spec("ray") is None:
             raise ModuleNotFoundError("No module named 'ray'", name="ray")
+    from kvtool.models.bundled import BUNDLED_MODELS
+
     cfg = SweepConfig(grid=grid, output=output, executor=executor, address=address, workers=workers,
                       max_retries=max_retries, dry_run=dry_run, rates_from=list(rates_from), n_boot=n_boot,
-                      progress=not no_progress)
+                      progress=not no_progress,
+                      model_names={n: str(d) for n, (d, _) in BUNDLED_MODELS.items()})  # `kvtool ls models`
     with quiet_loading(verbose or dry_run, datasets=True):  # a dry run loads nothing
         result = run_sweep(cfg)
     if as_json:

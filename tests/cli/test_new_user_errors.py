@@ -118,7 +118,7 @@ def test_sweep_doc_example_parses(tmp_path):
     text = re.search(r"```toml\n(.*?)```", (DOCS / "SWEEP.md").read_text(encoding="utf-8"), re.S).group(1)
     (tmp_path / "shapes-w4").mkdir()
     (tmp_path / "shapes-w4" / "kvtool.json").write_text("{}")
-    grid = parse_grid(text, "grid.toml", tmp_path)
+    grid = parse_grid(text, "grid.toml", tmp_path, {"kvtool-shapes": str(SHAPES_MODEL_DIR)})
     paths = {c.model: c.path for c in grid.cells}
     assert paths == {"ref": str(SHAPES_MODEL_DIR), "w4": str(tmp_path / "shapes-w4")}
     assert len(grid.cells) == 4  # ref fp16, w4 fp16, w4 g-KC128VT128 at 4 and at 2 bits

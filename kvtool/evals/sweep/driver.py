@@ -47,6 +47,7 @@ class SweepConfig:
     n_boot: int = 1000
     rates_from: list[str] = field(default_factory=list)  # earlier run/sweep dirs to measure rows/s from
     progress: bool = True
+    model_names: dict[str, str] = field(default_factory=dict)  # name -> directory a grid's model path may name
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -226,7 +227,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
 
     from kvtool.evals.sweep.study import finish_sweep
 
-    grid = load_grid(cfg.grid)
+    grid = load_grid(cfg.grid, cfg.model_names)
     out = Path(cfg.output).resolve()  # units on other machines write to this path: it must be absolute (shared)
     check_cells(grid, out)
     plan = plan_sweep(grid, out, cfg.rates_from)

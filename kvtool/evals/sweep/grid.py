@@ -268,8 +268,10 @@ def cell_name(model: str, kv: str, k_bits: int, v_bits: int, kv_mode: str, first
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def parse_grid(text: str, source: str = "GRID", base_dir: str | Path = ".") -> Grid:
-    """Parse and check a grid file's text; relative paths resolve against ``base_dir``."""
+def parse_grid(text: str, source: str = "GRID", base_dir: str | Path = ".",
+               model_names: dict[str, str] | None = None) -> Grid:
+    """Parse and check a grid file's text; relative paths resolve against ``base_dir``; ``model_names`` as
+    ``check_grid``'s."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -278,10 +280,11 @@ def parse_grid(text: str, source: str = "GRID", base_dir: str | Path = ".") -> G
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{source}: not valid TOML ({str(exc).splitlines()[0]})") from None
-    return check_grid(raw, source, Path(base_dir))
+    return check_grid(raw, source, Path(base_dir), model_names)
 
 
-def load_grid(path: str | Path) -> Grid:
+def load_grid(path: str | Path, model_names: dict[str, str] | None = None) -> Grid:
+    """``parse_grid`` of the file ``path``; InputError (one line) where it is missing or not text."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"GRID {p}: no such file; expected a TOML grid file (format: docs/SWEEP.md)")
@@ -289,7 +292,7 @@ def load_grid(path: str | Path) -> Grid:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(f"GRID {p}: not a text file (not UTF-8); expected a TOML grid file (format: docs/SWEEP.md)") from None
-    return parse_grid(text, str(p), p.parent)
+    return parse_grid(text, str(p), p.parent, model_names)
 
 
 def _resolve(base: Path, p: str) -> str:
@@ -297,8 +300,9 @@ def _resolve(base: Path, p: str) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
-def check_grid(raw: dict[str, Any], src: str, base: Path) -> Grid:
-    """Check a parsed grid (see the module docstring) and expand it into cells."""
+def check_grid(raw: dict[str, Any], src: str, base: Path, model_names: dict[str, str] | None = None) -> Grid:
+    """Check a parsed grid (see the module docstring) and expand it into cells. ``model_names``: names a model's
+    ``path`` may give instead of a directory (name -> directory; the CLI passes kvtool's bundled models)."""
     from kvtool.evals.tasks import parse_tasks
 
     _unknown(src, "", raw, TOP_KEYS)
@@ -351,10 +355,8 @@ def check_grid(raw: dict[str, Any], src: str, base: Path) -> Grid:
         if not isinstance(m.get("path"), str):
             raise _err(src, f"{where}.path", "missing; expected a model directory")
         p = Path(_resolve(base, m["path"]))
-        if not p.is_dir():  # a bundled model's name (kvtool ls models), as run / eval / export take it
-            from kvtool.models.bundled import BUNDLED_MODELS
-
-            p = BUNDLED_MODELS[m["path"]][0] if m["path"] in BUNDLED_MODELS else p
+        if not p.is_dir() and m["path"] in (model_names or {}):  # a bundled model's name (kvtool ls models)
+            p = Path(model_names[m["path"]])
         if not p.is_dir():
             raise _err(src, f"{where}.path", f"{p} does not exist; expected an exported dir or an HF checkpoint dir")
         if not ((p / "kvtool.json").is_file() or (p / "config.json").is_file()):
