@@ -91,6 +91,21 @@ def _chat_template(path: Path, *configs: dict) -> str | None:
     return None
 
 
+def rescale_normalize(x: np.ndarray, c: dict) -> np.ndarray:
+    """An image ``x`` [C, H, W] (uint8) rescaled and normalized as transformers' image processors do by the
+    preprocessor config ``c`` (``do_rescale`` / ``rescale_factor``: the product in float64 then float32;
+    ``do_normalize`` / ``image_mean`` / ``image_std`` per channel, float32) -> float32 [C, H, W]."""
+    if c.get("do_rescale", True):
+        x = (x.astype(np.float64) * float(c.get("rescale_factor", 1 / 255))).astype(np.float32)
+    else:
+        x = x.astype(np.float32)
+    if c.get("do_normalize", True):
+        mean = np.asarray(c["image_mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(c["image_std"], dtype=np.float32)[:, None, None]
+        x = (x - mean) / std
+    return x
+
+
 class LeanLlavaProcessor:
     """``processor(images=..., text=..., return_tensors="np")`` -> ``input_ids`` [1, T] int64, ``attention_mask``
     [1, T], ``pixel_values`` [n, 3, H, W] float32; ``apply_chat_template``; ``tokenizer``; ``image_token``."""
@@ -148,14 +163,7 @@ class LeanLlavaProcessor:
             top, left = (x.shape[0] - ch) // 2, (x.shape[1] - cw) // 2
             x = x[top:top + ch, left:left + cw]
         x = x.transpose(2, 0, 1)
-        if c.get("do_rescale", True):
-            x = (x.astype(np.float64) * float(c.get("rescale_factor", 1 / 255))).astype(np.float32)
-        else:
-            x = x.astype(np.float32)
-        if c.get("do_normalize", True):
-            mean = np.asarray(c["image_mean"], dtype=np.float32)[:, None, None]
-            std = np.asarray(c["image_std"], dtype=np.float32)[:, None, None]
-            x = (x - mean) / std
+        x = rescale_normalize(x, c)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def __call__(self, images=None, text: str | None = None, return_tensors: str | None = "np", **kwargs):

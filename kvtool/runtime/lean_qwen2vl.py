@@ -33,6 +33,7 @@ from kvtool.runtime.lean_processor import (
     LeanTokenizer,
     _chat_template,
     _json,
+    rescale_normalize,
 )
 
 IMAGE_PROCESSORS = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil", "Qwen2VLImageProcessorFast")
@@ -100,14 +101,7 @@ class LeanQwen2VLProcessor:
         if x.ndim == 2:
             x = x[:, :, None]
         x = x.transpose(2, 0, 1)  # [C, H, W]
-        if c.get("do_rescale", True):
-            x = (x.astype(np.float64) * float(c.get("rescale_factor", 1 / 255))).astype(np.float32)
-        else:
-            x = x.astype(np.float32)
-        if c.get("do_normalize", True):
-            mean = np.asarray(c["image_mean"], dtype=np.float32)[:, None, None]
-            std = np.asarray(c["image_std"], dtype=np.float32)[:, None, None]
-            x = (x - mean) / std
+        x = rescale_normalize(x, c)
         ch, h, w = x.shape
         gh, gw = h // p, w // p
         if gh * p != h or gw * p != w or gh % m or gw % m:
