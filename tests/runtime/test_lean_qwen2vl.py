@@ -8,18 +8,13 @@ and imports neither torch nor transformers, with the same answer as with transfo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.runtime.helpers import random_image
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.runtime.helpers import assert_lean_run_matches_transformers, random_image
 
 
 def _with_image_cfg(src: Path, dst: Path, **changes) -> Path:
@@ -157,24 +152,6 @@ def test_lean_qwen2vl_declines_what_it_does_not_reproduce(tiny_model, tmp_path):
 
 
 def test_openvino_qwen2vl_run_imports_neither_torch_nor_transformers(exported):
+    # and the answer equals the one with transformers' processor
     out = exported("tiny-qwen2-vl", "openvino", 16, "fp32")
-    code = (
-        "import sys\nfrom PIL import Image\nimport numpy as np\nfrom kvtool.runtime import VLMPipeline\n"
-        f"p = VLMPipeline.load({str(out)!r})\n"
-        "img = Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype('uint8'))\n"
-        "o = p.generate(img, 'What is this?', max_new_tokens=4)\n"
-        "assert p.info()['processor'] == 'LeanQwen2VLProcessor', p.info()['processor']\n"
-        "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
-        "assert not bad, bad\nprint(o.token_ids)\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    from kvtool.runtime import VLMPipeline
-    from kvtool.runtime.processing import load_processor
-
-    pipe = VLMPipeline.load(out)
-    pipe.processor = load_processor(out)
-    pipe.tokenizer = pipe.processor.tokenizer
-    assert pipe.info()["processor"] == "Qwen2VLProcessor"
-    want = pipe.generate(random_image(0, (60, 90)), "What is this?", max_new_tokens=4).token_ids
-    assert res.stdout.strip().splitlines()[-1] == str(want)
+    assert_lean_run_matches_transformers(out, "LeanQwen2VLProcessor", "Qwen2VLProcessor", 4)
