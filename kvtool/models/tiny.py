@@ -88,17 +88,18 @@ _DEFAULTS = {
 }
 
 
+def _lm_dims(s: TinySize, tok) -> dict:
+    """The language model's sizes of ``s`` as transformers' text configs name them (vocabulary: ``tok``'s)."""
+    return dict(vocab_size=len(tok), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                max_position_embeddings=s.max_positions)
+
+
 def _llama_text_config(s: TinySize, tok):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads,
-        max_position_embeddings=s.max_positions,
+        **_lm_dims(s, tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -230,13 +231,7 @@ def _build_qwen2_vl(s: TinySize):
     h_sec = (half - t_sec) // 2
     mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
     text = dict(
-        vocab_size=len(tok),
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads,
-        max_position_embeddings=s.max_positions,
+        **_lm_dims(s, tok),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),

@@ -106,6 +106,18 @@ def rescale_normalize(x: np.ndarray, c: dict) -> np.ndarray:
     return x
 
 
+def call_images(processor: str, images, text, kwargs: dict) -> list:
+    """The lean processors' ``__call__`` arguments checked as transformers' processors take them for one prompt:
+    ``text`` one string, no keyword but ``add_special_tokens``; ``images`` None, one image or a list/tuple of
+    them -> the list of images. Raises ValueError naming ``processor`` and the argument."""
+    if not isinstance(text, str):
+        raise ValueError(f"{processor}: text must be one string")
+    unknown = set(kwargs) - {"add_special_tokens"}
+    if unknown:
+        raise ValueError(f"{processor}: unsupported keyword(s) {sorted(unknown)}")
+    return [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+
+
 class LeanLlavaProcessor:
     """``processor(images=..., text=..., return_tensors="np")`` -> ``input_ids`` [1, T] int64, ``attention_mask``
     [1, T], ``pixel_values`` [n, 3, H, W] float32; ``apply_chat_template``; ``tokenizer``; ``image_token``."""
@@ -167,13 +179,8 @@ class LeanLlavaProcessor:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def __call__(self, images=None, text: str | None = None, return_tensors: str | None = "np", **kwargs):
-        if not isinstance(text, str):
-            raise ValueError("LeanLlavaProcessor: text must be one string")
-        unknown = set(kwargs) - {"add_special_tokens"}
-        if unknown:
-            raise ValueError(f"LeanLlavaProcessor: unsupported keyword(s) {sorted(unknown)}")
+        imgs = call_images("LeanLlavaProcessor", images, text, kwargs)
         out: dict[str, np.ndarray] = {}
-        imgs = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         n_tokens = text.count(self.image_token)
         if imgs:
             pv = np.stack([self._pixels(im) for im in imgs])

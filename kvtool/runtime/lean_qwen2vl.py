@@ -33,6 +33,7 @@ from kvtool.runtime.lean_processor import (
     LeanTokenizer,
     _chat_template,
     _json,
+    call_images,
     rescale_normalize,
 )
 
@@ -112,13 +113,8 @@ class LeanQwen2VLProcessor:
         return np.ascontiguousarray(blocks.reshape(gh * gw, ch * tp * p * p), dtype=np.float32), [1, gh, gw]
 
     def __call__(self, images=None, text: str | None = None, return_tensors: str | None = "np", **kwargs):
-        if not isinstance(text, str):
-            raise ValueError("LeanQwen2VLProcessor: text must be one string")
-        unknown = set(kwargs) - {"add_special_tokens"}
-        if unknown:
-            raise ValueError(f"LeanQwen2VLProcessor: unsupported keyword(s) {sorted(unknown)}")
+        imgs = call_images("LeanQwen2VLProcessor", images, text, kwargs)
         out: dict[str, np.ndarray] = {}
-        imgs = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         if imgs:
             done = [self._patches(im) for im in imgs]
             out["pixel_values"] = np.concatenate([d[0] for d in done], axis=0)

@@ -66,3 +66,20 @@ def assert_lean_run_matches_transformers(out: Path, lean_name: str, hf_name: str
         assert pipe.info()["processor"] == hf_name
     want = pipe.generate(random_image(0, (60, 90)), "What is this?", max_new_tokens=max_new_tokens).token_ids
     assert res.stdout.strip().splitlines()[-1] == str(want)
+
+
+def assert_declines_tokenizer_edits(load, src: Path, tmp_path: Path, tokenizer_class: str) -> None:
+    """A lean processor loader ``load`` returns None (transformers' processor then serves) for a copy of the
+    checkpoint ``src`` whose tokenizer config asks what the lean tokenizer does not reproduce: no BOS token,
+    a slow ``tokenizer_class``, clean-up of tokenization spaces."""
+    import json
+    import shutil
+
+    for key, value in (("add_bos_token", False), ("tokenizer_class", tokenizer_class),
+                       ("clean_up_tokenization_spaces", True)):
+        d = tmp_path / key
+        shutil.copytree(src, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg[key] = value
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        assert load(d) is None, key

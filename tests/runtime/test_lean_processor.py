@@ -12,7 +12,11 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.runtime.helpers import assert_lean_run_matches_transformers, random_image
+from tests.runtime.helpers import (
+    assert_declines_tokenizer_edits,
+    assert_lean_run_matches_transformers,
+    random_image,
+)
 
 
 def test_lean_llava_processor_equals_transformers(tiny_model):
@@ -69,14 +73,7 @@ def test_lean_processor_declines_what_it_does_not_reproduce(tiny_model, tmp_path
     assert load_lean_processor(tiny_model("tiny-llava-next")) is None
     assert load_lean_processor(tiny_model("tiny-qwen2-vl")) is None
     src = tiny_model("tiny-llava")
-    for key, value in (("add_bos_token", False), ("tokenizer_class", "LlamaTokenizer"),
-                       ("clean_up_tokenization_spaces", True)):
-        d = tmp_path / key
-        shutil.copytree(src, d)
-        cfg = json.loads((d / "tokenizer_config.json").read_text())
-        cfg[key] = value
-        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-        assert load_lean_processor(d) is None, key
+    assert_declines_tokenizer_edits(load_lean_processor, src, tmp_path, "LlamaTokenizer")
     d = tmp_path / "pad"  # a crop larger than the resized image: transformers pads, not reproduced
     shutil.copytree(src, d)
     cfg = json.loads((d / "processor_config.json").read_text())

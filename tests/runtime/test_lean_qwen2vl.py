@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.runtime.helpers import assert_lean_run_matches_transformers, random_image
+from tests.runtime.helpers import (
+    assert_declines_tokenizer_edits,
+    assert_lean_run_matches_transformers,
+    random_image,
+)
 
 
 def _with_image_cfg(src: Path, dst: Path, **changes) -> Path:
@@ -139,14 +143,7 @@ def test_lean_qwen2vl_declines_what_it_does_not_reproduce(tiny_model, tmp_path):
     assert load_lean_qwen2vl_processor(tiny_model("tiny-llava")) is None
     assert load_lean_qwen2vl_processor(tiny_model("tiny-llava-next")) is None
     src = tiny_model("tiny-qwen2-vl")
-    for key, value in (("add_bos_token", False), ("tokenizer_class", "Qwen2Tokenizer"),
-                       ("clean_up_tokenization_spaces", True)):
-        d = tmp_path / key
-        shutil.copytree(src, d)
-        cfg = json.loads((d / "tokenizer_config.json").read_text())
-        cfg[key] = value
-        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-        assert load_lean_qwen2vl_processor(d) is None, key
+    assert_declines_tokenizer_edits(load_lean_qwen2vl_processor, src, tmp_path, "Qwen2Tokenizer")
     d = _with_image_cfg(src, tmp_path / "other", image_processor_type="SomeOtherImageProcessor")
     assert load_lean_qwen2vl_processor(d) is None
 
