@@ -115,7 +115,10 @@ static inline void tile_codes(__m256i w, __m256* c) {
     const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
 #pragma GCC unroll 4
     for (long i = 0; i < P; ++i)
-        c[i] = _mm256_cvtepi32_ps(BITS == 8 ? w : _mm256_and_si256(_mm256_srli_epi32(w, BITS * (int)i), mask));
+        c[i] = _mm256_cvtepi32_ps(BITS == 8             ? w
+                                  : i == P - 1          ? _mm256_srli_epi32(w, BITS * (int)i)  // lanes < 256: no mask
+                                  : i == 0              ? _mm256_and_si256(w, mask)
+                                                        : _mm256_and_si256(_mm256_srli_epi32(w, BITS * (int)i), mask));
 }
 
 // the 4 horizontal sums of a, b, c, d as one vector (a tree; the order differs from hsum8's)
@@ -185,10 +188,59 @@ static void k_scores_tiles(const Side& K, long b, long h, long n0, long n1, long
 // acc[r] += sum_n w_rn codes_n over the whole tiles of tokens [n0, n1) of a V side. PT (per-token V whose
 // heads have one (delta, min) per token, g a multiple of D): w = p delta_n and sums[r * ss] += p min_n;
 // otherwise (per-channel V, one group): w = p and sums[r * ss] += p (delta and min apply per group after).
+// acc[d0 .. d0 + 8 JB) += sum_n w_n codes_n over the whole tiles of tokens [n0, n1) (one query head): the
+// JB column blocks' accumulators stay in registers over all the tiles, each a chain of FMAs in token order
+// (the same order, so the same bits, as one accumulator row updated tile by tile)
+template <int BITS, int JB>
+static void v_cols(const unsigned char* base, long cs2, long n0, long n1, const float* w, float* acc, long d0) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    __m256 a[JB];
+    for (int j = 0; j < JB; ++j) a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
+    for (long n = n0; n < n1; n += P) {
+        const unsigned char* row = base + (n / P) * cs2 + d0;
+        __m256 wv[P];
+        for (long i = 0; i < P; ++i) wv[i] = _mm256_broadcast_ss(w + n + i);
+#pragma GCC unroll 8
+        for (int j = 0; j < JB; ++j) {
+            __m256 c[P];
+            tile_codes<BITS>(load_bytes8(row + 8 * j), c);
+#pragma GCC unroll 4
+            for (long i = 0; i < P; ++i) a[j] = _mm256_fmadd_ps(wv[i], c[i], a[j]);
+        }
+    }
+    for (int j = 0; j < JB; ++j) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
+}
+
 template <int BITS, bool PT>
 static void v_tiles(const Side& V, long b, long h, long n0, long n1, long D, long rep, long N, const float* s,
                     float* acc, float* sums, long ss) {
     constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    if (rep == 1) {  // the weights first (in place over s: p delta_n), then columns outer, accumulators in registers
+        float* ws = const_cast<float*>(s);
+        float sum = sums[0];
+        for (long n = n0; n < n1; ++n) {
+            float dj = 1.0f, mj = 1.0f;
+            if (PT) side_params(V, b, h, n, 0, &dj, &mj);
+            const float p = s[n];
+            if (PT) ws[n] = p * dj;
+            sum += PT ? p * mj : p;
+        }
+        sums[0] = sum;
+        const unsigned char* base = V.codes + b * V.cs[0] + h * V.cs[1];
+        long d = 0;
+        for (; d + 64 <= D; d += 64) v_cols<BITS, 8>(base, V.cs[2], n0, n1, ws, acc, d);
+        switch ((D - d) / 8) {
+            case 7: v_cols<BITS, 7>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 6: v_cols<BITS, 6>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 5: v_cols<BITS, 5>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 4: v_cols<BITS, 4>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 3: v_cols<BITS, 3>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 2: v_cols<BITS, 2>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 1: v_cols<BITS, 1>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            default: break;
+        }
+        return;
+    }
     if (rep <= 2) {  // the tile's weights broadcast once into registers; the sums in registers (same order)
         float sum[2] = {sums[0], rep > 1 ? sums[ss] : 0.0f};
         for (long n = n0; n < n1; n += P) {
