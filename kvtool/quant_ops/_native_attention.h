@@ -26,6 +26,28 @@ static inline float exp_neg(float x) {
     return p * u.f;
 }
 
+#ifdef KV_IMPL_AVX2
+// exp_neg on 8 lanes: the same float32 operations in the same order (no contraction), so each lane equals
+// exp_neg of it bit for bit
+static inline __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(k, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 // multiply-add of the attention loops: fused on the AVX2+FMA path (the quantizers never use it: eq. (2)
 // is a separate multiply and add, and the build forbids contraction).
 #undef KV_MADD
@@ -93,15 +115,52 @@ static inline void tile_codes(__m256i w, __m256* c) {
     const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
 #pragma GCC unroll 4
     for (long i = 0; i < P; ++i)
-        c[i] = _mm256_cvtepi32_ps(BITS == 8 ? w : _mm256_and_si256(_mm256_srli_epi32(w, BITS * (int)i), mask));
+        c[i] = _mm256_cvtepi32_ps(BITS == 8             ? w
+                                  : i == P - 1          ? _mm256_srli_epi32(w, BITS * (int)i)  // lanes < 256: no mask
+                                  : i == 0              ? _mm256_and_si256(w, mask)
+                                                        : _mm256_and_si256(_mm256_srli_epi32(w, BITS * (int)i), mask));
 }
 
-// s[r][n] = c0[r] + qf[r] . codes_n for the whole tiles of tokens [n0, n1) of a per-channel K group
+// the 4 horizontal sums of a, b, c, d as one vector (a tree; the order differs from hsum8's)
+static inline __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// s[r][n] = c0[r] + qf[r] . codes_n for the whole tiles of tokens [n0, n1) of a per-channel K group.
+// One query head per kv head (rep = 1, MHA): two accumulators per token (even / odd column blocks), so the
+// tile's FMA chains are 8, not 4, and latency does not bound the loop; 2-bit tiles end in one 4-way sum.
 template <int BITS>
 static void k_scores_tiles(const Side& K, long b, long h, long n0, long n1, long D, long rep, long N,
                            const float* qf, const float* c0, float* s) {
     constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
     constexpr long RB = P >= 4 ? 2 : 4;
+    if (rep == 1 && D % 16 == 0) {
+        for (long n = n0; n < n1; n += P) {
+            const unsigned char* row = K.codes + b * K.cs[0] + h * K.cs[1] + (n / P) * K.cs[2];
+            __m256 a0[P], a1[P];
+            for (long i = 0; i < P; ++i) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); }
+            for (long d = 0; d < D; d += 16) {
+                __m256 c[P], e[P];
+                tile_codes<BITS>(load_bytes8(row + d), c);
+                tile_codes<BITS>(load_bytes8(row + d + 8), e);
+                const __m256 q0 = _mm256_loadu_ps(qf + d), q1 = _mm256_loadu_ps(qf + d + 8);
+#pragma GCC unroll 4
+                for (long i = 0; i < P; ++i) {
+                    a0[i] = _mm256_fmadd_ps(q0, c[i], a0[i]);
+                    a1[i] = _mm256_fmadd_ps(q1, e[i], a1[i]);
+                }
+            }
+            if (P == 4) {
+                const __m128 t = hsum4x8(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1 % P], a1[1 % P]),
+                                         _mm256_add_ps(a0[2 % P], a1[2 % P]), _mm256_add_ps(a0[3 % P], a1[3 % P]));
+                _mm_storeu_ps(s + n, _mm_add_ps(_mm_set1_ps(c0[0]), t));
+            } else {
+                for (long i = 0; i < P; ++i) s[n + i] = c0[0] + hsum8(_mm256_add_ps(a0[i], a1[i]));
+            }
+        }
+        return;
+    }
     for (long n = n0; n < n1; n += P) {
         const unsigned char* row = K.codes + b * K.cs[0] + h * K.cs[1] + (n / P) * K.cs[2];
         for (long r0 = 0; r0 < rep; r0 += RB) {
@@ -129,10 +188,89 @@ static void k_scores_tiles(const Side& K, long b, long h, long n0, long n1, long
 // acc[r] += sum_n w_rn codes_n over the whole tiles of tokens [n0, n1) of a V side. PT (per-token V whose
 // heads have one (delta, min) per token, g a multiple of D): w = p delta_n and sums[r * ss] += p min_n;
 // otherwise (per-channel V, one group): w = p and sums[r * ss] += p (delta and min apply per group after).
+// acc[d0 .. d0 + 8 JB) += sum_n w_n codes_n over the whole tiles of tokens [n0, n1) (one query head): the
+// JB column blocks' accumulators stay in registers over all the tiles, each a chain of FMAs in token order
+// (the same order, so the same bits, as one accumulator row updated tile by tile)
+template <int BITS, int JB>
+static void v_cols(const unsigned char* base, long cs2, long n0, long n1, const float* w, float* acc, long d0) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    __m256 a[JB];
+    for (int j = 0; j < JB; ++j) a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
+    for (long n = n0; n < n1; n += P) {
+        const unsigned char* row = base + (n / P) * cs2 + d0;
+        __m256 wv[P];
+        for (long i = 0; i < P; ++i) wv[i] = _mm256_broadcast_ss(w + n + i);
+#pragma GCC unroll 8
+        for (int j = 0; j < JB; ++j) {
+            __m256 c[P];
+            tile_codes<BITS>(load_bytes8(row + 8 * j), c);
+#pragma GCC unroll 4
+            for (long i = 0; i < P; ++i) a[j] = _mm256_fmadd_ps(wv[i], c[i], a[j]);
+        }
+    }
+    for (int j = 0; j < JB; ++j) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
+}
+
 template <int BITS, bool PT>
 static void v_tiles(const Side& V, long b, long h, long n0, long n1, long D, long rep, long N, const float* s,
                     float* acc, float* sums, long ss) {
     constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    if (rep == 1) {  // the weights first (in place over s: p delta_n), then columns outer, accumulators in registers
+        float* ws = const_cast<float*>(s);
+        float sum = sums[0];
+        for (long n = n0; n < n1; ++n) {
+            float dj = 1.0f, mj = 1.0f;
+            if (PT) side_params(V, b, h, n, 0, &dj, &mj);
+            const float p = s[n];
+            if (PT) ws[n] = p * dj;
+            sum += PT ? p * mj : p;
+        }
+        sums[0] = sum;
+        const unsigned char* base = V.codes + b * V.cs[0] + h * V.cs[1];
+        long d = 0;
+        for (; d + 64 <= D; d += 64) v_cols<BITS, 8>(base, V.cs[2], n0, n1, ws, acc, d);
+        switch ((D - d) / 8) {
+            case 7: v_cols<BITS, 7>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 6: v_cols<BITS, 6>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 5: v_cols<BITS, 5>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 4: v_cols<BITS, 4>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 3: v_cols<BITS, 3>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 2: v_cols<BITS, 2>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            case 1: v_cols<BITS, 1>(base, V.cs[2], n0, n1, ws, acc, d); break;
+            default: break;
+        }
+        return;
+    }
+    if (rep <= 2) {  // the tile's weights broadcast once into registers; the sums in registers (same order)
+        float sum[2] = {sums[0], rep > 1 ? sums[ss] : 0.0f};
+        for (long n = n0; n < n1; n += P) {
+            __m256 w[2][P];
+            for (long i = 0; i < P; ++i) {
+                float dj = 1.0f, mj = 1.0f;
+                if (PT) side_params(V, b, h, n + i, 0, &dj, &mj);
+                for (long r = 0; r < 2; ++r) {
+                    if (r >= rep) { w[r][i] = _mm256_setzero_ps(); continue; }
+                    const float p = s[r * N + n + i];
+                    w[r][i] = _mm256_set1_ps(PT ? p * dj : p);
+                    sum[r] += PT ? p * mj : p;
+                }
+            }
+            const unsigned char* row = V.codes + b * V.cs[0] + h * V.cs[1] + (n / P) * V.cs[2];
+            for (long d = 0; d < D; d += 8) {
+                __m256 c[P];
+                tile_codes<BITS>(load_bytes8(row + d), c);
+                for (long r = 0; r < rep; ++r) {
+                    __m256 a = _mm256_loadu_ps(acc + r * D + d);
+#pragma GCC unroll 4
+                    for (long i = 0; i < P; ++i) a = _mm256_fmadd_ps(w[r][i], c[i], a);
+                    _mm256_storeu_ps(acc + r * D + d, a);
+                }
+            }
+        }
+        sums[0] = sum[0];
+        if (rep > 1) sums[ss] = sum[1];
+        return;
+    }
     float w[64 * 4];
     for (long n = n0; n < n1; n += P) {
         for (long i = 0; i < P; ++i) {
@@ -258,10 +396,30 @@ static void attention_task(const AArgs& a, long b, long h, float* work) {
     for (long r = 0; r < rep; ++r) {
         float* sr = s + r * N;
         float mx = -__builtin_inff();
-        for (long n = 0; n < N; ++n) mx = sr[n] > mx ? sr[n] : mx;
+        long n = 0;
+#ifdef KV_IMPL_AVX2
+        if (N >= 8) {  // exact in any order (a max)
+            __m256 m8 = _mm256_loadu_ps(sr);
+            for (n = 8; n + 8 <= N; n += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sr + n));
+            mx = hmax8(m8);
+        }
+#endif
+        for (; n < N; ++n) mx = sr[n] > mx ? sr[n] : mx;
         float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (long n = 0; n < N; ++n) {
+        n = 0;
+#ifdef KV_IMPL_AVX2
+        {  // exp_neg8 is exp_neg lane by lane (the same operations); the sum runs in 8 lanes
+            const __m256 m8 = _mm256_set1_ps(mx);
+            __m256 s8 = _mm256_setzero_ps();
+            for (; n + 8 <= N; n += 8) {
+                const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(sr + n), m8));
+                _mm256_storeu_ps(sr + n, e);
+                s8 = _mm256_add_ps(s8, e);
+            }
+            sum = hsum8(s8);
+        }
+#endif
+        for (; n < N; ++n) {
             float e = exp_neg(sr[n] - mx);
             sr[n] = e;
             sum += e;

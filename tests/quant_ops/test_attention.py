@@ -11,6 +11,9 @@ dequantized K, V, rounded once more to their dtype: rho = 2^-11 for float16, 2^-
   of size <= 3 max|v|, and V's own rounding rho:
   |out - ref| <= max|v| * (2.2 delta_s + 2.4e-6 + rho + 3 (N + D + 16) u).
 A wrong scale, group, token order or head mapping gives errors of order max|v|, far above this.
+The bound holds for any order of the sums (a sum of m terms in float32, in any order or tree, is within
+(m - 1) u sum|terms| of the exact one): the AVX2 kernel's two accumulators per token, its 4-way tile sums
+and the softmax's 8-lane weight sum use other orders than the baseline ISA's loops and meet the same bound.
 """
 
 import math
@@ -104,6 +107,18 @@ def test_head_dims_and_ragged_tokens(d, n):
 @pytest.mark.parametrize("rep", [1, 4, 7])
 def test_gqa(rep):
     _check("g-KT16VC16", 4, 2, 2, 3, rep, 64, 50, np.float32, seed=rep)
+
+
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("scheme,kb,vb", [("g-KC32VT32", 2, 2), ("g-KT32VC32", 2, 4), ("g-KC32VT64", 3, 8),
+                                          ("g-KT32VC32", 8, 3), ("g-KC128VT128", 2, 2), ("g-KT128VC128", 4, 2)])
+def test_one_query_head_per_kv_head(scheme, kb, vb, d):
+    """MHA (rep = 1), which the AVX2 kernel runs on its own paths: K scores with two accumulators per token
+    and one 4-way sum per 2-bit tile; V over column blocks (64 columns, then the rest: 80 = 64 + 16) whose
+    accumulators stay in registers across all tiles. Ragged N = 203 (not a multiple of 4, 32 or 128), float16
+    store, outlier channels; per-channel and per-token groups at 2/3/4/8 bits."""
+    h = 8 if d == 80 else 2  # H*D a multiple of the per-token group 128
+    _check(scheme, kb, vb, 1, h, 1, d, 203, np.float16, seed=d + kb + vb)
 
 
 @pytest.mark.parametrize("scheme,h", [("g-KC16VT16", 4), ("g-KT128VC16", 4), ("g-T48", 3)])
@@ -215,7 +230,7 @@ def test_baseline_isa():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "KVTOOL_NATIVE_ISA": "baseline", "PYTHONPATH": root}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "(schemes_and_bits and 2) or gqa or ragged or float16"], env=env, cwd=root,
+                          "(schemes_and_bits and 2) or gqa or ragged or float16 or one_query_head"], env=env, cwd=root,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:]
     assert " passed" in res.stdout and "failed" not in res.stdout

@@ -236,3 +236,15 @@ def test_fill_side_writes_the_fields(scheme, kb, vb, n, dtype):
         ext._fill_side(memoryview(got).cast("B"), off, t, keep)
         _fill_reference(getattr(want, which), t)
         assert bytes(got) == bytes(want) and keep == [t[4], t[5], t[6], t[10], t[11], t[12]]
+
+
+def test_data_pointers():
+    """``_ptr`` (read from ``__array_struct__``) equals numpy's ``__array_interface__`` data pointer for views at
+    an offset, strided and reversed views, read-only, zero-size and float16 arrays; None for None."""
+    base = np.arange(2 * 8 * 40 * 16, dtype=np.uint8).reshape(2, 8, 40, 16)
+    ro = np.ones((3, 5), np.float16)
+    ro.flags.writeable = False
+    for a in (base, base[1], base[:, 3:, 7:30], base[..., ::2], base[:, ::-1], base[:, :, :0], ro,
+              np.empty((1, 4, 1, 64), np.float32)):
+        assert ext._ptr(a) == a.__array_interface__["data"][0]
+    assert ext._ptr(None) is None

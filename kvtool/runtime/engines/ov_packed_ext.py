@@ -185,8 +185,28 @@ _CALLBACK = CALLBACK(_fallback)  # one C function pointer per process, kept aliv
 
 
 # -- one engine's slots ----------------------------------------------------------------------------------------
+class _ArrayInterface(ctypes.Structure):
+    """The head of numpy's ``PyArrayInterface`` (the C-struct array interface, ``__array_struct__``; numpy docs
+    "The array interface protocol"), up to its data pointer."""
+
+    _fields_ = [("two", ctypes.c_int), ("nd", ctypes.c_int), ("typekind", ctypes.c_char),
+                ("itemsize", ctypes.c_int), ("flags", ctypes.c_int), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("data", ctypes.c_void_p)]
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_DATA_OFF = _ArrayInterface.data.offset
+_void_at = ctypes.c_void_p.from_address
+
+
 def _ptr(a) -> int | None:
-    return None if a is None else a.__array_interface__["data"][0]
+    """An array's data pointer (None for None), read from its ``__array_struct__`` capsule: ~2.5x cheaper than
+    ``__array_interface__``, which builds a dict per call (sync reads 8-12 pointers per layer and step)."""
+    if a is None:
+        return None
+    cap = a.__array_struct__  # held while its struct is read (the capsule's destructor frees the struct)
+    return _void_at(_capsule_pointer(cap, None) + _DATA_OFF).value or 0
 
 
 # KvSideC's 23 eight-byte fields in order (q: int64, Q: a pointer), written with one struct.pack_into
