@@ -78,6 +78,53 @@ static inline void pv_tile(const float* p, long nk, const float* vb, long D, lon
     }
 }
 
+// exp_neg on 8 lanes: the same float32 operations in the same order as the scalar exp_neg (a multiply then an
+// add, no FMA; round to nearest even), so each lane is bit-identical to it
+static inline __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(k, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// sr[j] = exp_neg(sr[j] - mx) for j < nv, 0 for nv <= j < n16 (n16 a multiple of 8) -> the sum over j < nv
+// (8 lane sums, then the lanes in order)
+static inline float softmax_row8(float* sr, long nv, long n16, float mx) {
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    long j = 0;
+    for (; j + 8 <= nv; j += 8) {
+        const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), m8));
+        _mm256_storeu_ps(sr + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    if (j < nv) {  // the ragged lanes: exp where visible, exactly 0 beyond
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nv - j)), lane));
+        const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), m8)), keep);
+        _mm256_storeu_ps(sr + j, e);
+        acc = _mm256_add_ps(acc, e);
+        j += 8;
+    }
+    for (; j < n16; j += 8) _mm256_storeu_ps(sr + j, _mm256_setzero_ps());
+    alignas(32) float l8[8];
+    _mm256_store_ps(l8, acc);
+    float sum = 0.0f;
+    for (int i = 0; i < 8; ++i) sum += l8[i];
+    return sum;
+}
+
 // the tiles for R rows (blocks of 6, then the rest): scores over nk16 keys (a multiple of 16), P.V over nk
 static void prefix_tiles(const float* qs, const float* kt, const float* vb, float* s, float* acc, long R,
                          long D, long nk16, long nk, bool scores) {
@@ -178,6 +225,9 @@ static void prefix_task(const PArgs& a, long h, long t0, long t1, float* work) {
                 l[r] *= c;
                 m[r] = mx;
             }
+#ifdef KV_IMPL_AVX2
+            if (tiles) { l[r] += softmax_row8(sr, nv, (nk + 7) / 8 * 8, mx); continue; }
+#endif
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (long jj = 0; jj < nk; ++jj) {
