@@ -8,7 +8,9 @@
 - ``"op"``: the graph is fed an empty past (its SDPA sees only the chunk: no float32 copy of the past, no big
   mask), and the layer's ``PackedKVAttention`` op computes the chunk's attention itself, from its own layer's
   buffer plus the chunk, with ``quant_ops.prefix.prefix_attention`` (the native multi-query kernel, or its numpy
-  fallback, named in ``info()``), returns it as the op's output, then writes the chunk into the buffer.
+  fallback, named in ``info()``), returns it as the op's output, then writes the chunk into the buffer. The
+  first chunk (no past yet) takes the graph's SDPA output as it is: with an empty past it is already the
+  chunk's exact causal attention (a one-call prefill's), so the kernel runs on chunks 2.. only.
 
 Both compute the same attention (the exact prompt, one softmax per query over the P earlier tokens and the
 chunk's tokens up to itself; DESIGN.md's full-precision prefill); they differ in summation order only. The op
