@@ -54,7 +54,9 @@ def chunk_attention(layer, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray,
     out = prefix.prefix_attention(q, kb[:n], vb[:n], k_new, v_new, layer.scale, layer.threads,
                                   out=None if dst is None else dst.reshape(q.shape))
     _, hq, t, d = q.shape
-    rows = 128  # KV_PREFIX_ROWS of _native_prefix.h: per-thread scratch ~ (2 rows + 2 * 64 keys) x D + rows x 64
+    # rows per task: at most KV_PREFIX_ROWS (512) of _native_prefix.h; per-thread scratch ~ (2 rows + 2 * 64 keys) x
+    # D + rows x 64 floats
+    rows = min(512, t * (hq // k_new.shape[1]))
     layer.scratch_peak = max(layer.scratch_peak, layer.threads * 4 * ((2 * rows + 128) * d + 64 * rows))
     layer.prefix_calls += 1
     return out
