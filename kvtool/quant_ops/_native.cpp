@@ -399,15 +399,15 @@ PyObject* py_prefix_attention(PyObject*, PyObject* args) {
     a.kps_n = kp.s[1]; a.kps_h = kp.s[2]; a.vps_n = vp.s[1]; a.vps_h = vp.s[2];
     a.kns_h = kn.s[1]; a.kns_t = kn.s[2]; a.vns_h = vn.s[1]; a.vns_t = vn.s[2];
     a.Hq = Hq; a.H = H; a.rep = Hq / H; a.D = D; a.P = P; a.T = T; a.scale = scale;
-    // tasks: (kv head, block of qb queries), qb * rep ~ KV_PREFIX_ROWS rows sharing each key block; the last
-    // query blocks (the most keys) first
-    const long qb = a.rep >= KV_PREFIX_ROWS ? 1 : KV_PREFIX_ROWS / a.rep;
+    // tasks: (kv head, block of qb queries), qb * rep rows sharing each key block (k_base::prefix_rows: as many
+    // as the threads allow); the last query blocks (the most keys) first
+    long nth = threads > 0 ? threads : 1;
+    if ((P + T) * T * Hq * D < (1L << 20)) nth = 1;
+    const long qb = k_base::prefix_rows(T, a.rep, H, nth);
     const long nqb = (T + qb - 1) / qb, tasks = H * nqb;
     const long wsz = k_base::prefix_scratch(qb * a.rep, D);
     const bool avx = use_avx2();
-    long nth = threads > 0 ? threads : 1;
     if (nth > tasks) nth = tasks;
-    if ((P + T) * T * Hq * D < (1L << 20)) nth = 1;
     Py_BEGIN_ALLOW_THREADS
     std::atomic<long> next(0);
     auto worker = [&]() {

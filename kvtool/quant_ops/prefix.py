@@ -12,8 +12,9 @@ tokens and to new tokens ``0..t``: ``softmax(q k^T * scale) v`` with every score
 causal self-attention with a KV cache, as the graph's SDPA with a [T, P+T] mask computes it). Returns
 [1, Hq, T, D] float32. ``ValueError`` naming the input for mismatched shapes.
 
-The native kernel computes in float32 (FMA on the AVX2 path), key blocks of 64 loaded once per 64 query rows,
-an online softmax (running max and sum), threads over (kv head, query block). The numpy path does the same
+The native kernel computes in float32 (FMA on the AVX2 path), key blocks of 64 loaded once per 128 to 512 query
+rows (as many as leave two tasks per thread), an online softmax (running max and sum; its exp on 8 AVX2 lanes),
+threads over (kv head, query block). The numpy path does the same
 blocking at 1,024 keys with numpy's float32 matmul; it is ~3x slower inside the packed engine (docs/BENCHMARKS.md)
 and is what runs where the extension is not built or ``KVTOOL_NATIVE=0`` — ``path()`` says which. This module
 holds no state and does not decide when a prefill is chunked (``runtime.engines.openvino_packed`` does).

@@ -94,6 +94,7 @@ CASES = [  # (Hq, H, T, D, P, past dtype)
     (6, 2, 70, 80, 77, np.float32),     # head_dim 80, GQA 3:1, T over a query block of 64 rows
     (2, 1, 3, 24, 5, np.float16),       # head_dim not a multiple of 16: the scalar loops
     (4, 4, 130, 64, 300, np.float16),   # several query blocks and key blocks crossing the past/new boundary
+    (2, 2, 600, 64, 70, np.float16),    # over KV_PREFIX_ROWS (512) rows per head: two query blocks of one head
 ]
 
 
@@ -127,6 +128,8 @@ def test_threads_and_strides_give_the_same_answer():
     q, kp, vp, kn, vn = _inputs(rng, 8, 4, 100, 64, 260, np.float16)
     one = prefix.prefix_attention(q, kp, vp, kn, vn, 0.125, threads=1)
     np.testing.assert_array_equal(prefix.prefix_attention(q, kp, vp, kn, vn, 0.125, threads=3), one)
+    # rows per task follow the threads (64 to 512 here): the same answer whatever the query blocking
+    np.testing.assert_array_equal(prefix.prefix_attention(q, kp, vp, kn, vn, 0.125, threads=16), one)
     big = np.zeros((1, 8, 200, 64), np.float32)
     big[:, :, ::2] = q
     buf_k = np.zeros((400, 4, 64), np.float16)

@@ -272,7 +272,9 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None =
     out = None
     if layer.prefill is not None:  # (p) a chunk of a chunked prefill: attention to the exact past (SDPA or op)
         kb, vb, n = layer.prefill
-        out = chunk_attention(layer, q, k_new, v_new, dst) if layer.prefix == "op" else None
+        # op: the kernel over the buffer + chunk; the first chunk (n = 0) has no past, so the graph's SDPA (fed an
+        # empty past) already computed its exact attention: its own output (None), as a one-call prefill's
+        out = chunk_attention(layer, q, k_new, v_new, dst) if layer.prefix == "op" and n else None
         kb[n:n + t] = k_new[0].transpose(1, 0, 2)
         vb[n:n + t] = v_new[0].transpose(1, 0, 2)
         layer.prefill[2] = n + t

@@ -8,7 +8,9 @@
 - ``"op"``: the graph is fed an empty past (its SDPA sees only the chunk: no float32 copy of the past, no big
   mask), and the layer's ``PackedKVAttention`` op computes the chunk's attention itself, from its own layer's
   buffer plus the chunk, with ``quant_ops.prefix.prefix_attention`` (the native multi-query kernel, or its numpy
-  fallback, named in ``info()``), returns it as the op's output, then writes the chunk into the buffer.
+  fallback, named in ``info()``), returns it as the op's output, then writes the chunk into the buffer. The
+  first chunk (no past yet) takes the graph's SDPA output as it is: with an empty past it is already the
+  chunk's exact causal attention (a one-call prefill's), so the kernel runs on chunks 2.. only.
 
 Both compute the same attention (the exact prompt, one softmax per query over the P earlier tokens and the
 chunk's tokens up to itself; DESIGN.md's full-precision prefill); they differ in summation order only. The op
@@ -52,7 +54,9 @@ def chunk_attention(layer, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray,
     out = prefix.prefix_attention(q, kb[:n], vb[:n], k_new, v_new, layer.scale, layer.threads,
                                   out=None if dst is None else dst.reshape(q.shape))
     _, hq, t, d = q.shape
-    rows = 128  # KV_PREFIX_ROWS of _native_prefix.h: per-thread scratch ~ (2 rows + 2 * 64 keys) x D + rows x 64
+    # rows per task: at most KV_PREFIX_ROWS (512) of _native_prefix.h; per-thread scratch ~ (2 rows + 2 * 64 keys) x
+    # D + rows x 64 floats
+    rows = min(512, t * (hq // k_new.shape[1]))
     layer.scratch_peak = max(layer.scratch_peak, layer.threads * 4 * ((2 * rows + 128) * d + 64 * rows))
     layer.prefix_calls += 1
     return out
