@@ -35,8 +35,9 @@ Memory (docs/BENCHMARKS.md, "layer-major exact prefill as the default"): each co
 intermediate memory, sized by its largest call; with ``prefix_attention="op"`` (the native prefix kernel) the
 graph is fed an empty past, so that is chunk-sized, and ``CompiledModel.release_memory()`` after each layer's
 prefill (``RELEASE_MEMORY``) frees it: 589 vs 727 MiB (chunk-major) at 8k, below genai u4's 644, ~parity at 2k.
-So ``DEFAULT_ORDER`` is layer-major where the op prefix runs and chunk-major, named, where the graph attends to
-the exact past (growing ``[T, P+T]`` intermediates per sub-model: 2.8 GiB at 8k). ``release_memory`` is called
+So ``DEFAULT_ORDER`` ("auto") picks the order per prompt where the op prefix runs (``packed_order``: chunk-major
+while all layers' buffers fit a budget, its decode one full-LM call per token instead of L + 1; layer-major above
+it) and is chunk-major, named, where the graph attends to the exact past (growing ``[T, P+T]`` intermediates per sub-model: 2.8 GiB at 8k). ``release_memory`` is called
 only where the layer's last call had more than one token (``LayerRunner.release``: OpenVINO 2026.4's CPU plugin
 re-allocates a released graph only when the next call's shapes differ from the last call's).
 
@@ -228,9 +229,10 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
     return 2 * num_kv_heads * head_dim * itemsize < 4 * (3 * intermediate + 6 * hidden)
 
 
-# The default prefill order of the packed engine (None: not given; module docstring, "Memory"): layer-major where
-# the op prefix runs (589 vs 727 MiB peak at 8k on the issue-13 bench model), else chunk-major.
-DEFAULT_ORDER = "layer"
+# The default prefill order of the packed engine (None: not given; module docstring, "Memory"): "auto" picks one
+# per prompt where the op prefix runs (``packed_order``; layer-major: 589 vs 727 MiB peak at 8k on the issue-13
+# bench model), else chunk-major; "layer" / "chunk": that order.
+DEFAULT_ORDER = "auto"
 # Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer (``LayerRunner.release``;
 # without it every sub-model keeps its chunk-sized intermediates: 792 vs 589 MiB at 8k).
 RELEASE_MEMORY = True
@@ -252,7 +254,7 @@ def load_runner(engine, core, model, cfg: dict, order: str | None):
     ``DEFAULT_ORDER``."""
     if order == "chunk":
         return None, "chunk-major: prefill_order=chunk given"
-    if order is None and DEFAULT_ORDER == "chunk":
+    if order is None and DEFAULT_ORDER == "chunk":  # ("auto": packed_order asks for an order where it decides)
         return None, "chunk-major: the default (ov_layers.DEFAULT_ORDER)"
     if order is None and engine.prefix_attention[0] != "op":
         return None, ("chunk-major: the default where the exact-prefix attention runs in the graph "
