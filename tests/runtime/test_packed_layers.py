@@ -294,3 +294,25 @@ def test_release_memory_does_not_crash(stateful):
     assert layers > 1 and out["1"][2] == out["2"][2] == [None] * layers  # last call of 1 token: not released
     assert out[str(big)][2] == [prefilled % big] * layers  # released after its last chunk
     assert out["guard"] == ov_layers.RELEASE_GUARD.format(i=0, t=3)
+
+
+@pytest.mark.skipif("not __import__('kvtool.runtime.engines.packed_prefix', fromlist=['x']).resolve(None)[0] == 'op'")
+def test_order_policy_on_a_graph_that_will_not_split(stateful, monkeypatch):
+    """The default rule wants layer-major (budget 0) on a graph that cannot be split: chunk-major runs, the reason
+    names the failed split and the rule; the split is tried once, not again on the next prompt."""
+    from kvtool.runtime.engines import ov_layers, packed_order
+
+    real = ov_layers.residual_chain
+    monkeypatch.setattr(ov_layers, "residual_chain", lambda m: real(m)[:-1])  # one link lost
+    monkeypatch.setattr(packed_order, "BUFFER_BUDGET", 0)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **KV2)
+    tried = []
+    build = packed_order.build
+    monkeypatch.setattr(packed_order, "build", lambda e, o: tried.append(o) or build(e, o))
+    for _ in range(2):
+        pipe.generate(random_image(), QUESTION, max_new_tokens=2, ignore_eos=True)
+        info = pipe.info()["engine"]
+        assert info["prefill_order"] == "chunk" and info["decode_graph"] == "full LM" and pipe.engine.lm is not None
+        assert info["prefill_order_reason"].startswith("chunk-major: the LM graph cannot be split by layer (")
+        assert "(the rule: layer-major: all layers' exact prefill buffers over" in info["prefill_order_reason"]
+    assert tried == ["layer"] and info["order_switches"] == 1
