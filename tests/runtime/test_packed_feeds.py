@@ -69,3 +69,39 @@ def test_a_failed_call_feeds_everything_next(stateful):
     with pytest.raises(Exception):  # noqa: B017 (OpenVINO's own error for a wrong-width embedding)
         eng._step(np.zeros((1, 1, 3), np.float32), np.array([[0]], dtype=np.int64))
     assert eng._fixed is None
+
+
+@pytest.mark.parametrize("chunk", [16, 0])
+def test_layer_major_fixed_feeds_change_nothing(stateful, monkeypatch, chunk):
+    """The layer-major decode (``ov_layers.LayerRunner._decode``: only the hidden states and positions fed per
+    sub-model, each layer's output passed on uncopied) against the same engine feeding every input and copying
+    each output (``DECODE_FIXED_FEEDS`` off): every step's logits, the tokens and the stores identical, across a
+    chunked prefill (16) and one not chunked (0: the prompt's call releases each sub-model, new requests), and
+    a second ``generate`` on the same engine."""
+    from kvtool.runtime.engines import ov_layers
+
+    outs, decode = [], ov_layers.LayerRunner._decode
+    for fixed in (False, True):
+        monkeypatch.setattr(ov_layers, "DECODE_FIXED_FEEDS", fixed)
+        pipe = VLMPipeline.load(stateful, kv="g-KC32VT32", k_bits=2, v_bits=2, kv_owner="packed",
+                                prefill_chunk=chunk, prefill_order="layer")
+        calls = []
+        monkeypatch.setattr(ov_layers.LayerRunner, "_decode", lambda *a, calls=calls: calls.append(1) or decode(*a))
+        runs = [pipe.generate(random_image(seed), QUESTION, max_new_tokens=5, keep_logits=True, ignore_eos=True)
+                for seed in (0, 1)]
+        eng = pipe.engine
+        assert eng.info()["decode_graph"] == "layer sub-models" and eng.info()["prefill_chunked"] == bool(chunk)
+        assert len(calls) == (2 * 5 if fixed else 0)  # the last prompt token and 4 decode steps, twice
+        outs.append((runs, [la.store.dequantize() for la in eng.layers], eng))
+    (ref, ref_st, _), (got, got_st, eng) = outs
+    for r, g in zip(ref, got, strict=True):
+        assert g.token_ids == r.token_ids and g.stats["kv_bytes"] == r.stats["kv_bytes"]
+        for a, b in zip(r.logits, g.logits, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(ref_st, got_st, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    run = eng.layer_runner  # the one-token mask and empty pasts left on each request, set once
+    assert all(run.fixed)
+    assert all(tuple(r.get_tensor("attention_mask").shape) == (1, 1) for r in run.reqs if "attention_mask" in
+               {i.get_any_name() for i in r.model_inputs})

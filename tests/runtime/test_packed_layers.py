@@ -168,19 +168,65 @@ def test_layer_chunking_rule_by_hand():
 
 
 def test_default_order_is_what_info_says(stateful):
-    """The default (no ``prefill_order``): layer-major where the native prefix kernel runs the exact-prefix
-    attention (``prefix_attention="op"``), chunk-major, named, where the graph attends to the exact past."""
+    """The default (no ``prefill_order``): picked per prompt where the native prefix kernel runs the exact-prefix
+    attention (``prefix_attention="op"``; ``packed_order``), chunk-major, named, where the graph attends to the
+    exact past."""
     from kvtool.runtime.engines import ov_layers, packed_prefix
 
     pipe = VLMPipeline.load(stateful, kv_owner="packed", **KV2)
     info = pipe.info()["engine"]
-    assert ov_layers.DEFAULT_ORDER == "layer"
+    assert ov_layers.DEFAULT_ORDER == "auto"
     if packed_prefix.resolve(None)[0] == "op":
-        assert info["prefill_order"] == "layer" and info["prefill_order_reason"].startswith("layer-major")
-        assert info["decode_graph"] == "layer sub-models" and pipe.engine.lm is None
+        assert info["prefill_order_rule"] == "auto" and info["prefill_order"] == "chunk"
+        assert info["prefill_order_reason"].startswith("chunk-major until the first prompt")
     graph = VLMPipeline.load(stateful, kv_owner="packed", prefix_attention="graph", **KV2).info()["engine"]
     assert graph["prefill_order"] == "chunk" and graph["decode_graph"] == "full LM"
+    assert graph["prefill_order_rule"] == "default" and graph["order_switches"] == 0
     assert graph["prefill_order_reason"].startswith("chunk-major: the default where the exact-prefix attention")
+
+
+def test_order_policy_by_hand():
+    """``auto_order``'s edge: chunk-major up to the budget inclusive; the bench model's 2k / 8k prompts."""
+    from kvtool.runtime.engines.packed_order import BUFFER_BUDGET, auto_order, buffer_bytes
+
+    assert buffer_bytes(2048, 8, 8, 128, 2) == 64 * 2**20 and buffer_bytes(3, 2, 4, 16, 4) == 2 * 2 * 3 * 4 * 16 * 4
+    assert BUFFER_BUDGET == 96 * 2**20
+    assert auto_order(3072, 8, 8, 128, 2)[0] == "chunk" and auto_order(3073, 8, 8, 128, 2)[0] == "layer"
+    assert auto_order(2048, 8, 8, 128, 2)[0] == "chunk" and auto_order(8190, 8, 8, 128, 2)[0] == "layer"
+    assert auto_order(10, 2, 4, 16, 4, budget=buffer_bytes(10, 2, 4, 16, 4))[0] == "chunk"
+    order, why = auto_order(10, 2, 4, 16, 4, budget=buffer_bytes(10, 2, 4, 16, 4) - 1)
+    assert order == "layer" and why.startswith("layer-major: all layers' exact prefill buffers over") and "10 prompt" in why
+
+
+@pytest.mark.skipif("not __import__('kvtool.runtime.engines.packed_prefix', fromlist=['x']).resolve(None)[0] == 'op'")
+def test_order_policy_switches_and_answers_as_each_order(stateful, monkeypatch):
+    """The default order per prompt: over the budget layer-major, within it chunk-major, the graph set rebuilt on
+    each change (counted) and the other dropped; each run answers bit for bit as an engine given that order."""
+    from kvtool.runtime.engines import openvino_packed, packed_order
+
+    monkeypatch.setattr(openvino_packed, "PREFILL_CHUNK", 16)
+    refs = {}
+    for order in ("chunk", "layer"):
+        p = VLMPipeline.load(stateful, kv_owner="packed", prefill_order=order, **KV2)
+        refs[order] = p.generate(random_image(), QUESTION, max_new_tokens=3, keep_logits=True, ignore_eos=True)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **KV2)
+    eng = pipe.engine
+    n = refs["chunk"].stats["prompt_tokens"]
+    edge = packed_order.buffer_bytes(n, eng.num_layers, eng.num_kv_heads, eng.head_dim, np.dtype(eng.kv_dtype).itemsize)
+    for budget, order, switches in ((edge - 1, "layer", 1), (edge, "chunk", 2), (edge, "chunk", 2), (0, "layer", 3)):
+        monkeypatch.setattr(packed_order, "BUFFER_BUDGET", budget)
+        out = pipe.generate(random_image(), QUESTION, max_new_tokens=3, keep_logits=True, ignore_eos=True)
+        info = eng.info()
+        assert info["prefill_order"] == order and info["order_switches"] == switches, info["prefill_order_reason"]
+        assert info["prefill_order_reason"].startswith(f"{order}-major: all layers' exact prefill buffers")
+        assert f"{n} prompt tokens" in info["prefill_order_reason"] and info["prefill_chunked"] is True
+        assert info["decode_graph"] == ("layer sub-models" if order == "layer" else "full LM")
+        assert (eng.lm is None) == (order == "layer") and (eng.prefill_runner is None) == (order == "chunk")
+        assert eng.kv.layers is eng.layers and all(la.store is not None for la in eng.layers)
+        ref = refs[order]
+        assert out.token_ids == ref.token_ids and out.stats["kv_bytes"] == ref.stats["kv_bytes"]
+        for a, b in zip(ref.logits, out.logits, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 _RELEASE_CHILD = r"""
@@ -248,3 +294,25 @@ def test_release_memory_does_not_crash(stateful):
     assert layers > 1 and out["1"][2] == out["2"][2] == [None] * layers  # last call of 1 token: not released
     assert out[str(big)][2] == [prefilled % big] * layers  # released after its last chunk
     assert out["guard"] == ov_layers.RELEASE_GUARD.format(i=0, t=3)
+
+
+@pytest.mark.skipif("not __import__('kvtool.runtime.engines.packed_prefix', fromlist=['x']).resolve(None)[0] == 'op'")
+def test_order_policy_on_a_graph_that_will_not_split(stateful, monkeypatch):
+    """The default rule wants layer-major (budget 0) on a graph that cannot be split: chunk-major runs, the reason
+    names the failed split and the rule; the split is tried once, not again on the next prompt."""
+    from kvtool.runtime.engines import ov_layers, packed_order
+
+    real = ov_layers.residual_chain
+    monkeypatch.setattr(ov_layers, "residual_chain", lambda m: real(m)[:-1])  # one link lost
+    monkeypatch.setattr(packed_order, "BUFFER_BUDGET", 0)
+    pipe = VLMPipeline.load(stateful, kv_owner="packed", **KV2)
+    tried = []
+    build = packed_order.build
+    monkeypatch.setattr(packed_order, "build", lambda e, o: tried.append(o) or build(e, o))
+    for _ in range(2):
+        pipe.generate(random_image(), QUESTION, max_new_tokens=2, ignore_eos=True)
+        info = pipe.info()["engine"]
+        assert info["prefill_order"] == "chunk" and info["decode_graph"] == "full LM" and pipe.engine.lm is not None
+        assert info["prefill_order_reason"].startswith("chunk-major: the LM graph cannot be split by layer (")
+        assert "(the rule: layer-major: all layers' exact prefill buffers over" in info["prefill_order_reason"]
+    assert tried == ["layer"] and info["order_switches"] == 1

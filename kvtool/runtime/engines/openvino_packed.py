@@ -50,9 +50,10 @@ buffer. With chunks on, the engine fixes glibc's mmap threshold at 128 KiB
 the growing per-chunk graph intermediates on the heap, and a chunked prefill held *more* than one call
 (2,261 vs 1,569 MiB at 8k tokens; 632 vs 538 MiB at 2k in chunks of 256). Not done: a prefill whose later chunks see the earlier ones compressed
 (openvino.genai's u4 behaviour, no full-precision copy) — a different semantics. That is the chunk-major order
-(``prefill_order="chunk"``); ``prefill_order="layer"``, the default where the op prefix runs, runs ``ov_layers``'
-per-layer sub-models, one layer's buffer at a time, decode through them too (chunk-major, named in
-``info()["prefill_order_reason"]``, where the graph won't split or attends to the exact past itself).
+(``prefill_order="chunk"``); ``prefill_order="layer"`` runs ``ov_layers``' per-layer sub-models, one layer's
+buffer at a time, decode through them too (chunk-major, named in ``info()["prefill_order_reason"]``, where the
+graph won't split or attends to the exact past itself). The default where the op prefix runs picks one per
+prompt (``packed_order``: chunk-major while all layers' buffers fit a budget, decoding in one call per token).
 
 The portable path dequantizes one layer at a time (never silently:
 ``info()`` names the path per layer with its reason, and ``kvtool run --json`` shows it);
@@ -398,8 +399,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                  prefill_order: str | None = None):
         """``prefill_order``: ``layer`` (``ov_layers``: per-layer sub-models, one layer's exact buffer at a time,
         no full LM compiled; chunk-major where the graph won't split), ``chunk`` (one full-LM call per chunk, all
-        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (layer where ``prefix_attention`` is "op", else
-        chunk); ``info()["prefill_order_reason"]`` says why.
+        layers' buffers), None: ``ov_layers.DEFAULT_ORDER`` (per prompt, ``packed_order``, where
+        ``prefix_attention`` is "op", else chunk); ``info()["prefill_order_reason"]`` says why.
         ``kv_precision``: the element type of the stores' residual and params, f16 or f32 (default: f32 when
         inference runs in f32 by the export's dtype, as the paged engine's blocks, else f16).
         ``prefill_chunk``: prompt tokens per graph call of a prefill into empty stores (0: the whole prompt in one
@@ -445,28 +446,24 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         cfg = self._base_config()
         prec = self.kv_precision or ("f32" if cfg.get("INFERENCE_PRECISION_HINT") == "f32" else "f16")
         self.kv_dtype = np.float32 if prec == "f32" else np.float16
-        model = self._read_language_model(core, stateful_needed_by="the packed engine")
-        self.layers = _packed_lm(model, self.num_layers, self.kv_dtype)
-        self.lm_names = [i.get_any_name() for i in model.inputs]
         # made once (as the stateful engine's step does): the past inputs' names, and the step's other feeds
         self._past_names = [(f"kvtool_past.{i}.key", f"kvtool_past.{i}.value") for i in range(self.num_layers)]
         self._beam = np.zeros(1, dtype=np.int32)
-        self._absent = [k for k in ("attention_mask", "position_ids", "beam_idx") if k not in self.lm_names]
-        from kvtool.runtime.engines import ov_layers
-        from kvtool.runtime.engines.ov_layers import load_runner
+        self._core, self._cfg = core, cfg
+        from kvtool.runtime.engines import packed_order
 
-        # layer-major: the sub-models run the chunked prefills; the one-token steps run the full LM where
-        # ov_layers.DECODE_FULL_LM (else the sub-models too: no full LM compiled)
-        self.prefill_runner, self.prefill_order_reason = load_runner(self, core, model, cfg, self.prefill_order)
-        full = self.prefill_runner is None or ov_layers.DECODE_FULL_LM
-        self.layer_runner = None if full else self.prefill_runner  # the runner of every call (else _step's LM)
-        run = self.layer_runner
-        self.lm = None if run else self._compile(core, model, cfg, "language_model (packed KV, Python attention op)")
-        self.lm_req = None if run else self.lm.create_infer_request()
-        self.n_states = (self.prefill_runner.n_states if self.prefill_runner else 0) + \
-            (0 if run else len(self.lm_req.query_state()))
-        if self.n_states:
-            raise InputError(f"language model: {self.n_states} KV states left after the packed engine's edit")
+        # the LM graph set of the order (packed_order.build): layer-major's sub-models (decode through them too,
+        # or a full LM beside them where ov_layers.DECODE_FULL_LM) or chunk-major's full LM; by default the
+        # order is picked per prompt (packed_order.choose, from start)
+        packed_order.load(self)
+        self._absent = [k for k in ("attention_mask", "position_ids", "beam_idx") if k not in self.lm_names]
+
+    def start(self, prepared, max_new_tokens: int = 64) -> None:
+        """``GraphEngine.start``, after ``packed_order.choose`` picked this prompt's order (by default)."""
+        from kvtool.runtime.engines import packed_order
+
+        packed_order.choose(self, prepared.n_tokens)
+        super().start(prepared, max_new_tokens)
 
     # -- the engine interface ------------------------------------------------------------------------
     def run_prompt(self, start: int, end: int) -> np.ndarray:
@@ -554,7 +551,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
     def info(self) -> dict:
         """The base engine's info plus ``kv_owner="packed"``, the route, each layer's attention path and the
         scratch/state figures (what ``kvtool run --json`` shows)."""
-        from kvtool.runtime.engines import packed_prefix
+        from kvtool.runtime.engines import packed_order, packed_prefix
 
         paths = self.layer_paths()
         kinds = sorted({p["path"] for p in paths})
@@ -569,7 +566,8 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "prefill_chunked": self.prefill_chunked,
                 "prefill_order": "layer" if self.prefill_runner is not None else "chunk",
                 "decode_graph": "full LM" if self.layer_runner is None else "layer sub-models",
-                "prefill_order_reason": self.prefill_order_reason,
+                "prefill_order_reason": packed_order.reason(self), "prefill_order_rule": self.order_rule,
+                "order_buffer_budget": packed_order.BUFFER_BUDGET, "order_switches": self.order_switches,
                 # a chunked prefill's transient full-precision copy of the prompt's K/V (all layers, the stores'
                 # dtype), freed into the packed stores when the prefill ends; 0 when no prefill was chunked
                 "prefill_buffer_bytes": self.kv.prefill_peak,

@@ -35,8 +35,9 @@ Memory (docs/BENCHMARKS.md, "layer-major exact prefill as the default"): each co
 intermediate memory, sized by its largest call; with ``prefix_attention="op"`` (the native prefix kernel) the
 graph is fed an empty past, so that is chunk-sized, and ``CompiledModel.release_memory()`` after each layer's
 prefill (``RELEASE_MEMORY``) frees it: 589 vs 727 MiB (chunk-major) at 8k, below genai u4's 644, ~parity at 2k.
-So ``DEFAULT_ORDER`` is layer-major where the op prefix runs and chunk-major, named, where the graph attends to
-the exact past (growing ``[T, P+T]`` intermediates per sub-model: 2.8 GiB at 8k). ``release_memory`` is called
+So ``DEFAULT_ORDER`` ("auto") picks the order per prompt where the op prefix runs (``packed_order``: chunk-major
+while all layers' buffers fit a budget, its decode one full-LM call per token instead of L + 1; layer-major above
+it) and is chunk-major, named, where the graph attends to the exact past (growing ``[T, P+T]`` intermediates per sub-model: 2.8 GiB at 8k). ``release_memory`` is called
 only where the layer's last call had more than one token (``LayerRunner.release``: OpenVINO 2026.4's CPU plugin
 re-allocates a released graph only when the next call's shapes differ from the last call's).
 
@@ -228,15 +229,20 @@ def layer_chunking_saves_memory(tokens: int, num_layers: int, num_kv_heads: int,
     return 2 * num_kv_heads * head_dim * itemsize < 4 * (3 * intermediate + 6 * hidden)
 
 
-# The default prefill order of the packed engine (None: not given; module docstring, "Memory"): layer-major where
-# the op prefix runs (589 vs 727 MiB peak at 8k on the issue-13 bench model), else chunk-major.
-DEFAULT_ORDER = "layer"
+# The default prefill order of the packed engine (None: not given; module docstring, "Memory"): "auto" picks one
+# per prompt where the op prefix runs (``packed_order``; layer-major: 589 vs 727 MiB peak at 8k on the issue-13
+# bench model), else chunk-major; "layer" / "chunk": that order.
+DEFAULT_ORDER = "auto"
 # Whether the layer-major prefill calls ``CompiledModel.release_memory`` after each layer (``LayerRunner.release``;
 # without it every sub-model keeps its chunk-sized intermediates: 792 vs 589 MiB at 8k).
 RELEASE_MEMORY = True
 # Whether the one-token steps (the last prompt token, decode) run a full LM compiled beside the sub-models
 # (True: +82 MiB peak at 8k, the weights repacked twice) or the L + 1 sub-models (False: ~+16 ms CPU per token).
 DECODE_FULL_LM = False
+# Whether ``LayerRunner.step``'s one-token calls on non-empty stores (decode) feed each sub-model only its hidden
+# states and positions, the rest set once per request, and pass each layer's output on uncopied (``_decode``;
+# False: every input fed on every call, as a prompt's calls are). docs/BENCHMARKS.md, "h-calls".
+DECODE_FIXED_FEEDS = True
 RELEASE_GUARD = ("layer {i}: a {t}-token call right after release_memory() of a {t}-token call; OpenVINO's CPU "
                  "plugin would run it on freed memory (ov_layers.LayerRunner.release)")
 
@@ -248,7 +254,7 @@ def load_runner(engine, core, model, cfg: dict, order: str | None):
     ``DEFAULT_ORDER``."""
     if order == "chunk":
         return None, "chunk-major: prefill_order=chunk given"
-    if order is None and DEFAULT_ORDER == "chunk":
+    if order is None and DEFAULT_ORDER == "chunk":  # ("auto": packed_order asks for an order where it decides)
         return None, "chunk-major: the default (ov_layers.DEFAULT_ORDER)"
     if order is None and engine.prefix_attention[0] != "op":
         return None, ("chunk-major: the default where the exact-prefix attention runs in the graph "
@@ -282,6 +288,10 @@ class LayerRunner:
         self.n_states = sum(len(r.query_state()) for r in (*self.reqs, self.head_req))
         self.last_t = [0] * len(self.reqs)  # tokens of each sub-model's last call
         self.released: list[int | None] = [None] * len(self.reqs)  # last_t when its memory was released
+        # per request: whether its empty past, one-token mask and beam_idx are set on it (``step``'s one-token
+        # calls feed only the hidden states and positions); a new request (``release``) starts unset
+        self.fixed = [False] * len(self.reqs)
+        self._one = np.ones((1, 1), dtype=np.int64)  # the one-token mask (kept alive: shared with the requests)
 
     def release(self, i: int) -> None:
         """With ``RELEASE_MEMORY``: free layer ``i``'s intermediate memory (each compiled sub-model keeps its own,
@@ -295,7 +305,7 @@ class LayerRunner:
             self.reqs[i] = None
             self.compiled[i].release_memory()
             self.reqs[i] = self.compiled[i].create_infer_request()
-            self.released[i] = self.last_t[i]
+            self.released[i], self.fixed[i] = self.last_t[i], False
 
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Layer ``i`` on hidden states ``x`` [1, T, hidden] at positions ``pos`` ([1, T] or [3, 1, T]) with the
@@ -312,7 +322,26 @@ class LayerRunner:
             feeds[EMBEDS] = x
         req = self.reqs[i]
         ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
-        self.last_t[i], self.released[i] = t, None
+        self.last_t[i], self.released[i], self.fixed[i] = t, None, False
+        return req.get_output_tensor(0).data
+
+    def _one_token(self, i: int, x: np.ndarray, pos: np.ndarray, empty: np.ndarray) -> np.ndarray:
+        """``layer(i, x, pos, empty, empty)`` for a one-token ``x`` [1, 1, hidden] with the past fed empty (the op
+        reads its store), feeding only ``x`` and ``pos``: the empty past, the one-token mask and ``beam_idx`` are
+        set on the request once (``share_inputs``: ``empty`` and ``self._one`` stay alive) and left there.
+        -> the layer's output [1, 1, hidden], a view of the request's output (valid until its next call)."""
+        if self.released[i] == 1:
+            raise RuntimeError(RELEASE_GUARD.format(i=i, t=1))
+        req, names = self.reqs[i], self.names[i]
+        feeds = {self.hidden_name[i]: x, "position_ids": pos}
+        if not self.fixed[i]:
+            once = {PAST.format(i=i, kv="key"): empty, PAST.format(i=i, kv="value"): empty,
+                    "attention_mask": self._one, "beam_idx": self._beam}
+            if EMBEDS in names and i:
+                once[EMBEDS] = x
+            feeds.update(once)
+        ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
+        self.last_t[i], self.released[i], self.fixed[i] = 1, None, True
         return req.get_output_tensor(0).data
 
     def head(self, x: np.ndarray) -> np.ndarray:
@@ -335,6 +364,8 @@ class LayerRunner:
         before it is the next one's input; after a multi-token call (a prompt not chunked) each layer's memory is
         released (``release``; a multi-token call on non-empty stores is not: two such calls of one shape
         would meet ``RELEASE_GUARD``); the head gets the last position only."""
+        if DECODE_FIXED_FEEDS and embeds.shape[1] == 1 and kv.n_tokens and all(kv.past(i)[2] == 0 for i in range(len(self.reqs))):
+            return self._decode(embeds, pos, kv)
         x = embeds
         prompt = not kv.n_tokens  # a prompt in one call into empty stores (not the op's case (c))
         for i in range(len(self.reqs)):
@@ -344,6 +375,18 @@ class LayerRunner:
                 self.release(i)
         logits = self.head(x[:, -1:])
         kv.advance(embeds.shape[1])
+        return logits
+
+    def _decode(self, embeds: np.ndarray, pos: np.ndarray, kv) -> np.ndarray:
+        """``step`` for one token on non-empty stores (decode, the last prompt token): each layer fed only its
+        hidden states and positions (``_one_token``), layer ``i``'s output view passed to layer ``i + 1`` as it
+        is (shared, not copied: request ``i`` runs again only in the next step, after request ``i + 1`` has read
+        it). Same values as ``step``'s general path (``tests/runtime/test_packed_feeds.py``)."""
+        x, empty = embeds, kv._empty
+        for i in range(len(self.reqs)):
+            x = self._one_token(i, x, pos, empty)
+        logits = self.head(x)
+        kv.advance(1)
         return logits
 
 
