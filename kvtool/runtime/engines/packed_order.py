@@ -12,7 +12,8 @@ much more and decodes in one call; above it the layer-major order runs. 96 MiB: 
 192 tokens on llava-1.5-7b's shape (512 KiB per token). A choice, not a measured optimum: the crossover of the
 two orders' peaks lies between 2k (chunk-major lower) and 8k (layer-major 136 MiB lower) on the bench model.
 
-Only one graph set is compiled at a time (``build``): a prompt whose order differs from the compiled one drops
+Only one graph set is compiled at a time (``build``), and the switch goes one way (chunk -> layer; ``choose``):
+a prompt whose order differs from the compiled one drops
 it (its compiled models and requests, and the layers' op slots they point to), reads and edits the LM graph
 again (``openvino_packed._packed_lm``: new ``_Layer`` objects, the stores are reset by ``start`` anyway) and
 compiles the other set. That costs the switch's compile (~0.7 s full LM, ~1.2 s the sub-models on the 2-core
@@ -100,12 +101,18 @@ def load(engine) -> None:
 def choose(engine, tokens: int) -> None:
     """Before a prompt of ``tokens`` tokens (``start``): where the rule is "auto", the order ``auto_order``
     picks, rebuilding the graph set (``build``) where it differs from the compiled one (``engine.order_switches``
-    counts the rebuilds; a graph that will not split stays chunk-major); otherwise nothing."""
+    counts the rebuilds; a graph that will not split stays chunk-major); otherwise nothing. Once layer-major it
+    stays layer-major (it serves any length): a workload whose prompts straddle the budget pays one switch, not
+    one per crossing (a switch costs seconds of compile and weight repacking inside that prompt's TTFT)."""
     if engine.order_rule != "auto":
         return
     want, engine.order_why = auto_order(tokens, engine.num_layers, engine.num_kv_heads, engine.head_dim,
                                         np.dtype(engine.kv_dtype).itemsize, BUFFER_BUDGET)
     have = "layer" if engine.prefill_runner is not None else "chunk"
+    if have == "layer" and want == "chunk":  # sticky: layer-major serves any length; no switch back and forth
+        engine.order_why = ("layer-major: kept for a prompt within packed_order.BUFFER_BUDGET, as an earlier one "
+                            f"went over it (at most one switch per engine; the rule: {engine.order_why})")
+        return
     if want != have and not _unsplittable(engine):
         engine.order_switches += 1
         build(engine, want)
