@@ -168,16 +168,18 @@ class _PackedKV:
         self.prefill_peak = max(self.prefill_peak, 2 * len(chosen) * capacity * h * d * item)
 
     def end_prefill(self) -> None:
-        """Append each layer's buffered prompt K/V to its store in one go (so a store holds exactly what a
-        one-call prefill would have appended: the same groups, blocks and codes) and free the buffer, layer by
-        layer (one layer's head-major copy is the only other transient)."""
+        """Append each layer's buffered prompt K/V to its store and free the buffer, layer by layer. The store
+        ends holding exactly what a one-call prefill would have appended (the same groups, blocks and codes):
+        ``store_chunked.append_token_major`` copies the token-major buffer head-major a chunk at a time (a few
+        MiB), or all at once for a side whose statistics span every token (uniform, or<s>, g-CN)."""
+        from kvtool.quant_ops.store_chunked import append_token_major
+
         for layer in self.layers:
             if layer.prefill is None:
                 continue
             kb, vb, n = layer.prefill
             layer.prefill = None
-            layer.store.append(np.ascontiguousarray(kb[:n].transpose(1, 0, 2))[None],
-                               np.ascontiguousarray(vb[:n].transpose(1, 0, 2))[None])
+            append_token_major(layer.store, kb[:n], vb[:n])
             del kb, vb
 
     def past(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:

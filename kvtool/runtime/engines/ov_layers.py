@@ -362,8 +362,8 @@ def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.nda
                 e = min(s + chunk, t)
                 k, v, _ = kv.past(i)
                 hidden[s:e] = runner.layer(i, hidden[None, s:e], np.ascontiguousarray(pos[..., s:e]), k, v)[0]
+            runner.release(i)  # the layer's chunk-sized intermediates freed before its store grows
             kv.end_prefill()
-            runner.release(i)
     except BaseException:
         for layer in kv.layers:
             layer.prefill = None
