@@ -64,3 +64,24 @@ def test_shrink_changes_no_value(pipe):
     one = eng._text_embeddings(ids[:, 3:4])
     np.testing.assert_array_equal(one[0, 0], rows[0, 3])
     assert eng.requests["text_embeddings"] is not before
+
+
+def test_drop_rows_frees_only_whole_pages_inside_the_rows():
+    """``ov_layers.drop_rows``: the pages wholly inside the rows read as zeros afterwards; every byte outside the
+    rows, and inside them on a page shared with an outside row, is unchanged."""
+    import mmap
+
+    from kvtool.runtime.engines.ov_layers import drop_rows
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((600, 1000)).astype(np.float32) + 10  # no zeros; rows of 4000 bytes
+    before = a.copy()
+    got = drop_rows(a, 37, 420)
+    assert got > 0 and got % mmap.PAGESIZE == 0
+    flat, flat0 = a.reshape(-1), before.reshape(-1)
+    zero = flat == 0
+    assert zero.sum() * 4 == got  # exactly the dropped bytes read as zeros
+    idx = np.flatnonzero(zero)
+    assert idx[0] >= 37 * 1000 and idx[-1] < 420 * 1000  # all inside the rows
+    np.testing.assert_array_equal(flat[~zero], flat0[~zero])
+    assert drop_rows(a, 5, 5) == 0 and drop_rows(a[:, :10], 0, 100) == 0  # empty range, not contiguous

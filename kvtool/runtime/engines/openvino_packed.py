@@ -37,8 +37,8 @@ in a preallocated token-major buffer of the stores' dtype (capacity: the prefill
 past, so the graph's SDPA attends to the exact earlier tokens plus the chunk, causally; the op, in its
 prefill state (p), writes the chunk's new K/V into the buffer and returns the SDPA's output. When the prefill
 ends (``run_prompt`` over [0, T-1), or [0, T) for ``first_token="fp"``), each layer's buffer is appended to its
-store in one go, so the store holds what a one-call prefill appends (same groups, blocks, codes; ``kv_bytes``
-equal), and freed, layer by layer; the last prompt token and the generated ones then see the compressed cache
+store (``store_chunked``: head-major chunks, no copy of the whole buffer), so the store holds what a one-call
+prefill appends (same groups, blocks, codes; ``kv_bytes`` equal), and freed, layer by layer; the last prompt token and the generated ones then see the compressed cache
 as before. The buffer is a transient full-precision copy of the prompt's K/V (all layers: 64 MiB at 2k, 256
 MiB at 8k tokens in f16 on the bench model): ``info()["prefill_buffer_bytes"]`` reports its size, apart from
 ``kv_work_bytes`` (the decode working copy). Chunk boundaries change only the summation order of the SDPA
