@@ -121,13 +121,14 @@ class _Grow:
         self.buf: Array | None = None
         self.n = 0
         self.max_tokens = max_tokens
+        self.hint: int | None = None  # capacity of the next allocation it covers (store_chunked: the final size)
 
     def append(self, x: Array, owned: bool = False) -> None:
         """Append ``x`` along axis 2. ``owned``: x is a fresh array nobody else holds, so a first append
         without ``max_tokens`` adopts it as the buffer instead of copying it (the next append grows it
         exactly as it would have grown a copy)."""
         t = x.shape[2]
-        if owned and self.buf is None and self.max_tokens is None and _contig_owned(x):
+        if owned and self.buf is None and self.max_tokens is None and self.hint is None and _contig_owned(x):
             self.buf, self.n = x, t
             return
         self.extend(t, x)[...] = x
@@ -138,6 +139,8 @@ class _Grow:
         if self.buf is None or self.n + t > self.buf.shape[2]:
             if self.max_tokens is not None and self.n + t <= self.max_tokens:
                 cap = self.max_tokens  # preallocated exactly: no slack
+            elif self.hint is not None and self.n + t <= self.hint:
+                cap = self.hint
             else:
                 cap = max(self.n + t, int(1.5 * self.n), 16)
             shape = tuple(like.shape[:2]) + (cap,) + tuple(like.shape[3:])

@@ -88,8 +88,9 @@ class GraphEngine:
             if int(mask.sum()) != feats.shape[0]:
                 raise InputError(f"image: the prompt holds {int(mask.sum())} image tokens but the vision graph gave "
                                  f"{feats.shape[0]} features")
-            embeds = embeds.copy()
-            embeds[0, mask] = feats.astype(embeds.dtype, copy=False)
+            if not (embeds.flags.writeable and embeds.flags.owndata):  # (the engines' _run returns a fresh copy)
+                embeds = embeds.copy()
+            embeds[0, mask] = feats.astype(embeds.dtype, copy=False)  # in place: no second [T, hidden] array
         self.embeds = np.ascontiguousarray(embeds)  # [1, T, hidden]
         if self.arch == "qwen2_vl":
             from kvtool.runtime.positions import mrope_positions

@@ -37,8 +37,8 @@ in a preallocated token-major buffer of the stores' dtype (capacity: the prefill
 past, so the graph's SDPA attends to the exact earlier tokens plus the chunk, causally; the op, in its
 prefill state (p), writes the chunk's new K/V into the buffer and returns the SDPA's output. When the prefill
 ends (``run_prompt`` over [0, T-1), or [0, T) for ``first_token="fp"``), each layer's buffer is appended to its
-store in one go, so the store holds what a one-call prefill appends (same groups, blocks, codes; ``kv_bytes``
-equal), and freed, layer by layer; the last prompt token and the generated ones then see the compressed cache
+store (``store_chunked``: head-major chunks, no copy of the whole buffer), so the store holds what a one-call
+prefill appends (same groups, blocks, codes; ``kv_bytes`` equal), and freed, layer by layer; the last prompt token and the generated ones then see the compressed cache
 as before. The buffer is a transient full-precision copy of the prompt's K/V (all layers: 64 MiB at 2k, 256
 MiB at 8k tokens in f16 on the bench model): ``info()["prefill_buffer_bytes"]`` reports its size, apart from
 ``kv_work_bytes`` (the decode working copy). Chunk boundaries change only the summation order of the SDPA
@@ -169,16 +169,18 @@ class _PackedKV:
         self.prefill_peak = max(self.prefill_peak, 2 * len(chosen) * capacity * h * d * item)
 
     def end_prefill(self) -> None:
-        """Append each layer's buffered prompt K/V to its store in one go (so a store holds exactly what a
-        one-call prefill would have appended: the same groups, blocks and codes) and free the buffer, layer by
-        layer (one layer's head-major copy is the only other transient)."""
+        """Append each layer's buffered prompt K/V to its store and free the buffer, layer by layer. The store
+        ends holding exactly what a one-call prefill would have appended (the same groups, blocks and codes):
+        ``store_chunked.append_token_major`` copies the token-major buffer head-major a chunk at a time (a few
+        MiB), or all at once for a side whose statistics span every token (uniform, or<s>, g-CN)."""
+        from kvtool.quant_ops.store_chunked import append_token_major
+
         for layer in self.layers:
             if layer.prefill is None:
                 continue
             kb, vb, n = layer.prefill
             layer.prefill = None
-            layer.store.append(np.ascontiguousarray(kb[:n].transpose(1, 0, 2))[None],
-                               np.ascontiguousarray(vb[:n].transpose(1, 0, 2))[None])
+            append_token_major(layer.store, kb[:n], vb[:n])
             del kb, vb
 
     def past(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:

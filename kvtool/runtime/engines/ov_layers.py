@@ -16,10 +16,13 @@ own attributes travel with ``ov.Model.clone``).
 
 Layer-major prefill (``layer_major_prefill``): layer 0 runs over all chunks of the prompt (its op writes each
 chunk's exact K/V into layer 0's buffer, the op's prefill case (p), and its SDPA attends to the buffer fed as
-the past), then layer 0's buffer is appended to its store in one go and freed; then layer 1 on layer 0's output
+the past), then layer 0's sub-model memory is released and its buffer appended to its store (in head-major
+chunks, ``store_chunked``: the store as one append leaves it) and freed; then layer 1 on layer 0's output
 hidden states, and so on. Only one layer's exact buffer exists at a time, plus the prompt's hidden states
-``[T, hidden]`` (one float32 array, each chunk's output written over its input: a chunk of layer ``i`` needs
-only its own input rows and the layer's K/V buffer). The head then runs on the last position only. The stores
+``[T, hidden]`` (one float32 array, the engine's ``inputs_embeds`` itself, each chunk's output written over its
+input: a chunk of layer ``i`` needs only its own input rows and the layer's K/V buffer). In the last layer a
+chunk's rows are dead once it ran (only the last position goes on), so their pages are given back
+(``drop_rows``) while that layer's buffer fills. The head then runs on the last position only. The stores
 end holding what a one-call prefill appends (the same tokens, appended once per layer), and each prompt token
 attends to the exact earlier prompt K/V, as DESIGN.md's full-precision prefill; chunk and layer boundaries change
 only the SDPA's summation order and, where the compiled graph keeps bf16 activations, the rounding at the layer
@@ -397,7 +400,7 @@ def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.nda
     exact buffer is allocated (``kv.begin_prefill(T, [i])``), filled by its op chunk by chunk, appended to its
     store and freed (``kv.end_prefill()``) before layer ``i + 1`` starts. Returns the last position's logits [V];
     ``kv`` advanced by T. On an error every buffer is dropped and the error raised."""
-    t = hidden.shape[0]
+    t, last = hidden.shape[0], len(runner.reqs) - 1
     try:
         for i in range(len(runner.reqs)):
             kv.begin_prefill(t, [i])
@@ -405,11 +408,44 @@ def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.nda
                 e = min(s + chunk, t)
                 k, v, _ = kv.past(i)
                 hidden[s:e] = runner.layer(i, hidden[None, s:e], np.ascontiguousarray(pos[..., s:e]), k, v)[0]
+                if i == last and e < t:  # dead: only the last position goes on (to the head)
+                    drop_rows(hidden, s, e)
+            runner.release(i)  # the layer's chunk-sized intermediates freed before its store grows
             kv.end_prefill()
-            runner.release(i)
     except BaseException:
         for layer in kv.layers:
             layer.prefill = None
         raise
     kv.advance(t)
     return runner.head(hidden[None, -1:])
+
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+def drop_rows(a: np.ndarray, start: int, end: int) -> int:
+    """Give the pages that lie wholly inside rows [start, end) of the C-contiguous array ``a`` back to the OS
+    (``madvise(MADV_DONTNEED)``, Linux): their contents read as zeros afterwards, the array stays valid, and no
+    byte outside those rows changes (a page shared with another row is kept). For rows that will not be read
+    again: the layer-major prefill's hidden states in the last layer, whose inputs die chunk by chunk while that
+    layer's exact K/V buffer fills (the prefill's peak is then one layer earlier: docs/BENCHMARKS.md, "Prefill
+    memory"). Returns the bytes dropped; 0 (nothing done) where madvise is not there."""
+    import ctypes
+    import mmap
+
+    if not a.flags.c_contiguous or end <= start:
+        return 0
+    row = a.strides[0]
+    lo, hi = a.ctypes.data + start * row, a.ctypes.data + end * row
+    page = mmap.PAGESIZE
+    lo, hi = -(-lo // page) * page, hi // page * page
+    if hi <= lo:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) != 0:
+            return 0
+    except (OSError, AttributeError):
+        return 0
+    return hi - lo
