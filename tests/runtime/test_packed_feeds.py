@@ -36,6 +36,20 @@ def _pipe(path, prefix, always_feed: bool):
     return pipe
 
 
+def _assert_same_runs(outs):
+    """``outs``: two (runs, dequantized stores, engine) of the same prompts -> the second engine, after checking
+    that tokens, kv_bytes, every step's logits and every layer's stores are identical."""
+    (ref, ref_st, _), (got, got_st, eng) = outs
+    for r, g in zip(ref, got, strict=True):
+        assert g.token_ids == r.token_ids and g.stats["kv_bytes"] == r.stats["kv_bytes"]
+        for a, b in zip(r.logits, g.logits, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(ref_st, got_st, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    return eng
+
+
 @pytest.mark.parametrize("prefix", ["graph", "op"])
 def test_fixed_feeds_change_nothing(stateful, prefix):
     outs = []
@@ -46,14 +60,7 @@ def test_fixed_feeds_change_nothing(stateful, prefix):
         eng = pipe.engine
         assert eng.info()["prefill_chunked"] and eng.info()["prefill_order"] == "chunk"
         outs.append((runs, [la.store.dequantize() for la in eng.layers], eng))
-    (ref, ref_st, _), (got, got_st, eng) = outs
-    for r, g in zip(ref, got, strict=True):
-        assert g.token_ids == r.token_ids and g.stats["kv_bytes"] == r.stats["kv_bytes"]
-        for a, b in zip(r.logits, g.logits, strict=True):
-            np.testing.assert_array_equal(a, b)
-    for a, b in zip(ref_st, got_st, strict=True):
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
+    eng = _assert_same_runs(outs)
     # the decode steps left the one-token mask and empty pasts on the request, fed once
     assert eng._fixed is not None and eng._fixed[0] == 1
     req = eng.lm_req
@@ -93,14 +100,7 @@ def test_layer_major_fixed_feeds_change_nothing(stateful, monkeypatch, chunk):
         assert eng.info()["decode_graph"] == "layer sub-models" and eng.info()["prefill_chunked"] == bool(chunk)
         assert len(calls) == (2 * 5 if fixed else 0)  # the last prompt token and 4 decode steps, twice
         outs.append((runs, [la.store.dequantize() for la in eng.layers], eng))
-    (ref, ref_st, _), (got, got_st, eng) = outs
-    for r, g in zip(ref, got, strict=True):
-        assert g.token_ids == r.token_ids and g.stats["kv_bytes"] == r.stats["kv_bytes"]
-        for a, b in zip(r.logits, g.logits, strict=True):
-            np.testing.assert_array_equal(a, b)
-    for a, b in zip(ref_st, got_st, strict=True):
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
+    eng = _assert_same_runs(outs)
     run = eng.layer_runner  # the one-token mask and empty pasts left on each request, set once
     assert all(run.fixed)
     assert all(tuple(r.get_tensor("attention_mask").shape) == (1, 1) for r in run.reqs if "attention_mask" in
