@@ -211,6 +211,41 @@ static void v_cols(const unsigned char* base, long cs2, long n0, long n1, const 
     for (int j = 0; j < JB; ++j) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
 }
 
+// v_tiles for rep <= R query heads: each tile's weights w = p delta_n (or p) broadcast once per tile into w[r][i]
+// (registers for R = 2), the weight sums accumulated per row in token order (the same order, so the same bits,
+// whatever R), then the tile's codes unpacked once per 8 columns for all the rows
+template <int BITS, bool PT, int R>
+static void v_rows(const Side& V, long b, long h, long n0, long n1, long D, long rep, long N, const float* s,
+                   float* acc, float* sums, long ss) {
+    constexpr long P = BITS == 2 ? 4 : BITS == 4 ? 2 : 1;
+    float sum[R];
+    for (long r = 0; r < rep; ++r) sum[r] = sums[r * ss];
+    for (long n = n0; n < n1; n += P) {
+        __m256 w[R][P];
+        for (long i = 0; i < P; ++i) {
+            float dj = 1.0f, mj = 1.0f;
+            if (PT) side_params(V, b, h, n + i, 0, &dj, &mj);
+            for (long r = 0; r < rep; ++r) {
+                const float p = s[r * N + n + i];
+                w[r][i] = _mm256_set1_ps(PT ? p * dj : p);
+                sum[r] += PT ? p * mj : p;
+            }
+        }
+        const unsigned char* row = V.codes + b * V.cs[0] + h * V.cs[1] + (n / P) * V.cs[2];
+        for (long d = 0; d < D; d += 8) {
+            __m256 c[P];
+            tile_codes<BITS>(load_bytes8(row + d), c);
+            for (long r = 0; r < rep; ++r) {
+                __m256 a = _mm256_loadu_ps(acc + r * D + d);
+#pragma GCC unroll 4
+                for (long i = 0; i < P; ++i) a = _mm256_fmadd_ps(w[r][i], c[i], a);
+                _mm256_storeu_ps(acc + r * D + d, a);
+            }
+        }
+    }
+    for (long r = 0; r < rep; ++r) sums[r * ss] = sum[r];
+}
+
 template <int BITS, bool PT>
 static void v_tiles(const Side& V, long b, long h, long n0, long n1, long D, long rep, long N, const float* s,
                     float* acc, float* sums, long ss) {
@@ -241,59 +276,8 @@ static void v_tiles(const Side& V, long b, long h, long n0, long n1, long D, lon
         }
         return;
     }
-    if (rep <= 2) {  // the tile's weights broadcast once into registers; the sums in registers (same order)
-        float sum[2] = {sums[0], rep > 1 ? sums[ss] : 0.0f};
-        for (long n = n0; n < n1; n += P) {
-            __m256 w[2][P];
-            for (long i = 0; i < P; ++i) {
-                float dj = 1.0f, mj = 1.0f;
-                if (PT) side_params(V, b, h, n + i, 0, &dj, &mj);
-                for (long r = 0; r < 2; ++r) {
-                    if (r >= rep) { w[r][i] = _mm256_setzero_ps(); continue; }
-                    const float p = s[r * N + n + i];
-                    w[r][i] = _mm256_set1_ps(PT ? p * dj : p);
-                    sum[r] += PT ? p * mj : p;
-                }
-            }
-            const unsigned char* row = V.codes + b * V.cs[0] + h * V.cs[1] + (n / P) * V.cs[2];
-            for (long d = 0; d < D; d += 8) {
-                __m256 c[P];
-                tile_codes<BITS>(load_bytes8(row + d), c);
-                for (long r = 0; r < rep; ++r) {
-                    __m256 a = _mm256_loadu_ps(acc + r * D + d);
-#pragma GCC unroll 4
-                    for (long i = 0; i < P; ++i) a = _mm256_fmadd_ps(w[r][i], c[i], a);
-                    _mm256_storeu_ps(acc + r * D + d, a);
-                }
-            }
-        }
-        sums[0] = sum[0];
-        if (rep > 1) sums[ss] = sum[1];
-        return;
-    }
-    float w[64 * 4];
-    for (long n = n0; n < n1; n += P) {
-        for (long i = 0; i < P; ++i) {
-            float dj = 1.0f, mj = 1.0f;
-            if (PT) side_params(V, b, h, n + i, 0, &dj, &mj);
-            for (long r = 0; r < rep; ++r) {
-                const float p = s[r * N + n + i];
-                w[r * P + i] = PT ? p * dj : p;
-                sums[r * ss] += PT ? p * mj : p;
-            }
-        }
-        const unsigned char* row = V.codes + b * V.cs[0] + h * V.cs[1] + (n / P) * V.cs[2];
-        for (long d = 0; d < D; d += 8) {
-            __m256 c[P];
-            tile_codes<BITS>(load_bytes8(row + d), c);
-            for (long r = 0; r < rep; ++r) {
-                __m256 a = _mm256_loadu_ps(acc + r * D + d);
-#pragma GCC unroll 4
-                for (long i = 0; i < P; ++i) a = _mm256_fmadd_ps(_mm256_set1_ps(w[r * P + i]), c[i], a);
-                _mm256_storeu_ps(acc + r * D + d, a);
-            }
-        }
-    }
+    if (rep <= 2) v_rows<BITS, PT, 2>(V, b, h, n0, n1, D, rep, N, s, acc, sums, ss);  // (weights in registers)
+    else v_rows<BITS, PT, 256 / P>(V, b, h, n0, n1, D, rep, N, s, acc, sums, ss);  // rep * P <= 256 (v_tiles_any)
 }
 
 template <bool PT>
