@@ -50,6 +50,8 @@ how it attends (an empty past fed by the engine works the same), or run with a s
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from kvtool.runtime.engines import ov_packed_ext
@@ -430,7 +432,6 @@ def drop_rows(a: np.ndarray, start: int, end: int) -> int:
     again: the layer-major prefill's hidden states in the last layer, whose inputs die chunk by chunk while that
     layer's exact K/V buffer fills (the prefill's peak is then one layer earlier: docs/BENCHMARKS.md, "Prefill
     memory"). Returns the bytes dropped; 0 (nothing done) where madvise is not there."""
-    import ctypes
     import mmap
 
     if not a.flags.c_contiguous or end <= start:
@@ -441,11 +442,20 @@ def drop_rows(a: np.ndarray, start: int, end: int) -> int:
     lo, hi = -(-lo // page) * page, hi // page * page
     if hi <= lo:
         return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) != 0:
-            return 0
-    except (OSError, AttributeError):
+    madvise = _madvise()
+    if madvise is None or madvise(lo, hi - lo, MADV_DONTNEED) != 0:
         return 0
     return hi - lo
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise`` (loaded once per process), or None where it is not there."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
