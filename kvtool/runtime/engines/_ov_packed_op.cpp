@@ -213,37 +213,33 @@ void run_kernel(const KvSlotC& slot, const float* q, float* out, long Hq, const 
     long nth = slot.threads > 0 ? (long)slot.threads : 1;
     if (nth > tasks) nth = tasks;
     if (a.N * a.rep * D * tasks < (1L << 20)) nth = 1;
+    // each thread pulls kv heads from one counter until none is left: a thread that starts late finds the heads
+    // taken instead of holding some back; a head's result does not depend on the thread that computes it
+    std::atomic<long> next(0);
+    auto pull = [&](float* work) {
+        for (long t; (t = next.fetch_add(1)) < tasks;) {
+#ifdef KV_HAVE_AVX2
+            if (avx) { k_avx2::attention_task(a, 0, t, work); continue; }
+#endif
+            k_base::attention_task(a, 0, t, work);
+        }
+    };
+    (void)avx;
 #ifdef KV_USE_TBB
-    if (nth > 1 && g_pool.load(std::memory_order_relaxed)) {  // one task per kv head on OpenVINO's TBB pool; each task's result does not depend on the thread
-        // nth bodies pulling kv heads from one counter (as the spawned workers below): a pool thread that starts
-        // late finds the heads taken instead of holding some back
-        std::atomic<long> next(0);
+    if (nth > 1 && g_pool.load(std::memory_order_relaxed)) {  // nth bodies on OpenVINO's TBB pool
         tbb::parallel_for(tbb::blocked_range<long>(0, nth, 1), [&](const tbb::blocked_range<long>&) {
             static thread_local std::vector<float> work;
             if ((long)work.size() < wsz) work.resize(wsz);
-            for (long t; (t = next.fetch_add(1)) < tasks;) {
-#ifdef KV_HAVE_AVX2
-                if (avx) { k_avx2::attention_task(a, 0, t, work.data()); continue; }
-#endif
-                k_base::attention_task(a, 0, t, work.data());
-            }
+            pull(work.data());
         });
-        (void)avx;
         return;
     }
 #endif
-    std::atomic<long> next(0);
     auto worker = [&]() {
         std::vector<float> work(wsz);
-        for (long t; (t = next.fetch_add(1)) < tasks;) {
-#ifdef KV_HAVE_AVX2
-            if (avx) { k_avx2::attention_task(a, 0, t, work.data()); continue; }
-#endif
-            k_base::attention_task(a, 0, t, work.data());
-        }
+        pull(work.data());
     };
     run_workers(nth, worker);
-    (void)avx;
 }
 
 KvTensorC describe(const ov::Tensor& t) {
