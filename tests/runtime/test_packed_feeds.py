@@ -80,9 +80,9 @@ def test_a_failed_call_feeds_everything_next(stateful):
 
 @pytest.mark.parametrize("chunk", [16, 0])
 def test_layer_major_fixed_feeds_change_nothing(stateful, monkeypatch, chunk):
-    """The layer-major decode (``ov_layers.LayerRunner._decode``: only the hidden states and positions fed per
-    sub-model, each layer's output passed on uncopied) against the same engine feeding every input and copying
-    each output (``DECODE_FIXED_FEEDS`` off): every step's logits, the tokens and the stores identical, across a
+    """The layer-major decode (``ov_layers.LayerRunner._decode``: the sub-models run as a chain, every input set
+    once, each layer's output tensor the next one's input) against the same engine feeding every input and
+    copying each output (``DECODE_FIXED_FEEDS`` off): every step's logits, the tokens and the stores identical, across a
     chunked prefill (16) and one not chunked (0: the prompt's call releases each sub-model, new requests), and
     a second ``generate`` on the same engine."""
     from kvtool.runtime.engines import ov_layers
@@ -101,7 +101,14 @@ def test_layer_major_fixed_feeds_change_nothing(stateful, monkeypatch, chunk):
         assert len(calls) == (2 * 5 if fixed else 0)  # the last prompt token and 4 decode steps, twice
         outs.append((runs, [la.store.dequantize() for la in eng.layers], eng))
     eng = _assert_same_runs(outs)
-    run = eng.layer_runner  # the one-token mask and empty pasts left on each request, set once
-    assert all(run.fixed)
+    run = eng.layer_runner  # the chain left on the requests: set once, each layer reading its predecessor's output
+    assert run.chain is not None
     assert all(tuple(r.get_tensor("attention_mask").shape) == (1, 1) for r in run.reqs if "attention_mask" in
                {i.get_any_name() for i in r.model_inputs})
+    ptr = [r.get_output_tensor(0).data.ctypes.data for r in run.reqs]
+    ins = [run.reqs[i].get_tensor(run.hidden_name[i]).data.ctypes.data for i in range(len(run.reqs))]
+    assert ins[1:] == ptr[:-1] and run.head_req.get_tensor("kvtool_hidden").data.ctypes.data == ptr[-1]
+    assert ins[0] == run.chain.x0.ctypes.data
+    pos = {r.get_tensor("position_ids").data.ctypes.data for r in run.reqs
+           if "position_ids" in {i.get_any_name() for i in r.model_inputs}}
+    assert pos == {run.chain.pos.ctypes.data}  # one positions tensor shared by every layer

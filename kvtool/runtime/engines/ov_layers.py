@@ -244,9 +244,10 @@ RELEASE_MEMORY = True
 # Whether the one-token steps (the last prompt token, decode) run a full LM compiled beside the sub-models
 # (True: +82 MiB peak at 8k, the weights repacked twice) or the L + 1 sub-models (False: ~+16 ms CPU per token).
 DECODE_FULL_LM = False
-# Whether ``LayerRunner.step``'s one-token calls on non-empty stores (decode) feed each sub-model only its hidden
-# states and positions, the rest set once per request, and pass each layer's output on uncopied (``_decode``;
-# False: every input fed on every call, as a prompt's calls are). docs/BENCHMARKS.md, "h-calls".
+# Whether ``LayerRunner.step``'s one-token calls on non-empty stores (decode) run as a chain (``_decode``,
+# ``DecodeChain``): every input tensor set on its request once, layer ``i``'s output tensor layer ``i + 1``'s input,
+# the positions one shared tensor, all layers' op slots synced before the first call and committed after the last
+# (False: every input fed on every call, as a prompt's calls are). docs/BENCHMARKS.md, "h-calls" and "h-chain".
 DECODE_FIXED_FEEDS = True
 RELEASE_GUARD = ("layer {i}: a {t}-token call right after release_memory() of a {t}-token call; OpenVINO's CPU "
                  "plugin would run it on freed memory (ov_layers.LayerRunner.release)")
@@ -293,10 +294,9 @@ class LayerRunner:
         self.n_states = sum(len(r.query_state()) for r in (*self.reqs, self.head_req))
         self.last_t = [0] * len(self.reqs)  # tokens of each sub-model's last call
         self.released: list[int | None] = [None] * len(self.reqs)  # last_t when its memory was released
-        # per request: whether its empty past, one-token mask and beam_idx are set on it (``step``'s one-token
-        # calls feed only the hidden states and positions); a new request (``release``) starts unset
-        self.fixed = [False] * len(self.reqs)
-        self._one = np.ones((1, 1), dtype=np.int64)  # the one-token mask (kept alive: shared with the requests)
+        # the decode chain set on the requests (``DecodeChain``), None where a request was replaced (``release``) or
+        # a call outside the chain fed other tensors (``layer``, ``head``)
+        self.chain: DecodeChain | None = None
 
     def release(self, i: int) -> None:
         """With ``RELEASE_MEMORY``: free layer ``i``'s intermediate memory (each compiled sub-model keeps its own,
@@ -310,7 +310,7 @@ class LayerRunner:
             self.reqs[i] = None
             self.compiled[i].release_memory()
             self.reqs[i] = self.compiled[i].create_infer_request()
-            self.released[i], self.fixed[i] = self.last_t[i], False
+            self.released[i], self.chain = self.last_t[i], None
 
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Layer ``i`` on hidden states ``x`` [1, T, hidden] at positions ``pos`` ([1, T] or [3, 1, T]) with the
@@ -325,32 +325,14 @@ class LayerRunner:
         names = self.names[i]
         if EMBEDS in names and i:  # (never: split_layers rewires it; kept for a graph that reads it by shape)
             feeds[EMBEDS] = x
-        req = self.reqs[i]
+        req, self.chain = self.reqs[i], None  # (its tensors replace the chain's on this request)
         ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
-        self.last_t[i], self.released[i], self.fixed[i] = t, None, False
-        return req.get_output_tensor(0).data
-
-    def _one_token(self, i: int, x: np.ndarray, pos: np.ndarray, empty: np.ndarray) -> np.ndarray:
-        """``layer(i, x, pos, empty, empty)`` for a one-token ``x`` [1, 1, hidden] with the past fed empty (the op
-        reads its store), feeding only ``x`` and ``pos``: the empty past, the one-token mask and ``beam_idx`` are
-        set on the request once (``share_inputs``: ``empty`` and ``self._one`` stay alive) and left there.
-        -> the layer's output [1, 1, hidden], a view of the request's output (valid until its next call)."""
-        if self.released[i] == 1:
-            raise RuntimeError(RELEASE_GUARD.format(i=i, t=1))
-        req, names = self.reqs[i], self.names[i]
-        feeds = {self.hidden_name[i]: x, "position_ids": pos}
-        if not self.fixed[i]:
-            once = {PAST.format(i=i, kv="key"): empty, PAST.format(i=i, kv="value"): empty,
-                    "attention_mask": self._one, "beam_idx": self._beam}
-            if EMBEDS in names and i:
-                once[EMBEDS] = x
-            feeds.update(once)
-        ov_packed_ext.infer(self.layers[i:i + 1], req, {n: a for n, a in feeds.items() if n in names})
-        self.last_t[i], self.released[i], self.fixed[i] = 1, None, True
+        self.last_t[i], self.released[i] = t, None
         return req.get_output_tensor(0).data
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head on hidden states ``x`` [1, T, hidden]: the last position's logits [V] (a copy)."""
+        self.chain = None  # (x replaces the chain's last link as the head's input)
         self.head_req.infer({HIDDEN: x}, share_inputs=True, share_outputs=True)
         return self.head_req.get_output_tensor(0).data[0, -1].copy()
 
@@ -383,16 +365,61 @@ class LayerRunner:
         return logits
 
     def _decode(self, embeds: np.ndarray, pos: np.ndarray, kv) -> np.ndarray:
-        """``step`` for one token on non-empty stores (decode, the last prompt token): each layer fed only its
-        hidden states and positions (``_one_token``), layer ``i``'s output view passed to layer ``i + 1`` as it
-        is (shared, not copied: request ``i`` runs again only in the next step, after request ``i + 1`` has read
-        it). Same values as ``step``'s general path (``tests/runtime/test_packed_feeds.py``)."""
-        x, empty = embeds, kv._empty
-        for i in range(len(self.reqs)):
-            x = self._one_token(i, x, pos, empty)
-        logits = self.head(x)
+        """``step`` for one token on non-empty stores (decode, the last prompt token), as a chain (``DecodeChain``,
+        set up on the first such call after any other): ``embeds`` and ``pos`` copied into the chain's input
+        tensors, every layer's op slot synced, the ``L`` sub-models and the head run with no feeds (each reads its
+        predecessor's output tensor), the slots committed. Same values as ``step``'s general path, bit for bit
+        (``tests/runtime/test_packed_feeds.py``)."""
+        ch = self.chain
+        if ch is None or ch.pos.shape != pos.shape:
+            ch = self.chain = DecodeChain(self, embeds.shape[-1], pos, kv._empty)
+        ch.x0[...] = embeds
+        ch.pos[...] = pos
+        ov_packed_ext.infer_chain(self.layers, [*self.reqs, self.head_req])
+        self.last_t, self.released = [1] * len(self.reqs), [None] * len(self.reqs)
         kv.advance(1)
-        return logits
+        return ch.logits()
+
+
+class DecodeChain:
+    """The one-token decode's tensors, set on the sub-models' requests once (``LayerRunner._decode``): layer 0
+    reads ``x0`` [1, 1, hidden] float32, layer ``i + 1`` (and the head) the output tensor of layer ``i`` (set as
+    that request's output: the CPU plugin writes into it), every layer the shared positions ``pos`` ([1, 1] or
+    [3, 1, 1] int64), the empty past, the one-token mask and ``beam_idx``. Per token the caller only writes
+    ``x0`` and ``pos`` and runs the requests in order: no Python feed dispatch, no output copied between layers.
+    The output tensors own their memory (a later multi-token call on a request resizes it; any such call drops
+    the chain)."""
+
+    def __init__(self, runner: LayerRunner, hidden: int, pos: np.ndarray, empty: np.ndarray):
+        import openvino as ov
+
+        self.x0_t = ov.Tensor(ov.Type.f32, ov.Shape([1, 1, hidden]))
+        self.pos_t = ov.Tensor(np.zeros(pos.shape, np.int64))
+        self.x0, self.pos = self.x0_t.data, self.pos_t.data  # numpy views of the two tensors' memory
+        empty_t = ov.Tensor(empty)
+        fixed = {"attention_mask": ov.Tensor(np.ones((1, 1), np.int64)), "beam_idx": ov.Tensor(np.zeros(1, np.int32)),
+                 "position_ids": self.pos_t}
+        prev = self.x0_t
+        for i, req in enumerate(runner.reqs):
+            names = runner.names[i]
+            req.set_tensor(runner.hidden_name[i], prev)
+            for name in names:
+                if name in fixed:
+                    req.set_tensor(name, fixed[name])
+                elif name.startswith("kvtool_past."):
+                    req.set_tensor(name, empty_t)
+                elif name == EMBEDS and i:  # (never: split_layers rewires it; a graph that reads it by shape)
+                    req.set_tensor(name, prev)
+            out = req.get_compiled_model().output(0)
+            prev = ov.Tensor(out.get_element_type(), ov.Shape([1, 1, hidden]))
+            req.set_output_tensor(0, prev)
+        runner.head_req.set_tensor(HIDDEN, prev)
+        self.head_req = runner.head_req
+        self.keep = (empty_t, fixed)  # alive as long as the requests read them
+
+    def logits(self) -> np.ndarray:
+        """The head's last-position logits [V] after the chain ran (a copy)."""
+        return self.head_req.get_output_tensor(0).data[0, -1].copy()
 
 
 def layer_major_prefill(runner: LayerRunner, kv, hidden: np.ndarray, pos: np.ndarray, chunk: int) -> np.ndarray:

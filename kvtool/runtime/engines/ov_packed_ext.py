@@ -349,3 +349,28 @@ def infer(layers, req, feeds: dict) -> None:
                 raise err from None
         raise
     commit(layers)
+
+
+def infer_chain(layers, reqs) -> None:
+    """Run ``reqs`` in order with no feeds (their inputs already set: ``ov_layers.DecodeChain``), with one
+    ``sync`` of all ``layers`` before the first and one ``commit`` after the last on the C++ route (a layer's op
+    reads only its own slot, so syncing every slot up front is what a sync per request would do). An error the
+    Python fallback raised inside an inference is re-raised as itself; a failed chain appends nothing."""
+    cpp = bool(layers) and getattr(layers[0], "slot", None) is not None
+    if cpp:
+        sync(layers)
+    try:
+        for req in reqs:
+            req.infer(None, share_outputs=True)
+    except RuntimeError:
+        if not cpp:
+            raise
+        errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
+        for layer in layers:
+            layer.slot.c.pending = 0
+        for err in errs:
+            if err is not None:
+                raise err from None
+        raise
+    if cpp:
+        commit(layers)
