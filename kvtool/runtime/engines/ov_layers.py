@@ -32,7 +32,9 @@ Another layer's past read for its shape only (optimum's mask takes the past leng
 rewired to the layer's own past of the same shape. Weights: no full LM is compiled beside the sub-models by
 default (``DECODE_FULL_LM``: the CPU plugin repacks the int4 weights per compiled model and shares nothing between
 a full LM and sub-models cut from the same ``ov.Model``: +82 MiB peak at 8k on the bench model), so decode runs
-through them as well (``LayerRunner.step``: L + 1 calls per token; ~+16 ms CPU per token on the bench model).
+through them as well (``LayerRunner.step``: L + 1 calls per token, run as a chain, ``DecodeChain``: every input
+set once, each layer's output tensor the next one's input, all op slots synced and committed once per token;
+-16% CPU per token against feeding every call, where the earlier fixed feeds saved 5%; docs/BENCHMARKS.md, "h-chain").
 
 Memory (docs/BENCHMARKS.md, "layer-major exact prefill as the default"): each compiled sub-model keeps its own
 intermediate memory, sized by its largest call; with ``prefix_attention="op"`` (the native prefix kernel) the
@@ -242,7 +244,8 @@ DEFAULT_ORDER = "auto"
 # without it every sub-model keeps its chunk-sized intermediates: 792 vs 589 MiB at 8k).
 RELEASE_MEMORY = True
 # Whether the one-token steps (the last prompt token, decode) run a full LM compiled beside the sub-models
-# (True: +82 MiB peak at 8k, the weights repacked twice) or the L + 1 sub-models (False: ~+16 ms CPU per token).
+# (True: +82 MiB peak at 8k, the weights repacked twice) or the L + 1 sub-models (False: their decode chain,
+# ``DecodeChain``; docs/BENCHMARKS.md, "h-chain").
 DECODE_FULL_LM = False
 # Whether ``LayerRunner.step``'s one-token calls on non-empty stores (decode) run as a chain (``_decode``,
 # ``DecodeChain``): every input tensor set on its request once, layer ``i``'s output tensor layer ``i + 1``'s input,

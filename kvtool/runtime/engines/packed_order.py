@@ -4,8 +4,8 @@ layer-major above that, each graph set compiled when first needed and the other 
 Why (docs/BENCHMARKS.md, "h-calls"): the layer-major order (``ov_layers``) holds one layer's exact prefill buffer
 at a time instead of all ``L`` (peak RSS 591 vs 727 MiB at 8k tokens on the issue-13 bench model), but it compiles
 no full LM (the CPU plugin repacks the int4 weights per compiled model: a full LM beside the sub-models costs +82
-MiB at 8k), so its decode runs ``L + 1`` OpenVINO calls per token (+3-4 ms per token at <= 2k: 21.8 vs 18.8 ms at
-2k). Where all layers' buffers, ``2 * L * T * kv_heads * head_dim * itemsize`` bytes for a ``T``-token prompt,
+MiB at 8k), so its decode runs ``L + 1`` OpenVINO calls per token (before ``ov_layers.DecodeChain``: +3-4 ms per
+token at <= 2k, 21.8 vs 18.8 ms at 2k; the chain took most of that back, "h-chain" in docs/BENCHMARKS.md). Where all layers' buffers, ``2 * L * T * kv_heads * head_dim * itemsize`` bytes for a ``T``-token prompt,
 are within ``BUFFER_BUDGET``, the chunk-major order (one full-LM call per chunk and per token) holds at most that
 much more and decodes in one call; above it the layer-major order runs. 96 MiB: 3,072 tokens on the bench model
 (8 layers x 8 KV heads x 128, f16 stores: 32 KiB per token; chunk-major at 2k peaks at 459 MiB, layer-major 468),
