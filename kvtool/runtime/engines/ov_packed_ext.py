@@ -334,12 +334,29 @@ def commit(layers) -> None:
 def infer(layers, req, feeds: dict) -> None:
     """``req.infer(feeds)`` with the C++ route's ``sync`` before and ``commit`` after (just the inference on
     the Python-op route); an error the Python fallback raised inside the inference is re-raised as itself."""
+    _run(layers, lambda: req.infer(feeds, share_inputs=True, share_outputs=True))
+
+
+def infer_chain(layers, reqs) -> None:
+    """Run ``reqs`` in order with no feeds (their inputs already set: ``ov_layers.DecodeChain``), with one
+    ``sync`` of all ``layers`` before the first and one ``commit`` after the last on the C++ route (a layer's op
+    reads only its own slot, so syncing every slot up front is what a sync per request would do). Errors as
+    ``infer``; a failed chain appends nothing."""
+    def run():
+        for req in reqs:
+            req.infer(None, share_outputs=True)
+    _run(layers, run)
+
+
+def _run(layers, call) -> None:
+    """``call()`` (the inferences) between ``sync(layers)`` and ``commit(layers)`` on the C++ route; on a
+    RuntimeError no layer appends, and an error the Python fallback raised is re-raised as itself."""
     if not layers or getattr(layers[0], "slot", None) is None:
-        req.infer(feeds, share_inputs=True, share_outputs=True)
+        call()
         return
     sync(layers)
     try:
-        req.infer(feeds, share_inputs=True, share_outputs=True)
+        call()
     except RuntimeError:
         errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
         for layer in layers:  # a failed inference appends nothing
@@ -349,28 +366,3 @@ def infer(layers, req, feeds: dict) -> None:
                 raise err from None
         raise
     commit(layers)
-
-
-def infer_chain(layers, reqs) -> None:
-    """Run ``reqs`` in order with no feeds (their inputs already set: ``ov_layers.DecodeChain``), with one
-    ``sync`` of all ``layers`` before the first and one ``commit`` after the last on the C++ route (a layer's op
-    reads only its own slot, so syncing every slot up front is what a sync per request would do). An error the
-    Python fallback raised inside an inference is re-raised as itself; a failed chain appends nothing."""
-    cpp = bool(layers) and getattr(layers[0], "slot", None) is not None
-    if cpp:
-        sync(layers)
-    try:
-        for req in reqs:
-            req.infer(None, share_outputs=True)
-    except RuntimeError:
-        if not cpp:
-            raise
-        errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
-        for layer in layers:
-            layer.slot.c.pending = 0
-        for err in errs:
-            if err is not None:
-                raise err from None
-        raise
-    if cpp:
-        commit(layers)
