@@ -1,0 +1,85 @@
+"""Benchmark: the packed engine's layer-major decode step, as a chain vs every input fed per call, in one process.
+
+Loads the long-context bench export (``bench/long_context.py``'s model) with ``prefill_order="layer"``, prefills
+one prompt of ``--tokens`` tokens, then runs decode steps on a fixed random hidden state, alternating blocks of
+``--steps`` steps between the two arms over the same stores (each step appends one token, so both arms see the
+same cache length to within a block):
+
+- ``chain``: ``ov_layers.DECODE_FIXED_FEEDS`` on (``LayerRunner._decode`` / ``DecodeChain``: inputs set once per
+  request, layer ``i``'s output tensor layer ``i + 1``'s input, op slots synced and committed once per token);
+- ``fed``: off (``LayerRunner.step``'s general path: every input fed on every call, each output copied).
+
+Reports medians of wall ms, process CPU ms (all threads) and main-thread CPU ms per step. The machine is
+shared: the CPU columns and the ratio of the two arms in one process are the figures to read.
+Run:  python bench/layer_decode.py [--tokens 2048] [--blocks 16] [--steps 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/kvtool-bench-long-context", help="long_context.py's work directory")
+    ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens (a question_<N>.txt of long_context.py)")
+    ap.add_argument("--kv", default="g-KT128VC128")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=16, help="interleaved blocks per arm")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps per block")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from long_context import image
+
+    from kvtool.runtime import VLMPipeline
+    from kvtool.runtime.engines import ov_layers
+
+    work = Path(a.workdir)
+    export = next(work.glob("ov_w4_stateful_p*"), None)
+    qfile = work / f"question_{a.tokens}.txt"
+    if export is None or not qfile.is_file():
+        print(f"{work}: no export or {qfile.name}; run bench/long_context.py --lengths {a.tokens} first", file=sys.stderr)
+        return 2
+    pipe = VLMPipeline.load(export, kv=a.kv, k_bits=a.bits, v_bits=a.bits, prefill_order="layer")
+    pipe.generate(image(0), qfile.read_text(), max_new_tokens=2, ignore_eos=True)
+    eng = pipe.engine
+    run = eng.layer_runner
+    x = np.random.default_rng(0).standard_normal((1, 1, eng.manifest.lm.hidden_size)).astype(np.float32) * 0.1
+    res: dict[str, list] = {"chain": [], "fed": []}
+    p = eng.kv.n_tokens
+    keep = ov_layers.DECODE_FIXED_FEEDS
+    try:
+        for _ in range(a.blocks):
+            for arm in res:
+                ov_layers.DECODE_FIXED_FEEDS = arm == "chain"
+                for _ in range(a.steps):
+                    pos = np.array([[p]], np.int64)
+                    p += 1
+                    w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
+                    run.step(x, pos, eng.kv)
+                    res[arm].append((time.perf_counter() - w0, time.process_time() - c0, time.thread_time() - t0))
+    finally:
+        ov_layers.DECODE_FIXED_FEEDS = keep
+    out = {"tokens": eng.kv.n_tokens, "kv": a.kv, "bits": a.bits, "load": os.getloadavg()[0],
+           **{arm: {k: 1e3 * statistics.median(r[j] for r in v) for j, k in enumerate(("wall_ms", "cpu_ms", "main_ms"))}
+              for arm, v in res.items()}}
+    print(f"| arm | wall ms / step | process CPU ms / step | main-thread CPU ms / step |  ({a.kv} {a.bits}-bit, "
+          f"{out['tokens']} tokens, load {out['load']:.1f})\n|---|---|---|---|")
+    for arm in res:
+        print(f"| {arm} | {out[arm]['wall_ms']:.2f} | {out[arm]['cpu_ms']:.2f} | {out[arm]['main_ms']:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
