@@ -8,26 +8,28 @@
 // is the slowest operation of the loop (vdivps: one per 3.5-5 cycles), so full token tiles take
 //
 //   t = clamp(s * r, 0, qmax),  s = x - m (the same float32 subtraction),  r = fl(1 / d) per group,
-//   k = rint(t), accepted unless |t - k| >= 1/2 - 2^-12 or t is NaN; a vector with any such lane is recomputed
-//   with the division (`exact8`, the portable operations), so every code equals eq. (2)'s.
+//   k = rint(t), accepted unless |t - k| >= lim = 1/2 - qmax 2^-21 or t is NaN; a vector with any such lane
+//   is recomputed with the division (`code8_div`, the portable operations), so every code equals eq. (2)'s.
 //
 // Why an accepted k is eq. (2)'s code. Let q = s / d (exact), Q = fl(q) (eq. (2)'s rounded quotient) and
-// u = 2^-24. r is used only when |d| is in [2^-125, 2^125] (else r = NaN, and every lane goes to the division),
-// so 1/d and s * r are normal or underflow to below 2^-126, and round-to-nearest gives r = (1/d)(1 + e1),
-// fl(s * r) = s r (1 + e2), |e1|, |e2| <= u: fl(s * r) = q (1 + e), |e| <= 2u + u^2, the same sign as q, and
-// |Q - q| <= u |q|. Cases, with T = fl(s * r) before the clamp:
-// - 0 <= T <= qmax (<= 255): |T - Q| <= (3u + u^2) |q| <= 3.01u * 255 (1 + 3u) < 2^-14. t - k is exact
-//   (Sterbenz: k = rint(t) is 0 or within [t/2, 2t]), so an accepted lane has t at least 2^-12 from every
-//   half-integer, Q is on the same side of each half-integer as t (and is not one: no tie), rint(Q) = k.
+// u = 2^-24. r is used only when |d| is in [2^-125, 2^125] (else r = NaN: every lane of the group goes to the
+// division), so r is normal and non-zero, and round-to-nearest gives r = (1/d)(1 + e1), T := fl(s * r) =
+// s r (1 + e2), |e1|, |e2| <= u while T does not underflow: T = q (1 + e), |e| <= 2u + u^2, with q's sign, and
+// |Q - q| <= u |q|. Cases:
+// - 0 <= T <= qmax: |T - Q| <= (3u + u^2)|q| <= 3.01u qmax < 0.19 qmax 2^-21. t = T, and t - k is exact
+//   (Sterbenz: k = rint(t) is 0 or within [t/2, 2t]), so an accepted t is more than qmax 2^-21 from every
+//   half-integer; Q lies on the same side of each half-integer as t, and is not one (no tie): rint(Q) = k.
 // - T < 0 (or -0): Q <= 0, eq. (2) gives 0; t = 0 (or -0), k = 0.
-// - T > qmax (also +inf from an overflow): Q >= T (1 - 4u) > qmax - 1/2, eq. (2) clips to qmax; t = k = qmax.
-// - T NaN (s NaN, or r NaN for an unsafe d, or s = inf with r = 0 cannot happen: r > 0 is normal): NaN is
-//   kept by the clamp (max / min return their second operand, t, on NaN) and flags the lane.
-// - T underflowing (|T| < 2^-126): |q| < 2^-125, Q and T both round to 0.
-// So rint(clamp(T)) = clip(rint(Q)) whenever accepted (clamping to the integers 0 and qmax commutes with
-// rint). About 2^-11 of the values of a group lie that near a half-integer, ~1% of the 8-value vectors.
-// tests/quant_ops/test_native_ties.py feeds values at, and 1-3 ulp either side of, the half-integer
-// quotients, zero ranges, constant groups and +-inf, on this path and on the baseline code.
+// - T > qmax (+inf included: s = +inf, or an overflow): Q >= T (1 - 4u) > qmax - 1/2, eq. (2) gives qmax
+//   (s / d = +inf clips to qmax too); t = k = qmax. s = -inf: T = -inf, both give 0.
+// - T NaN (s NaN: x or m NaN, or r NaN for an unsafe d): the clamp keeps NaN (max / min return their second
+//   operand, t, on NaN) and the lane is flagged.
+// - T underflowing (|T| < 2^-126): |q| < 2^-125, Q and T both give 0.
+// Clamping to the integers 0 and qmax commutes with rint, so clip(rint(Q)) = rint(clamp(T)) when accepted.
+// Only values within qmax 2^-21 of a half-integer quotient take the division (about 2 qmax 2^-21 of them).
+// tests/quant_ops/test_native_ties.py feeds values at, and 0-3 ulp either side of, the half-integer quotients
+// (a kernel without the fix-up fails it), zero ranges, constant groups, subnormal deltas, float32 ranges with
+// non-normal reciprocals and +-inf, on this path and on the baseline code.
 
 // min/max of rows [t0, t1) of heads [h0, h0 + bh) into chunk accumulators (param row pr at (pr - p0) * G)
 template <typename TX>
@@ -230,27 +232,34 @@ static void codes_avx2_t(const QArgs& a, long b, long h, long t0, long t1, long 
     const float* rr[P];
     for (long tile = v0 / P; tile * P < v1; ++tile) {
         unsigned char* o = (unsigned char*)a.out.at(b, h, tile * R, 0);
-        bool full = true;
-        for (long i = 0; i < P; ++i) {  // row pointers and param rows of the tile's tokens, once per tile
-            const long t = tile * P + i - off;
-            const bool in = t >= t0 && t < t1;
-            full = full && in;
-            xr[i] = in ? (const TX*)a.x.at(b, h, t, 0) : nullptr;
-            const long pr = in ? (t / bt - p0) * G : 0;
-            dr[i] = dv + pr;
-            mr[i] = mv + pr;
-            rr[i] = rv + pr;
-        }
+        const long tf = tile * P - off;  // the tile's first token
         for (long i = 0; i < P; ++i) {  // row (nh, t - t0 + nx.t0) of the next chunk for each row of this tile
-            const long t = tile * P + i - off - t0 + nx.t0;
+            const long t = tf + i - t0 + nx.t0;
             if (t < nx.t0 || t >= nx.t1) continue;
             const char* q = a.x.at(nx.b, nh, t, 0);
             for (long k = 0; k < L * (long)sizeof(TX); k += 64) _mm_prefetch(q + k, _MM_HINT_T0);
         }
-        if (full) {
+        if (tf >= t0 && tf + P <= t1) {  // a full tile: its rows and param rows (one division per tile)
+            long q = bt == 1 ? tf : tf / bt, r = bt == 1 ? 0 : tf - q * bt;
+            for (long i = 0; i < P; ++i) {
+                xr[i] = (const TX*)a.x.at(b, h, tf + i, 0);
+                const long pr = (q - p0) * G;
+                dr[i] = dv + pr;
+                mr[i] = mv + pr;
+                rr[i] = rv + pr;
+                if (++r == bt) { r = 0; ++q; }
+            }
             if (wide) full_tile<TX, BITS, PERCOL, 4>(xr, dr, mr, rr, L, bl, o, a.out.s[2]);
             else full_tile<TX, BITS, PERCOL, 1>(xr, dr, mr, rr, L, bl, o, a.out.s[2]);
             continue;
+        }
+        for (long i = 0; i < P; ++i) {  // an edge tile: its tokens in [t0, t1)
+            const long t = tf + i;
+            const bool in = t >= t0 && t < t1;
+            xr[i] = in ? (const TX*)a.x.at(b, h, t, 0) : nullptr;
+            const long pr = in ? (t / bt - p0) * G : 0;
+            dr[i] = dv + pr;
+            mr[i] = mv + pr;
         }
         for (long c = 0; c < L; c += 8) {
             __m256i acc = _mm256_setzero_si256();
