@@ -1,8 +1,10 @@
 // AVX2 + F16C quantize + pack of kvtool's native quant_ops (eq. (2), bit-identical to kvtool.quant_ops.affine):
 // the common layouts only (L % 8 == 0; per-column params, bl == 1, or groups of bl % 8 == 0 columns). Included
 // by _native_impl.h inside its KV_IMPL_AVX2 section (after ld8 / store_bytes8 / hmin8 / hmax8); must not
-// include headers. Not here: the parameters (_native_impl.h's quantize_pack_t computes delta / min and the
-// divisors), the portable code, dequantize.
+// include headers. Here: the min/max pass, the params 8 groups at a time (params_avx2, the operations of
+// _native_impl.h's params_run), the codes of full token tiles by the reciprocal (below) and of edge tiles by the
+// division, and the prefetch of the next chunk. Not here: the chunking (_native_impl.h's quantize_pack_t), the
+// portable code, dequantize.
 //
 // Eq. (2)'s code is q = clip(rint((x - m) / d), 0, qmax) with an IEEE float32 division. A division per value
 // is the slowest operation of the loop (vdivps: one per 3.5-5 cycles), so full token tiles take
@@ -35,6 +37,25 @@
 template <typename TX>
 static void minmax_avx2(const QArgs& a, long b, long h0, long t0, long t1, long p0, float* mn, float* mx) {
     const long L = a.x.n[3], bt = a.bt, bl = a.bl, G = L / bl;
+    if (bl != 1 && bt == 1 && a.bh == 1) {  // per-token groups: a param row per token, the same operations
+        for (long t = t0; t < t1; ++t) {
+            const TX* x = (const TX*)a.x.at(b, h0, t, 0);
+            float* mnr = mn + (t - p0) * G;
+            float* mxr = mx + (t - p0) * G;
+            for (long j = 0; j < G; ++j) {
+                __m256 lo = ld8(x + j * bl), hi = lo;
+                for (long c = 8; c < bl; c += 8) {
+                    __m256 v = ld8(x + j * bl + c);
+                    lo = _mm256_min_ps(lo, v);
+                    hi = _mm256_max_ps(hi, v);
+                }
+                const float l1 = hmin8(lo), h1 = hmax8(hi);
+                mnr[j] = l1 < mnr[j] ? l1 : mnr[j];
+                mxr[j] = h1 > mxr[j] ? h1 : mxr[j];
+            }
+        }
+        return;
+    }
     for (long pr = p0; pr * bt < t1; ++pr) {
         const long s = pr * bt > t0 ? pr * bt : t0, e = (pr + 1) * bt < t1 ? (pr + 1) * bt : t1;
         float* mnr = mn + (pr - p0) * G;
@@ -143,12 +164,6 @@ static inline __m256 code8_div(__m256 s, __m256 d, __m256 qmax) {
     return _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), qmax);
 }
 
-// params of column block c (per-column: 8 values at c; per group j: the group's value broadcast)
-template <bool PERCOL>
-static inline __m256 prm8(const float* p, long c, long j) {
-    return PERCOL ? _mm256_loadu_ps(p + c) : _mm256_broadcast_ss(p + j);
-}
-
 // 32 bytes: the low byte of each int32 lane of w[0..3] (columns c .. c+31), in column order
 static inline void store_bytes32(unsigned char* dst, const __m256i* w) {
     const __m256i p01 = _mm256_packus_epi32(w[0], w[1]), p23 = _mm256_packus_epi32(w[2], w[3]);
@@ -166,12 +181,14 @@ static inline void tile_words(const TX* const* xr, const float* const* dr, const
 #pragma GCC unroll 8
     for (int i = 0; i < P; ++i) {
         const __m256 sc = _mm256_set1_ps((float)(1 << (SH * i)));
+        // per-group params: broadcast once per token and group (per-column ones are loaded per column block)
+        const __m256 mb = _mm256_broadcast_ss(mr[i] + j), pb = _mm256_broadcast_ss((EXACT ? dr : rr)[i] + j);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
             const long cv = c + 8 * v;
-            const __m256 s = _mm256_sub_ps(ld8(xr[i] + cv), prm8<PERCOL>(mr[i], cv, j));
-            const __m256 k = EXACT ? code8_div(s, prm8<PERCOL>(dr[i], cv, j), qmax)
-                                   : code8_rcp(s, prm8<PERCOL>(rr[i], cv, j), qmax, lim, bad);
+            const __m256 s = _mm256_sub_ps(ld8(xr[i] + cv), PERCOL ? _mm256_loadu_ps(mr[i] + cv) : mb);
+            const __m256 k = EXACT ? code8_div(s, PERCOL ? _mm256_loadu_ps(dr[i] + cv) : pb, qmax)
+                                   : code8_rcp(s, PERCOL ? _mm256_loadu_ps(rr[i] + cv) : pb, qmax, lim, bad);
             acc[v] = i == 0 ? k : _mm256_fmadd_ps(k, sc, acc[v]);
         }
     }
