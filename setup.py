@@ -80,7 +80,7 @@ def ov_extension() -> Extension | None:
     return OptionalOVExtension(
         "kvtool.runtime.engines._ov_packed_op", sources=["kvtool/runtime/engines/_ov_packed_op.cpp"],
         depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
-                 "kvtool/quant_ops/_native_types.h", "kvtool/quant_ops/_native_dispatch.h"], language="c++", include_dirs=[os.path.join(ov, "include")],
+                 "kvtool/quant_ops/_native_quantize_avx2.h", "kvtool/quant_ops/_native_types.h", "kvtool/quant_ops/_native_dispatch.h"], language="c++", include_dirs=[os.path.join(ov, "include")],
         extra_compile_args=[f for f in BASE_FLAGS if f != "-fvisibility=hidden"] + ["-D_GLIBCXX_USE_CXX11_ABI=1", "-Wno-unused-function"]
         + tbb_flags[0],
         # no rpath: pip builds against the isolated build environment's openvino, which is gone after the install;
@@ -92,7 +92,7 @@ def ov_extension() -> Extension | None:
 
 ext = Extension("kvtool.quant_ops._native", sources=["kvtool/quant_ops/_native.cpp"],
                 depends=["kvtool/quant_ops/_native_impl.h", "kvtool/quant_ops/_native_attention.h",
-                         "kvtool/quant_ops/_native_prefix.h", "kvtool/quant_ops/_native_types.h", "kvtool/quant_ops/_native_dispatch.h"], language="c++",
+                         "kvtool/quant_ops/_native_prefix.h", "kvtool/quant_ops/_native_quantize_avx2.h", "kvtool/quant_ops/_native_types.h", "kvtool/quant_ops/_native_dispatch.h"], language="c++",
                 extra_compile_args=BASE_FLAGS if os.name != "nt" else ["/O2", "/std:c++17"],
                 extra_link_args=["-pthread"] if os.name != "nt" else [], optional=True)
 

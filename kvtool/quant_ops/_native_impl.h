@@ -114,6 +114,21 @@ static inline void pack_tile(unsigned char* const* c, int bits, long L, unsigned
     }
 }
 
+// Params of n groups from their min / max: delta = (max - min) / qmax in float32 stored as TP (dp), the min
+// stored as TP (mp); then mx holds the divisor (the stored delta as float32, 1 where it is 0), mn the stored min.
+template <typename TP>
+static inline void params_run(float* mn, float* mx, long n, float qmax, TP* dp, TP* mp) {
+    for (long j = 0; j < n; ++j) {
+        TP d = (TP)((mx[j] - mn[j]) / qmax);
+        TP m = (TP)mn[j];
+        dp[j] = d;
+        mp[j] = m;
+        float d32 = (float)d;
+        mx[j] = d32 == 0.0f ? 1.0f : d32;
+        mn[j] = (float)m;
+    }
+}
+
 // Min/max of one input row into per-group accumulators (bl == 1: per column).
 static inline void minmax_row(const float* x, long L, long bl, float* mn, float* mx) {
     if (bl == 1) {
@@ -169,125 +184,7 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
 }
 
-// min/max of rows [t0, t1) of heads [h0, h0 + bh) into chunk accumulators (param row pr at (pr - p0) * G)
-template <typename TX>
-static void minmax_avx2(const QArgs& a, long b, long h0, long t0, long t1, long p0, float* mn, float* mx) {
-    const long L = a.x.n[3], bt = a.bt, bl = a.bl, G = L / bl;
-    for (long pr = p0; pr * bt < t1; ++pr) {
-        const long s = pr * bt > t0 ? pr * bt : t0, e = (pr + 1) * bt < t1 ? (pr + 1) * bt : t1;
-        float* mnr = mn + (pr - p0) * G;
-        float* mxr = mx + (pr - p0) * G;
-        if (bl == 1) {
-            long c = 0;
-            for (; c + 32 <= L; c += 32) {  // a 64-byte line of float16 per row per pass
-                __m256 lo[4], hi[4];
-                for (int k = 0; k < 4; ++k) { lo[k] = _mm256_loadu_ps(mnr + c + 8 * k); hi[k] = _mm256_loadu_ps(mxr + c + 8 * k); }
-                for (long h = h0; h < h0 + a.bh; ++h)
-                    for (long t = s; t < e; ++t) {
-                        const TX* x = (const TX*)a.x.at(b, h, t, c);
-                        for (int k = 0; k < 4; ++k) {
-                            __m256 v = ld8(x + 8 * k);
-                            lo[k] = _mm256_min_ps(lo[k], v);
-                            hi[k] = _mm256_max_ps(hi[k], v);
-                        }
-                    }
-                for (int k = 0; k < 4; ++k) { _mm256_storeu_ps(mnr + c + 8 * k, lo[k]); _mm256_storeu_ps(mxr + c + 8 * k, hi[k]); }
-            }
-            for (; c < L; c += 8) {
-                __m256 lo = _mm256_loadu_ps(mnr + c), hi = _mm256_loadu_ps(mxr + c);
-                for (long h = h0; h < h0 + a.bh; ++h)
-                    for (long t = s; t < e; ++t) {
-                        __m256 v = ld8((const TX*)a.x.at(b, h, t, c));
-                        lo = _mm256_min_ps(lo, v);
-                        hi = _mm256_max_ps(hi, v);
-                    }
-                _mm256_storeu_ps(mnr + c, lo);
-                _mm256_storeu_ps(mxr + c, hi);
-            }
-        } else {
-            for (long h = h0; h < h0 + a.bh; ++h)
-                for (long t = s; t < e; ++t) {
-                    const TX* x = (const TX*)a.x.at(b, h, t, 0);
-                    for (long j = 0; j < G; ++j) {
-                        __m256 lo = ld8(x + j * bl), hi = lo;
-                        for (long c = 8; c < bl; c += 8) {
-                            __m256 v = ld8(x + j * bl + c);
-                            lo = _mm256_min_ps(lo, v);
-                            hi = _mm256_max_ps(hi, v);
-                        }
-                        const float l1 = hmin8(lo), h1 = hmax8(hi);
-                        mnr[j] = l1 < mnr[j] ? l1 : mnr[j];
-                        mxr[j] = h1 > mxr[j] ? h1 : mxr[j];
-                    }
-                }
-        }
-    }
-}
-
-// codes of rows [t0, t1) (tile position t + off) packed into a.out; dv / mv: divisor and min per param row.
-// BITS and the param layout (PERCOL: bl == 1) are compile-time, so a tile's P tokens unroll with immediate
-// shifts; tiles cut by the chunk edges (an offset, the last partial tile) skip their missing tokens (code 0).
-template <typename TX, int BITS, bool PERCOL>
-static void codes_avx2_t(const QArgs& a, long b, long h, long t0, long t1, long p0, const float* dv,
-                         const float* mv) {
-    constexpr long P = BITS == 2 ? 4 : BITS == 3 ? 8 : BITS == 4 ? 2 : 1;
-    constexpr int SH = BITS == 3 ? 3 : BITS;
-    const long L = a.x.n[3], bt = a.bt, bl = a.bl, G = L / bl, R = tile_rows(BITS);
-    const long off = a.offset, v0 = t0 + off, v1 = t1 + off;
-    const __m256 zero = _mm256_setzero_ps(), qmax = _mm256_set1_ps((float)((1 << BITS) - 1));
-    const TX* xr[P];
-    const float* dr[P];
-    const float* mr[P];
-    for (long tile = v0 / P; tile * P < v1; ++tile) {
-        unsigned char* o = (unsigned char*)a.out.at(b, h, tile * R, 0);
-        bool full = true;
-        for (long i = 0; i < P; ++i) {  // row pointers and param rows of the tile's tokens, once per tile
-            const long t = tile * P + i - off;
-            const bool in = t >= t0 && t < t1;
-            full = full && in;
-            xr[i] = in ? (const TX*)a.x.at(b, h, t, 0) : nullptr;
-            dr[i] = dv + (in ? (t / bt - p0) * G : 0);
-            mr[i] = mv + (in ? (t / bt - p0) * G : 0);
-        }
-        for (long c = 0; c < L; c += 8) {
-            __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (long i = 0; i < P; ++i) {
-                if (!full && !xr[i]) continue;
-                const __m256 d = PERCOL ? _mm256_loadu_ps(dr[i] + c) : _mm256_set1_ps(dr[i][c / bl]);
-                const __m256 m = PERCOL ? _mm256_loadu_ps(mr[i] + c) : _mm256_set1_ps(mr[i][c / bl]);
-                __m256 v = _mm256_div_ps(_mm256_sub_ps(ld8(xr[i] + c), m), d);
-                v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                v = _mm256_min_ps(_mm256_max_ps(v, zero), qmax);
-                acc = _mm256_or_si256(acc, _mm256_slli_epi32(_mm256_cvttps_epi32(v), SH * (int)i));
-            }
-            if (BITS == 3) {
-                const __m256i m8 = _mm256_set1_epi32(255);
-                store_bytes8(o + c, _mm256_and_si256(acc, m8));
-                store_bytes8(o + a.out.s[2] + c, _mm256_and_si256(_mm256_srli_epi32(acc, 8), m8));
-                store_bytes8(o + 2 * a.out.s[2] + c, _mm256_srli_epi32(acc, 16));
-            } else {
-                store_bytes8(o + c, acc);
-            }
-        }
-    }
-}
-
-template <typename TX>
-static void codes_avx2(const QArgs& a, long b, long h, long t0, long t1, long p0, const float* dv,
-                       const float* mv) {
-    const bool pc = a.bl == 1;
-    switch (a.bits) {
-        case 2: pc ? codes_avx2_t<TX, 2, true>(a, b, h, t0, t1, p0, dv, mv)
-                   : codes_avx2_t<TX, 2, false>(a, b, h, t0, t1, p0, dv, mv); break;
-        case 3: pc ? codes_avx2_t<TX, 3, true>(a, b, h, t0, t1, p0, dv, mv)
-                   : codes_avx2_t<TX, 3, false>(a, b, h, t0, t1, p0, dv, mv); break;
-        case 4: pc ? codes_avx2_t<TX, 4, true>(a, b, h, t0, t1, p0, dv, mv)
-                   : codes_avx2_t<TX, 4, false>(a, b, h, t0, t1, p0, dv, mv); break;
-        default: pc ? codes_avx2_t<TX, 8, true>(a, b, h, t0, t1, p0, dv, mv)
-                    : codes_avx2_t<TX, 8, false>(a, b, h, t0, t1, p0, dv, mv); break;
-    }
-}
+#include "_native_quantize_avx2.h"  // the AVX2 quantize + pack kernels
 
 template <typename TP, typename TO, int BITS, bool PERCOL>
 static void dequantize_avx2_t(const DArgs& a) {
@@ -371,6 +268,7 @@ static void quantize_pack_t(const QArgs& a) {
     const long prow_max = (span + bt - 1) / bt + 1;
     float* mn = new float[prow_max * G];
     float* mx = new float[prow_max * G];
+    float* rc = new float[prow_max * G];  // the AVX2 code's reciprocals of the divisors
     unsigned char* codes = new unsigned char[8 * L];
     float* xf = new float[L];
     unsigned char* cptr[8];
@@ -389,27 +287,29 @@ static void quantize_pack_t(const QArgs& a) {
                         row_to_f32((const TX*)a.x.at(b, h, t, 0), xf, L);
                         minmax_row(xf, L, bl, mn + (t / bt - p0) * G, mx + (t / bt - p0) * G);
                     }
-                // params: delta = (max - min) / qmax in float32, stored in TP; quantize with the stored values
-                for (long pr = p0; pr < p1; ++pr) {
+                // params: delta = (max - min) / qmax in float32, stored in TP; quantize with the stored values.
+                // One run over the chunk's param rows where they are adjacent in delta and mn (per-token groups)
+                const bool run = a.delta.s[2] == G && a.mn.s[2] == G;
+                for (long pr = p0; pr < p1; pr = run ? p1 : pr + 1) {
+                    const long n = (run ? p1 - pr : 1) * G, k = (pr - p0) * G;
                     TP* dp = (TP*)a.delta.at(b, h0 / bh, pr, 0);
                     TP* mp = (TP*)a.mn.at(b, h0 / bh, pr, 0);
-                    float* mnr = mn + (pr - p0) * G;
-                    float* mxr = mx + (pr - p0) * G;
-                    for (long j = 0; j < G; ++j) {
-                        TP d = (TP)((mxr[j] - mnr[j]) / qmax);
-                        TP m = (TP)mnr[j];
-                        dp[j] = d;
-                        mp[j] = m;
-                        float d32 = (float)d;
-                        mxr[j] = d32 == 0.0f ? 1.0f : d32;  // mx now holds the divisor
-                        mnr[j] = (float)m;
-                    }
+#ifdef KV_IMPL_AVX2
+                    if (fast) { params_avx2(mn + k, mx + k, rc + k, n, qmax, dp, mp); continue; }
+#endif
+                    params_run(mn + k, mx + k, n, qmax, dp, mp);
                 }
                 // codes, packed in token tiles (virtual token index t + off)
                 const long v0 = t0 + off, v1 = t1 + off;
 #ifdef KV_IMPL_AVX2
                 if (fast) {
-                    for (long h = h0; h < h0 + bh; ++h) codes_avx2<TX>(a, b, h, t0, t1, p0, mx, mn);
+                    // the next chunk's rows are prefetched while this one is coded (its min/max pass then reads
+                    // them from cache: the memory reads overlap the arithmetic)
+                    Next nx{b, h0, t1, 0};
+                    if (nx.t0 >= T) { nx.t0 = 0; nx.h0 += bh; if (nx.h0 >= H) { nx.h0 = 0; ++nx.b; } }
+                    nx.t1 = nx.b < B ? (nx.t0 + span < T ? nx.t0 + span : T) : 0;
+                    for (long h = h0; h < h0 + bh; ++h)
+                        codes_avx2<TX>(a, b, h, t0, t1, p0, mx, mn, rc, nx, nx.h0 - h0 + h);
                     continue;
                 }
 #endif
@@ -433,6 +333,7 @@ static void quantize_pack_t(const QArgs& a) {
     }
     delete[] mn;
     delete[] mx;
+    delete[] rc;
     delete[] codes;
     delete[] xf;
 }
