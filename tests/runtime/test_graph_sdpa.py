@@ -172,3 +172,27 @@ def test_keep_switch_gives_the_same_tokens(llava, monkeypatch):
     assert kept_pipe.info()["engine"]["graph_sdpa"] == "kept" and pipe.info()["engine"]["graph_sdpa"] == "removed"
     assert kept_pipe.info()["engine"]["graph_sdpa_op_calls"] == 0
     _same(pipe, out, kept_pipe, kept, ATOL_FLIP)
+
+
+@pytest.mark.parametrize("kernel", ["native", "portable"])
+def test_causal_attention_query_blocks(kernel, monkeypatch):
+    """``packed_prefix.causal_attention`` alone, native and numpy (in query blocks of 4 over T = 10: each block
+    over the tokens before it plus itself), f16 new K/V, written into ``dst``: the naive causal reference."""
+    from kvtool.runtime.engines import packed_prefix
+    from kvtool.runtime.engines.openvino_packed import _Layer
+
+    rng = np.random.default_rng(5)
+    hq, h, t, d = 6, 2, 10, 64
+    q = rng.standard_normal((1, hq, t, d)).astype(np.float32)
+    k = rng.standard_normal((1, h, t, d)).astype(np.float16)
+    v = rng.standard_normal((1, h, t, d)).astype(np.float16)
+    layer = _Layer(0, 1 / 8, np.float16)
+    monkeypatch.setattr(packed_prefix, "PORTABLE_QUERY_BLOCK", 4)
+    dst = np.full((1, hq, t, d), np.nan, np.float32)
+    if kernel == "portable":
+        with native.disabled("off for the test"):
+            out = packed_prefix.causal_attention(layer, q, k, v, dst)
+    else:
+        out = packed_prefix.causal_attention(layer, q, k, v, dst)
+    assert np.shares_memory(out, dst) and layer.causal_calls == 1
+    np.testing.assert_allclose(dst[0], _causal_reference(q, k, v, 1 / 8), rtol=0, atol=1e-5)

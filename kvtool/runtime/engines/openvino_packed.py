@@ -278,8 +278,8 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None =
     out = None
     if layer.prefill is not None:  # (p) a chunk of a chunked prefill: attention to the exact past (SDPA or op)
         kb, vb, n = layer.prefill
-        # op: the kernel over the buffer + chunk; the first chunk (n = 0) has no past, so the graph's SDPA (fed an
-        # empty past) already computed its exact attention: its own output (None), as a one-call prefill's
+        # op: the kernel over the buffer + chunk; the first chunk (n = 0) has no past: its causal attention over
+        # itself, the graph's SDPA's output (None) where it is kept, as a one-call prefill's
         if layer.prefix == "op" and n:
             out = chunk_attention(layer, q, k_new, v_new, dst)
         elif sdpa_out is None:

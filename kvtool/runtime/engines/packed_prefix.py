@@ -9,8 +9,8 @@
   mask), and the layer's ``PackedKVAttention`` op computes the chunk's attention itself, from its own layer's
   buffer plus the chunk, with ``quant_ops.prefix.prefix_attention`` (the native multi-query kernel, or its numpy
   fallback, named in ``info()``), returns it as the op's output, then writes the chunk into the buffer. The
-  first chunk (no past yet) takes the graph's SDPA output as it is: with an empty past it is already the
-  chunk's exact causal attention (a one-call prefill's), so the kernel runs on chunks 2.. only.
+  first chunk (no past yet) is the chunk's causal attention over itself (a one-call prefill's): the kernel over
+  an empty past (``causal_attention``), or, where the SDPA is kept, the SDPA's output as it is.
 
 The graph's SDPA (``removes_sdpa``): with ``"op"`` the graph is edited without it (``openvino_packed._packed_lm``):
 its only use there was the first chunk's / a one-call prefill's causal attention over the call's own tokens
@@ -40,6 +40,7 @@ from kvtool.errors import InputError
 
 PREFIX_MODES = ("graph", "op")
 KEEP_SDPA_ENV = "KVTOOL_KEEP_SDPA"
+PORTABLE_QUERY_BLOCK = 1024  # causal_attention's query block on the numpy path
 
 
 def removes_sdpa(mode: str) -> bool:
@@ -79,10 +80,20 @@ def causal_attention(layer, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray,
     """What the removed SDPA computed (module docstring): the causal attention of the call's T queries ``q``
     [1, Hq, T, D] over its own ``k_new`` / ``v_new`` [1, H, T, D] (no earlier tokens) -> [1, Hq, T, D] float32,
     into ``dst`` when given. Counts the call in ``layer.causal_calls``."""
-    h, d = k_new.shape[1], k_new.shape[3]
-    empty = np.empty((0, h, d), k_new.dtype if k_new.dtype in (np.float16, np.float32) else np.float32)
-    out = _attend(layer, q, empty, empty, k_new, v_new, dst)
+    from kvtool.quant_ops import prefix
+
+    h, t, d = k_new.shape[1], k_new.shape[2], k_new.shape[3]
     layer.causal_calls += 1
+    if prefix.path()[0] == "native" or t <= PORTABLE_QUERY_BLOCK:
+        empty = np.empty((0, h, d), k_new.dtype if k_new.dtype in (np.float16, np.float32) else np.float32)
+        return _attend(layer, q, empty, empty, k_new, v_new, dst)
+    # the numpy path holds a [H, Hq/H * T, T] float32 score block for T new tokens: query blocks instead, each
+    # over the tokens before it as its past (token-major views) plus itself
+    out = np.empty(q.shape, np.float32) if dst is None else dst.reshape(q.shape)
+    for s in range(0, t, PORTABLE_QUERY_BLOCK):
+        e = min(s + PORTABLE_QUERY_BLOCK, t)
+        kp, vp = k_new[0, :, :s].transpose(1, 0, 2), v_new[0, :, :s].transpose(1, 0, 2)
+        out[:, :, s:e] = _attend(layer, q[:, :, s:e], kp, vp, k_new[:, :, s:e], v_new[:, :, s:e], None)
     return out
 
 
