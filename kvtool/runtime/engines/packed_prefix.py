@@ -45,7 +45,7 @@ PORTABLE_QUERY_BLOCK = 1024  # causal_attention's query block on the numpy path
 
 def removes_sdpa(mode: str) -> bool:
     """Whether the LM graph is edited without its SDPA for prefix mode ``mode`` (module docstring): "op", unless
-    ``KVTOOL_KEEP_SDPA=1``."""
+    ``KVTOOL_KEEP_SDPA=1`` (read where the graph is edited: at load, and where ``packed_order`` switches order)."""
     return mode == "op" and os.environ.get(KEEP_SDPA_ENV) != "1"
 
 
