@@ -13,8 +13,8 @@ removed and no past is read, ``packed_prefix``: holding layer ``i``'s attention 
 ``inputs_embeds`` only for its shape (``ShapeOf``: the mask and position subgraphs of optimum's export take the
 sequence length from it) except layer 0, and the head reaching no past at all. Where any check fails the split
 is refused with the reason (``LayerSplitError``), and the engine keeps today's chunk-major prefill and says so
-in ``info()["prefill_order_reason"]``. The attention op is opaque here (whatever ``_packed_lm`` inserted; its
-own attributes travel with ``ov.Model.clone``).
+in ``info()["prefill_order_reason"]``. The attention op is opaque here but for its friendly name (whatever
+``_packed_lm`` inserted; its own attributes travel with ``ov.Model.clone``).
 
 Layer-major prefill (``layer_major_prefill``): layer 0 runs over all chunks of the prompt (its op writes each
 chunk's exact K/V into layer 0's buffer, the op's prefill case (p), and its SDPA attends to the buffer fed as
