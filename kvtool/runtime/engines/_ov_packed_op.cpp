@@ -1,8 +1,9 @@
 // kvtool's packed-KV attention as an OpenVINO C++ extension op (hand-written: no library offers an OpenVINO
 // operation that attends over kvtool's packed KV stores).
 //
-// Op "KvtoolPackedKVAttention" (opset "kvtool"): inputs (q [1, Hq, T, D], k_new [1, H, T, D], v_new [1, H, T, D],
-// sdpa_out [1, Hq, T, D]), output [1, Hq, T, D] of sdpa_out's type; attribute "slot": the address of a
+// Op "KvtoolPackedKVAttention" (opset "kvtool"): inputs (q [1, Hq, T, D], k_new [1, H, T, D], v_new [1, H, T, D]
+// [, sdpa_out [1, Hq, T, D]]), output [1, Hq, T, D] of sdpa_out's type, or of q's where the op has no sdpa_out
+// (the graph's SDPA removed: the op computes every case itself, packed_prefix); attribute "slot": the address of a
 // KvSlotC (below) that Python (kvtool/runtime/engines/ov_packed_ext.py) owns for the op's layer and refreshes
 // before each inference. evaluate():
 //   - fast path (slot.fast = 1 and T = 1: a decode step over a store the fused kernel reads): the SAME kernel
@@ -12,8 +13,9 @@
 //     after the inference. No Python runs.
 //   - every other call (prefill pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a store
 //     the kernel cannot read): the slot's callback (a ctypes function into the engine's Python `_evaluate`),
-//     with the four inputs and the output as raw tensors; it returns 1 (it wrote the output), 0 (copy
-//     sdpa_out) or -1 (it raised: the op throws, the engine re-raises the Python error).
+//     with the inputs (an absent sdpa_out as etype -1) and the output as raw tensors; it returns 1 (it wrote the
+//     output), 0 (copy sdpa_out; an error without one) or -1 (it raised: the op throws, the engine re-raises the
+//     Python error).
 //
 // The kernel's kv heads run on OpenVINO's TBB pool (KV_OP_TBB: setup.py links the wheel's libtbb), else on
 // std::threads spawned per call; kvtool_ov_pool(mode) reads / sets which (ov_packed_ext.kernel_pool).
@@ -262,9 +264,17 @@ public:
     }
 
     void validate_and_infer_types() override {
-        NODE_VALIDATION_CHECK(this, get_input_size() == 4, "KvtoolPackedKVAttention: expected 4 inputs (q, k_new, "
-                              "v_new, sdpa_out), got ", get_input_size());
-        set_output_type(0, get_input_element_type(3), get_input_partial_shape(3));
+        const size_t n = get_input_size();
+        NODE_VALIDATION_CHECK(this, n == 3 || n == 4, "KvtoolPackedKVAttention: expected 3 or 4 inputs (q, k_new, "
+                              "v_new[, sdpa_out]), got ", n);
+        if (n == 4) {
+            set_output_type(0, get_input_element_type(3), get_input_partial_shape(3));
+            return;
+        }
+        ov::PartialShape s = get_input_partial_shape(0);  // [1, Hq, T, Dv]: q's, with v_new's head size
+        const ov::PartialShape& vs = get_input_partial_shape(2);
+        if (s.rank().is_static() && vs.rank().is_static() && s.size() == 4 && vs.size() == 4) s[3] = vs[3];
+        set_output_type(0, get_input_element_type(0), s);
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override {
@@ -281,9 +291,16 @@ public:
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
         OPENVINO_ASSERT(m_slot != 0, "KvtoolPackedKVAttention: no slot (the op must be made by kvtool's engine)");
         KvSlotC& slot = *reinterpret_cast<KvSlotC*>(m_slot);
-        const ov::Tensor &q = inputs[0], &kn = inputs[1], &vn = inputs[2], &sd = inputs[3];
+        const ov::Tensor &q = inputs[0], &kn = inputs[1], &vn = inputs[2];
+        const bool has_sd = inputs.size() > 3;
         ov::Tensor& out = outputs[0];
-        out.set_shape(sd.get_shape());
+        if (has_sd) {
+            out.set_shape(inputs[3].get_shape());
+        } else {
+            ov::Shape os = q.get_shape();
+            if (os.size() == 4 && vn.get_shape().size() == 4) os[3] = vn.get_shape()[3];
+            out.set_shape(os);
+        }
         const ov::Shape& qs = q.get_shape();
         const int64_t et_q = etype_code(q.get_element_type()), et_k = etype_code(kn.get_element_type()),
                       et_v = etype_code(vn.get_element_type()), et_o = etype_code(out.get_element_type());
@@ -315,12 +332,16 @@ public:
             return true;
         }
         OPENVINO_ASSERT(slot.callback != nullptr, "KvtoolPackedKVAttention: no Python callback registered");
-        KvTensorC in[4] = {describe(q), describe(kn), describe(vn), describe(sd)};
+        KvTensorC in[4] = {describe(q), describe(kn), describe(vn), KvTensorC{}};
+        if (has_sd) in[3] = describe(inputs[3]);
+        else in[3].etype = -1;  // no sdpa_out: the callback computes every case
         KvTensorC o = describe(out);
         const int64_t r = slot.callback(slot.key, in, &o);
         OPENVINO_ASSERT(r >= 0, "KvtoolPackedKVAttention: the Python fallback of layer key ", slot.key,
                         " raised (the engine re-raises its error)");
-        if (r == 0) std::memcpy(out.data(), sd.data(), sd.get_byte_size());
+        OPENVINO_ASSERT(r == 1 || has_sd, "KvtoolPackedKVAttention: the Python fallback of layer key ", slot.key,
+                        " wrote no output and the op has no sdpa_out input");
+        if (r == 0) std::memcpy(out.data(), inputs[3].data(), inputs[3].get_byte_size());
         return true;
     }
 

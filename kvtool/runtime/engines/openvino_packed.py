@@ -12,13 +12,14 @@ layer at load time. The graph is edited (a graph edit written here, as no librar
   inside the call, exact); a chunked prefill feeds the exact earlier prompt tokens (below);
 - after each ``ScaledDotProductAttention`` a ``PackedKVAttention(q, k_new, v_new, sdpa_out)`` op (k_new /
   v_new: the Concat's new input, before any GQA broadcast, so the store holds the kv heads) replaces the
-  SDPA's output for the rest of the graph.
+  SDPA's output for the rest of the graph; with ``prefix_attention="op"`` the op, fed (q, k_new, v_new),
+  replaces the SDPA itself and computes case (a) too (``packed_prefix.removes_sdpa``, ``info()["graph_sdpa"]``).
 
 The op follows DESIGN.md's semantics (the graph attends to the dequantized past plus the exact new tokens,
 which are then stored compressed), by the state of its layer's store:
 
-(a) empty store, T tokens (a prefill): the SDPA's own output (full precision, causal); ``first_token="fp"``
-    is this case for the whole prompt;
+(a) empty store, T tokens (a prefill): the SDPA's own output (full precision, causal; without the SDPA the
+    same attention from ``packed_prefix.causal_attention``); ``first_token="fp"`` is this case for the whole prompt;
 (b) T = 1 (decode, and the last prompt token of ``first_token="compressed"``): ``decode_attention`` over
     the packed store plus the exact new token in the same softmax — native where ``attention_path`` says so
     (per-channel-g / per-token groups), else portable;
@@ -147,6 +148,7 @@ class _Layer:
         # prefill in chunks under way); the op writes each chunk at rows [n, n + T)
         self.prefill: list | None = None  # [k_buf, v_buf, n]
         self.prefix, self.prefix_calls = "graph", 0  # where a chunk's exact-prefix attention runs (packed_prefix)
+        self.sdpa, self.causal_calls = True, 0  # whether the graph's SDPA feeds the op; calls computing it instead
 
 
 class _PackedKV:
@@ -266,18 +268,22 @@ def _portable_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kx: np.ndar
 
 def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None = None) -> np.ndarray | None:
     """The op's semantics (module docstring); returns the output, or None for "the SDPA's own" (case a).
-    ``dst``: the op's float32 output [1, Hq, 1, D], which the native decode kernel then writes (and returns)."""
+    ``dst``: the op's float32 output [1, Hq, T, D], which the native kernels then write (and return).
+    ``sdpa_out`` None: no SDPA in the graph, the op computes case (a) itself (``packed_prefix.causal_attention``)."""
     from kvtool.quant_ops.attention import attention_path, native_decode
-    from kvtool.runtime.engines.packed_prefix import chunk_attention
+    from kvtool.runtime.engines.packed_prefix import causal_attention, chunk_attention
 
     st = layer.store
     t = q.shape[2]
     out = None
     if layer.prefill is not None:  # (p) a chunk of a chunked prefill: attention to the exact past (SDPA or op)
         kb, vb, n = layer.prefill
-        # op: the kernel over the buffer + chunk; the first chunk (n = 0) has no past, so the graph's SDPA (fed an
-        # empty past) already computed its exact attention: its own output (None), as a one-call prefill's
-        out = chunk_attention(layer, q, k_new, v_new, dst) if layer.prefix == "op" and n else None
+        # op: the kernel over the buffer + chunk; the first chunk (n = 0) has no past: its causal attention over
+        # itself, the graph's SDPA's output (None) where it is kept, as a one-call prefill's
+        if layer.prefix == "op" and n:
+            out = chunk_attention(layer, q, k_new, v_new, dst)
+        elif sdpa_out is None:
+            out = causal_attention(layer, q, k_new, v_new, dst)
         kb[n:n + t] = k_new[0].transpose(1, 0, 2)
         vb[n:n + t] = v_new[0].transpose(1, 0, 2)
         layer.prefill[2] = n + t
@@ -285,6 +291,7 @@ def _evaluate(layer: _Layer, q, k_new, v_new, sdpa_out, dst: np.ndarray | None =
         return out
     if st.n_tokens == 0:
         layer.calls["fp"] += 1
+        out = None if sdpa_out is not None else causal_attention(layer, q, k_new, v_new, dst)
     else:
         if layer.native is None:  # the scheme, bits and dtype decide it: the same for every later call
             layer.decode_path = attention_path(st)
@@ -322,12 +329,15 @@ def _source(value, stop: set):
     return None
 
 
-def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
+def _packed_lm(model, num_layers: int, dtype, prefix: str = "graph") -> list[_Layer]:
     """Edit the stateful LM ``model`` in place (module docstring): no KV state, one ``PackedKVAttention``
-    per layer after its SDPA. Returns the layers' shared objects, in layer order. InputError for a graph whose
-    attention is not ``SDPA(q, Concat(ReadValue-past, new) ...)`` as optimum-intel's stateful export writes it."""
+    per layer after its SDPA, or in its place where ``packed_prefix.removes_sdpa(prefix)``. Returns the layers'
+    shared objects, in layer order. InputError for a graph whose attention is not
+    ``SDPA(q, Concat(ReadValue-past, new) ...)`` as optimum-intel's stateful export writes it."""
     import openvino as ov
     import openvino.opset13 as ops
+
+    from kvtool.runtime.engines.packed_prefix import removes_sdpa
 
     sinks = list(model.get_sinks())
     concats = {}
@@ -358,9 +368,10 @@ def _packed_lm(model, num_layers: int, dtype) -> list[_Layer]:
                 raise InputError(f"language model: layer {i}'s SDPA scale is not a constant")
             scale = float(np.asarray(s.get_data()).reshape(-1)[0])
         layer = _Layer(i, scale, dtype)
+        layer.prefix, layer.sdpa = prefix, not removes_sdpa(prefix)  # without it, the SDPA drops out of the graph
         targets = list(sdpa.output(0).get_target_inputs())
-        node = ov_packed_ext.make_node([sdpa.input_value(0), kc.input_value(1), vc.input_value(1), sdpa.output(0)],
-                                       layer, _evaluate, cls)  # the C++ op, or the Python op (route())
+        node = ov_packed_ext.make_node([sdpa.input_value(0), kc.input_value(1), vc.input_value(1)]
+                                       + [sdpa.output(0)] * layer.sdpa, layer, _evaluate, cls)  # route()'s op
         for t in targets:
             t.replace_source_output(node.output(0))
         layers.append(layer)

@@ -7,12 +7,14 @@ attention op, its past Parameters and the position / mask inputs it needs) and a
 The boundaries are found structurally, not by friendly names: starting at ``inputs_embeds``, the residual stream
 is the chain of ``Add`` nodes that take the stream value itself (through ``Convert``) plus a branch computed from
 it; a decoder layer is two links of the chain (attention, then MLP). The split is checked: ``2 L`` links, the
-branch of link ``2 i`` reading layer ``i``'s past Parameters and no other layer's, every sub-model reaching
+branch of link ``2 i`` reading layer ``i``'s past Parameters and no other layer's (or, where the graph's SDPA was
+removed and no past is read, ``packed_prefix``: holding layer ``i``'s attention op, by its friendly name
+``ov_packed_ext.NODE_NAME``, and no other), every sub-model reaching
 ``inputs_embeds`` only for its shape (``ShapeOf``: the mask and position subgraphs of optimum's export take the
 sequence length from it) except layer 0, and the head reaching no past at all. Where any check fails the split
 is refused with the reason (``LayerSplitError``), and the engine keeps today's chunk-major prefill and says so
-in ``info()["prefill_order_reason"]``. The attention op is opaque here (whatever ``_packed_lm`` inserted; its
-own attributes travel with ``ov.Model.clone``).
+in ``info()["prefill_order_reason"]``. The attention op is opaque here but for its friendly name (whatever
+``_packed_lm`` inserted; its own attributes travel with ``ov.Model.clone``).
 
 Layer-major prefill (``layer_major_prefill``): layer 0 runs over all chunks of the prompt (its op writes each
 chunk's exact K/V into layer 0's buffer, the op's prefill case (p), and its SDPA attends to the buffer fed as
@@ -81,12 +83,13 @@ def _through_convert(value) -> list:
     return out
 
 
-def _upstream(node):
-    """``node`` and every node it is computed from, each once (depth first; a generator, so a search can stop)."""
+def _upstream(node, stop: set = frozenset()):
+    """``node`` and every node it is computed from, each once (depth first; a generator, so a search can stop),
+    not walking above (nor yielding) nodes in ``stop``."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
-        if n in seen:
+        if n in seen or n in stop:
             continue
         seen.add(n)
         yield n
@@ -183,8 +186,14 @@ def _cut(model, num_layers: int, index: int):
     # what the sub-model reads by value (not only by shape), with the stream cut at its input
     stop = {start.get_node()} if index else set()
     by_value = _params_reached(out, stop, through_shape=False)
-    if by_value & pasts != own:
-        raise LayerSplitError(f"{what} reads the past inputs {sorted(by_value & pasts)} by value, not {sorted(own)}")
+    # the attention ops it holds (by ov_packed_ext.NODE_NAME): exactly its layer's, where no past is read by value
+    # (the graph's SDPA removed: the op reads no past input), else its own past, read by value
+    ops_held = sorted(n.get_friendly_name() for n in _upstream(out.get_node(), stop)
+                      if n.get_friendly_name().startswith(ov_packed_ext.NODE_NAME.split("{")[0]))
+    own_op = [ov_packed_ext.NODE_NAME.format(i=index)] if index < num_layers else []
+    if not (by_value & pasts == own or (not by_value & pasts and ops_held == own_op)):
+        raise LayerSplitError(f"{what} reads the past inputs {sorted(by_value & pasts)} by value, not {sorted(own)}, "
+                              f"and holds the attention ops {ops_held}, not {own_op}")
     if index and EMBEDS in by_value:
         raise LayerSplitError(f"{what} reads {EMBEDS}'s values, not only its shape")
     by_shape = _params_reached(out, stop) & pasts
@@ -206,7 +215,7 @@ def _cut(model, num_layers: int, index: int):
     res = ops.result(out)
     sub = ov.Model([res], _reachable_params(res), f"kvtool_{'head' if index == num_layers else f'layer_{index}'}")
     names = {q.output(0).get_any_name() for q in sub.get_parameters()}
-    if names & pasts != own or (index and EMBEDS in names):
+    if names & pasts not in (own, set()) or (index and EMBEDS in names):
         raise LayerSplitError(f"{what} still reads {sorted(names & (pasts | {EMBEDS}))} after the cut")
     sub.validate_nodes_and_infer_types()
     return sub

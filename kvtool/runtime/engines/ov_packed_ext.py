@@ -1,6 +1,7 @@
 """The packed engine's attention as an OpenVINO C++ extension op, and which route runs.
 
-The packed engine (``openvino_packed``) inserts one attention op per layer after its SDPA. Two routes:
+The packed engine (``openvino_packed``) inserts one attention op per layer, after its SDPA or in its place
+(``packed_prefix.removes_sdpa``). Two routes:
 
 - ``"openvino C++ extension op"`` (the default where it is built): ``KvtoolPackedKVAttention`` from
   ``_ov_packed_op.cpp`` (hand-written: no library offers an OpenVINO op over kvtool's packed stores), made with
@@ -50,6 +51,7 @@ import numpy as np
 ENV_OFF = "KVTOOL_NO_OV_EXTENSION"
 OP_TYPE = "KvtoolPackedKVAttention"
 CPP_ROUTE, PY_ROUTE = "openvino C++ extension op", "openvino python op"
+NODE_NAME = "kvtool_attention.{i}"  # the op's friendly name in the LM graph (make_node)
 
 
 class KvSideC(ctypes.Structure):
@@ -155,17 +157,18 @@ def _array(t: KvTensorC) -> np.ndarray:
 
 def _fallback(key: int, inputs, output) -> int:
     """The op's calls other than the fast path: the engine's ``_evaluate`` on numpy views of the op's tensors
-    (bf16 widened to f32, as the Python op does). 1: wrote the output; 0: the op copies the SDPA's; -1: raised."""
+    (bf16 widened to f32, as the Python op does; an absent sdpa_out, etype -1, as None). 1: wrote the output;
+    0: the op copies the SDPA's; -1: raised."""
     try:
         from kvtool.runtime.engines.openvino_engine import bf16_bits_to_f32, f32_to_bf16_bits
 
         ref, evaluate = _REGISTRY[key]
         layer = ref()
-        ins = [inputs[j] for j in range(4)]
+        ins = [inputs[j] for j in range(4 if inputs[3].etype >= 0 else 3)]
         o = output[0]
         raw = [_array(t) for t in ins]
         bf16 = any(t.etype == 2 for t in ins[:3]) or o.etype == 2
-        arrs = [bf16_bits_to_f32(a) if t.etype == 2 else a for a, t in zip(raw, ins, strict=True)]
+        arrs = [bf16_bits_to_f32(a) if t.etype == 2 else a for a, t in zip(raw, ins, strict=True)] + [None]
         out_arr = _array(o)
         dst = out_arr if (not bf16 and o.etype == 0) else None
         out = evaluate(layer, arrs[0], arrs[1], arrs[2], arrs[3], dst)
@@ -266,15 +269,20 @@ class Slot:
 
 
 def make_node(inputs: list, layer, evaluate, python_op):
-    """The layer's attention op over ``inputs`` (q, k_new, v_new, sdpa_out): the C++ op with a new ``Slot``
-    (``layer.slot``) on the C++ route, else ``python_op(inputs, layer)``; ``layer.route`` names it."""
+    """The layer's attention op over ``inputs`` (q, k_new, v_new[, sdpa_out]; without sdpa_out the op computes
+    every case itself, ``packed_prefix``): the C++ op with a new ``Slot`` (``layer.slot``) on the C++ route, else
+    ``python_op(inputs, layer)``; ``layer.route`` names it. The node's friendly name is ``NODE_NAME`` of
+    ``layer.index`` (how ``ov_layers``' split finds which layer's op a sub-model holds)."""
     name, why = route()
     layer.route = (name, why)
     if name == PY_ROUTE:
         layer.slot = None
-        return python_op(inputs, layer)
-    layer.slot = Slot(layer, evaluate)
-    return _load()[0].create(OP_TYPE, inputs, {"slot": layer.slot.address})
+        node = python_op(inputs, layer)
+    else:
+        layer.slot = Slot(layer, evaluate)
+        node = _load()[0].create(OP_TYPE, inputs, {"slot": layer.slot.address})
+    node.set_friendly_name(NODE_NAME.format(i=layer.index))
+    return node
 
 
 def sync(layers) -> None:

@@ -73,7 +73,7 @@ def build(engine, order: str | None) -> None:
     engine._fixed = None
     core, cfg = engine._core, engine._cfg
     model = engine._read_language_model(core, stateful_needed_by="the packed engine")
-    engine.layers = _packed_lm(model, engine.num_layers, engine.kv_dtype)
+    engine.layers = _packed_lm(model, engine.num_layers, engine.kv_dtype, engine.prefix_attention[0])
     if old is not None:
         for new, was in zip(engine.layers, old, strict=True):
             new.prefix = was.prefix
