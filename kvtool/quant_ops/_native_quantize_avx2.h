@@ -33,26 +33,30 @@
 // (a kernel without the fix-up fails it), zero ranges, constant groups, subnormal deltas, float32 ranges with
 // non-normal reciprocals and +-inf, on this path and on the baseline code.
 
+// min/max of one row x's G groups of bl (% 8 == 0) columns folded into mnr / mxr [G] (the same operations in
+// the same order for per-token groups and for groups of columns spanning several rows)
+template <typename TX>
+static inline void group_minmax_row(const TX* x, long G, long bl, float* mnr, float* mxr) {
+    for (long j = 0; j < G; ++j) {
+        __m256 lo = ld8(x + j * bl), hi = lo;
+        for (long c = 8; c < bl; c += 8) {
+            __m256 v = ld8(x + j * bl + c);
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+        }
+        const float l1 = hmin8(lo), h1 = hmax8(hi);
+        mnr[j] = l1 < mnr[j] ? l1 : mnr[j];
+        mxr[j] = h1 > mxr[j] ? h1 : mxr[j];
+    }
+}
+
 // min/max of rows [t0, t1) of heads [h0, h0 + bh) into chunk accumulators (param row pr at (pr - p0) * G)
 template <typename TX>
 static void minmax_avx2(const QArgs& a, long b, long h0, long t0, long t1, long p0, float* mn, float* mx) {
     const long L = a.x.n[3], bt = a.bt, bl = a.bl, G = L / bl;
     if (bl != 1 && bt == 1 && a.bh == 1) {  // per-token groups: a param row per token, the same operations
         for (long t = t0; t < t1; ++t) {
-            const TX* x = (const TX*)a.x.at(b, h0, t, 0);
-            float* mnr = mn + (t - p0) * G;
-            float* mxr = mx + (t - p0) * G;
-            for (long j = 0; j < G; ++j) {
-                __m256 lo = ld8(x + j * bl), hi = lo;
-                for (long c = 8; c < bl; c += 8) {
-                    __m256 v = ld8(x + j * bl + c);
-                    lo = _mm256_min_ps(lo, v);
-                    hi = _mm256_max_ps(hi, v);
-                }
-                const float l1 = hmin8(lo), h1 = hmax8(hi);
-                mnr[j] = l1 < mnr[j] ? l1 : mnr[j];
-                mxr[j] = h1 > mxr[j] ? h1 : mxr[j];
-            }
+            group_minmax_row((const TX*)a.x.at(b, h0, t, 0), G, bl, mn + (t - p0) * G, mx + (t - p0) * G);
         }
         return;
     }
@@ -90,18 +94,7 @@ static void minmax_avx2(const QArgs& a, long b, long h0, long t0, long t1, long 
         } else {
             for (long h = h0; h < h0 + a.bh; ++h)
                 for (long t = s; t < e; ++t) {
-                    const TX* x = (const TX*)a.x.at(b, h, t, 0);
-                    for (long j = 0; j < G; ++j) {
-                        __m256 lo = ld8(x + j * bl), hi = lo;
-                        for (long c = 8; c < bl; c += 8) {
-                            __m256 v = ld8(x + j * bl + c);
-                            lo = _mm256_min_ps(lo, v);
-                            hi = _mm256_max_ps(hi, v);
-                        }
-                        const float l1 = hmin8(lo), h1 = hmax8(hi);
-                        mnr[j] = l1 < mnr[j] ? l1 : mnr[j];
-                        mxr[j] = h1 > mxr[j] ? h1 : mxr[j];
-                    }
+                    group_minmax_row((const TX*)a.x.at(b, h, t, 0), G, bl, mnr, mxr);
                 }
         }
     }

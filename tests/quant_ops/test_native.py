@@ -76,16 +76,22 @@ def test_native_equals_numpy():
     assert check_all() > 700
 
 
-@needs_native
-def test_baseline_isa_equals_numpy():
-    """The portable (non-AVX2) code of the same binary, as a CPU without AVX2 would run it."""
+def baseline_isa_output(code: str) -> str:
+    """Run ``code`` (Python) in a child process whose native kernels use the portable (non-AVX2) code of the same
+    binary (``KVTOOL_NATIVE_ISA=baseline``, checked in the child), as a CPU without AVX2 would; -> its stdout."""
     env = {**os.environ, "KVTOOL_NATIVE_ISA": "baseline", "PYTHONPATH": ROOT}
-    code = ("from kvtool.quant_ops import native; assert native.info()['isa'] == 'baseline'; "
-            "from tests.quant_ops.test_native import check_all; print(check_all(1))")
+    code = "from kvtool.quant_ops import native; assert native.info()['isa'] == 'baseline'; " + code
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert int(res.stdout.split()[-1]) > 700
+    return res.stdout
+
+
+@needs_native
+def test_baseline_isa_equals_numpy():
+    """The portable (non-AVX2) code of the same binary, as a CPU without AVX2 would run it."""
+    out = baseline_isa_output("from tests.quant_ops.test_native import check_all; print(check_all(1))")
+    assert int(out.split()[-1]) > 700
 
 
 def _stream(store, k, v, steps):

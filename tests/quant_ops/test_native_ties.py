@@ -7,8 +7,6 @@ byte, on the AVX2 code and on the portable baseline of the same binary. NaN keep
 (not tested, as before)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from kvtool.quant_ops import native
 from kvtool.quant_ops.affine import block_for, choose_qparams_affine, dequantize_affine, quantize_affine
 from kvtool.quant_ops.packing import pack_tokens
+from tests.quant_ops.test_native import baseline_isa_output
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,10 +126,5 @@ def test_near_ties_equal_numpy():
 @needs_native
 def test_near_ties_baseline_isa():
     """The portable (non-AVX2) code of the same binary on the same inputs."""
-    env = {**os.environ, "KVTOOL_NATIVE_ISA": "baseline", "PYTHONPATH": ROOT}
-    code = ("from kvtool.quant_ops import native; assert native.info()['isa'] == 'baseline'; "
-            "from tests.quant_ops.test_native_ties import check_ties; print(check_ties(1)['cases'])")
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert int(res.stdout.split()[-1]) > 200
+    out = baseline_isa_output("from tests.quant_ops.test_native_ties import check_ties; print(check_ties(1)['cases'])")
+    assert int(out.split()[-1]) > 200
