@@ -6,7 +6,6 @@ and +-inf. Codes, params and dequantized values must equal the numpy path (``aff
 byte, on the AVX2 code and on the portable baseline of the same binary. NaN keeps today's unspecified policy
 (not tested, as before)."""
 
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from kvtool.quant_ops.packing import pack_tokens
 from tests.quant_ops.test_native import baseline_isa_output
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason()}")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (axis, group, L): per-column params (bl == 1) and groups of 8 / 32 / 128 columns; L a multiple of 32 (the
 # 32-column path) and not (the 8-column path); token counts leave partial tiles for the edge code
