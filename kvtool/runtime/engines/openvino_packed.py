@@ -447,9 +447,7 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         self.kv_precision = kv_precision
         super().__init__(path, spec, device, manifest)
         # GraphEngine made a GraphKVCache (fp buffers, never touched here): the packed stores replace it
-        self.kv = _PackedKV(spec, self.layers, self.num_kv_heads, self.head_dim)
-        for layer in self.layers:
-            layer.prefix = self.prefix_attention[0]
+        self.kv = _PackedKV(spec, self.layers, self.num_kv_heads, self.head_dim)  # (each layer's prefix: _packed_lm)
 
     def _load_graphs(self) -> None:
         import openvino as ov

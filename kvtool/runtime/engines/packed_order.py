@@ -67,16 +67,13 @@ def build(engine, order: str | None) -> None:
     from kvtool.runtime.engines import ov_layers
     from kvtool.runtime.engines.openvino_packed import _packed_lm, _PackedKV
 
-    kv = getattr(engine, "kv", None)
-    old = engine.layers if isinstance(kv, _PackedKV) else None  # (none while the engine loads)
+    kv = getattr(engine, "kv", None)  # (no packed cache yet while the engine loads)
     engine.prefill_runner = engine.layer_runner = engine.lm = engine.lm_req = None  # before their op slots go
     engine._fixed = None
     core, cfg = engine._core, engine._cfg
     model = engine._read_language_model(core, stateful_needed_by="the packed engine")
     engine.layers = _packed_lm(model, engine.num_layers, engine.kv_dtype, engine.prefix_attention[0])
-    if old is not None:
-        for new, was in zip(engine.layers, old, strict=True):
-            new.prefix = was.prefix
+    if isinstance(kv, _PackedKV):
         kv.layers = engine.layers
     engine.lm_names = [i.get_any_name() for i in model.inputs]
     runner, engine.prefill_order_reason = ov_layers.load_runner(engine, core, model, cfg, order)
