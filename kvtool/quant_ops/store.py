@@ -212,6 +212,18 @@ class _DenseSide:
         if out is not self.data.buf:
             out[:, :, start:self.n] = self.data.buf[:, :, start:self.n]
 
+    def inplace_target(self, dtype) -> tuple | None:
+        """``QuantizedKVStore.inplace_targets`` for this side: ``(1, n, capacity, buf)`` (a token is written at
+        ``buf[:, :, n]``), or None (simulate, no numpy buffer yet)."""
+        buf = self.data.buf
+        if self.simulate or not isinstance(buf, np.ndarray) or buf.dtype != dtype:
+            return None
+        return 1, self.data.n, buf.shape[2], buf
+
+    def appended_in_place(self, t: int) -> None:
+        self.dirty_from = min(self.dirty_from, self.n)
+        self.data.n += t
+
     def layout(self) -> SideLayout:
         return SideLayout("dense", self.bits, self.spec.granularity(self.which) if self.simulate else None,
                           self.n, dense=self.data.view(), simulate=self.simulate)
@@ -280,6 +292,10 @@ class _GridSide:
         if self._append_native(x):
             return
         n0 = self.nq
+        if self.resid.n and not self.slide and self.resid.n + x.shape[2] < self.flush:
+            self.resid.append(x)  # waits with the residual, no group completes: no re-copy of the residual
+            self.dirty_from = min(self.dirty_from, n0)
+            return
         whole = x
         if self.resid.n:
             whole = concat([self.resid.view(), x], axis=2)
@@ -306,6 +322,39 @@ class _GridSide:
         if nq < whole.shape[2]:
             self.resid.append(whole[:, :, nq:])
         self.dirty_from = min(self.dirty_from, n0)
+
+    def inplace_target(self, dtype) -> tuple | None:
+        """``QuantizedKVStore.inplace_targets`` for this side, or None (a sliding window, no numpy buffers yet,
+        another dtype, flat params). Per-token groups quantized as they come: ``(2, nq, capacity, codes, delta,
+        mn, bh, bl, bits)`` (the token is quantized + packed as ``_append_native`` does, token ``nq`` of the codes'
+        tiles, its params at ``nq``). Per-channel groups: ``(1, resid_n, flush - 1, resid_buf)`` (the token waits
+        in the residual; the token that completes a group is left to ``append``, which quantizes it)."""
+        if self.slide:
+            return None
+        if self.tb != 1:
+            buf = self.resid.buf
+            if not isinstance(buf, np.ndarray) or buf.dtype != dtype:
+                return None
+            return 1, self.resid.n, min(self.flush - 1, buf.shape[2]), buf
+        if self.resid.n or self.meta is None or not isinstance(self.codes.buf, np.ndarray):
+            return None
+        block_size, flat, _, mdt = self.meta
+        pdt = np.float16 if dtype == np.float16 else np.float32
+        d, m = self.delta.buf, self.mn.buf
+        if flat or mdt != dtype or d.dtype != pdt or m.dtype != pdt or d.strides != m.strides:
+            return None
+        cap = min(d.shape[2], self.codes.buf.shape[2] // self.r * self.p)
+        return 2, self.nq, cap, self.codes.buf, d, m, block_size[1], block_size[3], self.bits
+
+    def appended_in_place(self, t: int) -> None:
+        self.dirty_from = min(self.dirty_from, self.nq)
+        if self.tb != 1:
+            self.resid.n += t
+            return
+        self.nq += t
+        self.delta.n += t
+        self.mn.n += t
+        self.codes.n = packed_rows(self.nq, self.bits)
 
     def write(self, out: Array, start: int) -> None:
         a = (start // self.align) * self.align
@@ -530,6 +579,30 @@ class QuantizedKVStore:
             self._last_out = bufs
             self._k.dirty_from = self._v.dirty_from = n
         return bufs[0][:, :, :n], bufs[1][:, :, :n]
+
+    def inplace_targets(self) -> tuple[tuple, tuple] | None:
+        """Where a native kernel may append the next decode tokens itself, one at a time, writing straight into
+        the store's buffers (the packed engine's OpenVINO op: ``_ov_packed_op.cpp``): a ``(k, v)`` pair of tuples
+        (``_GridSide.inplace_target`` / ``_DenseSide.inplace_target``: the buffer, the count written so far and
+        the capacity up to which the kernel may write without this store reallocating or quantizing a group), or
+        None where either side cannot take such an append (simulate mode, torch arrays, statistics spanning the
+        token axis, a sliding residual window, an empty store). The kernel writes exactly the bytes ``append``
+        would; ``appended_in_place(t)`` then accounts for its t tokens. Valid until the next ``append`` /
+        ``reset`` (which may reallocate): ask again after one."""
+        f = self.format
+        if self.mode != "packed" or f is None or f.torch or self.n_tokens == 0:
+            return None
+        target = getattr(self._k, "inplace_target", None), getattr(self._v, "inplace_target", None)
+        if target[0] is None or target[1] is None:
+            return None
+        k, v = target[0](f.dtype), target[1](f.dtype)
+        return None if k is None or v is None else (k, v)
+
+    def appended_in_place(self, t: int) -> None:
+        """Account for ``t`` tokens a kernel appended to both sides where ``inplace_targets`` said (within its
+        capacity): the counts and the incremental-``dequantize`` marks move as ``append`` would move them."""
+        self._k.appended_in_place(t)
+        self._v.appended_in_place(t)
 
     @property
     def quantized_counts(self) -> tuple[int, int]:

@@ -4,8 +4,10 @@ one op in a graph of its four inputs, run by OpenVINO's CPU plugin, over a ``Qua
 - the decode fast path (T = 1) gives the Python extension's kernel result bit for bit (the same kernel code,
   called with the same inputs) and a naive float64 reference (dequantize, concatenate the new token,
   softmax(q K^T * scale) V) within the kernel's derived bound (tests/quant_ops/test_attention.py, reused);
-- it leaves the new token in the slot, and ``commit`` appends it: the store then holds the bytes a Python
-  append of the same token would (same codes, params, residual);
+- it appends the new token to the store itself where ``inplace_targets`` gives room (else it leaves the token
+  in the slot and ``commit`` appends it): either way the store then holds the bytes a Python append of the same
+  token would (same codes, params, residual), over many steps (group flushes, new and partly filled tiles,
+  buffers that grow), and a failed inference leaves no trace of the op's appends;
 - no Python runs in a fast-path call (the fallback callback is counted), every other call does;
 - ragged N (not a multiple of the group or the packing tile), N = 1 (one stored token + the new one), GQA,
   head_dim 64 / 80 / 128, per-channel and per-token groups, outlier channels, 2/3/4/8 bits, f16 / f32 stores;
@@ -248,3 +250,139 @@ def test_data_pointers():
               np.empty((1, 4, 1, 64), np.float32)):
         assert ext._ptr(a) == a.__array_interface__["data"][0]
     assert ext._ptr(None) is None
+
+
+def _same_bytes(a: QuantizedKVStore, b: QuantizedKVStore) -> None:
+    """Two stores hold the same tokens in the same bytes: counts, and per side the codes (every held tile row, the
+    unused slots of a partly filled tile included), params and residual."""
+    assert a.n_tokens == b.n_tokens and a.quantized_counts == b.quantized_counts and a.nbytes == b.nbytes
+    for which in ("k", "v"):
+        la, lb = a.side_layout(which), b.side_layout(which)
+        for f in ("codes", "delta", "mn", "residual", "dense"):
+            x, y = getattr(la, f), getattr(lb, f)
+            assert (x is None) == (y is None), (which, f)
+            if x is not None:
+                np.testing.assert_array_equal(x, y, err_msg=f"{which} {f}")
+
+
+def _counting_appends(store: QuantizedKVStore) -> dict:
+    """Counts the store's ``append`` calls and the tokens ``appended_in_place`` accounted for."""
+    n = {"append": 0, "in_place": 0}
+    append, in_place = store.append, store.appended_in_place
+
+    def counted_append(*a, **k):
+        n["append"] += 1
+        return append(*a, **k)
+
+    def counted_in_place(t):
+        n["in_place"] += t
+        return in_place(t)
+
+    store.append, store.appended_in_place = counted_append, counted_in_place
+    return n
+
+
+@pytest.mark.parametrize("scheme,kb,vb,dtype", [("g-KC32VT32", 2, 2, np.float16), ("g-KT32VC32", 3, 4, np.float16),
+                                                ("g-KC32VT16", 4, 8, np.float32), ("g-KC32VT32", 8, 3, np.float16),
+                                                ("fp16", 16, 16, np.float16), ("g-KC32VT32", 2, 16, np.float16)])
+def test_op_appends_to_the_store(scheme, kb, vb, dtype):
+    """70 decode steps from a ragged 37-token prefill (groups of 32 complete twice, 2/3/4-bit tiles fill and start,
+    the code / param buffers grow): after every step the store the op appended to holds the same bytes as one
+    appended in Python, the op's output is the Python extension's kernel over that store bit for bit, and the op
+    did append itself (``appended_in_place``) with ``commit``'s Python append left for the tokens that complete
+    a per-channel group or need a bigger buffer."""
+    rng = np.random.default_rng(11)
+    h, rep, d, n, steps = 2, 2, 64, 37, 70
+    k, v = _kv(rng, 1, h, n + steps, d, dtype)
+    scale = 1 / math.sqrt(d)
+    from kvtool.runtime.engines.openvino_packed import _Layer
+
+    layer, twin = _Layer(0, scale, dtype), _Layer(0, scale, dtype)
+    layer.store, twin.store = QuantizedKVStore(scheme, kb, vb), QuantizedKVStore(scheme, kb, vb)
+    for st in (layer.store, twin.store):
+        st.append(k[:, :, :n], v[:, :, :n])
+    counts = _counting_appends(layer.store)
+    req = _graph(h * rep, h, d, layer, _Counting())
+    bufs = tuple(np.zeros((1, h, n + steps, d), dtype) for _ in range(2))
+    layer.store.dequantize(out=bufs)
+    for s in range(steps):
+        q = rng.standard_normal((1, h * rep, 1, d)).astype(np.float32)
+        kx, vx = k[:, :, n + s:n + s + 1], v[:, :, n + s:n + s + 1]
+        want = native_decode(np.ascontiguousarray(q[:, :, 0]), twin.store, scale, 2, kx, vx)
+        ext.infer([layer], req, {0: q, 1: kx.astype(np.float32), 2: vx.astype(np.float32),
+                                 3: np.zeros((1, h * rep, 1, d), np.float32)})
+        np.testing.assert_array_equal(req.get_output_tensor(0).data[:, :, 0], want, err_msg=f"step {s}")
+        twin.store.append(kx, vx)
+        _same_bytes(layer.store, twin.store)
+        got = layer.store.dequantize(out=bufs)  # incremental: only what changed since the last step rewritten
+        for which, want_side in enumerate(twin.store.dequantize()):
+            np.testing.assert_array_equal(got[which], want_side, err_msg=f"step {s} incremental dequantize")
+    assert counts["in_place"] + counts["append"] == steps and layer.calls["native"] == steps
+    assert counts["in_place"] >= steps // 2, counts  # the op appended most tokens itself
+    if "KC32" in scheme and kb != 16:  # the tokens completing a group of 32 (2 of them) go through Python
+        assert counts["append"] >= 2, counts
+
+
+def test_no_op_append_switch(monkeypatch):
+    """``KVTOOL_NO_OP_APPEND=1``: every fast-path token appended by ``commit`` in Python, the same bytes."""
+    monkeypatch.setenv(ext.ENV_NO_OP_APPEND, "1")
+    rng = np.random.default_rng(2)
+    layer = _layer("g-KC32VT32", 2, 2, *_kv(rng, 1, 2, 9, 64, np.float16), np.float16, 1 / 8)
+    counts = _counting_appends(layer.store)
+    req = _graph(2, 2, 64, layer, _Counting())
+    x = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
+    for _ in range(3):
+        ext.infer([layer], req, {0: x, 1: x, 2: x, 3: x})
+    assert counts == {"append": 3, "in_place": 0} and layer.slot.c.ka.kind == 0
+
+
+def test_failed_inference_undoes_the_op_appends():
+    """Two layers' ops in one graph, the second one's Python fallback raising after the first op appended its
+    token itself: the error comes back, the first store counts nothing new, and its codes keep no trace — the
+    next token, appended by Python into the same partly filled tile (OR into its free slots), gives the bytes of
+    a store that never saw the failed step; then the op's own appends go on as before."""
+    from kvtool.runtime.engines.openvino_packed import _Layer
+
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from kvtool.runtime.engines.packed_pyop import op_class
+
+    rng = np.random.default_rng(4)
+    h, d, n = 2, 64, 41  # 2-bit V tiles of 4 tokens: token 41 sits in slot 1 of a partly filled tile
+    k, v = _kv(rng, 1, h, n + 3, d, np.float16)
+    first, twin = _layer("g-KC32VT32", 2, 2, k[:, :, :n], v[:, :, :n], np.float16, 1 / 8), \
+        _layer("g-KC32VT32", 2, 2, k[:, :, :n], v[:, :, :n], np.float16, 1 / 8)
+    fail = {"on": True}
+
+    def second_eval(*a):
+        if fail["on"]:
+            raise InputError("second layer: bad input")
+        return _Counting()(*a)
+
+    second = _Layer(1, 1 / 8, np.float16)
+    second.store = QuantizedKVStore("g-KC32VT32", 2, 2)  # empty: its op calls back into Python
+    params = [ops.parameter(ov.PartialShape([1, h, -1, d]), ov.Type.f32) for _ in range(4)]
+    a = ext.make_node([p.output(0) for p in params], first, _Counting(), op_class())
+    b = ext.make_node([a.output(0), params[1].output(0), params[2].output(0), params[3].output(0)], second,
+                      second_eval, op_class())
+    req = ov.Core().compile_model(ov.Model([b.output(0)], params), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    feeds = lambda t: {0: rng.standard_normal((1, h, 1, d)).astype(np.float32),  # noqa: E731
+                       1: k[:, :, t:t + 1].astype(np.float32), 2: v[:, :, t:t + 1].astype(np.float32),
+                       3: np.zeros((1, h, 1, d), np.float32)}
+    with pytest.raises(InputError, match="^second layer: bad input$"):
+        ext.infer([first, second], req, feeds(n))
+    assert first.slot.c.fast_calls == 1 and first.store.n_tokens == n and first.slot.c.appended == 0
+    _same_bytes(first.store, twin.store)
+    first.store.append(k[:, :, n:n + 1], v[:, :, n:n + 1])  # Python's append into the tile the op had written
+    twin.store.append(k[:, :, n:n + 1], v[:, :, n:n + 1])
+    _same_bytes(first.store, twin.store)
+    fail["on"] = False
+    second.store.append(k[:, :, :1], v[:, :, :1])  # now a store the op reads: both layers on the fast path
+    counts = _counting_appends(first.store)
+    for t in (n + 1, n + 2):
+        ext.infer([first, second], req, feeds(t))
+        twin.store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        _same_bytes(first.store, twin.store)
+    assert counts == {"append": 0, "in_place": 2}

@@ -9,8 +9,13 @@
 //   - fast path (slot.fast = 1 and T = 1: a decode step over a store the fused kernel reads): the SAME kernel
 //     as the Python extension (kvtool/quant_ops/_native_attention.h, included below, not copied) over the
 //     store's packed codes plus the new token, written into the output; the new token's K/V are converted to
-//     the stores' dtype into the slot's pending buffers (slot.pending = 1), which Python appends to the store
-//     after the inference. No Python runs.
+//     the stores' dtype into the slot's pending buffers. Then, where both sides' append targets (slot.ka /
+//     slot.va, from QuantizedKVStore.inplace_targets) have room, the op appends the token to the store itself
+//     (an exact token into a residual / dense buffer; a per-token group quantized + packed into its tile by the
+//     same quantize_pack kernel as the store's own append) and advances the slot's sides, so the slot stays
+//     valid for the next step (slot.appended counts the tokens Python has not yet accounted for); otherwise
+//     slot.pending = 1 and Python appends the pending token after the inference (a per-channel group that
+//     completes, a buffer that must grow). No Python runs.
 //   - every other call (prefill pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a store
 //     the kernel cannot read): the slot's callback (a ctypes function into the engine's Python `_evaluate`),
 //     with the inputs (an absent sdpa_out as etype -1) and the output as raw tensors; it returns 1 (it wrote the
@@ -19,7 +24,8 @@
 //
 // The kernel's kv heads run on OpenVINO's TBB pool (KV_OP_TBB: setup.py links the wheel's libtbb), else on
 // std::threads spawned per call; kvtool_ov_pool(mode) reads / sets which (ov_packed_ext.kernel_pool).
-// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_pool(mode).
+// Plain C ABI for Python (ctypes): kvtool_ov_struct_sizes() (layout check), kvtool_ov_pool(mode),
+// kvtool_ov_unappend(slot) (a failed inference: clear the codes the op appended, before Python re-syncs).
 // Built by setup.py against the openvino wheel's headers (optional); loaded with openvino's NodeFactory.
 
 #include <atomic>
@@ -95,6 +101,18 @@ struct KvTensorC {
 
 typedef int64_t (*KvCallback)(int64_t key, KvTensorC* inputs, KvTensorC* output);
 
+// Where the op may append the next decode token of one side itself (QuantizedKVStore.inplace_targets).
+struct KvAppendC {
+    int64_t kind;      // 0: nowhere (Python appends); 1: an exact token into buf; 2: quantize + pack (per-token groups)
+    int64_t n, cap;    // kind 1: tokens in buf; kind 2: quantized tokens; the op appends while n < cap
+    void* buf;         // kind 1: [B, H, >=cap, D] in the stores' dtype; kind 2: the codes, uint8 [B, H, rows, D]
+    int64_t bs[3];     // buf's strides over batch, head, token (kind 1, elements) or row (kind 2, bytes)
+    void* delta;       // kind 2: the params [B, H / bh, >=cap, D / bl] in the stores' dtype
+    void* mn;
+    int64_t ps[4];     // kind 2: the params' strides (elements)
+    int64_t bh, bl, bits, e16;  // kind 2: the group block (1, bh, 1, bl) and bits; e16: float16 buffers
+};
+
 // A layer's slot, owned by Python (ctypes), its address the op's "slot" attribute.
 struct KvSlotC {
     int64_t fast;     // 1: T = 1 calls run the fused kernel over k / v below; 0: every call goes to the callback
@@ -108,6 +126,8 @@ struct KvSlotC {
     int64_t fast_calls;  // fast-path calls so far (tests: "no Python call per layer")
     int64_t hq;          // query heads of the last fast-path call
     KvSideC k, v;
+    int64_t appended;    // tokens the op appended to the store itself that Python has not accounted for yet
+    KvAppendC ka, va;    // where (kind 0 on either side: the pending path)
 };
 
 // Where the kernel's tasks run: 1 OpenVINO's TBB pool (where built with it), 0 std::threads spawned per call
@@ -244,6 +264,80 @@ void run_kernel(const KvSlotC& slot, const float* q, float* out, long Hq, const 
     run_workers(nth, worker);
 }
 
+// ---- the op's own append (hand-written: the store's Python append, kvtool/quant_ops/store.py, for one token) ----
+// The tile bits of token t: its rows (R of them for 3-bit) and, per row byte, the mask of its code.
+inline void tile_slot(const KvAppendC& a, long t, long& row0, long& off, uint32_t& word) {
+    const long P = tile_tokens((int)a.bits), R = tile_rows((int)a.bits);
+    off = t % P;
+    row0 = t / P * R;
+    word = ((1u << a.bits) - 1u) << (a.bits * off);
+}
+
+// An exact token pend [H, D] (the stores' dtype) into buf at token a.n: a per-channel side's residual (the group it
+// waits for does not complete: cap says so) or an unquantized side; the kernel's view of the side reads it next.
+void append_exact(KvAppendC& a, KvSideC& s, const void* pend, long H, long D) {
+    const size_t esz = a.e16 ? 2 : 4;
+    char* dst = (char*)a.buf;
+    for (long h = 0; h < H; ++h)
+        std::memcpy(dst + (size_t)(h * a.bs[1] + a.n * a.bs[2]) * esz, (const char*)pend + (size_t)(h * D) * esz,
+                    (size_t)D * esz);
+    ++a.n;
+    s.resid = a.buf;
+    s.rs[0] = a.bs[0]; s.rs[1] = a.bs[1]; s.rs[2] = a.bs[2];
+    s.r16 = a.e16;
+    s.nres = a.n;
+}
+
+// A per-token-group side: pend [H, D] quantized + packed (eq. (2), the store's quantize_pack kernel) as token a.n,
+// its params at a.n; a new tile's rows are written whole (the codes of its later tokens 0), a partly filled tile
+// gets this token's bits cleared then set (the store's own append ORs into zero bits: the same bytes).
+void append_codes(KvAppendC& a, KvSideC& s, const void* pend, long H, long D) {
+    const long R = tile_rows((int)a.bits), t = a.n;
+    long row0, off;
+    uint32_t word;
+    tile_slot(a, t, row0, off, word);
+    const int esz = a.e16 ? 2 : 4;
+    std::vector<unsigned char> tile((size_t)(H * R * D));
+    QArgs q{};
+    q.x.p = (char*)const_cast<void*>(pend); q.x.esz = esz;
+    q.x.n[0] = 1; q.x.n[1] = H; q.x.n[2] = 1; q.x.n[3] = D;
+    q.x.s[0] = H * D; q.x.s[1] = D; q.x.s[2] = D; q.x.s[3] = 1;
+    q.out.p = (char*)tile.data(); q.out.esz = 1;
+    q.out.n[0] = 1; q.out.n[1] = H; q.out.n[2] = R; q.out.n[3] = D;
+    q.out.s[0] = H * R * D; q.out.s[1] = R * D; q.out.s[2] = D; q.out.s[3] = 1;
+    for (View4* v : {&q.delta, &q.mn}) {
+        v->p = (char*)(v == &q.delta ? a.delta : a.mn) + (size_t)(t * a.ps[2]) * esz;
+        v->esz = esz;
+        v->n[0] = 1; v->n[1] = H / a.bh; v->n[2] = 1; v->n[3] = D / a.bl;
+        for (int i = 0; i < 4; ++i) v->s[i] = a.ps[i];
+    }
+    q.bh = a.bh; q.bt = 1; q.bl = a.bl; q.offset = off; q.bits = (int)a.bits; q.x16 = (int)a.e16;
+#ifdef KV_HAVE_AVX2
+    if (use_avx2()) k_avx2::quantize_pack(q); else
+#endif
+    k_base::quantize_pack(q);
+    for (long h = 0; h < H; ++h)
+        for (long r = 0; r < R; ++r) {
+            unsigned char* dst = (unsigned char*)a.buf + h * a.bs[1] + (row0 + r) * a.bs[2];
+            const unsigned char* src = tile.data() + (h * R + r) * D;
+            if (off == 0) { std::memcpy(dst, src, (size_t)D); continue; }
+            const unsigned char m = (unsigned char)((word >> (8 * r)) & 255u);
+            for (long l = 0; l < D; ++l) dst[l] = (unsigned char)((dst[l] & (unsigned char)~m) | src[l]);
+        }
+    ++a.n;
+    s.nq = a.n;
+}
+
+// Both sides can take the token (either alone would leave the store's two sides at different lengths).
+inline bool can_append(const KvSlotC& slot) {
+    return slot.ka.kind && slot.va.kind && slot.ka.n < slot.ka.cap && slot.va.n < slot.va.cap;
+}
+
+void append_side(KvAppendC& a, KvSideC& s, const void* pend, long H, long D) {
+    if (a.kind == 1) append_exact(a, s, pend, H, D);
+    else append_codes(a, s, pend, H, D);
+}
+
 KvTensorC describe(const ov::Tensor& t) {
     KvTensorC d{};
     d.data = const_cast<void*>(t.data());
@@ -326,7 +420,13 @@ public:
             if (et_o != 0) store_f32(of.data(), et_o, out.data(), of.size());
             to_pending(kn.data(), et_k, slot.pend_k, (int)slot.pend16, (size_t)(H * D));
             to_pending(vn.data(), et_v, slot.pend_v, (int)slot.pend16, (size_t)(H * D));
-            slot.pending = 1;
+            if (can_append(slot)) {  // the store takes the token here; the slot describes it for the next step
+                append_side(slot.ka, slot.k, slot.pend_k, H, D);
+                append_side(slot.va, slot.v, slot.pend_v, H, D);
+                ++slot.appended;
+            } else {
+                slot.pending = 1;  // Python appends it after the inference
+            }
             slot.hq = Hq;
             ++slot.fast_calls;
             return true;
@@ -350,5 +450,30 @@ private:
 };
 
 }  // namespace
+
+// A failed inference appends nothing: clear the codes the op packed for the tokens Python has not accounted for
+// (a later append, Python's own included, ORs into a partly filled tile's zero bits) and forget them; Python then
+// re-describes the slot from the store.
+extern "C" __attribute__((visibility("default"))) void kvtool_ov_unappend(KvSlotC* slot) {
+    const long H = (long)slot->H, D = (long)slot->D;
+    for (KvAppendC* a : {&slot->ka, &slot->va}) {
+        if (a->kind == 2) {
+            const long R = tile_rows((int)a->bits);
+            for (long t = a->n - slot->appended; t < a->n; ++t) {
+                long row0, off;
+                uint32_t word;
+                tile_slot(*a, t, row0, off, word);
+                for (long h = 0; h < H; ++h)
+                    for (long r = 0; r < R; ++r) {
+                        unsigned char* dst = (unsigned char*)a->buf + h * a->bs[1] + (row0 + r) * a->bs[2];
+                        const unsigned char m = (unsigned char)((word >> (8 * r)) & 255u);
+                        for (long l = 0; l < D; ++l) dst[l] = (unsigned char)(dst[l] & (unsigned char)~m);
+                    }
+            }
+        }
+        if (a->kind) a->n -= slot->appended;
+    }
+    slot->appended = 0;
+}
 
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({std::make_shared<ov::OpExtension<PackedKVAttention>>()}));

@@ -9,9 +9,16 @@ The packed engine (``openvino_packed``) inserts one attention op per layer, afte
   on a store the fused kernel reads) runs the same kernel as ``quant_ops.attention.native_decode``
   (``_native_attention.h``, included by both builds) with no Python: the op reads the layer's store through a
   per-layer C struct (``KvSlotC``: pointers, strides, token counts of the packed codes, params and residual)
-  that ``sync`` refreshes before each inference when the store changed, and leaves the new token's K/V, in
-  the stores' dtype, in the slot's pending buffers; ``commit`` appends them to the store after the inference
-  (one native quantize+pack per layer, as the Python op's own append). Every other call (a prefill
+  that ``sync`` refreshes before each inference when the store changed. The op then appends the new token to
+  the store itself where ``QuantizedKVStore.inplace_targets`` gives room (a token waiting in a per-channel
+  residual, or a per-token group quantized + packed into its tile by the store's own quantize_pack kernel:
+  the bytes the store's ``append`` writes) and advances the slot, so ``commit`` only accounts for it
+  (``appended_in_place``) and the next ``sync`` has nothing to refresh; otherwise (the token that completes a
+  per-channel group, a buffer that must grow, ``KVTOOL_NO_OP_APPEND=1``) it leaves the token, in the stores'
+  dtype, in the slot's pending buffers and ``commit`` appends it after the inference. At 2k tokens on the
+  bench model this took ``sync`` + ``commit`` from ~0.86 to ~0.12 ms of Python per step (docs/BENCHMARKS.md,
+  "the op appends the token itself"). A failed inference appends nothing (``kvtool_ov_unappend`` clears the
+  codes the op packed; every slot is re-described). Every other call (a prefill
   pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a scheme the kernel cannot read:
   uniform, or<s>, g-CN) calls back into the engine's Python ``_evaluate`` through a ctypes function (ctypes
   takes the GIL; OpenVINO's ``infer`` releases it), so those cases keep one implementation.
@@ -31,8 +38,7 @@ the pool cut the 2-bit decode step's process CPU by 7-17% at 2k tokens (docs/BEN
 2k, op vs PagedAttention"). ``sync`` writes each slot side with one ``struct.pack_into``.
 
 The slot's address is the op's ``slot`` attribute: the model made here runs only with the engine that owns its
-slots (a serialized model is not usable elsewhere). CPU only, batch 1 (as the engine). Not done: the append
-itself in C++ (``commit`` is ~0.04 ms of Python per layer and step, ``sync`` ~0.04).
+slots (a serialized model is not usable elsewhere). CPU only, batch 1 (as the engine).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from pathlib import Path
 import numpy as np
 
 ENV_OFF = "KVTOOL_NO_OV_EXTENSION"
+# =1: the op never appends to the store itself (every fast-path token goes through commit's Python append; A/B)
+ENV_NO_OP_APPEND = "KVTOOL_NO_OP_APPEND"
 OP_TYPE = "KvtoolPackedKVAttention"
 CPP_ROUTE, PY_ROUTE = "openvino C++ extension op", "openvino python op"
 NODE_NAME = "kvtool_attention.{i}"  # the op's friendly name in the LM graph (make_node)
@@ -75,14 +83,26 @@ class KvTensorC(ctypes.Structure):
 CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(KvTensorC), ctypes.POINTER(KvTensorC))
 
 
+class KvAppendC(ctypes.Structure):
+    """Where the op may append one side's next decode token itself (mirrors ``KvAppendC`` in _ov_packed_op.cpp;
+    filled from ``QuantizedKVStore.inplace_targets``): kind 0 nowhere, 1 an exact token into ``buf``, 2 quantize +
+    pack into the codes ``buf`` and params ``delta`` / ``mn``; the op appends while ``n < cap``."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("n", ctypes.c_int64), ("cap", ctypes.c_int64), ("buf", ctypes.c_void_p),
+                ("bs", ctypes.c_int64 * 3), ("delta", ctypes.c_void_p), ("mn", ctypes.c_void_p),
+                ("ps", ctypes.c_int64 * 4), ("bh", ctypes.c_int64), ("bl", ctypes.c_int64), ("bits", ctypes.c_int64),
+                ("e16", ctypes.c_int64)]
+
+
 class KvSlotC(ctypes.Structure):
-    """A layer's slot: the store the fast path reads, the pending new token, the Python fallback callback."""
+    """A layer's slot: the store the fast path reads, where it appends (or the pending new token), the Python
+    fallback callback."""
 
     _fields_ = [("fast", ctypes.c_int64), ("pending", ctypes.c_int64), ("H", ctypes.c_int64), ("D", ctypes.c_int64),
                 ("threads", ctypes.c_int64), ("pend16", ctypes.c_int64), ("scale", ctypes.c_double),
                 ("pend_k", ctypes.c_void_p), ("pend_v", ctypes.c_void_p), ("key", ctypes.c_int64),
                 ("callback", CALLBACK), ("fast_calls", ctypes.c_int64), ("hq", ctypes.c_int64),
-                ("k", KvSideC), ("v", KvSideC)]
+                ("k", KvSideC), ("v", KvSideC), ("appended", ctypes.c_int64), ("ka", KvAppendC), ("va", KvAppendC)]
 
 
 def library_path() -> Path | None:
@@ -114,6 +134,8 @@ def _load() -> tuple[object | None, str]:
     factory._kvtool_lib = lib  # keep the library loaded as long as the factory
     lib.kvtool_ov_pool.restype = ctypes.c_int64
     lib.kvtool_ov_pool.argtypes = [ctypes.c_int64]
+    lib.kvtool_ov_unappend.restype = None
+    lib.kvtool_ov_unappend.argtypes = [ctypes.c_void_p]
     threads = "OpenVINO's TBB pool" if lib.kvtool_ov_pool(-1) else "std::threads per call"
     return factory, (f"{path.name} loaded (decode fast path in C++, kernel threads: {threads}; other calls through "
                      f"the Python fallback)")
@@ -285,10 +307,35 @@ def make_node(inputs: list, layer, evaluate, python_op):
     return node
 
 
+def _fill_append(a: KvAppendC, t: tuple | None, keep: list) -> None:
+    """A ``KvAppendC`` from one side's ``QuantizedKVStore.inplace_targets`` tuple (None: kind 0); the arrays it
+    points to go into ``keep``."""
+    if t is None:
+        a.kind = 0
+        return
+    if t[0] == 1:
+        _, n, cap, buf = t
+        it = buf.itemsize
+        a.bs[0], a.bs[1], a.bs[2] = (x // it for x in buf.strides[:3])
+        a.e16 = int(it == 2)
+        keep.append(buf)
+    else:
+        _, n, cap, buf, delta, mn, bh, bl, bits = t
+        it = delta.itemsize
+        a.bs[0], a.bs[1], a.bs[2] = buf.strides[:3]
+        a.delta, a.mn = _ptr(delta), _ptr(mn)
+        a.ps[0], a.ps[1], a.ps[2], a.ps[3] = (x // it for x in delta.strides)
+        a.bh, a.bl, a.bits, a.e16 = bh, bl, bits, int(it == 2)
+        keep += [buf, delta, mn]
+    a.kind, a.n, a.cap, a.buf = t[0], n, cap, _ptr(buf)
+
+
 def sync(layers) -> None:
     """Before an inference: point each C++ slot at its store as it is now (after appends, a reset or a prefill
-    buffer's flush) and decide its fast path: a non-empty store the fused kernel reads, outside a chunked
-    prefill. Only layers whose store changed since the last refresh are refreshed."""
+    buffer's flush), decide its fast path (a non-empty store the fused kernel reads, outside a chunked prefill)
+    and where the op may append the new token itself (``QuantizedKVStore.inplace_targets``; nowhere with
+    ``KVTOOL_NO_OP_APPEND=1``). Only layers whose store changed since the last refresh are refreshed: after the
+    op's own append the slot already describes the store (``commit`` records that)."""
     from kvtool.quant_ops.attention import _side_tuple, attention_path
 
     for layer in layers:
@@ -298,7 +345,7 @@ def sync(layers) -> None:
             continue
         slot.synced = state
         c = slot.c
-        c.pending = 0
+        c.pending = c.appended = c.ka.kind = c.va.kind = 0
         if st.n_tokens == 0 or layer.prefill is not None:
             c.fast = 0
             continue
@@ -316,27 +363,63 @@ def sync(layers) -> None:
         keep: list = []
         _fill_side(slot.buf, _K_OFF, _side_tuple(st.side_layout("k")), keep)
         _fill_side(slot.buf, _V_OFF, _side_tuple(st.side_layout("v")), keep)
+        targets = st.inplace_targets() if b == 1 and os.environ.get(ENV_NO_OP_APPEND) != "1" else None
+        if targets is not None:
+            _fill_append(c.ka, targets[0], keep)
+            _fill_append(c.va, targets[1], keep)
         slot.keep = keep
         c.fast = int(b == 1)
 
 
+def _count_native(layer, c, n_before: int) -> None:
+    """One fast-path call counted as the op's native decode (path, calls, the kernel's scratch per thread and
+    the output, as ``_evaluate`` counts them, over ``n_before`` stored tokens plus the new one)."""
+    pk = layer.slot.pend[0]
+    layer.path = layer.decode_path
+    layer.calls["native"] += 1
+    d = pk.shape[3]
+    rep = c.hq // pk.shape[1]
+    scratch = layer.threads * 4 * (rep * (n_before + 1) + (4 * rep + 2) * d) + 4 * c.hq * d
+    layer.scratch_peak = max(layer.scratch_peak, scratch)
+
+
 def commit(layers) -> None:
-    """After an inference: append each fast-path call's new token to its store (what the Python op does inside
-    its call) and count the call as the op's native decode."""
+    """After an inference: each fast-path call's new token into its store — accounted for where the op appended
+    it itself (``QuantizedKVStore.appended_in_place``; the slot still describes the store, so the next ``sync``
+    skips it), else appended from the slot's pending buffers (what the Python op does inside its call) — and the
+    call counted as the op's native decode."""
     for layer in layers:
-        c = layer.slot.c
+        slot = layer.slot
+        c = slot.c
+        st = layer.store
+        t = c.appended
+        if t:
+            c.appended = 0
+            n = st.n_tokens
+            st.appended_in_place(t)
+            slot.synced = (st, st.n_tokens, slot.synced[2])
+            _count_native(layer, c, n)
+            continue
         if not c.pending:
             continue
         c.pending = 0
-        pk, pv = layer.slot.pend
-        st = layer.store
-        layer.path = layer.decode_path
-        layer.calls["native"] += 1
-        d = pk.shape[3]
-        rep = c.hq // pk.shape[1]  # the kernel's scratch per thread and the output, as _evaluate counts them
-        scratch = layer.threads * 4 * (rep * (st.n_tokens + 1) + (4 * rep + 2) * d) + 4 * c.hq * d
-        layer.scratch_peak = max(layer.scratch_peak, scratch)
+        _count_native(layer, c, st.n_tokens)
+        pk, pv = slot.pend
         st.append(pk.copy(), pv.copy())
+
+
+def _roll_back(layers) -> None:
+    """A failed inference appends nothing: pending tokens dropped, the op's own appends undone
+    (``kvtool_ov_unappend`` clears their codes; the store never counted them) and every slot re-described from
+    its store at the next ``sync``."""
+    lib = None
+    for layer in layers:
+        slot = layer.slot
+        slot.c.pending = 0
+        if slot.c.appended:
+            lib = lib or _load()[0]._kvtool_lib
+            lib.kvtool_ov_unappend(slot.address)
+        slot.synced = (None, -1)
 
 
 def infer(layers, req, feeds: dict) -> None:
@@ -365,12 +448,12 @@ def _run(layers, call) -> None:
     sync(layers)
     try:
         call()
-    except RuntimeError:
-        errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
-        for layer in layers:  # a failed inference appends nothing
-            layer.slot.c.pending = 0
-        for err in errs:
-            if err is not None:
-                raise err from None
+    except BaseException as exc:  # (an interrupt too: the op may have appended to some stores)
+        _roll_back(layers)
+        if isinstance(exc, RuntimeError):
+            errs = [_ERRORS.pop(layer.slot.c.key, None) for layer in layers]
+            for err in errs:
+                if err is not None:
+                    raise err from None
         raise
     commit(layers)

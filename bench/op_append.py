@@ -1,0 +1,117 @@
+"""Benchmark: the packed engine's decode step with the C++ op appending each new token to the store itself vs
+Python appending it after the inference, in one process.
+
+Loads the long-context bench export (``bench/long_context.py``'s model) with a 2/4-bit kvtool scheme, prefills one
+prompt of ``--tokens`` tokens, then runs ``run_token`` steps, alternating blocks of ``--steps`` steps between the
+two arms over the same stores (each step appends one token, so both arms see the same cache length to within a
+block):
+
+- ``op``: the default (``ov_packed_ext``: the op writes the token into the store's buffers where
+  ``QuantizedKVStore.inplace_targets`` gives room and advances its slot; ``commit`` only accounts for it, and the
+  next ``sync`` has nothing to refresh);
+- ``python``: ``KVTOOL_NO_OP_APPEND=1`` (the op leaves the token in the slot's pending buffers, ``commit`` appends
+  it with the store's own ``append``, and ``sync`` re-describes every layer's store before the next step).
+
+Both arms give the same tokens and stores bit for bit (tests/runtime/test_ov_packed_ext.py). Reports medians of
+wall ms, process CPU ms (all threads) and main-thread CPU ms per step, and the Python time of ``sync`` +
+``commit`` per step. The machine is shared: the CPU columns and the ratio of the two arms in one process are the
+figures to read.
+Run:  python bench/op_append.py [--tokens 2048] [--kv g-KC128VT128] [--bits 2] [--blocks 16] [--steps 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/kvtool-bench-long-context", help="long_context.py's work directory")
+    ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens (a question_<N>.txt of long_context.py)")
+    ap.add_argument("--kv", default="g-KC128VT128")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=16, help="interleaved blocks per arm")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps per block")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from long_context import image
+
+    from kvtool.runtime import VLMPipeline
+    from kvtool.runtime.engines import ov_packed_ext as ext
+
+    work = Path(a.workdir)
+    export = next(work.glob("ov_w4_stateful_p*"), None)
+    qfile = work / f"question_{a.tokens}.txt"
+    if export is None or not qfile.is_file():
+        print(f"{work}: no export or {qfile.name}; run bench/long_context.py --lengths {a.tokens} first", file=sys.stderr)
+        return 2
+    pipe = VLMPipeline.load(export, kv=a.kv, k_bits=a.bits, v_bits=a.bits)
+    eng = pipe.engine
+    if eng.info().get("route") != ext.CPP_ROUTE:
+        print(f"route {eng.info().get('route')!r}: this compares the C++ op's two append paths", file=sys.stderr)
+        return 2
+    out = pipe.generate(image(0), qfile.read_text(), max_new_tokens=2, ignore_eos=True)
+    tok = out.token_ids[-1]
+    glue = {"s": 0.0}
+    sync, commit = ext.sync, ext.commit
+
+    def timed(f):
+        def g(layers):
+            t = time.perf_counter()
+            f(layers)
+            glue["s"] += time.perf_counter() - t
+        return g
+
+    ext.sync, ext.commit = timed(sync), timed(commit)
+    res: dict[str, list] = {"op": [], "python": []}
+    keep = os.environ.get(ext.ENV_NO_OP_APPEND)
+    try:
+        for _ in range(a.blocks):
+            for arm in res:
+                if arm == "python":
+                    os.environ[ext.ENV_NO_OP_APPEND] = "1"
+                else:
+                    os.environ.pop(ext.ENV_NO_OP_APPEND, None)
+                for layer in eng.layers:  # re-described from the store under this arm's setting at the next sync
+                    if getattr(layer, "slot", None) is not None:
+                        layer.slot.synced = (None, -1)
+                for _ in range(a.steps):
+                    glue["s"] = 0.0
+                    w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
+                    eng.run_token(tok)
+                    res[arm].append((time.perf_counter() - w0, time.process_time() - c0, time.thread_time() - t0,
+                                     glue["s"]))
+    finally:
+        ext.sync, ext.commit = sync, commit
+        if keep is None:
+            os.environ.pop(ext.ENV_NO_OP_APPEND, None)
+        else:
+            os.environ[ext.ENV_NO_OP_APPEND] = keep
+    # the first step of each block re-syncs every layer in both arms: left out of the medians
+    cols = ("wall_ms", "cpu_ms", "main_ms", "glue_ms")
+    summary = {arm: {k: 1e3 * statistics.median(r[j] for i, r in enumerate(v) if i % a.steps)
+                     for j, k in enumerate(cols)} for arm, v in res.items()}
+    result = {"tokens": eng.kv.n_tokens, "kv": a.kv, "bits": a.bits, "load": os.getloadavg()[0],
+              "blocks": a.blocks, "steps": a.steps, **summary,
+              "ratio_op_python": {k: summary["op"][k] / summary["python"][k] for k in cols[:3]}}
+    print(f"| arm | wall ms / step | process CPU ms / step | main-thread CPU ms / step | sync + commit ms / step |"
+          f"  ({a.kv} {a.bits}-bit, {result['tokens']} tokens, load {result['load']:.1f})\n|---|---|---|---|---|")
+    for arm in res:
+        s = summary[arm]
+        print(f"| {arm} | {s['wall_ms']:.2f} | {s['cpu_ms']:.2f} | {s['main_ms']:.2f} | {s['glue_ms']:.3f} |")
+    r = result["ratio_op_python"]
+    print(f"| op / python | {r['wall_ms']:.3f}x | {r['cpu_ms']:.3f}x | {r['main_ms']:.3f}x | |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
