@@ -16,7 +16,6 @@ Run:  python bench/layer_decode.py [--tokens 2048] [--blocks 16] [--steps 5] [--
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,29 +27,19 @@ import numpy as np
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/kvtool-bench-long-context", help="long_context.py's work directory")
-    ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens (a question_<N>.txt of long_context.py)")
-    ap.add_argument("--kv", default="g-KT128VC128")
-    ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--blocks", type=int, default=16, help="interleaved blocks per arm")
-    ap.add_argument("--steps", type=int, default=5, help="decode steps per block")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from long_context import image
+    from long_context import bench_prompt, decode_ab_parser, image
 
+    a = decode_ab_parser(__doc__.splitlines()[0], "g-KT128VC128").parse_args()
     from kvtool.runtime import VLMPipeline
     from kvtool.runtime.engines import ov_layers
 
-    work = Path(a.workdir)
-    export = next(work.glob("ov_w4_stateful_p*"), None)
-    qfile = work / f"question_{a.tokens}.txt"
-    if export is None or not qfile.is_file():
-        print(f"{work}: no export or {qfile.name}; run bench/long_context.py --lengths {a.tokens} first", file=sys.stderr)
+    found = bench_prompt(a.workdir, a.tokens)
+    if found is None:
         return 2
+    export, question = found
     pipe = VLMPipeline.load(export, kv=a.kv, k_bits=a.bits, v_bits=a.bits, prefill_order="layer")
-    pipe.generate(image(0), qfile.read_text(), max_new_tokens=2, ignore_eos=True)
+    pipe.generate(image(0), question, max_new_tokens=2, ignore_eos=True)
     eng = pipe.engine
     run = eng.layer_runner
     x = np.random.default_rng(0).standard_normal((1, 1, eng.manifest.lm.hidden_size)).astype(np.float32) * 0.1

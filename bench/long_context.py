@@ -105,6 +105,32 @@ def build(workdir: Path, max_tokens: int, model_name: str = "llava") -> Path:
     return out
 
 
+def decode_ab_parser(description: str, kv: str) -> argparse.ArgumentParser:
+    """The options of the in-process decode A/B scripts over this bench's export (``layer_decode.py``,
+    ``op_append.py``): work directory, prompt tokens, kvtool scheme and bits, interleaved blocks and steps."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--workdir", default="/tmp/kvtool-bench-long-context", help="long_context.py's work directory")
+    ap.add_argument("--tokens", type=int, default=2048, help="prompt tokens (a question_<N>.txt of long_context.py)")
+    ap.add_argument("--kv", default=kv)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=16, help="interleaved blocks per arm")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps per block")
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def bench_prompt(workdir: str | Path, tokens: int) -> tuple[Path, str] | None:
+    """(the export, the question text of ``tokens`` prompt tokens) this bench built in ``workdir``; None, with a
+    one-line message on stderr, where it has not been built yet."""
+    work = Path(workdir)
+    export = next(work.glob("ov_w4_stateful_p*"), None)
+    qfile = work / f"question_{tokens}.txt"
+    if export is None or not qfile.is_file():
+        print(f"{work}: no export or {qfile.name}; run bench/long_context.py --lengths {tokens} first", file=sys.stderr)
+        return None
+    return export, qfile.read_text()
+
+
 def image(seed: int = 0):
     """The prompt's 96 px random image; the warm-up uses another seed, so that no prefix of the timed prompt
     beyond the template's first tokens was seen before (openvino.genai caches prefixes)."""

@@ -341,11 +341,10 @@ def test_failed_inference_undoes_the_op_appends():
     token itself: the error comes back, the first store counts nothing new, and its codes keep no trace — the
     next token, appended by Python into the same partly filled tile (OR into its free slots), gives the bytes of
     a store that never saw the failed step; then the op's own appends go on as before."""
-    from kvtool.runtime.engines.openvino_packed import _Layer
-
     import openvino as ov
     import openvino.opset13 as ops
 
+    from kvtool.runtime.engines.openvino_packed import _Layer
     from kvtool.runtime.engines.packed_pyop import op_class
 
     rng = np.random.default_rng(4)
