@@ -16,7 +16,6 @@ Run:  python bench/layer_decode.py [--tokens 2048] [--blocks 16] [--steps 5] [--
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -28,17 +27,15 @@ import numpy as np
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
-    from long_context import bench_prompt, decode_ab_parser, image
+    from long_context import bench_pipeline, decode_ab_parser, image, report_ab
 
-    a = decode_ab_parser(__doc__.splitlines()[0], "g-KT128VC128").parse_args()
-    from kvtool.runtime import VLMPipeline
     from kvtool.runtime.engines import ov_layers
 
-    found = bench_prompt(a.workdir, a.tokens)
+    a = decode_ab_parser(__doc__.splitlines()[0], "g-KT128VC128").parse_args()
+    found = bench_pipeline(a, prefill_order="layer")
     if found is None:
         return 2
-    export, question = found
-    pipe = VLMPipeline.load(export, kv=a.kv, k_bits=a.bits, v_bits=a.bits, prefill_order="layer")
+    pipe, question = found
     pipe.generate(image(0), question, max_new_tokens=2, ignore_eos=True)
     eng = pipe.engine
     run = eng.layer_runner
@@ -61,14 +58,8 @@ def main() -> int:
     out = {"tokens": eng.kv.n_tokens, "kv": a.kv, "bits": a.bits, "load": os.getloadavg()[0],
            **{arm: {k: 1e3 * statistics.median(r[j] for r in v) for j, k in enumerate(("wall_ms", "cpu_ms", "main_ms"))}
               for arm, v in res.items()}}
-    print(f"| arm | wall ms / step | process CPU ms / step | main-thread CPU ms / step |  ({a.kv} {a.bits}-bit, "
-          f"{out['tokens']} tokens, load {out['load']:.1f})\n|---|---|---|---|")
-    for arm in res:
-        print(f"| {arm} | {out[arm]['wall_ms']:.2f} | {out[arm]['cpu_ms']:.2f} | {out[arm]['main_ms']:.2f} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
-    return 0
-
+    return report_ab(a, out, list(res), {"wall_ms": "wall ms / step", "cpu_ms": "process CPU ms / step",
+                                         "main_ms": "main-thread CPU ms / step"})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -119,16 +119,35 @@ def decode_ab_parser(description: str, kv: str) -> argparse.ArgumentParser:
     return ap
 
 
-def bench_prompt(workdir: str | Path, tokens: int) -> tuple[Path, str] | None:
-    """(the export, the question text of ``tokens`` prompt tokens) this bench built in ``workdir``; None, with a
-    one-line message on stderr, where it has not been built yet."""
-    work = Path(workdir)
+def bench_pipeline(a, **load_kwargs):
+    """``(pipeline, question)`` for a decode A/B script's options ``a`` (``decode_ab_parser``): kvtool's
+    ``VLMPipeline`` on the export this bench built in ``a.workdir`` with ``a.kv`` at ``a.bits`` (plus
+    ``load_kwargs``), and the question text of ``a.tokens`` prompt tokens; None, with a one-line message on
+    stderr, where they have not been built yet."""
+    from kvtool.runtime import VLMPipeline
+
+    work = Path(a.workdir)
     export = next(work.glob("ov_w4_stateful_p*"), None)
-    qfile = work / f"question_{tokens}.txt"
+    qfile = work / f"question_{a.tokens}.txt"
     if export is None or not qfile.is_file():
-        print(f"{work}: no export or {qfile.name}; run bench/long_context.py --lengths {tokens} first", file=sys.stderr)
+        print(f"{work}: no export or {qfile.name}; run bench/long_context.py --lengths {a.tokens} first",
+              file=sys.stderr)
         return None
-    return export, qfile.read_text()
+    return VLMPipeline.load(export, kv=a.kv, k_bits=a.bits, v_bits=a.bits, **load_kwargs), qfile.read_text()
+
+
+def report_ab(a, result: dict, arms: list[str], columns: dict[str, str], digits: dict[str, int] | None = None) -> int:
+    """Print a decode A/B script's Markdown table (one row per arm of ``result[arm][column]``, headed by
+    ``columns``' titles, with ``a.kv``, ``a.bits``, the tokens and the load), save ``result`` to ``a.json`` when
+    asked; returns the exit code (0)."""
+    digits = digits or {}
+    print(f"| arm | {' | '.join(columns.values())} |  ({a.kv} {a.bits}-bit, {result['tokens']} tokens, load "
+          f"{result['load']:.1f})\n|---|{'---|' * len(columns)}")
+    for arm in arms:
+        print(f"| {arm} | " + " | ".join(f"{result[arm][c]:.{digits.get(c, 2)}f}" for c in columns) + " |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
 
 
 def image(seed: int = 0):

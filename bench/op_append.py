@@ -21,7 +21,6 @@ Run:  python bench/op_append.py [--tokens 2048] [--kv g-KC128VT128] [--bits 2] [
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -31,17 +30,15 @@ from pathlib import Path
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
-    from long_context import bench_prompt, decode_ab_parser, image
+    from long_context import bench_pipeline, decode_ab_parser, image, report_ab
 
-    a = decode_ab_parser(__doc__.splitlines()[0], "g-KC128VT128").parse_args()
-    from kvtool.runtime import VLMPipeline
     from kvtool.runtime.engines import ov_packed_ext as ext
 
-    found = bench_prompt(a.workdir, a.tokens)
+    a = decode_ab_parser(__doc__.splitlines()[0], "g-KC128VT128").parse_args()
+    found = bench_pipeline(a)
     if found is None:
         return 2
-    export, question = found
-    pipe = VLMPipeline.load(export, kv=a.kv, k_bits=a.bits, v_bits=a.bits)
+    pipe, question = found
     eng = pipe.engine
     if eng.info().get("route") != ext.CPP_ROUTE:
         print(f"route {eng.info().get('route')!r}: this compares the C++ op's two append paths", file=sys.stderr)
@@ -90,17 +87,12 @@ def main() -> int:
     result = {"tokens": eng.kv.n_tokens, "kv": a.kv, "bits": a.bits, "load": os.getloadavg()[0],
               "blocks": a.blocks, "steps": a.steps, **summary,
               "ratio_op_python": {k: summary["op"][k] / summary["python"][k] for k in cols[:3]}}
-    print(f"| arm | wall ms / step | process CPU ms / step | main-thread CPU ms / step | sync + commit ms / step |"
-          f"  ({a.kv} {a.bits}-bit, {result['tokens']} tokens, load {result['load']:.1f})\n|---|---|---|---|---|")
-    for arm in res:
-        s = summary[arm]
-        print(f"| {arm} | {s['wall_ms']:.2f} | {s['cpu_ms']:.2f} | {s['main_ms']:.2f} | {s['glue_ms']:.3f} |")
     r = result["ratio_op_python"]
-    print(f"| op / python | {r['wall_ms']:.3f}x | {r['cpu_ms']:.3f}x | {r['main_ms']:.3f}x | |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
-    return 0
-
+    print(f"op / python: wall {r['wall_ms']:.3f}x, process CPU {r['cpu_ms']:.3f}x, main-thread CPU "
+          f"{r['main_ms']:.3f}x")
+    return report_ab(a, result, list(res), {"wall_ms": "wall ms / step", "cpu_ms": "process CPU ms / step",
+                                            "main_ms": "main-thread CPU ms / step",
+                                            "glue_ms": "sync + commit ms / step"}, {"glue_ms": 3})
 
 if __name__ == "__main__":
     sys.exit(main())
