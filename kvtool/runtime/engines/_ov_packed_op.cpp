@@ -190,16 +190,33 @@ uint16_t f32_to_bf16(float f) {  // round to nearest even, as kvtool's f32_to_bf
     return (uint16_t)(u >> 16);
 }
 
+// float16 <-> float32 rows, round to nearest even: F16C 8 at a time where cpuid has it (the kernels' own rows,
+// _native_impl.h), else the compiler's conversion (a libgcc call per value on the baseline ISA: ~20 ns each,
+// which made the f32 -> f16 copy of a decode token ~40 us per layer, more than the kernel at short context)
+void f16_to_f32(const _Float16* src, float* dst, size_t n) {
+#ifdef KV_HAVE_AVX2
+    if (use_avx2()) { k_avx2::row_to_f32(src, dst, (long)n); return; }
+#endif
+    k_base::row_to_f32(src, dst, (long)n);
+}
+
+void f32_to_f16(const float* src, _Float16* dst, size_t n) {
+#ifdef KV_HAVE_AVX2
+    if (use_avx2()) { k_avx2::row_from_f32(src, dst, (long)n); return; }
+#endif
+    k_base::row_from_f32(src, dst, (long)n);
+}
+
 // n values of a tensor of element code et -> float32
 void load_f32(const void* src, int64_t et, float* dst, size_t n) {
     if (et == 0) std::memcpy(dst, src, n * 4);
-    else if (et == 1) for (size_t i = 0; i < n; ++i) dst[i] = (float)((const _Float16*)src)[i];
+    else if (et == 1) f16_to_f32((const _Float16*)src, dst, n);
     else for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(((const uint16_t*)src)[i]);
 }
 
 void store_f32(const float* src, int64_t et, void* dst, size_t n) {
     if (et == 0) std::memcpy(dst, src, n * 4);
-    else if (et == 1) for (size_t i = 0; i < n; ++i) ((_Float16*)dst)[i] = (_Float16)src[i];
+    else if (et == 1) f32_to_f16(src, (_Float16*)dst, n);
     else for (size_t i = 0; i < n; ++i) ((uint16_t*)dst)[i] = f32_to_bf16(src[i]);
 }
 
@@ -208,10 +225,8 @@ void store_f32(const float* src, int64_t et, void* dst, size_t n) {
 void to_pending(const void* src, int64_t et, void* dst, int pend16, size_t n) {
     if (!pend16) { load_f32(src, et, (float*)dst, n); return; }
     if (et == 1) { std::memcpy(dst, src, n * 2); return; }
-    for (size_t i = 0; i < n; ++i) {
-        const float f = et == 0 ? ((const float*)src)[i] : bf16_to_f32(((const uint16_t*)src)[i]);
-        ((_Float16*)dst)[i] = (_Float16)f;
-    }
+    if (et == 0) { f32_to_f16((const float*)src, (_Float16*)dst, n); return; }
+    for (size_t i = 0; i < n; ++i) ((_Float16*)dst)[i] = (_Float16)bf16_to_f32(((const uint16_t*)src)[i]);
 }
 
 // The fused kernel over the slot's store plus one exact token (the same threading as _native.cpp's
