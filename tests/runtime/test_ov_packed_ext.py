@@ -385,3 +385,33 @@ def test_failed_inference_undoes_the_op_appends():
         twin.store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
         _same_bytes(first.store, twin.store)
     assert counts == {"append": 0, "in_place": 2}
+
+
+def test_kernel_min_work_threshold():
+    """``kernel_min_work``: below the threshold one thread, from it the pool's threads; a short store (41 tokens)
+    with the threshold at 0 on both pools gives the Python extension's single-thread result bit for bit; the
+    setting is read back and restored, and a pool name other than tbb / spawn is refused."""
+    rng = np.random.default_rng(8)
+    h, rep, d, n = 4, 2, 64, 41
+    k, v = _kv(rng, 1, h, n, d, np.float16)
+    layer = _layer("g-KC32VT32", 2, 2, k, v, np.float16, 1 / 8)
+    layer.threads = 2
+    req = _graph(h * rep, h, d, layer, _Counting())
+    was = {p: ext.kernel_min_work(p) for p in ("tbb", "spawn")}
+    pool = ext.kernel_pool()
+    try:
+        for p in ("tbb", "spawn"):
+            ext.kernel_pool(int(p == "tbb"))
+            assert ext.kernel_min_work(p, 0) == 0 and ext.kernel_min_work(p) == 0
+            q = rng.standard_normal((1, h * rep, 1, d)).astype(np.float32)
+            kx = rng.standard_normal((1, h, 1, d)).astype(np.float32)
+            want = native_decode(np.ascontiguousarray(q[:, :, 0]), layer.store, 1 / 8, 1, kx, kx.copy())
+            ext.infer([layer], req, {0: q, 1: kx, 2: kx.copy(), 3: np.zeros((1, h * rep, 1, d), np.float32)})
+            np.testing.assert_array_equal(req.get_output_tensor(0).data[:, :, 0], want, err_msg=p)
+    finally:
+        for p, w in was.items():
+            ext.kernel_min_work(p, w)
+        ext.kernel_pool(1 if pool == "tbb" else 0)
+    assert {p: ext.kernel_min_work(p) for p in ("tbb", "spawn")} == was
+    with pytest.raises(ValueError, match="pool 'omp'"):
+        ext.kernel_min_work("omp")

@@ -46,6 +46,9 @@
 #include <tbb/enumerable_thread_specific.h>
 #include <tbb/parallel_for.h>
 #define KV_USE_TBB 1
+#define KV_TBB_POOL 1
+#else
+#define KV_TBB_POOL 0
 #endif
 
 #include <openvino/core/extension.hpp>
@@ -141,6 +144,16 @@ __attribute__((visibility("default"))) int64_t kvtool_ov_pool(int64_t mode) {
     (void)mode;
     return 0;
 #endif
+}
+
+// The least work (tokens x query heads per kv head x head dim x kv heads, multiply-adds of q.K) for which the
+// kernel runs more than one thread, per pool: spawning std::threads costs tens of microseconds, waking OpenVINO's
+// idle TBB worker a few. kvtool_ov_min_work(pool, value) reads / sets it (value < 0: read; pool 0 spawn, 1 tbb).
+static std::atomic<int64_t> g_min_work[2] = {{1L << 20}, {1L << 20}};
+__attribute__((visibility("default"))) int64_t kvtool_ov_min_work(int64_t pool, int64_t value) {
+    std::atomic<int64_t>& w = g_min_work[pool != 0];
+    if (value >= 0) w.store(value);
+    return w.load();
 }
 
 __attribute__((visibility("default"))) void kvtool_ov_struct_sizes(int64_t* out) {
@@ -249,7 +262,8 @@ void run_kernel(const KvSlotC& slot, const float* q, float* out, long Hq, const 
     const bool avx = use_avx2();
     long nth = slot.threads > 0 ? (long)slot.threads : 1;
     if (nth > tasks) nth = tasks;
-    if (a.N * a.rep * D * tasks < (1L << 20)) nth = 1;
+    const int on_tbb = KV_TBB_POOL && g_pool.load(std::memory_order_relaxed);
+    if (a.N * a.rep * D * tasks < g_min_work[on_tbb].load(std::memory_order_relaxed)) nth = 1;
     // each thread pulls kv heads from one counter until none is left: a thread that starts late finds the heads
     // taken instead of holding some back; a head's result does not depend on the thread that computes it
     std::atomic<long> next(0);

@@ -134,6 +134,8 @@ def _load() -> tuple[object | None, str]:
     factory._kvtool_lib = lib  # keep the library loaded as long as the factory
     lib.kvtool_ov_pool.restype = ctypes.c_int64
     lib.kvtool_ov_pool.argtypes = [ctypes.c_int64]
+    lib.kvtool_ov_min_work.restype = ctypes.c_int64
+    lib.kvtool_ov_min_work.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kvtool_ov_unappend.restype = None
     lib.kvtool_ov_unappend.argtypes = [ctypes.c_void_p]
     threads = "OpenVINO's TBB pool" if lib.kvtool_ov_pool(-1) else "std::threads per call"
@@ -151,6 +153,19 @@ def kernel_pool(mode: int | None = None) -> str | None:
     if factory is None:
         return None
     return "tbb" if factory._kvtool_lib.kvtool_ov_pool(-1 if mode is None else int(mode)) else "spawn"
+
+
+def kernel_min_work(pool: str, value: int | None = None) -> int | None:
+    """The least work (multiply-adds of q.K: tokens x query heads per kv head x head dim x kv heads) for which the
+    C++ op's kernel runs more than one thread on ``pool`` (``"tbb"`` or ``"spawn"``, as ``kernel_pool``);
+    ``value`` sets it for the process (comparisons, tests). None where the extension is not loaded. The output
+    is the same bit for bit with any number of threads."""
+    factory, _ = _load()
+    if factory is None:
+        return None
+    if pool not in ("tbb", "spawn"):
+        raise ValueError(f"pool {pool!r}: expected 'tbb' or 'spawn'")
+    return int(factory._kvtool_lib.kvtool_ov_min_work(int(pool == "tbb"), -1 if value is None else int(value)))
 
 
 def route() -> tuple[str, str]:
