@@ -319,6 +319,7 @@ def test_op_appends_to_the_store(scheme, kb, vb, dtype):
             np.testing.assert_array_equal(got[which], want_side, err_msg=f"step {s} incremental dequantize")
     assert counts["in_place"] + counts["append"] == steps and layer.calls["native"] == steps
     assert counts["in_place"] >= steps // 2, counts  # the op appended most tokens itself
+    assert layer.appends == {"op": counts["in_place"], "python": counts["append"]}  # what layer_paths reports
     if "KC32" in scheme and kb != 16:  # the tokens completing a group of 32 (2 of them) go through Python
         assert counts["append"] >= 2, counts
 

@@ -359,7 +359,8 @@ void append_codes(KvAppendC& a, KvSideC& s, const void* pend, long H, long D) {
 
 // Both sides can take the token (either alone would leave the store's two sides at different lengths).
 inline bool can_append(const KvSlotC& slot) {
-    return slot.ka.kind && slot.va.kind && slot.ka.n < slot.ka.cap && slot.va.n < slot.va.cap;
+    return slot.ka.kind && slot.va.kind && slot.ka.n < slot.ka.cap && slot.va.n < slot.va.cap &&
+           slot.ka.e16 == slot.pend16 && slot.va.e16 == slot.pend16;
 }
 
 void append_side(KvAppendC& a, KvSideC& s, const void* pend, long H, long D) {

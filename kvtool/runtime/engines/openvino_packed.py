@@ -149,6 +149,8 @@ class _Layer:
         self.prefill: list | None = None  # [k_buf, v_buf, n]
         self.prefix, self.prefix_calls = "graph", 0  # where a chunk's exact-prefix attention runs (packed_prefix)
         self.sdpa, self.causal_calls = True, 0  # whether the graph's SDPA feeds the op; calls computing it instead
+        # decode tokens the C++ op appended to the store itself / left to commit's Python append (ov_packed_ext)
+        self.appends = {"op": 0, "python": 0}
 
 
 class _PackedKV:
@@ -553,11 +555,12 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
                 "info()['prefill_buffer_bytes'] instead)")
 
     def layer_paths(self) -> list[dict]:
-        """Per layer: ``{"layer", "path": "native" | "portable" | "none", "reason", "calls"}`` (the attention
-        path its op ran, why, and how many calls of each kind)."""
+        """Per layer: ``{"layer", "path": "native" | "portable" | "none", "reason", "calls", "appends"}`` (the
+        attention path its op ran, why, how many calls of each kind, and on the C++ route's decode fast path how
+        many new tokens the op appended to the store itself (``op``) or left to Python (``python``))."""
         return [{"layer": la.index, "path": (la.path or ("none", "no decode step yet"))[0],
-                 "reason": (la.path or ("none", "no decode step yet"))[1], "calls": dict(la.calls)}
-                for la in self.layers]
+                 "reason": (la.path or ("none", "no decode step yet"))[1], "calls": dict(la.calls),
+                 "appends": dict(la.appends)} for la in self.layers]
 
     def info(self) -> dict:
         """The base engine's info plus ``kv_owner="packed"``, the route, each layer's attention path and the

@@ -414,11 +414,13 @@ def commit(layers) -> None:
             st.appended_in_place(t)
             slot.synced = (st, st.n_tokens, slot.synced[2])
             _count_native(layer, c, n)
+            layer.appends["op"] += t
             continue
         if not c.pending:
             continue
         c.pending = 0
         _count_native(layer, c, st.n_tokens)
+        layer.appends["python"] += 1
         pk, pv = slot.pend
         st.append(pk.copy(), pv.copy())
 
