@@ -28,14 +28,17 @@ The packed engine (``openvino_packed``) inserts one attention op per layer, afte
 Never silently: ``route()`` returns ``(name, reason)``, the engine's ``info()["route"]`` / ``["route_reason"]``
 and ``kvtool run --json`` say which ran and why. Results are the same on both routes: the fast path calls the
 kernel with the inputs the Python op passes it (f32 q, the new token in its own type) and converts the new token
-to the stores' dtype as numpy does (round to nearest even), so the stores hold the same bytes.
+to the stores' dtype as numpy does (round to nearest even; F16C where cpuid has it: the compiler's own
+conversion is a libgcc call per value, which cost ~45 us per layer and step), so the stores hold the same bytes.
 
 The kernel's kv heads run on OpenVINO's own TBB pool where the extension was built with the wheel's TBB
 (``setup.py``; the op is evaluated inside the CPU plugin's arena, so the plugin's idle worker takes the other
 heads), else on std::threads spawned per call; ``kernel_pool()`` says which (and sets it for comparisons), and
 ``route()``'s reason names it. Spawned threads competed with the plugin's spinning TBB worker for the cores:
 the pool cut the 2-bit decode step's process CPU by 7-17% at 2k tokens (docs/BENCHMARKS.md, "decode step at
-2k, op vs PagedAttention"). ``sync`` writes each slot side with one ``struct.pack_into``.
+2k, op vs PagedAttention"). A call runs one thread below ``kernel_min_work(pool)`` multiply-adds of q.K (2^20 on
+both pools; settable for comparisons, ``bench/op_decode.py``). ``sync`` writes each slot side with one
+``struct.pack_into``.
 
 The slot's address is the op's ``slot`` attribute: the model made here runs only with the engine that owns its
 slots (a serialized model is not usable elsewhere). CPU only, batch 1 (as the engine).
