@@ -115,3 +115,39 @@ def test_run_json_names_the_paged_engine_for_fp16(stateful_ref, tmp_path):
     assert eng["name"] == "OpenVINOPagedEngine" and eng["kv_owner"] == "paged"
     assert eng["prefill_chunk"] == PREFILL_CHUNK and d["pipeline"]["kv"] == "fp16"
     assert d["stats"]["kv_work_bytes"] == 0 and d["stats"]["kv_bytes"] == d["stats"]["kv_fp16_bytes"] > 0
+
+
+def test_decode_inputs_bound_once_change_nothing(stateful_ref):
+    """One-token calls write into input tensors bound to the request once (``bind_step_inputs``, openvino.genai's
+    ModelRunner way): the same greedy tokens and bit-identical logits as ``infer(dict)`` at every step, across a
+    block boundary (block_indices re-bound) and with chunk 1 (the prompt through the bound path too); after a
+    generate the request's inputs are the bound tensors, holding the last step's values."""
+    out, _ = stateful_ref("tiny-llava")
+    new = 40  # > one 32-token block of decode: block_indices grows during decode
+    res = {}
+    for bind in (True, False):
+        for chunk in (None, 1):
+            pipe = VLMPipeline.load(out, kv="fp16", **({} if chunk is None else {"prefill_chunk": chunk}))
+            eng = pipe.engine
+            eng.bind_step_inputs = bind
+            got = pipe.generate(random_image(3, (70, 110)), QUESTION, max_new_tokens=new, ignore_eos=True,
+                                keep_logits=True)
+            assert eng.info()["bind_step_inputs"] is bind
+            n = eng.kv.n_tokens
+            assert n == got.stats["prompt_tokens"] + new - 1  # the last token is sampled, not fed
+            req = eng.lm_req
+            if bind:
+                assert eng._bound is not None
+                for name in ("inputs_embeds", "position_ids", "past_lens", "max_context_len"):
+                    assert np.shares_memory(req.get_tensor(name).data, eng._bound[name]), name
+                assert int(req.get_tensor("past_lens").data[0]) == n - 1
+                assert int(req.get_tensor("max_context_len").data) == n
+                assert list(req.get_tensor("block_indices").data) == list(range(-(-n // eng.block)))
+            else:
+                assert eng._bound is None
+            res[bind, chunk] = got
+    for chunk in (None, 1):
+        a, b = res[True, chunk], res[False, chunk]
+        assert a.token_ids == b.token_ids, chunk
+        for x, y in zip(a.logits, b.logits, strict=True):
+            np.testing.assert_array_equal(x, y)
