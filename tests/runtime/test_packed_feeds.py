@@ -1,6 +1,7 @@
 """The packed engine's chunk-major step (``OpenVINOPackedEngine._step``) sets the tensors that do not change
 between calls (the empty past inputs, the mask of a call with as many tokens as the last, beam_idx) on the
-request once instead of feeding them every decode step. Reference: the same engine feeding every input on
+request once instead of feeding them every decode step, and writes a decode token's embedding row and positions
+into tensors bound once (``_feed_bound``). Reference: the same engine feeding every input on
 every call (``_fixed`` cleared before each step): every step's logits, the tokens and the stores' bytes must be
 identical, also across a chunked prefill (which feeds a non-empty past and a longer mask) and a second
 ``generate`` on the same engine."""
@@ -66,6 +67,11 @@ def test_fixed_feeds_change_nothing(stateful, prefix):
     req = eng.lm_req
     assert tuple(req.get_tensor("attention_mask").shape) == (1, 1)
     assert req.get_tensor("kvtool_past.0.key").shape[0] == 0
+    # ... and the last token's embedding row and position written into the tensors bound to the request
+    emb, pos = eng._bound
+    assert np.shares_memory(req.get_tensor("inputs_embeds").data, emb)
+    assert np.shares_memory(req.get_tensor("position_ids").data, pos)
+    assert int(pos.reshape(-1)[0]) == eng.kv.n_tokens - 1
 
 
 def test_a_failed_call_feeds_everything_next(stateful):

@@ -521,26 +521,59 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         # Where the past is empty, the past / mask / beam tensors of a call with as many tokens as the last are
         # already set on the request (share_inputs; kept alive in self._fixed): fed again only when they change
         # (16 set_tensor calls less per decode step on the bench model; docs/BENCHMARKS.md, decode breakdown)
+        # A decode step whose fixed tensors are set writes the token's embedding row and positions into tensors
+        # bound to the request once (_feed_bound, as the paged engine's bind_step_inputs: a set_tensor per input
+        # and step costs the CPU plugin more inside infer than in Python)
         pasts = [self.kv.past(i) for i in range(len(self._past_names))]
         p = pasts[-1][2] if pasts else 0
-        feeds = {"inputs_embeds": embeds, "position_ids": pos}
         fixed = getattr(self, "_fixed", None)
-        if p or fixed is None or fixed[0] != t:
-            for (kn, vn), (k, v, _) in zip(self._past_names, pasts, strict=True):
-                feeds[kn], feeds[vn] = k, v
-            mask = np.ones((1, p + t), dtype=np.int64)
-            feeds.update({"attention_mask": mask, "beam_idx": self._beam})
-            self._fixed = None if p else (t, mask, pasts)
-        for k in self._absent:  # an export without one of them
-            feeds.pop(k, None)
+        feeds: dict | None = None
+        if t == 1 and not p and fixed is not None and fixed[0] == 1:
+            try:
+                self._feed_bound(embeds, pos)
+            except BaseException:
+                self._fixed = self._bound = None  # feed everything again next time
+                raise
+        else:
+            self._bound = None  # the call below binds other arrays to these inputs
+            feeds = {"inputs_embeds": embeds, "position_ids": pos}
+            if p or fixed is None or fixed[0] != t:
+                for (kn, vn), (k, v, _) in zip(self._past_names, pasts, strict=True):
+                    feeds[kn], feeds[vn] = k, v
+                mask = np.ones((1, p + t), dtype=np.int64)
+                feeds.update({"attention_mask": mask, "beam_idx": self._beam})
+                self._fixed = None if p else (t, mask, pasts)
+            for k in self._absent:  # an export without one of them
+                feeds.pop(k, None)
         req = self.lm_req
         try:
             ov_packed_ext.infer(self.layers, req, feeds)  # the ops (or, after a C++ op's decode, infer) append
         except BaseException:
-            self._fixed = None  # feed everything again next time
+            self._fixed = self._bound = None  # feed everything again next time
             raise
         self.kv.advance(t)
         return req.get_tensor("logits").data[0, -1].copy()
+
+    def _feed_bound(self, embeds: np.ndarray, pos: np.ndarray) -> None:
+        """One decode token's ``inputs_embeds`` ``[1, 1, hidden]`` and ``position_ids`` (``[1, 1]``, Qwen2-VL's
+        ``[3, 1, 1]``) written in place into tensors bound to the request once (again after a call that fed
+        arrays, or when the positions' shape changes); an export without position_ids gets none."""
+        import openvino as ov
+
+        b = getattr(self, "_bound", None)
+        if b is None or b[1] is not None and b[1].shape != pos.shape:
+            b = []
+            for name, x in (("inputs_embeds", embeds), ("position_ids", pos)):
+                if name in self._absent:
+                    b.append(None)
+                    continue
+                tensor = ov.Tensor(self.lm.input(name).get_element_type(), list(x.shape))
+                self.lm_req.set_tensor(name, tensor)
+                b.append(tensor.data)  # a view of the bound tensor's memory
+            self._bound = b
+        b[0][...] = embeds
+        if b[1] is not None:
+            b[1][...] = pos
 
     def kv_work_nbytes(self) -> int:
         """Bytes of dequantized scratch held for attention beyond the packed stores: 0 on the native path, at

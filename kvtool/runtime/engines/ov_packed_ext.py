@@ -442,10 +442,14 @@ def _roll_back(layers) -> None:
         slot.synced = (None, -1)
 
 
-def infer(layers, req, feeds: dict) -> None:
-    """``req.infer(feeds)`` with the C++ route's ``sync`` before and ``commit`` after (just the inference on
-    the Python-op route); an error the Python fallback raised inside the inference is re-raised as itself."""
-    _run(layers, lambda: req.infer(feeds, share_inputs=True, share_outputs=True))
+def infer(layers, req, feeds: dict | None) -> None:
+    """``req.infer(feeds)`` (None: the inputs already set on ``req``) with the C++ route's ``sync`` before and
+    ``commit`` after (just the inference on the Python-op route); an error the Python fallback raised inside the
+    inference is re-raised as itself."""
+    if feeds is None:
+        _run(layers, lambda: req.infer(share_outputs=True))
+    else:
+        _run(layers, lambda: req.infer(feeds, share_inputs=True, share_outputs=True))
 
 
 def infer_chain(layers, reqs) -> None:

@@ -69,7 +69,7 @@ def build(engine, order: str | None) -> None:
 
     kv = getattr(engine, "kv", None)  # (no packed cache yet while the engine loads)
     engine.prefill_runner = engine.layer_runner = engine.lm = engine.lm_req = None  # before their op slots go
-    engine._fixed = None
+    engine._fixed = engine._bound = None  # the new request has none of the old one's tensors
     core, cfg = engine._core, engine._cfg
     model = engine._read_language_model(core, stateful_needed_by="the packed engine")
     engine.layers = _packed_lm(model, engine.num_layers, engine.kv_dtype, engine.prefix_attention[0])
