@@ -68,7 +68,7 @@ def test_fixed_feeds_change_nothing(stateful, prefix):
     assert tuple(req.get_tensor("attention_mask").shape) == (1, 1)
     assert req.get_tensor("kvtool_past.0.key").shape[0] == 0
     # ... and the last token's embedding row and position written into the tensors bound to the request
-    emb, pos = eng._bound
+    emb, pos = eng._bound["inputs_embeds"], eng._bound["position_ids"]
     assert np.shares_memory(req.get_tensor("inputs_embeds").data, emb)
     assert np.shares_memory(req.get_tensor("position_ids").data, pos)
     assert int(pos.reshape(-1)[0]) == eng.kv.n_tokens - 1

@@ -109,6 +109,20 @@ class _OpenVINOGraphs(GraphEngine):
             cfg["INFERENCE_PRECISION_HINT"] = prec
         return cfg
 
+    def _bind_inputs(self, shapes: dict) -> dict:
+        """New tensors of ``shapes`` (input name -> shape), in each input's element type, bound to the LM request
+        (``self.lm`` / ``self.lm_req``) once; returns name -> a numpy view of each tensor's memory, which the caller
+        writes a decode step's values into before ``infer()`` without inputs (a ``set_tensor`` per input and step
+        costs the CPU plugin more inside ``infer`` than in Python: ``OpenVINOPagedEngine.bind_step_inputs``)."""
+        import openvino as ov
+
+        views = {}
+        for name, shape in shapes.items():
+            tensor = ov.Tensor(self.lm.input(name).get_element_type(), list(shape))
+            self.lm_req.set_tensor(name, tensor)
+            views[name] = tensor.data
+        return views
+
     def _compile(self, core, model, cfg: dict, role: str):
         """``core.compile_model`` with a device that cannot take the graph reported as bad input (e.g. NPU
         and the dynamic KV shapes of a stateless graph)."""

@@ -528,25 +528,21 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         p = pasts[-1][2] if pasts else 0
         fixed = getattr(self, "_fixed", None)
         feeds: dict | None = None
-        if t == 1 and not p and fixed is not None and fixed[0] == 1:
-            try:
-                self._feed_bound(embeds, pos)
-            except BaseException:
-                self._fixed = self._bound = None  # feed everything again next time
-                raise
-        else:
-            self._bound = None  # the call below binds other arrays to these inputs
-            feeds = {"inputs_embeds": embeds, "position_ids": pos}
-            if p or fixed is None or fixed[0] != t:
-                for (kn, vn), (k, v, _) in zip(self._past_names, pasts, strict=True):
-                    feeds[kn], feeds[vn] = k, v
-                mask = np.ones((1, p + t), dtype=np.int64)
-                feeds.update({"attention_mask": mask, "beam_idx": self._beam})
-                self._fixed = None if p else (t, mask, pasts)
-            for k in self._absent:  # an export without one of them
-                feeds.pop(k, None)
         req = self.lm_req
         try:
+            if t == 1 and not p and fixed is not None and fixed[0] == 1:
+                self._feed_bound(embeds, pos)
+            else:
+                self._bound = None  # the call below binds other arrays to these inputs
+                feeds = {"inputs_embeds": embeds, "position_ids": pos}
+                if p or fixed is None or fixed[0] != t:
+                    for (kn, vn), (k, v, _) in zip(self._past_names, pasts, strict=True):
+                        feeds[kn], feeds[vn] = k, v
+                    mask = np.ones((1, p + t), dtype=np.int64)
+                    feeds.update({"attention_mask": mask, "beam_idx": self._beam})
+                    self._fixed = None if p else (t, mask, pasts)
+                for k in self._absent:  # an export without one of them
+                    feeds.pop(k, None)
             ov_packed_ext.infer(self.layers, req, feeds)  # the ops (or, after a C++ op's decode, infer) append
         except BaseException:
             self._fixed = self._bound = None  # feed everything again next time
@@ -558,22 +554,14 @@ class OpenVINOPackedEngine(_OpenVINOGraphs):
         """One decode token's ``inputs_embeds`` ``[1, 1, hidden]`` and ``position_ids`` (``[1, 1]``, Qwen2-VL's
         ``[3, 1, 1]``) written in place into tensors bound to the request once (again after a call that fed
         arrays, or when the positions' shape changes); an export without position_ids gets none."""
-        import openvino as ov
-
         b = getattr(self, "_bound", None)
-        if b is None or b[1] is not None and b[1].shape != pos.shape:
-            b = []
-            for name, x in (("inputs_embeds", embeds), ("position_ids", pos)):
-                if name in self._absent:
-                    b.append(None)
-                    continue
-                tensor = ov.Tensor(self.lm.input(name).get_element_type(), list(x.shape))
-                self.lm_req.set_tensor(name, tensor)
-                b.append(tensor.data)  # a view of the bound tensor's memory
+        if b is None or "position_ids" in b and b["position_ids"].shape != pos.shape:
+            b = self._bind_inputs({name: x.shape for name, x in (("inputs_embeds", embeds), ("position_ids", pos))
+                                   if name not in self._absent})
             self._bound = b
-        b[0][...] = embeds
-        if b[1] is not None:
-            b[1][...] = pos
+        b["inputs_embeds"][...] = embeds
+        if "position_ids" in b:
+            b["position_ids"][...] = pos
 
     def kv_work_nbytes(self) -> int:
         """Bytes of dequantized scratch held for attention beyond the packed stores: 0 on the native path, at

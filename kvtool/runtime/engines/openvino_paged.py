@@ -240,13 +240,8 @@ class OpenVINOPagedEngine(_OpenVINOGraphs):
 
         b = self._bound
         if b is None or b["position_ids"].shape != positions.shape:
-            shapes = {"inputs_embeds": embeds.shape, "position_ids": positions.shape, "past_lens": (1,),
-                      "subsequence_begins": (2,), "block_indices_begins": (2,), "max_context_len": ()}
-            b = {}
-            for name, shape in shapes.items():
-                tensor = ov.Tensor(self.lm.input(name).get_element_type(), list(shape))
-                self.lm_req.set_tensor(name, tensor)
-                b[name] = tensor.data  # a view of the bound tensor's memory
+            b = self._bind_inputs({"inputs_embeds": embeds.shape, "position_ids": positions.shape, "past_lens": (1,),
+                                   "subsequence_begins": (2,), "block_indices_begins": (2,), "max_context_len": ()})
             b["subsequence_begins"][:] = (0, 1)
             b["block_indices_begins"][0] = 0
             b["nb"] = 0

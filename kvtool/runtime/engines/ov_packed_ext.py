@@ -15,9 +15,9 @@ The packed engine (``openvino_packed``) inserts one attention op per layer, afte
   the bytes the store's ``append`` writes) and advances the slot, so ``commit`` only accounts for it
   (``appended_in_place``) and the next ``sync`` has nothing to refresh; otherwise (the token that completes a
   per-channel group, a buffer that must grow, ``KVTOOL_NO_OP_APPEND=1``) it leaves the token, in the stores'
-  dtype, in the slot's pending buffers and ``commit`` appends it after the inference. At 2k tokens on the
-  bench model this took ``sync`` + ``commit`` from ~0.86 to ~0.12 ms of Python per step (docs/BENCHMARKS.md,
-  "the op appends the token itself"). A failed inference appends nothing (``kvtool_ov_unappend`` clears the
+  dtype, in the slot's pending buffers and ``commit`` appends it after the inference. At 0.8k-2.2k tokens on
+  the bench model this took ``sync`` + ``commit`` from ~1.0-1.2 to ~0.15 ms of Python per step and the step
+  to 0.90-0.93x (docs/BENCHMARKS.md, "Decode without Python between tokens"). A failed inference appends nothing (``kvtool_ov_unappend`` clears the
   codes the op packed; every slot is re-described). Every other call (a prefill
   pass-through, a chunked prefill's buffer, T > 1 on a non-empty store, a scheme the kernel cannot read:
   uniform, or<s>, g-CN) calls back into the engine's Python ``_evaluate`` through a ctypes function (ctypes
